@@ -1,0 +1,317 @@
+//go:build linux
+
+package tundev_test
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+	"sync"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+
+	"github.com/tulle-net/tulle/backend/tundev"
+)
+
+// requireRoot skips a test that needs root and namespaces, or fails it when
+// TULLE_REQUIRE_ROOT_TESTS=1 (CI must not pass with these skipped).
+func requireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		return
+	}
+	msg := "needs root (CAP_NET_ADMIN, network namespaces, /dev/net/tun); run as root"
+	if os.Getenv("TULLE_REQUIRE_ROOT_TESTS") == "1" {
+		t.Fatal(msg + " (TULLE_REQUIRE_ROOT_TESTS=1)")
+	}
+	t.Skip(msg)
+}
+
+// enterNewNetns moves the test goroutine, locked to its OS thread, into a
+// new anonymous network namespace for the rest of the test. Every socket,
+// TUN device and netlink call made from this goroutine lives there. The
+// namespace has no name, so nothing is left behind: it disappears with the
+// last socket or device in it. The thread stays locked and is discarded
+// by the runtime when the test goroutine ends.
+func enterNewNetns(t testing.TB) {
+	t.Helper()
+	requireRoot(t)
+	runtime.LockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		t.Fatalf("get current netns: %v", err)
+	}
+	ns, err := netns.New()
+	if err != nil {
+		orig.Close()
+		t.Fatalf("new netns: %v", err)
+	}
+	t.Cleanup(func() {
+		netns.Set(orig)
+		orig.Close()
+		ns.Close()
+	})
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := netlink.LinkSetUp(lo); err != nil {
+		t.Fatal(err)
+	}
+	// No IPv6 on new links: router solicitations and MLD reports would
+	// show up in the TUN reads at random times.
+	writeSysctl(t, "net/ipv6/conf/default/disable_ipv6", "1")
+}
+
+// writeSysctl writes /proc/sys/<key> in the calling thread's namespace.
+func writeSysctl(t testing.TB, key, value string) {
+	t.Helper()
+	if err := os.WriteFile("/proc/sys/"+key, []byte(value), 0o644); err != nil {
+		t.Fatalf("sysctl %s=%s: %v", key, value, err)
+	}
+}
+
+var (
+	tunAddr  = netip.MustParseAddr("198.18.0.1") // on the TUN
+	peerAddr = netip.MustParseAddr("198.18.0.2") // "behind" the TUN
+	farAddr  = netip.MustParseAddr("198.18.0.3") // also behind it (forwarding tests)
+)
+
+// openTUN opens a device in the test's namespace with address
+// 198.18.0.1/24 and link up; it is closed in Cleanup.
+func openTUN(t testing.TB, opts tundev.Options) *tundev.Device {
+	t.Helper()
+	if opts.Name == "" {
+		opts.Name = fmt.Sprintf("tl%dt", os.Getpid()%100000)
+	}
+	if opts.MTU == 0 {
+		opts.MTU = 1400
+	}
+	dev, err := tundev.Open(opts)
+	if err != nil {
+		t.Fatalf("Open(%+v): %v", opts, err)
+	}
+	t.Cleanup(func() { dev.Close() })
+	link, err := netlink.LinkByName(dev.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if link.Attrs().MTU != opts.MTU {
+		t.Fatalf("device MTU %d, want %d", link.Attrs().MTU, opts.MTU)
+	}
+	addr := &netlink.Addr{IPNet: &net.IPNet{IP: tunAddr.AsSlice(), Mask: net.CIDRMask(24, 32)}}
+	if err := netlink.AddrAdd(link, addr); err != nil {
+		t.Fatal(err)
+	}
+	if err := netlink.LinkSetUp(link); err != nil {
+		t.Fatal(err)
+	}
+	return dev
+}
+
+// rxPackets returns the device's receive counter (packets written to it
+// by us, as the kernel counts them: one per skb).
+func rxPackets(t *testing.T, dev *tundev.Device) uint64 {
+	t.Helper()
+	link, err := netlink.LinkByName(dev.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return link.Attrs().Statistics.RxPackets
+}
+
+// packet is a copy of one packet read from a queue.
+type packet struct {
+	queue     int
+	batch     int // packets returned by the Read that returned this one
+	data      []byte
+	readError error
+}
+
+// startReaders reads every queue of dev in its own goroutine and delivers
+// copies of the packets; the goroutines end when dev is closed and
+// Cleanup waits for them.
+func startReaders(t *testing.T, dev *tundev.Device) <-chan packet {
+	t.Helper()
+	out := make(chan packet, 4096)
+	var wg sync.WaitGroup
+	for qi, q := range dev.Queues() {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			bufs, sizes := makeBufs(q.BatchSize(), tundev.Headroom+dev.MTU())
+			for {
+				n, err := q.Read(bufs, sizes, tundev.Headroom)
+				if err != nil {
+					if !errors.Is(err, os.ErrClosed) {
+						out <- packet{queue: qi, readError: err}
+					}
+					return
+				}
+				for i := range n {
+					d := append([]byte(nil), bufs[i][tundev.Headroom:tundev.Headroom+sizes[i]]...)
+					out <- packet{queue: qi, batch: n, data: d}
+				}
+			}
+		}()
+	}
+	t.Cleanup(func() {
+		dev.Close()
+		wg.Wait()
+	})
+	return out
+}
+
+func makeBufs(n, size int) ([][]byte, []int) {
+	bufs := make([][]byte, n)
+	for i := range bufs {
+		bufs[i] = make([]byte, size)
+	}
+	return bufs, make([]int, n)
+}
+
+// ---- packet building and checking (IPv4 only) ----
+
+func checksum(b []byte, sum uint32) uint16 {
+	for len(b) >= 2 {
+		sum += uint32(b[0])<<8 | uint32(b[1])
+		b = b[2:]
+	}
+	if len(b) == 1 {
+		sum += uint32(b[0]) << 8
+	}
+	for sum > 0xffff {
+		sum = sum>>16 + sum&0xffff
+	}
+	return ^uint16(sum)
+}
+
+func pseudoSum(src, dst netip.Addr, proto byte, length int) uint32 {
+	s, d := src.As4(), dst.As4()
+	return uint32(s[0])<<8 + uint32(s[1]) + uint32(s[2])<<8 + uint32(s[3]) +
+		uint32(d[0])<<8 + uint32(d[1]) + uint32(d[2])<<8 + uint32(d[3]) +
+		uint32(proto) + uint32(length)
+}
+
+// putIPv4 writes a 20-byte IPv4 header (DF set) for a packet of total bytes.
+func putIPv4(b []byte, src, dst netip.Addr, proto byte, total int, id uint16, ttl byte) {
+	b[0], b[1] = 0x45, 0
+	binary.BigEndian.PutUint16(b[2:], uint16(total))
+	binary.BigEndian.PutUint16(b[4:], id)
+	binary.BigEndian.PutUint16(b[6:], 0x4000)
+	b[8], b[9] = ttl, proto
+	b[10], b[11] = 0, 0
+	s, d := src.As4(), dst.As4()
+	copy(b[12:16], s[:])
+	copy(b[16:20], d[:])
+	binary.BigEndian.PutUint16(b[10:], checksum(b[:20], 0))
+}
+
+// buildUDP writes an IPv4/UDP packet into buf[offset:] and returns
+// buf[:offset+len(packet)] (capacity kept).
+func buildUDP(buf []byte, offset int, src, dst netip.AddrPort, payload []byte, id uint16) []byte {
+	total := 28 + len(payload)
+	p := buf[offset : offset+total]
+	putIPv4(p, src.Addr(), dst.Addr(), 17, total, id, 64)
+	u := p[20:]
+	binary.BigEndian.PutUint16(u[0:], src.Port())
+	binary.BigEndian.PutUint16(u[2:], dst.Port())
+	binary.BigEndian.PutUint16(u[4:], uint16(8+len(payload)))
+	u[6], u[7] = 0, 0
+	copy(u[8:], payload)
+	c := checksum(u, pseudoSum(src.Addr(), dst.Addr(), 17, len(u)))
+	if c == 0 {
+		c = 0xffff
+	}
+	binary.BigEndian.PutUint16(u[6:], c)
+	return buf[:offset+total]
+}
+
+const (
+	tcpFIN = 0x01
+	tcpSYN = 0x02
+	tcpPSH = 0x08
+	tcpACK = 0x10
+)
+
+// buildTCP writes an IPv4/TCP packet (20-byte header plus options) into
+// buf[offset:] and returns buf[:offset+len(packet)].
+func buildTCP(buf []byte, offset int, src, dst netip.AddrPort, seq, ack uint32, flags byte, opts, payload []byte) []byte {
+	thl := 20 + len(opts)
+	total := 20 + thl + len(payload)
+	p := buf[offset : offset+total]
+	putIPv4(p, src.Addr(), dst.Addr(), 6, total, 0, 64)
+	h := p[20:]
+	binary.BigEndian.PutUint16(h[0:], src.Port())
+	binary.BigEndian.PutUint16(h[2:], dst.Port())
+	binary.BigEndian.PutUint32(h[4:], seq)
+	binary.BigEndian.PutUint32(h[8:], ack)
+	h[12] = byte(thl/4) << 4
+	h[13] = flags
+	binary.BigEndian.PutUint16(h[14:], 65535)
+	h[16], h[17], h[18], h[19] = 0, 0, 0, 0
+	copy(h[20:], opts)
+	copy(h[thl:], payload)
+	binary.BigEndian.PutUint16(h[16:], checksum(h, pseudoSum(src.Addr(), dst.Addr(), 6, len(h))))
+	return buf[:offset+total]
+}
+
+// ipv4 is a parsed, checked IPv4 packet with a TCP or UDP payload.
+type ipv4 struct {
+	src, dst       netip.AddrPort
+	proto          byte
+	ttl            byte
+	seq, ack       uint32 // TCP
+	flags          byte   // TCP
+	payload        []byte // transport payload
+	transportBytes []byte
+}
+
+// parseIPv4 parses p and verifies its header and transport checksums.
+func parseIPv4(p []byte) (ipv4, error) {
+	var r ipv4
+	if len(p) < 20 || p[0]>>4 != 4 {
+		return r, fmt.Errorf("not IPv4 (%d bytes)", len(p))
+	}
+	ihl := int(p[0]&0xf) * 4
+	if total := int(binary.BigEndian.Uint16(p[2:])); total != len(p) {
+		return r, fmt.Errorf("IPv4 total length %d, packet %d bytes", total, len(p))
+	}
+	if checksum(p[:ihl], 0) != 0 {
+		return r, errors.New("bad IPv4 header checksum")
+	}
+	src := netip.AddrFrom4([4]byte(p[12:16]))
+	dst := netip.AddrFrom4([4]byte(p[16:20]))
+	r.proto, r.ttl = p[9], p[8]
+	t := p[ihl:]
+	r.transportBytes = t
+	if checksum(t, pseudoSum(src, dst, r.proto, len(t))) != 0 {
+		return r, fmt.Errorf("bad transport checksum (protocol %d)", r.proto)
+	}
+	switch r.proto {
+	case 17:
+		if len(t) < 8 || int(binary.BigEndian.Uint16(t[4:])) != len(t) {
+			return r, errors.New("bad UDP length")
+		}
+		r.payload = t[8:]
+	case 6:
+		if len(t) < 20 {
+			return r, errors.New("short TCP header")
+		}
+		r.seq = binary.BigEndian.Uint32(t[4:])
+		r.ack = binary.BigEndian.Uint32(t[8:])
+		r.flags = t[13]
+		r.payload = t[int(t[12]>>4)*4:]
+	default:
+		return r, fmt.Errorf("protocol %d", r.proto)
+	}
+	r.src = netip.AddrPortFrom(src, binary.BigEndian.Uint16(t[0:]))
+	r.dst = netip.AddrPortFrom(dst, binary.BigEndian.Uint16(t[2:]))
+	return r, nil
+}

@@ -1,0 +1,228 @@
+// Package tundev opens the TUN device of the data plane and moves packets
+// through it in batches.
+//
+// Two drivers sit behind one small interface:
+//
+//   - "offload" (the default): IFF_VNET_HDR with TSO4/6 and, where the kernel
+//     takes it (Linux >= 6.2), USO4/6, driven by golang.zx2c4.com/wireguard/tun.
+//     One Read returns a TSO/USO superpacket already split into MTU-sized
+//     packets with complete checksums; one Write coalesces TCP and UDP segments
+//     of a flow (GRO) so the kernel sees few large packets.
+//   - "water": github.com/songgao/water, one packet per syscall. The portable
+//     baseline for benchmarks and the fallback where offloads misbehave.
+//
+// Both drivers support several queues (IFF_MULTI_QUEUE, one file descriptor
+// per queue) so that each data-plane worker owns a queue.
+//
+// Open creates the device and sets its MTU only; addresses, routes and the
+// link state belong to the caller (netlink).
+package tundev
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+)
+
+// Headroom is the number of bytes callers must leave in front of each packet
+// in the buffers passed to Queue.Read and Queue.Write (the offload driver puts
+// the 10-byte virtio-net header there). Use offset >= Headroom with every
+// driver; Read and Write reject a smaller offset.
+const Headroom = 10
+
+// MaxQueues is the kernel's limit on queues of one multi-queue TUN device.
+const MaxQueues = 256
+
+// Driver names accepted in Options.Driver.
+const (
+	DriverOffload = "offload"
+	DriverWater   = "water"
+)
+
+// Options configure Open.
+type Options struct {
+	// Name of the device, at most 15 bytes, e.g. "tulle0". Empty lets the
+	// kernel choose ("tun%d"); Device.Name reports the result.
+	Name string
+	// MTU of the device, 68..65535. Every buffer passed to Read must hold
+	// offset+MTU bytes.
+	MTU int
+	// Queues is the number of device queues (0 means 1). With more than one
+	// the device is opened with IFF_MULTI_QUEUE, one file descriptor per
+	// queue; the kernel spreads flows across queues by hash. Both drivers
+	// support it. At most MaxQueues.
+	Queues int
+	// Driver is DriverOffload (default when empty) or DriverWater.
+	Driver string
+	// Logger receives the rare driver warnings (first dropped read, first
+	// refused write). Nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// Queue is one queue of a TUN device. A Queue's Read may run concurrently
+// with its Write; Read must not run concurrently with itself, nor Write with
+// itself (one reader and one writer per queue, as a worker does).
+type Queue interface {
+	// Read reads one or more packets into bufs: packet i is
+	// bufs[i][offset:offset+sizes[i]]. It blocks until at least one packet
+	// is available. len(sizes) must be >= len(bufs), offset >= Headroom and
+	// every len(bufs[i]) >= offset+MTU. The offload driver splits a TSO/USO
+	// superpacket into MTU-sized packets with completed checksums, at most
+	// len(bufs) of them (pass BatchSize buffers).
+	//
+	// Read returns an error only when the device is closed (errors.Is(err,
+	// os.ErrClosed)), was removed (ErrDeviceGone) or the arguments are
+	// invalid. Packets the driver cannot deliver (a superpacket with more
+	// segments than bufs: the excess; a malformed virtio header; a packet
+	// larger than the buffer) are dropped, counted in Device.Stats and the
+	// read goes on.
+	Read(bufs [][]byte, sizes []int, offset int) (int, error)
+
+	// Write writes each bufs[i][offset:] as one packet and returns the number
+	// of bufs consumed (len(bufs) unless the error is fatal). offset must be
+	// >= Headroom. The offload driver coalesces TCP and UDP segments of a
+	// flow (GRO): it writes the virtio header into the headroom and may
+	// append payload into the spare capacity of bufs[i] (give buffers a
+	// capacity of offset+65535 for the best coalescing). Write never changes
+	// the slice headers in bufs, only the bytes they point to.
+	//
+	// A packet the kernel refuses (EIO while the link is down, EINVAL for a
+	// non-IP packet) is counted in Device.Stats and the others are still
+	// written; Write returns an error only when the device is closed
+	// (os.ErrClosed), was removed (ErrDeviceGone) or offset is invalid.
+	Write(bufs [][]byte, offset int) (int, error)
+
+	// BatchSize is the maximum number of packets one Read returns (and the
+	// number of buffers to pass to it): 128 for the offload driver, 1 for
+	// water.
+	BatchSize() int
+}
+
+// Stats are counters of a Device summed over its queues.
+type Stats struct {
+	// ReadDrops counts reads whose packet(s) the driver dropped: a
+	// superpacket with more segments than the buffers given (counted once
+	// per superpacket), a malformed virtio header, a packet larger than the
+	// buffer.
+	ReadDrops uint64
+	// WriteErrors counts packets the kernel refused on write.
+	WriteErrors uint64
+}
+
+// ErrDeviceGone is returned by Read and Write when the kernel detached the
+// queue without Close being called (the interface was deleted under us).
+var ErrDeviceGone = errors.New("tun device was removed")
+
+// errBadOffset is returned for offset < Headroom.
+var errBadOffset = fmt.Errorf("offset must be at least tundev.Headroom (%d)", Headroom)
+
+// Device is an open TUN device with one or more queues.
+type Device struct {
+	name       string
+	mtu        int
+	driver     string
+	offload    bool
+	udpOffload bool
+	queues     []Queue
+	closers    []func() error
+	logger     *slog.Logger
+
+	closed    atomic.Bool
+	closeOnce sync.Once
+	closeErr  error
+
+	readDrops   atomic.Uint64
+	writeErrors atomic.Uint64
+	warnedRead  atomic.Bool
+	warnedWrite atomic.Bool
+}
+
+// Name returns the interface name the kernel gave the device.
+func (d *Device) Name() string { return d.name }
+
+// MTU returns the MTU set by Open.
+func (d *Device) MTU() int { return d.mtu }
+
+// Driver returns the driver in use (DriverOffload or DriverWater).
+func (d *Device) Driver() string { return d.driver }
+
+// Queues returns the device's queues; the slice must not be modified.
+func (d *Device) Queues() []Queue { return d.queues }
+
+// Offload reports whether TSO/GRO offloads (virtio-net header) are active.
+func (d *Device) Offload() bool { return d.offload }
+
+// UDPOffload reports whether the kernel accepted USO (UDP segmentation
+// offload, Linux >= 6.2): UDP superpackets are then split on Read and UDP
+// segments coalesced on Write.
+func (d *Device) UDPOffload() bool { return d.udpOffload }
+
+// Stats returns the device's counters.
+func (d *Device) Stats() Stats {
+	return Stats{ReadDrops: d.readDrops.Load(), WriteErrors: d.writeErrors.Load()}
+}
+
+// Close closes every queue; the kernel removes the device when its last
+// queue is closed (unless it was made persistent by someone else). Blocked
+// Read and Write calls return an error satisfying errors.Is(err,
+// os.ErrClosed). Close is idempotent.
+func (d *Device) Close() error {
+	d.closeOnce.Do(func() {
+		d.closed.Store(true)
+		var errs []error
+		for i, c := range d.closers {
+			if err := c(); err != nil {
+				errs = append(errs, fmt.Errorf("close tun %s queue %d: %w", d.name, i, err))
+			}
+		}
+		d.closeErr = errors.Join(errs...)
+	})
+	return d.closeErr
+}
+
+// dropRead counts a dropped read and logs the first one.
+func (d *Device) dropRead(queue int, err error) {
+	d.readDrops.Add(1)
+	if !d.warnedRead.Swap(true) {
+		d.logger.Warn("tun read dropped a packet (further drops are only counted)",
+			"device", d.name, "queue", queue, "error", err)
+	}
+}
+
+// writeFailed counts n refused packets and logs the first failure.
+func (d *Device) writeFailed(queue int, n int, err error) {
+	d.writeErrors.Add(uint64(n))
+	if !d.warnedWrite.Swap(true) {
+		d.logger.Warn("tun write refused a packet (further failures are only counted)",
+			"device", d.name, "queue", queue, "error", err)
+	}
+}
+
+// checkOptions validates opts and fills in defaults.
+func checkOptions(opts *Options) error {
+	if len(opts.Name) > 15 {
+		return fmt.Errorf("tun name %q: longer than 15 bytes", opts.Name)
+	}
+	if opts.MTU < 68 || opts.MTU > 65535 {
+		return fmt.Errorf("tun %s: MTU %d: must be between 68 and 65535", opts.Name, opts.MTU)
+	}
+	if opts.Queues == 0 {
+		opts.Queues = 1
+	}
+	if opts.Queues < 1 || opts.Queues > MaxQueues {
+		return fmt.Errorf("tun %s: %d queues: must be between 1 and %d", opts.Name, opts.Queues, MaxQueues)
+	}
+	switch opts.Driver {
+	case "":
+		opts.Driver = DriverOffload
+	case DriverOffload, DriverWater:
+	default:
+		return fmt.Errorf("tun %s: driver %q: must be %q or %q", opts.Name, opts.Driver, DriverOffload, DriverWater)
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	return nil
+}

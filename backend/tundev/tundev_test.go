@@ -1,0 +1,433 @@
+//go:build linux
+
+package tundev_test
+
+import (
+	"bytes"
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/tulle-net/tulle/backend/tundev"
+	"github.com/tulle-net/tulle/backend/udpconn"
+)
+
+// waitPacket returns the first packet from ch that parses and matches, and
+// fails the test on a read error, a bad checksum of a matching flow, or
+// after timeout. Packets of other flows are skipped.
+func waitPacket(t *testing.T, ch <-chan packet, match func(ipv4) bool) (packet, ipv4) {
+	t.Helper()
+	timeout := time.After(5 * time.Second)
+	for {
+		select {
+		case p := <-ch:
+			if p.readError != nil {
+				t.Fatalf("queue %d: Read: %v", p.queue, p.readError)
+			}
+			ip, err := parseIPv4(p.data)
+			if err != nil {
+				continue // not ours (or broken: the matching checks catch that)
+			}
+			if match(ip) {
+				return p, ip
+			}
+		case <-timeout:
+			t.Fatal("no matching packet read from the device within 5 s")
+		}
+	}
+}
+
+func TestOffloadDeviceCarriesUDPBothWays(t *testing.T) {
+	testCarriesUDPBothWays(t, tundev.DriverOffload)
+}
+
+func TestWaterDeviceCarriesUDPBothWays(t *testing.T) {
+	testCarriesUDPBothWays(t, tundev.DriverWater)
+}
+
+func testCarriesUDPBothWays(t *testing.T, driver string) {
+	enterNewNetns(t)
+	dev := openTUN(t, tundev.Options{Driver: driver})
+	wantOffload := driver == tundev.DriverOffload
+	if dev.Offload() != wantOffload || dev.Driver() != driver || len(dev.Queues()) != 1 {
+		t.Fatalf("driver %s: Offload()=%v Driver()=%q queues=%d", driver, dev.Offload(), dev.Driver(), len(dev.Queues()))
+	}
+	wantBatch := 1
+	if wantOffload {
+		wantBatch = 128
+	}
+	if b := dev.Queues()[0].BatchSize(); b != wantBatch {
+		t.Fatalf("BatchSize() = %d, want %d", b, wantBatch)
+	}
+	t.Logf("driver %s: offload=%v udp_offload=%v", driver, dev.Offload(), dev.UDPOffload())
+	packets := startReaders(t, dev)
+
+	sock, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(tunAddr, 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sock.Close()
+	local := sock.LocalAddr().(*net.UDPAddr).AddrPort()
+	peer := netip.AddrPortFrom(peerAddr, 9999)
+
+	// Out: a local datagram routed into the TUN comes out of Read.
+	if _, err := sock.WriteToUDPAddrPort([]byte("hello through the tun"), peer); err != nil {
+		t.Fatal(err)
+	}
+	_, ip := waitPacket(t, packets, func(ip ipv4) bool { return ip.proto == 17 && ip.dst == peer })
+	if ip.src != local || string(ip.payload) != "hello through the tun" {
+		t.Fatalf("read %v -> %v %q", ip.src, ip.dst, ip.payload)
+	}
+
+	// In: a packet written to the TUN is delivered to the local socket.
+	from := netip.AddrPortFrom(peerAddr, 7777)
+	buf := make([]byte, tundev.Headroom+2048)
+	pkt := buildUDP(buf, tundev.Headroom, from, local, []byte("hello from the peer"), 1)
+	if n, err := dev.Queues()[0].Write([][]byte{pkt}, tundev.Headroom); n != 1 || err != nil {
+		t.Fatalf("Write = %d, %v", n, err)
+	}
+	sock.SetReadDeadline(time.Now().Add(5 * time.Second))
+	rb := make([]byte, 2048)
+	n, src, err := sock.ReadFromUDPAddrPort(rb)
+	if err != nil {
+		t.Fatalf("socket did not receive the written packet: %v", err)
+	}
+	if src != from || string(rb[:n]) != "hello from the peer" {
+		t.Fatalf("socket got %q from %v", rb[:n], src)
+	}
+	if s := dev.Stats(); s != (tundev.Stats{}) {
+		t.Errorf("Stats = %+v, want zero", s)
+	}
+}
+
+func TestOffloadReadSplitsUDPSuperpacket(t *testing.T) {
+	enterNewNetns(t)
+	dev := openTUN(t, tundev.Options{})
+	if !dev.UDPOffload() {
+		t.Skip("kernel did not accept USO (needs Linux >= 6.2)")
+	}
+	packets := startReaders(t, dev)
+	conn, err := udpconn.Listen(netip.AddrPortFrom(tunAddr, 0), udpconn.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if !conn.GSO() {
+		t.Skip("no UDP GSO")
+	}
+	peer := netip.AddrPortFrom(peerAddr, 9999)
+	const seg, segs = 1000, 11
+	data := bytes.Repeat([]byte("0123456789"), seg*segs/10)
+	msgs := []udpconn.Message{{Buf: data, SegSize: seg, Addr: peer}}
+	if _, err := conn.WriteBatch(msgs); err != nil || msgs[0].Err != 0 {
+		t.Fatalf("WriteBatch: %v, Err %v", err, msgs[0].Err)
+	}
+	var got []byte
+	for i := 0; i < segs; i++ {
+		p, ip := waitPacket(t, packets, func(ip ipv4) bool { return ip.dst == peer })
+		if p.batch != segs {
+			t.Errorf("segment %d came in a Read of %d packets, want all %d in one (USO split)", i, p.batch, segs)
+		}
+		if len(ip.payload) != seg {
+			t.Fatalf("segment %d: %d bytes, want %d", i, len(ip.payload), seg)
+		}
+		got = append(got, ip.payload...)
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatal("split segments do not add up to the datagram train sent")
+	}
+}
+
+func TestOffloadWriteCoalescesUDPSegments(t *testing.T) {
+	enterNewNetns(t)
+	dev := openTUN(t, tundev.Options{})
+	if !dev.UDPOffload() {
+		t.Skip("kernel did not accept USO (needs Linux >= 6.2)")
+	}
+	sock, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(tunAddr, 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sock.Close()
+	local := sock.LocalAddr().(*net.UDPAddr).AddrPort()
+	from := netip.AddrPortFrom(peerAddr, 7000)
+	const n = 8
+	bufs := make([][]byte, n)
+	for i := range bufs {
+		buf := make([]byte, tundev.Headroom+1028, tundev.Headroom+65535)
+		bufs[i] = buildUDP(buf, tundev.Headroom, from, local, bytes.Repeat([]byte{byte('a' + i)}, 1000), uint16(i))
+	}
+	before := rxPackets(t, dev)
+	if w, err := dev.Queues()[0].Write(bufs, tundev.Headroom); w != n || err != nil {
+		t.Fatalf("Write = %d, %v", w, err)
+	}
+	if delta := rxPackets(t, dev) - before; delta != 1 {
+		t.Errorf("the kernel received %d packets for %d same-flow UDP segments, want 1 (coalesced)", delta, n)
+	}
+	sock.SetReadDeadline(time.Now().Add(5 * time.Second))
+	rb := make([]byte, 65536)
+	for i := range n {
+		k, src, err := sock.ReadFromUDPAddrPort(rb)
+		if err != nil {
+			t.Fatalf("datagram %d: %v", i, err)
+		}
+		if src != from || k != 1000 || rb[0] != byte('a'+i) || rb[999] != byte('a'+i) {
+			t.Fatalf("datagram %d: %d bytes from %v starting %q", i, k, src, rb[0])
+		}
+	}
+	for i := range bufs {
+		if len(bufs[i]) != tundev.Headroom+1028 {
+			t.Fatalf("Write changed the caller's slice header %d (len %d)", i, len(bufs[i]))
+		}
+	}
+}
+
+func TestMultiQueueOffloadDeviceUsesEveryQueue(t *testing.T) {
+	testMultiQueue(t, tundev.DriverOffload)
+}
+
+func TestMultiQueueWaterDeviceUsesEveryQueue(t *testing.T) {
+	testMultiQueue(t, tundev.DriverWater)
+}
+
+func testMultiQueue(t *testing.T, driver string) {
+	enterNewNetns(t)
+	dev := openTUN(t, tundev.Options{Driver: driver, Queues: 2})
+	if len(dev.Queues()) != 2 {
+		t.Fatalf("%d queues, want 2", len(dev.Queues()))
+	}
+	packets := startReaders(t, dev)
+	// 32 flows (source ports): the kernel spreads them by hash.
+	const flows = 32
+	peer := netip.AddrPortFrom(peerAddr, 9999)
+	for range flows {
+		s, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(tunAddr, 0)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = s.WriteToUDPAddrPort([]byte("flow"), peer)
+		s.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	perQueue := make([]int, 2)
+	for range flows {
+		p, _ := waitPacket(t, packets, func(ip ipv4) bool { return ip.dst == peer })
+		perQueue[p.queue]++
+	}
+	t.Logf("%s: %d flows read from queue 0: %d, queue 1: %d", driver, flows, perQueue[0], perQueue[1])
+	if perQueue[0] == 0 || perQueue[1] == 0 {
+		t.Errorf("a queue read nothing: %v", perQueue)
+	}
+
+	// Writing through the second queue delivers too.
+	sock, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(tunAddr, 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sock.Close()
+	buf := make([]byte, tundev.Headroom+100)
+	pkt := buildUDP(buf, tundev.Headroom, netip.AddrPortFrom(peerAddr, 1), sock.LocalAddr().(*net.UDPAddr).AddrPort(), []byte("via queue 1"), 9)
+	if _, err := dev.Queues()[1].Write([][]byte{pkt}, tundev.Headroom); err != nil {
+		t.Fatal(err)
+	}
+	sock.SetReadDeadline(time.Now().Add(5 * time.Second))
+	rb := make([]byte, 100)
+	if n, _, err := sock.ReadFromUDPAddrPort(rb); err != nil || string(rb[:n]) != "via queue 1" {
+		t.Fatalf("read written packet: %q, %v", rb[:n], err)
+	}
+}
+
+func TestCloseUnblocksRead(t *testing.T) {
+	enterNewNetns(t)
+	dev := openTUN(t, tundev.Options{Queues: 2})
+	done := make(chan error, 2)
+	for _, q := range dev.Queues() {
+		go func() {
+			bufs, sizes := makeBufs(q.BatchSize(), tundev.Headroom+dev.MTU())
+			_, err := q.Read(bufs, sizes, tundev.Headroom)
+			done <- err
+		}()
+	}
+	time.Sleep(50 * time.Millisecond)
+	if err := dev.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		select {
+		case err := <-done:
+			if !errors.Is(err, os.ErrClosed) {
+				t.Fatalf("Read after Close: %v, want os.ErrClosed", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("Read still blocked 5 s after Close")
+		}
+	}
+	if _, err := netlink.LinkByName(dev.Name()); err == nil {
+		t.Error("device still exists after Close")
+	}
+	if err := dev.Close(); err != nil {
+		t.Errorf("second Close: %v", err)
+	}
+}
+
+func TestDeletedOffloadDeviceFailsRead(t *testing.T) {
+	testDeletedDeviceFailsRead(t, tundev.DriverOffload)
+}
+
+func TestDeletedWaterDeviceFailsRead(t *testing.T) {
+	testDeletedDeviceFailsRead(t, tundev.DriverWater)
+}
+
+func testDeletedDeviceFailsRead(t *testing.T, driver string) {
+	enterNewNetns(t)
+	dev := openTUN(t, tundev.Options{Driver: driver})
+	done := make(chan error, 1)
+	go func() {
+		q := dev.Queues()[0]
+		bufs, sizes := makeBufs(q.BatchSize(), tundev.Headroom+dev.MTU())
+		for {
+			if _, err := q.Read(bufs, sizes, tundev.Headroom); err != nil {
+				done <- err
+				return
+			}
+		}
+	}()
+	time.Sleep(50 * time.Millisecond)
+	link, err := netlink.LinkByName(dev.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := netlink.LinkDel(link); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if !errors.Is(err, tundev.ErrDeviceGone) {
+			t.Fatalf("Read after the link was deleted: %v, want ErrDeviceGone", err)
+		}
+	case <-time.After(5 * time.Second):
+		dev.Close()
+		<-done
+		t.Fatal("Read still blocked 5 s after the link was deleted")
+	}
+}
+
+func TestOpenRejectsBadOptions(t *testing.T) {
+	for _, o := range []tundev.Options{
+		{Name: "this-name-is-too-long", MTU: 1400},
+		{MTU: 20},
+		{MTU: 1400, Queues: 300},
+		{MTU: 1400, Driver: "wireguard"},
+	} {
+		if dev, err := tundev.Open(o); err == nil {
+			dev.Close()
+			t.Errorf("Open(%+v) succeeded", o)
+		}
+	}
+}
+
+func TestReadAndWriteRejectSmallOffset(t *testing.T) {
+	enterNewNetns(t)
+	dev := openTUN(t, tundev.Options{})
+	q := dev.Queues()[0]
+	bufs, sizes := makeBufs(1, 2048)
+	if _, err := q.Read(bufs, sizes, 0); err == nil {
+		t.Error("Read with offset 0 succeeded")
+	}
+	if _, err := q.Write(bufs, 4); err == nil {
+		t.Error("Write with offset 4 succeeded")
+	}
+	short, sizes := makeBufs(1, 100)
+	if _, err := q.Read(short, sizes, tundev.Headroom); err == nil {
+		t.Error("Read with a buffer smaller than offset+MTU succeeded")
+	}
+}
+
+func TestReadWithTooFewBuffersDeliversWhatFitsAndCountsTheDrop(t *testing.T) {
+	enterNewNetns(t)
+	dev := openTUN(t, tundev.Options{})
+	if !dev.UDPOffload() {
+		t.Skip("kernel did not accept USO (needs Linux >= 6.2)")
+	}
+	conn, err := udpconn.Listen(netip.AddrPortFrom(tunAddr, 0), udpconn.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	peer := netip.AddrPortFrom(peerAddr, 9999)
+	msgs := []udpconn.Message{
+		{Buf: make([]byte, 11*1000), SegSize: 1000, Addr: peer}, // one superpacket of 11
+		{Buf: []byte("after"), Addr: peer},
+	}
+	if _, err := conn.WriteBatch(msgs); err != nil || msgs[0].Err != 0 || msgs[1].Err != 0 {
+		t.Fatalf("WriteBatch: %v, %v, %v", err, msgs[0].Err, msgs[1].Err)
+	}
+	watchdog := time.AfterFunc(5*time.Second, func() { dev.Close() })
+	defer watchdog.Stop()
+	q := dev.Queues()[0]
+	bufs, sizes := makeBufs(4, tundev.Headroom+dev.MTU())
+	n, err := q.Read(bufs, sizes, tundev.Headroom)
+	if err != nil || n < 1 || n > 4 {
+		t.Fatalf("Read with 4 buffers of an 11-segment superpacket = %d, %v", n, err)
+	}
+	for i := range n {
+		if _, err := parseIPv4(bufs[i][tundev.Headroom : tundev.Headroom+sizes[i]]); err != nil {
+			t.Errorf("delivered segment %d: %v", i, err)
+		}
+	}
+	if d := dev.Stats().ReadDrops; d != 1 {
+		t.Errorf("ReadDrops = %d, want 1", d)
+	}
+	t.Logf("4 buffers for 11 segments: %d delivered, the rest dropped and counted", n)
+	n, err = q.Read(bufs, sizes, tundev.Headroom)
+	if err != nil || n != 1 {
+		t.Fatalf("next Read = %d, %v", n, err)
+	}
+	if ip, err := parseIPv4(bufs[0][tundev.Headroom : tundev.Headroom+sizes[0]]); err != nil || string(ip.payload) != "after" {
+		t.Fatalf("next packet: %q, %v", ip.payload, err)
+	}
+}
+
+func TestWriteRefusedByKernelIsCountedNotFatal(t *testing.T) {
+	for _, driver := range []string{tundev.DriverOffload, tundev.DriverWater} {
+		testWriteRefused(t, driver)
+	}
+}
+
+// testWriteRefused writes a non-IP packet and a packet to a device that is
+// down: the kernel refuses both, Write counts them and goes on.
+func testWriteRefused(t *testing.T, driver string) {
+	enterNewNetns(t)
+	dev := openTUN(t, tundev.Options{Driver: driver})
+	q := dev.Queues()[0]
+	garbage := make([]byte, tundev.Headroom+40)
+	garbage[tundev.Headroom] = 0x10 // IP version 1
+	ok := buildUDP(make([]byte, tundev.Headroom+100), tundev.Headroom,
+		netip.AddrPortFrom(peerAddr, 1), netip.AddrPortFrom(tunAddr, 9), []byte("x"), 1)
+	if n, err := q.Write([][]byte{garbage, ok}, tundev.Headroom); n != 2 || err != nil {
+		t.Fatalf("%s: Write(non-IP, valid) = %d, %v; want 2, nil", driver, n, err)
+	}
+	if s := dev.Stats(); s.WriteErrors != 1 {
+		t.Fatalf("%s: WriteErrors = %d after a non-IP packet, want 1", driver, s.WriteErrors)
+	}
+	link, err := netlink.LinkByName(dev.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := netlink.LinkSetDown(link); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := q.Write([][]byte{ok}, tundev.Headroom); n != 1 || err != nil {
+		t.Fatalf("%s: Write to a down device = %d, %v; want 1, nil", driver, n, err)
+	}
+	if s := dev.Stats(); s.WriteErrors != 2 {
+		t.Fatalf("%s: WriteErrors = %d after a write to a down device, want 2", driver, s.WriteErrors)
+	}
+}

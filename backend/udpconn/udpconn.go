@@ -1,0 +1,146 @@
+// Package udpconn is the UDP socket layer of the data plane: an IPv4 UDP
+// socket that moves many datagrams per syscall (recvmmsg, sendmmsg), with
+// UDP GSO on send (UDP_SEGMENT) and UDP GRO on receive (UDP_GRO).
+//
+// Every message header, iovec, address and control buffer is allocated once
+// in Listen; ReadBatch and WriteBatch allocate nothing. Both wait in the Go
+// netpoller, so Close unblocks them.
+package udpconn
+
+import (
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// Defaults for Options.
+const (
+	DefaultBatchSize  = 128
+	DefaultBufferSize = 8 << 20 // bytes, for each of the receive and send buffers
+)
+
+// MaxMessageBytes is the most payload one message may carry, GSO or not:
+// an IPv4 packet's 65535 bytes less the IPv4 and UDP headers.
+const MaxMessageBytes = 65535 - 20 - 8
+
+// GROBufferSize is the Buf size that always holds a GRO batch (at most
+// 64 KiB of UDP payload); smaller buffers may see batches reported Truncated.
+const GROBufferSize = 1 << 16
+
+// Message is one datagram (or, with GSO/GRO, a train of equal-sized
+// datagrams to or from one peer) in a batch.
+type Message struct {
+	// Buf is, for a write, the payload: with SegSize > 0 a train of
+	// SegSize-byte datagrams, the last one possibly shorter. For a read it
+	// is the buffer to fill (len(Buf) is the capacity used).
+	Buf []byte
+	// N is, for a read, the number of bytes received into Buf.
+	N int
+	// Addr is, for a write, the destination (IPv4, or IPv4-mapped IPv6);
+	// for a read, the source (IPv4, unmapped).
+	Addr netip.AddrPort
+	// SegSize is, for a write, the GSO segment size (0 = Buf is one
+	// datagram). For a read, the GRO segment size: Buf[:N] holds datagrams
+	// of SegSize bytes, the last one possibly shorter (0 = one datagram).
+	SegSize int
+	// Truncated is set by a read when the datagram (or GRO batch) did not
+	// fit in Buf (MSG_TRUNC): Buf[:N] holds only its start; drop and count it.
+	Truncated bool
+	// Err is set by a write to the error of this message (e.g. EMSGSIZE,
+	// EAFNOSUPPORT for a non-IPv4 Addr), 0 if it was sent.
+	Err syscall.Errno
+}
+
+// Options configure Listen.
+type Options struct {
+	// ReusePort sets SO_REUSEPORT so that several Conns (one per worker)
+	// can bind the same address; the kernel spreads flows among them.
+	ReusePort bool
+	// RecvBuffer and SendBuffer are socket buffer sizes in bytes (0 =
+	// DefaultBufferSize). SO_RCVBUFFORCE / SO_SNDBUFFORCE are tried first
+	// (need CAP_NET_ADMIN), then SO_RCVBUF / SO_SNDBUF (capped by
+	// net.core.rmem_max / wmem_max).
+	RecvBuffer, SendBuffer int
+	// BatchSize is the most messages one ReadBatch returns and one
+	// sendmmsg carries (0 = DefaultBatchSize); it sizes the preallocated
+	// headers.
+	BatchSize int
+	// DisableGSO and DisableGRO turn the offloads off even where the kernel
+	// has them. Without GSO, WriteBatch still accepts SegSize and sends the
+	// segments as separate datagrams.
+	DisableGSO, DisableGRO bool
+	// Logger receives the rare warnings (GSO turned off after EIO). Nil
+	// means slog.Default().
+	Logger *slog.Logger
+}
+
+// Stats are counters of a Conn.
+type Stats struct {
+	// SplitSends counts GSO messages the kernel refused as a whole (EINVAL
+	// or EMSGSIZE: a segment above the path MTU, too many segments, more
+	// than MaxMessageBytes; EIO: no GSO on the route) that were then sent
+	// one datagram per segment.
+	SplitSends uint64
+}
+
+// Conn is an IPv4 UDP socket with batched I/O. ReadBatch may run
+// concurrently with WriteBatch; each is serialized with itself.
+type Conn struct {
+	pc      *net.UDPConn
+	rc      syscall.RawConn
+	laddr   netip.AddrPort
+	batch   int
+	gro     bool
+	maxSegs int
+	logger  *slog.Logger
+
+	gso        atomic.Bool
+	splitSends atomic.Uint64
+	closeOnce  sync.Once
+	closeErr   error
+
+	rmu sync.Mutex
+	r   readState
+
+	wmu sync.Mutex
+	w   writeState
+}
+
+// GSO reports whether UDP segmentation offload is in use (kernel >= 4.18,
+// not disabled, not turned off after an EIO).
+func (c *Conn) GSO() bool { return c.gso.Load() }
+
+// GRO reports whether UDP receive coalescing is on (kernel >= 5.0).
+func (c *Conn) GRO() bool { return c.gro }
+
+// MaxSegments is the most GSO segments one message may carry: 64, or 128
+// on Linux >= 6.9 (UDP_MAX_SEGMENTS). A message with more is still
+// delivered, one datagram per segment.
+func (c *Conn) MaxSegments() int { return c.maxSegs }
+
+// BatchSize is the most messages one ReadBatch returns (and one sendmmsg
+// carries).
+func (c *Conn) BatchSize() int { return c.batch }
+
+// LocalAddr returns the bound address (IPv4, unmapped), with the port the
+// kernel chose if Listen was given port 0.
+func (c *Conn) LocalAddr() netip.AddrPort { return c.laddr }
+
+// Stats returns the Conn's counters.
+func (c *Conn) Stats() Stats { return Stats{SplitSends: c.splitSends.Load()} }
+
+// SetReadDeadline makes a ReadBatch waiting past t return an error
+// satisfying errors.Is(err, os.ErrDeadlineExceeded); the zero time clears
+// it. Workers do not need it (Close unblocks them); tests do.
+func (c *Conn) SetReadDeadline(t time.Time) error { return c.pc.SetReadDeadline(t) }
+
+// Close closes the socket. Blocked ReadBatch and WriteBatch calls return an
+// error satisfying errors.Is(err, net.ErrClosed). Close is idempotent.
+func (c *Conn) Close() error {
+	c.closeOnce.Do(func() { c.closeErr = c.pc.Close() })
+	return c.closeErr
+}

@@ -1,0 +1,539 @@
+package udpconn
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+const (
+	sizeofSockaddr = unix.SizeofSockaddrInet4
+	// rctrlLen is the control buffer per received message: room for the
+	// UDP_GRO cmsg (an int) and a spare one.
+	rctrlLen = 64
+)
+
+var (
+	// cmsgDataOff is where a cmsg's data starts after its header.
+	cmsgDataOff = unix.CmsgLen(0)
+	// wctrlLen is the control buffer per sent message: one UDP_SEGMENT cmsg.
+	wctrlLen = unix.CmsgSpace(2)
+)
+
+// readState is the receive side, guarded by Conn.rmu.
+type readState struct {
+	hdrs  []unix.Mmsghdr
+	iovs  []unix.Iovec
+	names []unix.RawSockaddrInet4
+	ctrl  []byte
+	fn    func(fd uintptr) bool // c.doRead, bound once so Read allocates no closure
+	n     int                   // messages asked for
+	got   int                   // messages received
+	errno syscall.Errno         // fatal errno from recvmmsg
+}
+
+// writeState is the send side, guarded by Conn.wmu.
+type writeState struct {
+	hdrs  []unix.Mmsghdr
+	iovs  []unix.Iovec
+	names []unix.RawSockaddrInet4
+	ctrl  []byte
+	fn    func(fd uintptr) bool // c.doWrite, bound once
+
+	// split sends: one datagram per segment of one message
+	shdrs []unix.Mmsghdr
+	siovs []unix.Iovec
+	sname unix.RawSockaddrInet4
+
+	msgs      []Message     // the batch being sent
+	next      int           // next message to send
+	seg       int           // next byte of msgs[next].Buf in a split send
+	splitting bool          // a split send of msgs[next] has begun
+	split     int           // index of a GSO message refused with EINVAL, -1 if none
+	errno     syscall.Errno // fatal errno
+}
+
+// Listen opens an IPv4 UDP socket bound to laddr (an invalid or IPv4
+// unspecified address binds 0.0.0.0). The path MTU discovery mode is left
+// at the Linux default (IP_PMTUDISC_WANT unless the host sets
+// net.ipv4.ip_no_pmtu_disc): datagrams that fit the path MTU carry DF, as
+// flannel's do, and larger ones are fragmented by the kernel.
+func Listen(laddr netip.AddrPort, opts Options) (*Conn, error) {
+	if opts.BatchSize <= 0 {
+		opts.BatchSize = DefaultBatchSize
+	}
+	if opts.RecvBuffer <= 0 {
+		opts.RecvBuffer = DefaultBufferSize
+	}
+	if opts.SendBuffer <= 0 {
+		opts.SendBuffer = DefaultBufferSize
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	addr := laddr.Addr().Unmap()
+	if !addr.IsValid() {
+		addr = netip.IPv4Unspecified()
+	}
+	if !addr.Is4() {
+		return nil, fmt.Errorf("udp listen %s: not an IPv4 address", laddr)
+	}
+	bind := netip.AddrPortFrom(addr, laddr.Port())
+
+	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		err := rc.Control(func(fd uintptr) {
+			if opts.ReusePort {
+				if err := unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
+					serr = fmt.Errorf("set SO_REUSEPORT: %w", err)
+					return
+				}
+			}
+			if err := setBuffer(int(fd), unix.SO_RCVBUFFORCE, unix.SO_RCVBUF, opts.RecvBuffer); err != nil {
+				serr = fmt.Errorf("set receive buffer %d: %w", opts.RecvBuffer, err)
+				return
+			}
+			if err := setBuffer(int(fd), unix.SO_SNDBUFFORCE, unix.SO_SNDBUF, opts.SendBuffer); err != nil {
+				serr = fmt.Errorf("set send buffer %d: %w", opts.SendBuffer, err)
+			}
+		})
+		if err != nil {
+			return err
+		}
+		return serr
+	}}
+	pc, err := lc.ListenPacket(context.Background(), "udp4", bind.String())
+	if err != nil {
+		return nil, fmt.Errorf("udp listen %s: %w", bind, err)
+	}
+	c := &Conn{
+		pc:      pc.(*net.UDPConn),
+		batch:   opts.BatchSize,
+		maxSegs: maxSegmentsForKernel(),
+		logger:  opts.Logger,
+	}
+	local := c.pc.LocalAddr().(*net.UDPAddr).AddrPort()
+	c.laddr = netip.AddrPortFrom(local.Addr().Unmap(), local.Port())
+	if c.rc, err = c.pc.SyscallConn(); err != nil {
+		c.pc.Close()
+		return nil, fmt.Errorf("udp listen %s: raw conn: %w", bind, err)
+	}
+	var gso, gro bool
+	if err := c.rc.Control(func(fd uintptr) {
+		// UDP_SEGMENT as a socket option exists where the cmsg does (4.18).
+		if !opts.DisableGSO {
+			_, err := unix.GetsockoptInt(int(fd), unix.IPPROTO_UDP, unix.UDP_SEGMENT)
+			gso = err == nil
+		}
+		if !opts.DisableGRO {
+			gro = unix.SetsockoptInt(int(fd), unix.IPPROTO_UDP, unix.UDP_GRO, 1) == nil
+		}
+	}); err != nil {
+		c.pc.Close()
+		return nil, fmt.Errorf("udp listen %s: probe offloads: %w", bind, err)
+	}
+	c.gso.Store(gso)
+	c.gro = gro
+	c.initBuffers()
+	c.logger.Debug("udp socket open", "addr", c.laddr, "gso", gso, "gro", gro,
+		"max_segments", c.maxSegs, "batch", c.batch)
+	return c, nil
+}
+
+// setBuffer sets a socket buffer size with the FORCE option, falling back
+// to the plain one (capped by the sysctl maximum) without CAP_NET_ADMIN.
+func setBuffer(fd, force, plain, size int) error {
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, force, size); err == nil {
+		return nil
+	}
+	return unix.SetsockoptInt(fd, unix.SOL_SOCKET, plain, size)
+}
+
+// maxSegmentsForKernel returns UDP_MAX_SEGMENTS of the running kernel:
+// 128 from Linux 6.9, 64 before. The kernel offers no way to ask, and a
+// probe would have to send.
+func maxSegmentsForKernel() int {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return 64
+	}
+	major, minor, ok := parseRelease(unix.ByteSliceToString(u.Release[:]))
+	if ok && (major > 6 || major == 6 && minor >= 9) {
+		return 128
+	}
+	return 64
+}
+
+// parseRelease reads "major.minor" from a kernel release such as
+// "6.18.44-fc-v669".
+func parseRelease(s string) (major, minor int, ok bool) {
+	a, rest, found := strings.Cut(s, ".")
+	if !found {
+		return 0, 0, false
+	}
+	end := 0
+	for end < len(rest) && rest[end] >= '0' && rest[end] <= '9' {
+		end++
+	}
+	maj, err1 := strconv.Atoi(a)
+	mnr, err2 := strconv.Atoi(rest[:end])
+	if err1 != nil || err2 != nil {
+		return 0, 0, false
+	}
+	return maj, mnr, true
+}
+
+// initBuffers preallocates every header, iovec, address and control
+// buffer, and links the headers to them once.
+func (c *Conn) initBuffers() {
+	n := c.batch
+	r := &c.r
+	r.hdrs = make([]unix.Mmsghdr, n)
+	r.iovs = make([]unix.Iovec, n)
+	r.names = make([]unix.RawSockaddrInet4, n)
+	r.ctrl = make([]byte, n*rctrlLen)
+	for i := range r.hdrs {
+		h := &r.hdrs[i].Hdr
+		h.Name = (*byte)(unsafe.Pointer(&r.names[i]))
+		h.Iov = &r.iovs[i]
+		h.SetIovlen(1)
+		h.Control = &r.ctrl[i*rctrlLen]
+	}
+	r.fn = c.doRead
+
+	w := &c.w
+	w.hdrs = make([]unix.Mmsghdr, n)
+	w.iovs = make([]unix.Iovec, n)
+	w.names = make([]unix.RawSockaddrInet4, n)
+	w.ctrl = make([]byte, n*wctrlLen)
+	for i := range w.hdrs {
+		h := &w.hdrs[i].Hdr
+		h.Name = (*byte)(unsafe.Pointer(&w.names[i]))
+		h.Namelen = sizeofSockaddr
+		h.Iov = &w.iovs[i]
+		h.SetIovlen(1)
+		cm := (*unix.Cmsghdr)(unsafe.Pointer(&w.ctrl[i*wctrlLen]))
+		cm.Level = unix.IPPROTO_UDP
+		cm.Type = unix.UDP_SEGMENT
+		cm.SetLen(unix.CmsgLen(2))
+	}
+	w.shdrs = make([]unix.Mmsghdr, c.maxSegs)
+	w.siovs = make([]unix.Iovec, c.maxSegs)
+	for i := range w.shdrs {
+		h := &w.shdrs[i].Hdr
+		h.Name = (*byte)(unsafe.Pointer(&w.sname))
+		h.Namelen = sizeofSockaddr
+		h.Iov = &w.siovs[i]
+		h.SetIovlen(1)
+	}
+	w.fn = c.doWrite
+}
+
+// ReadBatch receives up to min(len(msgs), BatchSize()) messages, blocking
+// until at least one is there, and returns how many it filled. For each:
+// Buf[:N] holds the data, Addr the sender, SegSize the GRO segment size (0
+// for a single datagram) and Truncated whether the datagram did not fit in
+// Buf (then drop it). Give GRO conns buffers of GROBufferSize bytes.
+//
+// ReadBatch returns an error only when the conn is closed (errors.Is(err,
+// net.ErrClosed)) or the socket failed; errors the kernel queues on the
+// socket from ICMP (ECONNREFUSED, EHOSTUNREACH, ...) are consumed and the
+// read goes on. It allocates nothing.
+func (c *Conn) ReadBatch(msgs []Message) (int, error) {
+	c.rmu.Lock()
+	defer c.rmu.Unlock()
+	r := &c.r
+	n := min(len(msgs), c.batch)
+	if n == 0 {
+		return 0, nil
+	}
+	ctrlLen := 0
+	if c.gro {
+		ctrlLen = rctrlLen
+	}
+	for i := 0; i < n; i++ {
+		r.iovs[i].Base = unsafe.SliceData(msgs[i].Buf)
+		r.iovs[i].SetLen(len(msgs[i].Buf))
+		h := &r.hdrs[i].Hdr
+		h.Namelen = sizeofSockaddr
+		h.SetControllen(ctrlLen)
+		h.Flags = 0
+		r.hdrs[i].Len = 0
+	}
+	r.n, r.got, r.errno = n, 0, 0
+	if err := c.rc.Read(r.fn); err != nil {
+		return 0, fmt.Errorf("udp receive batch on %s: %w", c.laddr, err)
+	}
+	if r.errno != 0 {
+		return 0, fmt.Errorf("udp receive batch on %s: recvmmsg: %w", c.laddr, r.errno)
+	}
+	for i := 0; i < r.got; i++ {
+		m := &msgs[i]
+		h := &r.hdrs[i]
+		m.N = int(h.Len)
+		m.Truncated = h.Hdr.Flags&unix.MSG_TRUNC != 0
+		if m.N > len(m.Buf) { // only if MSG_TRUNC were passed as a flag; keep Buf[:N] valid
+			m.N = len(m.Buf)
+		}
+		m.Addr = addrPort(&r.names[i])
+		m.SegSize = 0
+		if ctrlLen > 0 && h.Hdr.Controllen > 0 {
+			m.SegSize = groSegmentSize(r.ctrl[i*rctrlLen : i*rctrlLen+int(h.Hdr.Controllen)])
+		}
+		m.Err = 0
+	}
+	return r.got, nil
+}
+
+// doRead is the RawConn.Read callback: one recvmmsg; false means "wait".
+func (c *Conn) doRead(fd uintptr) bool {
+	r := &c.r
+	for {
+		n, _, e := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.hdrs[0])), uintptr(r.n), 0, 0, 0)
+		switch e {
+		case 0:
+			r.got = int(n)
+			return true
+		case unix.EAGAIN:
+			return false
+		case unix.EINTR:
+			continue
+		case unix.ECONNREFUSED, unix.EHOSTUNREACH, unix.ENETUNREACH, unix.EHOSTDOWN,
+			unix.ENETDOWN, unix.EPROTO, unix.EMSGSIZE, unix.ENOPROTOOPT, unix.ETIMEDOUT:
+			// An ICMP error from an earlier send, reported once: not ours to stop on.
+			continue
+		default:
+			r.errno = e
+			return true
+		}
+	}
+}
+
+// addrPort reads a sockaddr_in.
+func addrPort(sa *unix.RawSockaddrInet4) netip.AddrPort {
+	p := (*[2]byte)(unsafe.Pointer(&sa.Port))
+	return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(p[0])<<8|uint16(p[1]))
+}
+
+// putAddrPort writes ap into sa; false if ap is not IPv4.
+func putAddrPort(sa *unix.RawSockaddrInet4, ap netip.AddrPort) bool {
+	a := ap.Addr().Unmap()
+	if !a.Is4() {
+		return false
+	}
+	sa.Family = unix.AF_INET
+	p := (*[2]byte)(unsafe.Pointer(&sa.Port))
+	p[0], p[1] = byte(ap.Port()>>8), byte(ap.Port())
+	sa.Addr = a.As4()
+	return true
+}
+
+// groSegmentSize finds the UDP_GRO cmsg in a control buffer; 0 if absent.
+func groSegmentSize(b []byte) int {
+	for len(b) >= cmsgDataOff {
+		h := (*unix.Cmsghdr)(unsafe.Pointer(&b[0]))
+		l := int(h.Len)
+		if l < cmsgDataOff || l > len(b) {
+			return 0
+		}
+		if h.Level == unix.IPPROTO_UDP && h.Type == unix.UDP_GRO && l >= cmsgDataOff+4 {
+			return int(binary.NativeEndian.Uint32(b[cmsgDataOff:]))
+		}
+		next := unix.CmsgSpace(l - cmsgDataOff)
+		if next > len(b) {
+			return 0
+		}
+		b = b[next:]
+	}
+	return 0
+}
+
+// WriteBatch sends every message of msgs (in chunks of BatchSize()) and
+// returns how many it processed: len(msgs) unless the error is fatal. A
+// message with SegSize > 0 and more than SegSize bytes goes out as one GSO
+// send (UDP_SEGMENT) where GSO is on, else one datagram per segment; keep
+// it within MaxSegments() segments and MaxMessageBytes. Each message's
+// outcome is in msgs[i].Err; a failing message does not stop the batch.
+// If the kernel refuses a GSO send with EIO (no GSO on the route), GSO is
+// turned off for this conn (logged once) and the message is resent one
+// datagram per segment; with EINVAL or EMSGSIZE (a segment above the path
+// MTU, too many segments, too many bytes) only that message is resent so.
+// Stats().SplitSends counts such resends.
+//
+// WriteBatch returns an error only when the conn is closed (errors.Is(err,
+// net.ErrClosed)) or the socket failed. It allocates nothing.
+func (c *Conn) WriteBatch(msgs []Message) (int, error) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	done := 0
+	for done < len(msgs) {
+		n, err := c.writeChunk(msgs[done:min(len(msgs), done+c.batch)])
+		done += n
+		if err != nil {
+			return done, err
+		}
+	}
+	return done, nil
+}
+
+// writeChunk sends at most c.batch messages; c.wmu is held.
+func (c *Conn) writeChunk(msgs []Message) (int, error) {
+	w := &c.w
+	gso := c.gso.Load()
+	for i := range msgs {
+		m := &msgs[i]
+		m.Err = 0
+		if !putAddrPort(&w.names[i], m.Addr) {
+			m.Err = unix.EAFNOSUPPORT
+			continue
+		}
+		if m.SegSize < 0 || m.SegSize > 0xffff {
+			m.Err = unix.EINVAL
+			continue
+		}
+		w.iovs[i].Base = unsafe.SliceData(m.Buf)
+		w.iovs[i].SetLen(len(m.Buf))
+		h := &w.hdrs[i].Hdr
+		if gso && segmented(m) {
+			ctrl := w.ctrl[i*wctrlLen : (i+1)*wctrlLen]
+			binary.NativeEndian.PutUint16(ctrl[cmsgDataOff:], uint16(m.SegSize))
+			h.Control = &ctrl[0]
+			h.SetControllen(wctrlLen)
+		} else {
+			h.Control = nil
+			h.SetControllen(0)
+		}
+	}
+	w.msgs, w.next, w.seg, w.splitting, w.split, w.errno = msgs, 0, 0, false, -1, 0
+	err := c.rc.Write(w.fn)
+	done := w.next
+	w.msgs = nil
+	if err != nil {
+		return done, fmt.Errorf("udp send batch on %s: %w", c.laddr, err)
+	}
+	if w.errno != 0 {
+		return done, fmt.Errorf("udp send batch on %s: sendmmsg: %w", c.laddr, w.errno)
+	}
+	return len(msgs), nil
+}
+
+// segmented reports whether m is more than one GSO segment.
+func segmented(m *Message) bool { return m.SegSize > 0 && len(m.Buf) > m.SegSize }
+
+// mustSplit reports whether message i goes out one datagram per segment.
+func (c *Conn) mustSplit(i int) bool {
+	m := &c.w.msgs[i]
+	return segmented(m) && (!c.gso.Load() || c.w.split == i)
+}
+
+// fatalSendErrno: the socket itself is unusable (or our buffers are bad).
+func fatalSendErrno(e syscall.Errno) bool {
+	return e == unix.EBADF || e == unix.ENOTSOCK || e == unix.EFAULT
+}
+
+// sendmmsg sends n messages starting at hdrs. A variable so that tests can
+// inject the EIO this kernel no longer produces (it segments GSO in
+// software where older kernels refused a route without checksum offload).
+var sendmmsg = func(fd uintptr, hdrs *unix.Mmsghdr, n int) (int, syscall.Errno) {
+	sent, _, e := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(hdrs)), uintptr(n), 0, 0, 0)
+	return int(sent), e
+}
+
+// doWrite is the RawConn.Write callback. It resumes at w.next (and w.seg)
+// after a wait; false means "wait until writable".
+func (c *Conn) doWrite(fd uintptr) bool {
+	w := &c.w
+	for w.next < len(w.msgs) {
+		i := w.next
+		m := &w.msgs[i]
+		if m.Err != 0 { // refused before sending (bad address)
+			w.next++
+			continue
+		}
+		if c.mustSplit(i) {
+			if !c.sendSplit(fd, m) {
+				return false
+			}
+			if w.errno != 0 {
+				return true
+			}
+			w.next++
+			w.seg, w.splitting = 0, false
+			continue
+		}
+		end := i + 1
+		for end < len(w.msgs) && w.msgs[end].Err == 0 && !c.mustSplit(end) {
+			end++
+		}
+		sent, e := sendmmsg(fd, &w.hdrs[i], end-i)
+		switch {
+		case e == 0:
+			w.next += sent
+		case e == unix.EAGAIN:
+			return false
+		case e == unix.EINTR:
+		case fatalSendErrno(e):
+			w.errno = e
+			return true
+		case e == unix.EIO && w.hdrs[i].Hdr.Controllen != 0:
+			if c.gso.CompareAndSwap(true, false) {
+				c.logger.Warn("UDP GSO refused by the kernel (EIO); sending one datagram per segment from now on",
+					"addr", c.laddr, "peer", m.Addr)
+			}
+		case (e == unix.EINVAL || e == unix.EMSGSIZE) && w.hdrs[i].Hdr.Controllen != 0 && w.split != i:
+			w.split = i
+		default:
+			m.Err = e
+			w.next++
+		}
+	}
+	return true
+}
+
+// sendSplit sends m one datagram per segment, from byte w.seg on. It
+// returns false to wait for writability (w.seg keeps the progress). The
+// first per-datagram error is kept in m.Err and the rest still go out.
+func (c *Conn) sendSplit(fd uintptr, m *Message) bool {
+	w := &c.w
+	if !w.splitting {
+		w.splitting = true
+		c.splitSends.Add(1)
+		putAddrPort(&w.sname, m.Addr)
+	}
+	seg := m.SegSize
+	for w.seg < len(m.Buf) {
+		k := 0
+		for off := w.seg; off < len(m.Buf) && k < len(w.shdrs); off += seg {
+			end := min(off+seg, len(m.Buf))
+			w.siovs[k].Base = &m.Buf[off]
+			w.siovs[k].SetLen(end - off)
+			k++
+		}
+		sent, e := sendmmsg(fd, &w.shdrs[0], k)
+		switch {
+		case e == 0:
+			w.seg += sent * seg
+		case e == unix.EAGAIN:
+			return false
+		case e == unix.EINTR:
+		case fatalSendErrno(e):
+			w.errno = e
+			return true
+		default:
+			if m.Err == 0 {
+				m.Err = e
+			}
+			w.seg += seg
+		}
+	}
+	return true
+}
