@@ -1,0 +1,46 @@
+# Tulle: the two commands a newcomer needs are `make demo` and `make test`
+# (both as root: they create network namespaces and TUN devices).
+GO        ?= go
+VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+REVISION  ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+LDFLAGS   := -s -w -X github.com/tulle-net/tulle/daemon/buildinfo.version=$(VERSION) -X github.com/tulle-net/tulle/daemon/buildinfo.revision=$(REVISION)
+# Unit tests of the control plane run with the race detector; the namespace
+# tests refuse to skip when TULLE_REQUIRE_ROOT_TESTS=1.
+UNIT_PKGS := ./subnet/... ./proto/... ./backend/... ./daemon/... ./cmd/...
+
+.PHONY: all build deps vet test unit e2e bench-smoke bench demo fuzz clean
+
+all: build
+
+build:
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/tulled ./cmd/tulled
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/tulle-cni ./cmd/tulle-cni
+
+# Installs the test and demo tools from Debian's packages when they are missing.
+deps:
+	@scripts/deps.sh
+
+vet:
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
+	$(GO) vet ./...
+
+unit:
+	TULLE_REQUIRE_ROOT_TESTS=1 $(GO) test -race -count=1 -timeout 15m $(UNIT_PKGS)
+
+e2e:
+	TULLE_REQUIRE_ROOT_TESTS=1 $(GO) test -count=1 -timeout 20m ./tests/...
+
+bench-smoke:
+	$(GO) run ./tests/bench -smoke
+
+# The whole suite: what CI runs (.ci/run calls `make test`).
+test: deps build vet unit e2e bench-smoke
+
+bench: deps
+	$(GO) run ./tests/bench
+
+demo: deps
+	$(GO) run ./tests/demo
+
+clean:
+	rm -rf bin results

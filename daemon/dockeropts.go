@@ -1,0 +1,158 @@
+package daemon
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+
+	"github.com/tulle-net/tulle/daemon/config"
+	"github.com/tulle-net/tulle/subnet"
+)
+
+// dockerOptsMain is `tulled docker-opts`.
+func dockerOptsMain(args, env []string, stdout, stderr io.Writer) int {
+	o, action, err := config.ParseDockerOpts(args, env)
+	switch {
+	case err != nil:
+		fmt.Fprintf(stderr, "tulled docker-opts: %v\nRun 'tulled docker-opts --help' for the flags.\n", err)
+		return ExitUsage
+	case action == config.ActionHelp:
+		config.DockerOptsUsage(stdout)
+		return ExitOK
+	}
+	e, err := subnet.ReadEnv(o.SubnetFile)
+	if err != nil {
+		hint := ""
+		if errors.Is(err, fs.ErrNotExist) {
+			hint = " (tulled writes it once it holds a lease; is it running, with this --subnet-file?)"
+		}
+		fmt.Fprintf(stderr, "tulled docker-opts: %v%s\n", err, hint)
+		return ExitFailure
+	}
+	if !e.Subnet.IsValid() {
+		fmt.Fprintf(stderr, "tulled docker-opts: %s has no IPv4 FLANNEL_SUBNET for Docker's --bip\n", o.SubnetFile)
+		return ExitFailure
+	}
+	var out []byte
+	if o.DaemonJSON {
+		out = formatDaemonJSON(e, o.NoIPMasq)
+	} else {
+		out = formatDockerOpts(e, *o, envLookup(env))
+	}
+	if o.OutFile == "" {
+		_, err = stdout.Write(out)
+	} else {
+		err = writeFileAtomic(o.OutFile, out)
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "tulled docker-opts: %v\n", err)
+		return ExitFailure
+	}
+	return ExitOK
+}
+
+func envLookup(env []string) func(string) string {
+	m := map[string]string{}
+	for _, kv := range env {
+		for i := 0; i < len(kv); i++ {
+			if kv[i] == '=' {
+				m[kv[:i]] = kv[i+1:]
+				break
+			}
+		}
+	}
+	return func(k string) string { return m[k] }
+}
+
+// dockerBIP is Docker's --bip for a lease: its first host address with the
+// lease's length (FLANNEL_SUBNET as flannel writes it).
+func dockerBIP(lease netip.Prefix) string {
+	lease = lease.Masked()
+	return netip.PrefixFrom(lease.Addr().Next(), lease.Bits()).String()
+}
+
+// formatDockerOpts prints what flannel's mk-docker-opts.sh writes:
+//
+//	DOCKER_OPT_BIP="--bip=198.18.79.1/24"
+//	DOCKER_OPT_IPMASQ="--ip-masq=false"
+//	DOCKER_OPT_MTU="--mtu=1472"
+//	DOCKER_OPTS=" --bip=198.18.79.1/24 --ip-masq=false --mtu=1472"
+//
+// The individual lines come in the script's (alphabetical) order; the
+// combined value starts with the variable's current value from the
+// environment, if any, as the script's does; --ip-masq is the opposite of
+// FLANNEL_IPMASQ (whoever masquerades, Docker must not do it twice).
+func formatDockerOpts(e subnet.Env, o config.DockerOpts, getenv func(string) string) []byte {
+	type opt struct{ name, value string }
+	opts := []opt{{"DOCKER_OPT_BIP", "--bip=" + dockerBIP(e.Subnet)}}
+	if !o.NoIPMasq {
+		opts = append(opts, opt{"DOCKER_OPT_IPMASQ", "--ip-masq=" + strconv.FormatBool(!e.IPMasq)})
+	}
+	if e.MTU > 0 {
+		opts = append(opts, opt{"DOCKER_OPT_MTU", "--mtu=" + strconv.Itoa(e.MTU)})
+	}
+	combined := getenv(o.Key)
+	if combined != "" {
+		combined += " "
+	}
+	var b bytes.Buffer
+	for _, op := range opts {
+		if o.Individual {
+			fmt.Fprintf(&b, "%s=\"%s\"\n", op.name, op.value)
+		}
+		combined += " " + op.value
+	}
+	if o.Combined {
+		fmt.Fprintf(&b, "%s=\"%s\"\n", o.Key, combined)
+	}
+	return b.Bytes()
+}
+
+// formatDaemonJSON is a fragment of Docker's /etc/docker/daemon.json:
+// {"bip": "198.18.79.1/24", "ip-masq": false, "mtu": 1472}.
+func formatDaemonJSON(e subnet.Env, noIPMasq bool) []byte {
+	frag := struct {
+		BIP    string `json:"bip"`
+		IPMasq *bool  `json:"ip-masq,omitempty"`
+		MTU    int    `json:"mtu,omitempty"`
+	}{BIP: dockerBIP(e.Subnet), MTU: e.MTU}
+	if !noIPMasq {
+		v := !e.IPMasq
+		frag.IPMasq = &v
+	}
+	b, _ := json.MarshalIndent(frag, "", "  ")
+	return append(b, '\n')
+}
+
+// writeFileAtomic writes b to path through a temporary file in the same
+// directory and a rename, so a reader never sees half a file.
+func writeFileAtomic(path string, b []byte) error {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	tmp := f.Name()
+	_, werr := f.Write(b)
+	if werr == nil {
+		werr = f.Chmod(0o644)
+	}
+	if cerr := f.Close(); werr == nil {
+		werr = cerr
+	}
+	if werr == nil {
+		werr = os.Rename(tmp, path)
+	}
+	if werr != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("write %s: %w", path, werr)
+	}
+	return nil
+}

@@ -1,0 +1,48 @@
+package daemon
+
+import (
+	"encoding/json"
+
+	"github.com/tulle-net/tulle/daemon/buildinfo"
+	"github.com/tulle-net/tulle/subnet"
+)
+
+// tulleMark is the BackendData a Tulle host puts in its lease. Flannel's udp
+// backend never reads BackendData, and BackendType stays empty as flannel's
+// udp hosts leave it, so a flannel host treats the lease as any udp lease.
+type tulleMark struct {
+	Tulle *tulleInfo `json:"tulle,omitempty"`
+}
+
+type tulleInfo struct {
+	Version string `json:"version"`
+}
+
+// backendData is our lease's BackendData: {"tulle":{"version":"v0.1.0"}}.
+func backendData() json.RawMessage {
+	b, _ := json.Marshal(tulleMark{Tulle: &tulleInfo{Version: buildinfo.Get().Version}})
+	return b
+}
+
+// Host kinds, as `tulled status` shows them.
+const (
+	hostTulle   = "tulle"
+	hostFlannel = "flannel"
+)
+
+// hostKind tells who holds a lease: "tulle" (with its version) when
+// BackendData carries Tulle's mark, else "flannel" (a flannel udp host
+// writes no BackendType; another backend's type is appended, e.g.
+// "flannel vxlan").
+func hostKind(a subnet.LeaseAttrs) (kind, version string) {
+	if len(a.BackendData) > 0 {
+		var m tulleMark
+		if json.Unmarshal(a.BackendData, &m) == nil && m.Tulle != nil {
+			return hostTulle, m.Tulle.Version
+		}
+	}
+	if a.BackendType == "" || a.BackendType == "udp" {
+		return hostFlannel, ""
+	}
+	return hostFlannel + " " + a.BackendType, ""
+}

@@ -1,0 +1,255 @@
+// Package netif chooses the underlay interface as flanneld does: by name or
+// IPv4 address (--iface, in order, first found wins), then by regular
+// expression (--iface-regex), else the interface of the default route. The
+// advertised address is --public-ip when given, else the interface's; the
+// TUN MTU is the interface's MTU less the 28 bytes of IPv4 and UDP headers.
+//
+// Everything is read with netlink through a *netlink.Handle, so a caller (a
+// test) can look inside another network namespace.
+package netif
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"regexp"
+	"sort"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// EncapOverhead is what the udp encapsulation adds to an inner packet: an
+// IPv4 header (20) and a UDP header (8), as flannel counts it.
+const EncapOverhead = 28
+
+// minTunMTU is IPv4's minimum MTU (RFC 791).
+const minTunMTU = 68
+
+// Spec says how to choose the underlay interface.
+type Spec struct {
+	Ifaces   []string         // names or IPv4 addresses, tried in order
+	Regexes  []*regexp.Regexp // tried after Ifaces, against names and addresses
+	PublicIP netip.Addr       // advertised address; zero = the interface's
+}
+
+// Selection is the chosen underlay.
+type Selection struct {
+	Name     string
+	Index    int
+	Addr     netip.Addr // the interface's IPv4 address
+	PublicIP netip.Addr // what other hosts send to: Spec.PublicIP or Addr
+	MTU      int        // the interface's MTU
+	Up       bool       // the interface is administratively up
+	// How says how it was chosen, for the start-up log line:
+	// "--iface eth1", "--iface-regex ^eth", "default route".
+	How string
+}
+
+// TunMTU is the MTU of the TUN device: MTU less EncapOverhead.
+func (s Selection) TunMTU() int { return s.MTU - EncapOverhead }
+
+// Select chooses the underlay interface in the namespace of h (nil: the
+// calling thread's namespace). Errors name what was looked for, e.g.
+// "no interface with address 192.0.2.9".
+func Select(h *netlink.Handle, spec Spec) (Selection, error) {
+	if h == nil {
+		h = &netlink.Handle{}
+	}
+	var (
+		sel Selection
+		err error
+	)
+	switch {
+	case len(spec.Ifaces) > 0 || len(spec.Regexes) > 0:
+		sel, err = selectExplicit(h, spec)
+	default:
+		sel, err = byDefaultRoute(h)
+	}
+	if err != nil {
+		return Selection{}, err
+	}
+	if sel.MTU <= 0 {
+		return Selection{}, fmt.Errorf("interface %s reports MTU %d", sel.Name, sel.MTU)
+	}
+	if sel.TunMTU() < minTunMTU {
+		return Selection{}, fmt.Errorf("interface %s: MTU %d leaves %d for the overlay, below IPv4's minimum of %d", sel.Name, sel.MTU, sel.TunMTU(), minTunMTU)
+	}
+	sel.PublicIP = sel.Addr
+	if spec.PublicIP.IsValid() {
+		sel.PublicIP = spec.PublicIP
+	}
+	return sel, nil
+}
+
+func selectExplicit(h *netlink.Handle, spec Spec) (Selection, error) {
+	var errs []error
+	for _, s := range spec.Ifaces {
+		sel, err := byNameOrAddr(h, s)
+		if err == nil {
+			sel.How = "--iface " + s
+			return sel, nil
+		}
+		errs = append(errs, err)
+	}
+	for _, re := range spec.Regexes {
+		sel, err := byRegexp(h, re)
+		if err == nil {
+			sel.How = "--iface-regex " + re.String()
+			return sel, nil
+		}
+		errs = append(errs, err)
+	}
+	if len(errs) == 1 {
+		return Selection{}, errs[0]
+	}
+	return Selection{}, fmt.Errorf("no usable interface among --iface/--iface-regex: %w", errors.Join(errs...))
+}
+
+func byNameOrAddr(h *netlink.Handle, s string) (Selection, error) {
+	if a, err := netip.ParseAddr(s); err == nil {
+		return byAddr(h, a)
+	}
+	link, err := h.LinkByName(s)
+	if err != nil {
+		var nf netlink.LinkNotFoundError
+		if errors.As(err, &nf) {
+			return Selection{}, fmt.Errorf("no interface named %s", s)
+		}
+		return Selection{}, fmt.Errorf("look up interface %s: %w", s, err)
+	}
+	return fromLink(h, link, netip.Addr{})
+}
+
+func byAddr(h *netlink.Handle, a netip.Addr) (Selection, error) {
+	addrs, err := h.AddrList(nil, netlink.FAMILY_V4)
+	if err != nil {
+		return Selection{}, fmt.Errorf("list IPv4 addresses: %w", err)
+	}
+	for _, ad := range addrs {
+		if ip, ok := netip.AddrFromSlice(ad.IP); ok && ip.Unmap() == a {
+			link, err := h.LinkByIndex(ad.LinkIndex)
+			if err != nil {
+				return Selection{}, fmt.Errorf("interface of address %s (index %d): %w", a, ad.LinkIndex, err)
+			}
+			return fromLink(h, link, a)
+		}
+	}
+	return Selection{}, fmt.Errorf("no interface with address %s", a)
+}
+
+func byRegexp(h *netlink.Handle, re *regexp.Regexp) (Selection, error) {
+	links, err := h.LinkList()
+	if err != nil {
+		return Selection{}, fmt.Errorf("list interfaces: %w", err)
+	}
+	sort.Slice(links, func(i, j int) bool { return links[i].Attrs().Index < links[j].Attrs().Index })
+	for _, link := range links {
+		if re.MatchString(link.Attrs().Name) {
+			if sel, err := fromLink(h, link, netip.Addr{}); err == nil {
+				return sel, nil
+			}
+			continue
+		}
+		addrs, err := h.AddrList(link, netlink.FAMILY_V4)
+		if err != nil {
+			continue
+		}
+		for _, ad := range addrs {
+			if ip, ok := netip.AddrFromSlice(ad.IP); ok && re.MatchString(ip.Unmap().String()) {
+				return fromLink(h, link, ip.Unmap())
+			}
+		}
+	}
+	return Selection{}, fmt.Errorf("no interface name or IPv4 address matches --iface-regex %s", re)
+}
+
+func byDefaultRoute(h *netlink.Handle) (Selection, error) {
+	routes, err := h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return Selection{}, fmt.Errorf("list IPv4 routes: %w", err)
+	}
+	var best *netlink.Route
+	for i := range routes {
+		r := &routes[i]
+		if !isDefault(r.Dst) {
+			continue
+		}
+		if best == nil || r.Priority < best.Priority {
+			best = r
+		}
+	}
+	if best == nil {
+		return Selection{}, errors.New("no IPv4 default route to take the interface from: give --iface (a name or an IPv4 address)")
+	}
+	index := best.LinkIndex
+	if index == 0 && len(best.MultiPath) > 0 {
+		index = best.MultiPath[0].LinkIndex
+	}
+	link, err := h.LinkByIndex(index)
+	if err != nil {
+		return Selection{}, fmt.Errorf("interface of the default route (index %d): %w", index, err)
+	}
+	var prefer netip.Addr
+	if src, ok := netip.AddrFromSlice(best.Src); ok && src.Unmap().Is4() && !src.Unmap().IsUnspecified() {
+		prefer = src.Unmap()
+	}
+	sel, err := fromLink(h, link, prefer)
+	if err != nil {
+		return Selection{}, err
+	}
+	sel.How = "default route"
+	return sel, nil
+}
+
+func isDefault(dst *net.IPNet) bool {
+	if dst == nil {
+		return true
+	}
+	ones, _ := dst.Mask.Size()
+	return ones == 0 && dst.IP.IsUnspecified()
+}
+
+// fromLink fills a Selection for link. The address is want if given (it is
+// on the link), else the first global unicast IPv4 address, else the first.
+func fromLink(h *netlink.Handle, link netlink.Link, want netip.Addr) (Selection, error) {
+	attrs := link.Attrs()
+	sel := Selection{
+		Name:  attrs.Name,
+		Index: attrs.Index,
+		MTU:   attrs.MTU,
+		Up:    attrs.Flags&net.FlagUp != 0,
+	}
+	addrs, err := h.AddrList(link, netlink.FAMILY_V4)
+	if err != nil {
+		return Selection{}, fmt.Errorf("list IPv4 addresses of %s: %w", attrs.Name, err)
+	}
+	var first, global netip.Addr
+	for _, ad := range addrs {
+		ip, ok := netip.AddrFromSlice(ad.IP)
+		if !ok {
+			continue
+		}
+		ip = ip.Unmap()
+		if want.IsValid() && ip == want {
+			sel.Addr = ip
+			return sel, nil
+		}
+		if !first.IsValid() {
+			first = ip
+		}
+		if !global.IsValid() && ip.IsGlobalUnicast() {
+			global = ip
+		}
+	}
+	switch {
+	case global.IsValid():
+		sel.Addr = global
+	case first.IsValid():
+		sel.Addr = first
+	default:
+		return Selection{}, fmt.Errorf("interface %s has no IPv4 address", attrs.Name)
+	}
+	return sel, nil
+}

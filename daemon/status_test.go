@@ -1,0 +1,193 @@
+package daemon
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/netip"
+	"net/url"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/server/v3/embed"
+	"go.uber.org/zap"
+
+	"github.com/tulle-net/tulle/subnet"
+)
+
+// loopbackEtcd starts a real etcd on free 127.0.0.1 ports (no namespace
+// needed) and returns its client URL and a client.
+func loopbackEtcd(t *testing.T) (string, *clientv3.Client) {
+	t.Helper()
+	port := func() int {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		return l.Addr().(*net.TCPAddr).Port
+	}
+	cfg := embed.NewConfig()
+	cfg.Name = "status-test"
+	cfg.Dir = filepath.Join(t.TempDir(), "etcd")
+	cu, _ := url.Parse(fmt.Sprintf("http://127.0.0.1:%d", port()))
+	pu, _ := url.Parse(fmt.Sprintf("http://127.0.0.1:%d", port()))
+	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*cu}, []url.URL{*cu}
+	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
+	cfg.InitialCluster = cfg.InitialClusterFromName(cfg.Name)
+	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
+	cfg.UnsafeNoFsync = true
+	e, err := embed.StartEtcd(cfg)
+	if err != nil {
+		t.Fatalf("start etcd: %v", err)
+	}
+	t.Cleanup(e.Close)
+	select {
+	case <-e.Server.ReadyNotify():
+	case <-time.After(30 * time.Second):
+		t.Fatal("etcd not ready within 30s")
+	}
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{cu.String()}, DialTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cli.Close() })
+	return cu.String(), cli
+}
+
+func TestStatusListsEveryLeaseAndTellsTulleFromFlannel(t *testing.T) {
+	ep, cli := loopbackEtcd(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	p := subnet.DefaultPrefix
+	grant, err := cli.Grant(ctx, 3600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range map[string]string{
+		p + "/config": `{"Network":"198.18.0.0/16","SubnetLen":24,"Backend":{"Type":"udp","Port":8285}}`,
+		// a reservation (no etcd lease) held by a flannel host
+		p + "/subnets/198.18.9.0-24": `{"PublicIP":"192.0.2.9","PublicIPv6":null}`,
+		// a key nobody can read
+		p + "/subnets/banana": `{"PublicIP":"192.0.2.66"}`,
+	} {
+		if _, err := cli.Put(ctx, k, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for k, v := range map[string]string{
+		p + "/subnets/198.18.2.0-24": `{"PublicIP":"192.0.2.2","PublicIPv6":null}`,
+		p + "/subnets/198.18.1.0-24": `{"PublicIP":"192.0.2.1","PublicIPv6":null,"BackendData":{"tulle":{"version":"v0.1.0"}}}`,
+	} {
+		if _, err := cli.Put(ctx, k, v, clientv3.WithLease(grant.ID)); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	var out, errOut bytes.Buffer
+	if code := Main([]string{"status", "--etcd-endpoints=" + ep}, nil, &out, &errOut); code != 0 {
+		t.Fatalf("exit %d: %s", code, errOut.String())
+	}
+	lines := strings.Split(out.String(), "\n")
+	want := []string{
+		"etcd:     " + ep,
+		"network:  198.18.0.0/16, subnets /24 from 198.18.1.0 to 198.18.255.0",
+		"backend:  udp, port 8285",
+		"leases:   3 (1 Tulle, 2 flannel)",
+	}
+	for i, w := range want {
+		if lines[i] != w {
+			t.Errorf("line %d: %q, want %q", i, lines[i], w)
+		}
+	}
+	table := strings.Join(lines[5:], "\n")
+	for _, re := range []string{
+		"SUBNET +PUBLIC IP +EXPIRES +KIND +HOST",
+		`198\.18\.1\.0/24 +192\.0\.2\.1 +20\d\d-\d\d-\d\d \d\d:\d\d:\d\d UTC \(in (59m\d\ds|1h00m)\) +lease +tulle v0\.1\.0`,
+		`198\.18\.2\.0/24 +192\.0\.2\.2 +20\d\d.*UTC \(in .*\) +lease +flannel\n`,
+		`198\.18\.9\.0/24 +192\.0\.2\.9 +never +reservation +flannel`,
+		`could not be read.*\n  /coreos.com/network/subnets/banana: `,
+	} {
+		if !matches(re, table) {
+			t.Errorf("table lacks /%s/:\n%s", re, out.String())
+		}
+	}
+
+	out.Reset()
+	if code := Main([]string{"status", "--json"}, []string{"TULLED_ETCD_ENDPOINTS=" + ep}, &out, &errOut); code != 0 {
+		t.Fatalf("--json: exit %d: %s", code, errOut.String())
+	}
+	var rep statusReport
+	if err := json.Unmarshal(out.Bytes(), &rep); err != nil {
+		t.Fatalf("--json output: %v\n%s", err, out.String())
+	}
+	if rep.Config == nil || rep.Config.Network != "198.18.0.0/16" || len(rep.Leases) != 3 || len(rep.Malformed) != 1 {
+		t.Fatalf("--json: %s", out.String())
+	}
+	l := rep.Leases[0]
+	if l.Subnet != "198.18.1.0/24" || l.Host != "tulle" || l.Version != "v0.1.0" || l.Reservation || l.Expiration == nil {
+		t.Errorf("tulle lease %+v", l)
+	}
+	if r := rep.Leases[2]; r.Subnet != "198.18.9.0/24" || r.Host != "flannel" || !r.Reservation || r.Expiration != nil {
+		t.Errorf("reservation %+v", r)
+	}
+}
+
+func TestStatusWithoutConfigStillListsLeases(t *testing.T) {
+	ep, _ := loopbackEtcd(t)
+	var out, errOut bytes.Buffer
+	if code := Main([]string{"status", "--etcd-endpoints=" + ep}, nil, &out, &errOut); code != 0 {
+		t.Fatalf("exit %d: %s", code, errOut.String())
+	}
+	if !strings.Contains(out.String(), "network config:  no network config at /coreos.com/network/config") || !strings.Contains(out.String(), "leases:          0") {
+		t.Errorf("got:\n%s", out.String())
+	}
+}
+
+func TestStatusNamesTheCauseWhenEtcdIsDown(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close() // nothing listens here now
+	var out, errOut bytes.Buffer
+	code := Main([]string{"status", "--timeout=1s", "--etcd-endpoints=http://" + addr}, nil, &out, &errOut)
+	if code != ExitFailure || !strings.Contains(errOut.String(), "etcd at http://"+addr+" did not answer in time") || !strings.Contains(errOut.String(), "connection refused") {
+		t.Errorf("exit %d: %q", code, errOut.String())
+	}
+}
+
+func TestHostKindTellsTulleFromFlannel(t *testing.T) {
+	for _, tc := range []struct {
+		attrs         subnet.LeaseAttrs
+		kind, version string
+	}{
+		{subnet.LeaseAttrs{}, "flannel", ""},
+		{subnet.LeaseAttrs{BackendType: "udp"}, "flannel", ""},
+		{subnet.LeaseAttrs{BackendType: "vxlan", BackendData: []byte(`{"VNI":1,"VtepMAC":"02:00:00:00:00:01"}`)}, "flannel vxlan", ""},
+		{subnet.LeaseAttrs{BackendData: []byte(`{"tulle":{"version":"v1.2.3"}}`)}, "tulle", "v1.2.3"},
+		{subnet.LeaseAttrs{BackendData: backendData()}, "tulle", "devel"},
+		{subnet.LeaseAttrs{BackendData: []byte(`"junk"`)}, "flannel", ""},
+	} {
+		kind, version := hostKind(tc.attrs)
+		if kind != tc.kind || version != tc.version {
+			t.Errorf("%+v: %q %q, want %q %q", tc.attrs, kind, version, tc.kind, tc.version)
+		}
+	}
+	// Our mark survives flannel's lease value encoding.
+	b, err := subnet.LeaseAttrs{PublicIP: netipMust("192.0.2.1"), BackendData: backendData()}.MarshalJSON()
+	if err != nil || string(b) != `{"PublicIP":"192.0.2.1","PublicIPv6":null,"BackendData":{"tulle":{"version":"devel"}}}` {
+		t.Errorf("lease value %s %v", b, err)
+	}
+}
+
+func matches(re, s string) bool { return regexp.MustCompile(re).MatchString(s) }
+
+func netipMust(s string) netip.Addr { return netip.MustParseAddr(s) }
