@@ -1,0 +1,309 @@
+package udp
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+
+	"github.com/tulle-net/tulle/proto"
+	"github.com/tulle-net/tulle/subnet"
+)
+
+// requireRoot skips a test that needs root and network namespaces, or fails
+// it when TULLE_REQUIRE_ROOT_TESTS=1 (as testbed.RequireRoot does; kept
+// local so the data plane's tests do not pull in the end-to-end testbed).
+func requireRoot(t testing.TB) {
+	t.Helper()
+	why := ""
+	if os.Geteuid() != 0 {
+		why = "needs root (network namespaces, veth, TUN devices)"
+	} else if _, err := os.Stat("/dev/net/tun"); err != nil {
+		why = "needs /dev/net/tun: " + err.Error()
+	}
+	if why == "" {
+		return
+	}
+	if os.Getenv("TULLE_REQUIRE_ROOT_TESTS") == "1" {
+		t.Fatalf("%s, and TULLE_REQUIRE_ROOT_TESTS=1 forbids skipping", why)
+	}
+	t.Skipf("%s; skipped (run as root; TULLE_REQUIRE_ROOT_TESTS=1 makes this a failure)", why)
+}
+
+// inNetns runs fn on an OS thread inside ns. The thread stays locked and is
+// discarded with its goroutine, so no other goroutine ever runs in ns by
+// accident. Sockets, TUN devices and netlink handles fn makes live in ns.
+func inNetns(ns netns.NsHandle, fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		if err := netns.Set(ns); err != nil {
+			errc <- fmt.Errorf("enter netns: %w", err)
+			return
+		}
+		errc <- fn()
+	}()
+	return <-errc
+}
+
+// newNetns makes an anonymous network namespace (gone with its last
+// reference, so nothing can be left behind) with lo up and IPv6 off on new
+// links (no router solicitations in the TUN).
+func newNetns(t testing.TB) netns.NsHandle {
+	t.Helper()
+	var h netns.NsHandle
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		var err error
+		if h, err = netns.New(); err != nil {
+			errc <- fmt.Errorf("new netns: %w", err)
+			return
+		}
+		lo, err := netlink.LinkByName("lo")
+		if err == nil {
+			err = netlink.LinkSetUp(lo)
+		}
+		if err == nil {
+			err = os.WriteFile("/proc/sys/net/ipv6/conf/default/disable_ipv6", []byte("1"), 0o644)
+		}
+		errc <- err
+	}()
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	return h
+}
+
+// twoHosts is the smallest underlay: namespaces A and B joined by a veth,
+// A = 192.0.2.1/24, B = 192.0.2.2/24 and 192.0.2.3/24 (the second address
+// plays a stranger).
+type twoHosts struct {
+	prefix string
+	a, b   netns.NsHandle
+	vethA  string
+}
+
+var (
+	hostA    = netip.MustParseAddr("192.0.2.1")
+	hostB    = netip.MustParseAddr("192.0.2.2")
+	stranger = netip.MustParseAddr("192.0.2.3")
+	network  = netip.MustParsePrefix("198.18.0.0/16")
+	leaseA   = netip.MustParsePrefix("198.18.1.0/24")
+	leaseB   = netip.MustParsePrefix("198.18.2.0/24")
+	leaseC   = netip.MustParsePrefix("198.18.3.0/24") // nobody's, or another peer's
+)
+
+func newTwoHosts(t testing.TB) *twoHosts {
+	t.Helper()
+	requireRoot(t)
+	h := &twoHosts{prefix: fmt.Sprintf("tl%d", os.Getpid()%100000)}
+	h.a, h.b = newNetns(t), newNetns(t)
+	h.vethA = h.prefix + "va"
+	err := inNetns(h.a, func() error {
+		veth := &netlink.Veth{
+			LinkAttrs:     netlink.LinkAttrs{Name: h.vethA, MTU: 1500},
+			PeerName:      h.prefix + "vb",
+			PeerNamespace: netlink.NsFd(h.b),
+		}
+		if err := netlink.LinkAdd(veth); err != nil {
+			return fmt.Errorf("add veth: %w", err)
+		}
+		return setupLink(h.vethA, netip.PrefixFrom(hostA, 24))
+	})
+	if err == nil {
+		err = inNetns(h.b, func() error {
+			return setupLink(h.prefix+"vb", netip.PrefixFrom(hostB, 24), netip.PrefixFrom(stranger, 24))
+		})
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return h
+}
+
+func setupLink(name string, addrs ...netip.Prefix) error {
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		return err
+	}
+	for _, a := range addrs {
+		if err := netlink.AddrAdd(l, &netlink.Addr{IPNet: ipNet(a)}); err != nil {
+			return fmt.Errorf("%s: add %v: %w", name, a, err)
+		}
+	}
+	return netlink.LinkSetUp(l)
+}
+
+// logBuffer collects a backend's log; it is printed if the test fails.
+type logBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// startBackend makes a Backend in ns with lease own and public IP pub,
+// applies peers, runs it, and stops and closes it in Cleanup.
+func startBackend(t testing.TB, ns netns.NsHandle, name string, own netip.Prefix, pub netip.Addr, driver string, workers int, peers ...subnet.Event) *Backend {
+	t.Helper()
+	logs := &logBuffer{}
+	var b *Backend
+	err := inNetns(ns, func() error {
+		var err error
+		b, err = New(Options{
+			TunName:   name,
+			Driver:    driver,
+			Workers:   workers,
+			Port:      subnet.DefaultPort,
+			PublicIP:  pub,
+			MTU:       1500 - proto.EncapOverhead,
+			Network:   network,
+			SubnetLen: 24,
+			Lease:     subnet.Lease{Subnet: own, Attrs: subnet.LeaseAttrs{PublicIP: pub}},
+			Logger:    slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		})
+		return err
+	})
+	if err != nil {
+		t.Fatalf("New in %s: %v", name, err)
+	}
+	b.Apply(peers)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- b.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("Run of %s: %v", name, err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Errorf("Run of %s did not return within 10s of cancel", name)
+		}
+		if err := b.Close(); err != nil {
+			t.Errorf("Close of %s: %v", name, err)
+		}
+		if t.Failed() {
+			t.Logf("log of %s:\n%s", name, logs.String())
+		}
+	})
+	return b
+}
+
+func lease(s netip.Prefix, pub netip.Addr) subnet.Event {
+	return subnet.Event{Type: subnet.EventAdded, Lease: subnet.Lease{Subnet: s, Attrs: subnet.LeaseAttrs{PublicIP: pub}}}
+}
+
+// listenUDP opens a UDP socket on addr inside ns.
+func listenUDP(t testing.TB, ns netns.NsHandle, addr netip.AddrPort) *net.UDPConn {
+	t.Helper()
+	var c *net.UDPConn
+	err := inNetns(ns, func() error {
+		var err error
+		c, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(addr))
+		return err
+	})
+	if err != nil {
+		t.Fatalf("listen %v: %v", addr, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// readUDP reads one datagram or fails after timeout.
+func readUDP(t testing.TB, c *net.UDPConn, timeout time.Duration) ([]byte, netip.AddrPort) {
+	t.Helper()
+	buf := make([]byte, 70000)
+	c.SetReadDeadline(time.Now().Add(timeout))
+	n, from, err := c.ReadFromUDPAddrPort(buf)
+	if err != nil {
+		t.Fatalf("read on %v: %v", c.LocalAddr(), err)
+	}
+	return buf[:n], from
+}
+
+// expectNothing fails if c receives a datagram within d.
+func expectNothing(t testing.TB, c *net.UDPConn, d time.Duration) {
+	t.Helper()
+	buf := make([]byte, 70000)
+	c.SetReadDeadline(time.Now().Add(d))
+	n, from, err := c.ReadFromUDPAddrPort(buf)
+	if err == nil {
+		t.Fatalf("unexpected datagram of %d bytes from %v", n, from)
+	}
+	if !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatal(err)
+	}
+}
+
+// innerUDP builds an IPv4/UDP packet src -> dst with payload and TTL 64,
+// UDP checksum 0 (none).
+func innerUDP(src, dst netip.AddrPort, payload []byte) []byte {
+	size := 28 + len(payload)
+	b := make([]byte, size)
+	b[0] = 0x45
+	binary.BigEndian.PutUint16(b[2:], uint16(size))
+	b[8] = 64
+	b[9] = proto.ProtoUDP
+	s, d := src.Addr().As4(), dst.Addr().As4()
+	copy(b[12:], s[:])
+	copy(b[16:], d[:])
+	binary.BigEndian.PutUint16(b[10:], proto.IPv4HeaderChecksum(b[:20]))
+	binary.BigEndian.PutUint16(b[20:], src.Port())
+	binary.BigEndian.PutUint16(b[22:], dst.Port())
+	binary.BigEndian.PutUint16(b[24:], uint16(size-20))
+	copy(b[28:], payload)
+	return b
+}
+
+// dropped returns the drop counter of a direction and reason.
+func dropped(b *Backend, direction string, r dropReason) uint64 {
+	var sum uint64
+	for _, w := range b.workers {
+		s := w.rx.stats
+		if direction == "transmit" {
+			s = w.tx.stats
+		}
+		sum += s.drops[r].Load()
+	}
+	return sum
+}
+
+// waitFor polls cond every 10 ms until it holds or timeout passes.
+func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }

@@ -1,0 +1,305 @@
+package udp
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net/netip"
+	"sync"
+	"testing"
+
+	"github.com/tulle-net/tulle/proto"
+	"github.com/tulle-net/tulle/subnet"
+)
+
+// newPureBackend builds a Backend with its control side, route table, loops
+// and counters but no device and no sockets, for tests of the pure parts.
+func newPureBackend(t testing.TB, network string, subnetLen int, own string, workers int) *Backend {
+	t.Helper()
+	opts := Options{
+		Network:   netip.MustParsePrefix(network),
+		SubnetLen: subnetLen,
+		Lease:     subnet.Lease{Subnet: netip.MustParsePrefix(own)},
+		PublicIP:  netip.MustParseAddr("192.0.2.1"),
+		MTU:       1400,
+		Workers:   workers,
+		Logger:    slog.New(slog.NewTextHandler(io.Discard, nil)),
+	}
+	if err := checkOptions(&opts); err != nil {
+		t.Fatal(err)
+	}
+	b := &Backend{opts: opts, log: opts.Logger}
+	b.prober = &mtuProber{b: b, fd: -1, wake: make(chan struct{}, 1)}
+	b.ctl.init()
+	b.table.Store(newTable(opts.Network, opts.SubnetLen, opts.Lease.Subnet, nil))
+	maxPeers := 1 << (opts.SubnetLen - opts.Network.Bits())
+	for i := range workers {
+		w := &worker{id: i, b: b}
+		w.tx.init(w, 128, opts.MTU, 64, maxPeers)
+		w.rx.init(w, maxPeers)
+		b.workers = append(b.workers, w)
+		b.stats = append(b.stats, w.tx.stats, w.rx.stats)
+	}
+	return b
+}
+
+func added(subnetStr, public string) subnet.Event {
+	return subnet.Event{Type: subnet.EventAdded, Lease: subnet.Lease{
+		Subnet: netip.MustParsePrefix(subnetStr),
+		Attrs:  subnet.LeaseAttrs{PublicIP: netip.MustParseAddr(public)},
+	}}
+}
+
+func removed(subnetStr, public string) subnet.Event {
+	ev := added(subnetStr, public)
+	ev.Type = subnet.EventRemoved
+	return ev
+}
+
+func addr32(s string) uint32 {
+	v, ok := proto.AddrUint32(netip.MustParseAddr(s))
+	if !ok {
+		panic(s)
+	}
+	return v
+}
+
+func TestLookupFindsTheLeaseHolderOfADestination(t *testing.T) {
+	b := newPureBackend(t, "198.18.0.0/16", 24, "198.18.1.0/24", 1)
+	b.Apply([]subnet.Event{
+		added("198.18.1.0/24", "192.0.2.1"), // own lease: not a peer
+		added("198.18.2.0/24", "192.0.2.2"),
+		added("198.18.255.0/24", "192.0.2.3"),
+	})
+	tb := b.table.Load()
+	if tb.count != 2 {
+		t.Fatalf("peers = %d, want 2", tb.count)
+	}
+	cases := map[string]string{
+		"198.18.2.0":      "192.0.2.2:8285",
+		"198.18.2.77":     "192.0.2.2:8285",
+		"198.18.2.255":    "192.0.2.2:8285",
+		"198.18.255.255":  "192.0.2.3:8285",
+		"198.18.1.5":      "", // own lease
+		"198.18.3.1":      "", // nobody's
+		"198.19.0.1":      "", // above the network
+		"198.17.255.255":  "", // below the network
+		"0.0.0.0":         "",
+		"255.255.255.255": "",
+	}
+	for dst, want := range cases {
+		p := tb.lookup(addr32(dst))
+		got := ""
+		if p != nil {
+			got = p.addr.String()
+		}
+		if got != want {
+			t.Errorf("lookup(%s) = %q, want %q", dst, got, want)
+		}
+	}
+	if !tb.isOwn(addr32("198.18.1.9")) || tb.isOwn(addr32("198.18.2.9")) {
+		t.Error("isOwn wrong")
+	}
+	if !tb.isSender(addr32("192.0.2.3")) || tb.isSender(addr32("192.0.2.1")) || tb.isSender(addr32("192.0.2.9")) {
+		t.Error("isSender wrong")
+	}
+}
+
+func TestLookupAgreesWithPrefixContainsOnRandomNetworks(t *testing.T) {
+	r := rand.New(rand.NewPCG(7, 8))
+	for round := 0; round < 200; round++ {
+		bits := 8 + r.IntN(21)                             // /8 .. /28
+		subnetLen := bits + 2 + r.IntN(min(31-bits-1, 12)) // at most 4096 subnets per round
+		subnetLen = min(subnetLen, 30)
+		network := netip.PrefixFrom(proto.Uint32Addr(r.Uint32()), bits).Masked()
+		net32, _ := proto.AddrUint32(network.Addr())
+		nSubnets := 1 << (subnetLen - bits)
+		own := netip.PrefixFrom(proto.Uint32Addr(net32+uint32(r.IntN(nSubnets))<<(32-subnetLen)), subnetLen)
+		b := newPureBackend(t, network.String(), subnetLen, own.String(), 1)
+		var evs []subnet.Event
+		leases := map[netip.Prefix]string{}
+		for i := 0; i < 20; i++ {
+			s := netip.PrefixFrom(proto.Uint32Addr(net32+uint32(r.IntN(nSubnets))<<(32-subnetLen)), subnetLen)
+			pub := fmt.Sprintf("198.51.100.%d", i+1)
+			evs = append(evs, added(s.String(), pub))
+			if s != own {
+				leases[s] = pub
+			}
+		}
+		b.Apply(evs)
+		tb := b.table.Load()
+		for i := 0; i < 500; i++ {
+			var a uint32
+			if i%2 == 0 {
+				a = net32 + uint32(r.IntN(1<<(32-bits)))
+			} else {
+				a = r.Uint32()
+			}
+			want := ""
+			for s, pub := range leases {
+				if s.Contains(proto.Uint32Addr(a)) {
+					want = pub
+				}
+			}
+			got := ""
+			if p := tb.lookup(a); p != nil {
+				got = p.addr.Addr().String()
+			}
+			if got != want {
+				t.Fatalf("network %v /%d: lookup(%v) = %q, want %q", network, subnetLen, proto.Uint32Addr(a), got, want)
+			}
+		}
+	}
+}
+
+func TestApplyKeepsPeerOnRenewalAndReplacesItOnNewPublicIP(t *testing.T) {
+	b := newPureBackend(t, "198.18.0.0/16", 24, "198.18.1.0/24", 1)
+	b.Apply([]subnet.Event{added("198.18.2.0/24", "192.0.2.2")})
+	p1 := b.table.Load().lookup(addr32("198.18.2.1"))
+	p1.innerMTU.Store(1200)
+	b.Apply([]subnet.Event{added("198.18.2.0/24", "192.0.2.2")}) // renewal
+	if p := b.table.Load().lookup(addr32("198.18.2.1")); p != p1 || p.innerMTU.Load() != 1200 {
+		t.Fatal("renewal replaced the peer or lost its path MTU")
+	}
+	b.Apply([]subnet.Event{added("198.18.2.0/24", "192.0.2.9")})
+	p2 := b.table.Load().lookup(addr32("198.18.2.1"))
+	if p2 == p1 || p2.addr.Addr() != netip.MustParseAddr("192.0.2.9") {
+		t.Fatalf("new public IP not applied: %v", p2.addr)
+	}
+	b.Apply([]subnet.Event{removed("198.18.2.0/24", "192.0.2.9")})
+	if p := b.table.Load().lookup(addr32("198.18.2.1")); p != nil || b.table.Load().count != 0 {
+		t.Fatal("removed lease still routed")
+	}
+}
+
+func TestApplyIgnoresLeasesThatDoNotFit(t *testing.T) {
+	b := newPureBackend(t, "198.18.0.0/16", 24, "198.18.1.0/24", 1)
+	b.Apply([]subnet.Event{
+		added("198.19.2.0/24", "192.0.2.2"),   // outside the network
+		added("198.18.4.0/25", "192.0.2.3"),   // wrong length
+		added("198.18.5.0/24", "2001:db8::1"), // no IPv4 public IP
+		added("198.18.6.0/24", "192.0.2.1"),   // our own public IP
+		added("198.18.7.0/24", "192.0.2.7"),   // fine
+	})
+	if n := b.table.Load().count; n != 1 {
+		t.Fatalf("peers = %d, want 1", n)
+	}
+}
+
+func TestCounterIndexIsReusedWithZeroedCounters(t *testing.T) {
+	b := newPureBackend(t, "198.18.0.0/16", 24, "198.18.1.0/24", 1)
+	b.Apply([]subnet.Event{added("198.18.2.0/24", "192.0.2.2")})
+	p := b.table.Load().lookup(addr32("198.18.2.1"))
+	b.workers[0].tx.stats.peer(p.index).packets.Add(5)
+	b.Apply([]subnet.Event{removed("198.18.2.0/24", "192.0.2.2"), added("198.18.3.0/24", "192.0.2.3")})
+	q := b.table.Load().lookup(addr32("198.18.3.1"))
+	if q.index != p.index {
+		t.Fatalf("index not reused: %d vs %d", q.index, p.index)
+	}
+	if got := b.workers[0].tx.stats.peer(q.index).packets.Load(); got != 0 {
+		t.Fatalf("reused index starts at %d packets, want 0", got)
+	}
+}
+
+// TestTableSwapUnderConcurrentApplyIsRaceFree runs lookups (as workers do,
+// once per batch) while Apply rebuilds the table; run with -race.
+func TestTableSwapUnderConcurrentApplyIsRaceFree(t *testing.T) {
+	b := newPureBackend(t, "198.18.0.0/16", 24, "198.18.1.0/24", 2)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for range 2 {
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				tb := b.table.Load()
+				for i := uint32(0); i < 256; i++ {
+					if p := tb.lookup(addr32("198.18.0.0") + i<<8 + 1); p != nil {
+						_ = p.addr
+						_ = p.innerMTU.Load()
+						b.workers[0].tx.stats.peer(p.index).packets.Add(1)
+					}
+				}
+			}
+		})
+	}
+	go func() {
+		// A scraper, concurrently.
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+				_ = collectText(t, b)
+			}
+		}
+	}()
+	for i := 0; i < 300; i++ {
+		s := fmt.Sprintf("198.18.%d.0/24", 2+i%200)
+		pub := fmt.Sprintf("198.51.100.%d", 1+i%250)
+		if i%3 == 2 {
+			b.Apply([]subnet.Event{removed(s, pub)})
+		} else {
+			b.Apply([]subnet.Event{added(s, pub)})
+		}
+	}
+	close(stop)
+	wg.Wait()
+}
+
+// benchTable builds a /8 network in /24s with n leases.
+func benchTable(b *testing.B, n int) *table {
+	be := newPureBackend(b, "198.0.0.0/8", 24, "198.0.0.0/24", 1)
+	evs := make([]subnet.Event, 0, n)
+	for i := 1; i <= n; i++ {
+		s := netip.PrefixFrom(proto.Uint32Addr(addr32("198.0.0.0")+uint32(i%65536)<<8), 24)
+		evs = append(evs, subnet.Event{Type: subnet.EventAdded, Lease: subnet.Lease{
+			Subnet: s, Attrs: subnet.LeaseAttrs{PublicIP: proto.Uint32Addr(addr32("198.51.0.0") + uint32(i))},
+		}})
+	}
+	be.Apply(evs)
+	tb := be.table.Load()
+	if tb.count != min(n, 65535) {
+		b.Fatalf("table has %d peers, want %d", tb.count, n)
+	}
+	return tb
+}
+
+// BenchmarkLookup shows O(1): the same ns/op at 16 leases (15 peers + ours) and at 65,536 (a
+// /8 in /24s), 0 allocs. "same15" looks up the addresses of 16 peers in both
+// tables (the algorithm); "spread" spreads lookups over every lease (adds
+// the cache misses of a 256 KiB slot array).
+func BenchmarkLookup(b *testing.B) {
+	for _, n := range []int{15, 65535} { // peers; plus our own lease
+		tb := benchTable(b, n)
+		for _, pattern := range []string{"same15", "spread"} {
+			dsts := make([]uint32, 4096)
+			r := rand.New(rand.NewPCG(1, uint64(n)))
+			for i := range dsts {
+				k := 1 + r.IntN(15)
+				if pattern == "spread" {
+					k = 1 + r.IntN(n)
+				}
+				dsts[i] = addr32("198.0.0.0") + uint32(k)<<8 + uint32(r.IntN(256))
+			}
+			b.Run(fmt.Sprintf("leases=%d/%s", n+1, pattern), func(b *testing.B) {
+				b.ReportAllocs()
+				var hits int
+				i := 0
+				for b.Loop() {
+					if tb.lookup(dsts[i&4095]) != nil {
+						hits++
+					}
+					i++
+				}
+				if hits == 0 {
+					b.Fatal("no hits")
+				}
+			})
+		}
+	}
+}

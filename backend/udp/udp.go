@@ -1,0 +1,298 @@
+// Package udp is Tulle's data plane, wire-compatible with flannel's udp
+// backend: IPv4 packets routed into the TUN device are sent, bare, as the
+// payload of a UDP datagram to port Options.Port of the host that holds the
+// lease of their destination; datagrams received on that port are checked
+// and written into the TUN device.
+//
+// Guarantees:
+//   - Trust: a datagram is accepted only from the PublicIP of a current
+//     lease, only if its inner source lies in that lease and its inner
+//     destination in ours; the sender's source port does not matter.
+//     Everything else is dropped and counted by reason.
+//   - Never truncate: receive buffers hold the largest datagram (64 KiB);
+//     what does not fit is dropped and counted.
+//   - TTL: decremented on send and on receive, as flannel does; a packet
+//     whose TTL would reach 0 is dropped.
+//   - PMTU: a DF packet larger than the path to its peer carries (the path
+//     MTU less 28, learned from the kernel on the slow path) is answered with
+//     ICMP "fragmentation needed" written back into the TUN.
+//   - Steady state: no allocation, logging or map lookup per packet. The
+//     route table is immutable, swapped by Apply, loaded once per batch;
+//     lookups are O(1). Counters are per-loop atomics added once per batch
+//     (or run of packets for one peer) and summed at scrape time.
+//
+// Each worker owns one TUN queue and one UDP socket (SO_REUSEPORT, bound to
+// 0.0.0.0:Port) and runs two loops: TX (TUN -> UDP) and RX (UDP -> TUN).
+package udp
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"runtime"
+	"sync"
+	"sync/atomic"
+
+	"github.com/tulle-net/tulle/backend"
+	"github.com/tulle-net/tulle/backend/tundev"
+	"github.com/tulle-net/tulle/backend/udpconn"
+	"github.com/tulle-net/tulle/proto"
+	"github.com/tulle-net/tulle/subnet"
+)
+
+// Options configure New.
+type Options struct {
+	TunName   string       // default "tulle0"
+	Driver    string       // "offload" (default) or "water"
+	Workers   int          // 0 = runtime.NumCPU()
+	Port      int          // UDP port to listen on and send to (Backend.Port); 0 = 8285
+	PublicIP  netip.Addr   // our underlay address (the lease's PublicIP); sockets bind 0.0.0.0:Port
+	MTU       int          // TUN MTU = underlay MTU - 28 (the daemon computes it)
+	Network   netip.Prefix // overlay network: route "<Network> dev tun"
+	SubnetLen int          // length of every lease in Network
+	Lease     subnet.Lease // our own lease
+	Logger    *slog.Logger // nil = slog.Default()
+}
+
+// Defaults and limits.
+const (
+	DefaultTunName = "tulle0"
+	// maxSubnets bounds the dense route table (8 bytes per subnet): a /8 in
+	// /30s, 32 MiB per table.
+	maxSubnets = 1 << 22
+	// rxMessages is the number of datagrams (GRO trains) one receive batch
+	// takes; each buffer holds 64 KiB.
+	rxMessages = 16
+	// tunWriteBatch is the number of packets written to the TUN at once;
+	// each buffer has 64 KiB of capacity so the offload driver can coalesce.
+	tunWriteBatch = 64
+	// socketBuffer is the receive and send buffer of each socket.
+	socketBuffer = 8 << 20
+)
+
+// Backend is the UDP data plane. It implements backend.Backend.
+type Backend struct {
+	opts    Options
+	log     *slog.Logger
+	dev     *tundev.Device
+	link    linkHandle
+	tunAddr [4]byte // <lease .0>, the TUN's address
+
+	table   atomic.Pointer[table]
+	ctl     control
+	workers []*worker
+	stats   []*loopStats // every loop's counters (TX and RX of each worker)
+
+	prober *mtuProber
+
+	running  atomic.Bool
+	stopping atomic.Bool
+	dead     atomic.Bool
+
+	closeIOOnce sync.Once
+	closeOnce   sync.Once
+	closeErr    error
+}
+
+var _ backend.Backend = (*Backend)(nil)
+
+// New creates the TUN device (named opts.TunName, MTU opts.MTU, address
+// <lease .0>/32, link up, route <Network> dev tun), one UDP socket per
+// worker bound to 0.0.0.0:Port, and all buffers. It operates in the network
+// namespace of the calling thread. On error everything it made is removed.
+func New(opts Options) (*Backend, error) {
+	if err := checkOptions(&opts); err != nil {
+		return nil, err
+	}
+	b := &Backend{opts: opts, log: opts.Logger}
+	b.tunAddr = opts.Lease.Subnet.Addr().As4()
+	ok := false
+	defer func() {
+		if !ok {
+			b.closeIO()
+			b.removeDevice()
+		}
+	}()
+
+	dev, err := tundev.Open(tundev.Options{
+		Name: opts.TunName, MTU: opts.MTU, Queues: opts.Workers, Driver: opts.Driver, Logger: opts.Logger,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("create tun device %s: %w", opts.TunName, err)
+	}
+	b.dev = dev
+	if b.link, err = setupDevice(dev.Name(), opts); err != nil {
+		return nil, err
+	}
+	if err := checkPortFree(opts.Port); err != nil {
+		return nil, err
+	}
+	if b.prober, err = newMTUProber(b); err != nil {
+		return nil, err
+	}
+
+	maxPeers := 1 << (opts.SubnetLen - opts.Network.Bits())
+	b.ctl.init()
+	b.table.Store(newTable(opts.Network, opts.SubnetLen, opts.Lease.Subnet, nil))
+	for i, q := range dev.Queues() {
+		conn, err := udpconn.Listen(netip.AddrPortFrom(netip.IPv4Unspecified(), uint16(opts.Port)), udpconn.Options{
+			ReusePort:  true,
+			RecvBuffer: socketBuffer,
+			SendBuffer: socketBuffer,
+			BatchSize:  max(q.BatchSize(), rxMessages),
+			Logger:     opts.Logger,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("worker %d: %w", i, err)
+		}
+		w := newWorker(b, i, q, conn, maxPeers)
+		b.workers = append(b.workers, w)
+		b.stats = append(b.stats, w.tx.stats, w.rx.stats)
+	}
+	b.log.Info("data plane ready", "device", dev.Name(), "driver", dev.Driver(), "offload", dev.Offload(),
+		"udp_offload", dev.UDPOffload(), "workers", len(b.workers), "mtu", opts.MTU,
+		"network", opts.Network, "lease", opts.Lease.Subnet, "port", opts.Port,
+		"gso", b.workers[0].conn.GSO(), "gro", b.workers[0].conn.GRO(),
+		"gso_max_segments", b.workers[0].conn.MaxSegments())
+	ok = true
+	return b, nil
+}
+
+// checkOptions validates opts and fills in the defaults.
+func checkOptions(o *Options) error {
+	if o.TunName == "" {
+		o.TunName = DefaultTunName
+	}
+	if o.Driver == "" {
+		o.Driver = tundev.DriverOffload
+	}
+	if o.Workers <= 0 {
+		o.Workers = runtime.NumCPU()
+	}
+	o.Workers = min(o.Workers, tundev.MaxQueues)
+	if o.Port == 0 {
+		o.Port = subnet.DefaultPort
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.Port < 1 || o.Port > 65535 {
+		return fmt.Errorf("udp backend: port %d: must be between 1 and 65535", o.Port)
+	}
+	if o.MTU < 68 || o.MTU > 65535-proto.EncapOverhead {
+		return fmt.Errorf("udp backend: MTU %d: must be between 68 and %d", o.MTU, 65535-proto.EncapOverhead)
+	}
+	if !o.Network.IsValid() || !o.Network.Addr().Is4() || o.Network != o.Network.Masked() {
+		return fmt.Errorf("udp backend: network %v: must be an IPv4 prefix with no host bits", o.Network)
+	}
+	if o.SubnetLen <= o.Network.Bits() || o.SubnetLen > 32 {
+		return fmt.Errorf("udp backend: SubnetLen %d: must be longer than the network's /%d and at most 32", o.SubnetLen, o.Network.Bits())
+	}
+	if n := 1 << (o.SubnetLen - o.Network.Bits()); o.SubnetLen-o.Network.Bits() > 22 {
+		return fmt.Errorf("udp backend: network %v in /%d subnets: more than %d subnets (%d) are not supported", o.Network, o.SubnetLen, maxSubnets, n)
+	}
+	l := o.Lease.Subnet
+	if !l.IsValid() || !l.Addr().Is4() || l.Bits() != o.SubnetLen || l != l.Masked() || !o.Network.Contains(l.Addr()) {
+		return fmt.Errorf("udp backend: own lease %v: must be a /%d subnet of %v", l, o.SubnetLen, o.Network)
+	}
+	if o.PublicIP.IsValid() && !o.PublicIP.Unmap().Is4() {
+		return fmt.Errorf("udp backend: public IP %v: must be IPv4", o.PublicIP)
+	}
+	o.PublicIP = o.PublicIP.Unmap()
+	return nil
+}
+
+// Run moves packets until ctx is done (then it returns nil) or a worker
+// fails (then Alive turns false and Run returns the worker's error). It
+// also returns, with nil, when Close stopped the loops. On return the
+// sockets and TUN queues are closed; Close removes what is left. Run may be
+// called once.
+func (b *Backend) Run(ctx context.Context) error {
+	if !b.running.CompareAndSwap(false, true) {
+		return errors.New("udp backend: Run called twice")
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var (
+		loops    sync.WaitGroup
+		errOnce  sync.Once
+		firstErr error
+	)
+	fail := func(err error) {
+		errOnce.Do(func() {
+			firstErr = err
+			b.dead.Store(true)
+			b.log.Error("data plane worker failed", "error", err)
+		})
+		cancel()
+	}
+	for _, w := range b.workers {
+		loops.Go(func() {
+			if err := w.runTX(); err != nil {
+				fail(err)
+			}
+		})
+		loops.Go(func() {
+			if err := w.runRX(); err != nil {
+				fail(err)
+			}
+		})
+	}
+	var prober sync.WaitGroup
+	prober.Go(func() { b.prober.run(ctx) })
+	loopsDone := make(chan struct{})
+	go func() {
+		loops.Wait()
+		close(loopsDone)
+	}()
+
+	select {
+	case <-ctx.Done():
+	case <-loopsDone: // closed under us by Close
+	}
+	b.closeIO() // unblocks every loop
+	<-loopsDone
+	cancel()
+	prober.Wait()
+	return firstErr
+}
+
+// Alive reports whether every worker is running (or has not started): false
+// once one has failed. For the daemon's watchdog and /healthz.
+func (b *Backend) Alive() bool { return !b.dead.Load() }
+
+// closeIO closes the sockets and the TUN queues, which unblocks the loops;
+// they then see stopping set and return nil.
+func (b *Backend) closeIO() {
+	b.closeIOOnce.Do(func() {
+		b.stopping.Store(true)
+		for _, w := range b.workers {
+			if err := w.conn.Close(); err != nil {
+				b.log.Warn("close UDP socket", "worker", w.id, "error", err)
+			}
+		}
+		if b.dev != nil {
+			if err := b.dev.Close(); err != nil {
+				b.log.Warn("close tun device", "device", b.dev.Name(), "error", err)
+			}
+		}
+		if b.prober != nil {
+			b.prober.close()
+		}
+	})
+}
+
+// Close stops the data plane's I/O and removes the TUN device (with its
+// address and route). Safe to call more than once, before or after Run.
+func (b *Backend) Close() error {
+	b.closeOnce.Do(func() {
+		b.closeIO()
+		b.closeErr = b.removeDevice()
+		if b.closeErr == nil && b.dev != nil {
+			b.log.Info("data plane closed", "device", b.dev.Name())
+		}
+	})
+	return b.closeErr
+}
