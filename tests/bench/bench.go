@@ -1,0 +1,499 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/tulle-net/tulle/tests/testbed"
+)
+
+// endpoint is one end of the measured traffic: a namespace and the address
+// the other end reaches it at.
+type endpoint struct {
+	Name string     `json:"name"` // "h1", "c2", "x2"
+	NS   string     `json:"netns"`
+	Addr netip.Addr `json:"addr"`
+}
+
+// session is one mode set up for one repetition.
+type session struct {
+	client, server endpoint
+	daemons        []*testbed.Tulled // the tulleds of a Tulle mode
+	reachTimeout   time.Duration
+}
+
+// Sample is everything measured in one mode in one repetition.
+type Sample struct {
+	Mode    string        `json:"mode"`
+	Rep     int           `json:"rep"`   // 1-based
+	Order   int           `json:"order"` // position of the mode within its repetition, 1-based
+	Start   time.Time     `json:"start"`
+	Client  endpoint      `json:"client"`
+	Server  endpoint      `json:"server"`
+	Ping    *pingResult   `json:"ping,omitempty"`
+	TCP     []tcpRun      `json:"tcp,omitempty"`
+	Daemons []daemonStat  `json:"daemons,omitempty"`
+	Elapsed time.Duration `json:"elapsed_ns"`
+	Errors  []string      `json:"errors,omitempty"`
+}
+
+// tcpRun is one iperf3 run with the daemons' CPU time during it.
+type tcpRun struct {
+	iperfResult
+	Gbit float64 `json:"gbit_per_second"`
+	// DaemonCPUSeconds is the CPU time of each tulled (in host order) during
+	// the run, ramp-up included; empty for the kernel modes.
+	DaemonCPUSeconds []float64 `json:"daemon_cpu_seconds,omitempty"`
+	// CPUSecondsPerGB is the sum of DaemonCPUSeconds per 10^9 bytes of
+	// payload moved (AllBytes); NaN-free: 0 when not measured.
+	CPUSecondsPerGB float64 `json:"daemon_cpu_seconds_per_gb,omitempty"`
+	Error           string  `json:"error,omitempty"`
+}
+
+// daemonStat is what /proc says of one tulled at the end of its run.
+type daemonStat struct {
+	Host         string  `json:"host"`
+	PID          int     `json:"pid"`
+	PeakRSSBytes int64   `json:"peak_rss_bytes"`
+	CPUSeconds   float64 `json:"cpu_seconds"` // its whole life, start-up included
+	// Drops are tulle_dropped_packets_total by "direction/reason", the
+	// non-zero ones; a benchmark should drop nothing.
+	Drops map[string]float64 `json:"drops,omitempty"`
+	// Metrics is the file (in the results folder) holding its last /metrics.
+	Metrics string `json:"metrics_file,omitempty"`
+}
+
+// bench is one benchmark run.
+type bench struct {
+	cfg   Config
+	w     io.Writer
+	start time.Time
+
+	bed    *testbed.Bed
+	cl     cleanups
+	vx     *vxlanNet
+	report Report
+	mu     sync.Mutex // serialises progress output
+}
+
+func newBench(cfg Config, w io.Writer) *bench {
+	b := &bench{cfg: cfg, w: w, start: time.Now()}
+	b.report = Report{Benchmark: "tulle-throughput", Started: b.start, Config: cfg}
+	return b
+}
+
+// logf prints one progress line, stamped with the time since the start.
+func (b *bench) logf(format string, args ...any) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	fmt.Fprintf(b.w, "[%6.1fs] %s\n", time.Since(b.start).Seconds(), fmt.Sprintf(format, args...))
+}
+
+// failed reports whether any measurement failed.
+func (b *bench) failed() bool {
+	if len(b.report.Errors) > 0 {
+		return true
+	}
+	for _, s := range b.report.Samples {
+		if len(s.Errors) > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+func (b *bench) hasTulle() bool {
+	return contains(b.cfg.Modes, modeTulleOffload) || contains(b.cfg.Modes, modeTulleWater)
+}
+
+// run builds the testbed, measures every mode cfg.Reps times, then prints
+// the table and writes the results. Measurement failures are recorded in
+// the samples and the run goes on; set-up failures end it. Results measured
+// so far are written in every case.
+func (b *bench) run(ctx context.Context) (err error) {
+	defer func() {
+		b.report.Finished = time.Now()
+		b.report.Complete = err == nil && !b.failed()
+		if err != nil {
+			b.report.Errors = append(b.report.Errors, err.Error())
+		}
+		if len(b.report.Samples) > 0 {
+			b.report.Summary = summarizeModes(b.cfg, b.report.Samples)
+			if !b.cfg.Smoke {
+				b.report.Targets = evaluateTargets(b.report.Summary)
+			}
+			b.mu.Lock()
+			printTable(b.w, b.cfg, b.report)
+			b.mu.Unlock()
+		}
+		if werr := b.writeResults(); werr != nil {
+			err = errors.Join(err, werr)
+		}
+	}()
+
+	if err := os.MkdirAll(b.cfg.Out, 0o755); err != nil {
+		return fmt.Errorf("results folder: %w", err)
+	}
+	b.logf("bench: modes %s, %d repetition(s), path %s; iperf3 %ds (+%ds ramp-up) with 1 and %d streams, %d pings; about %v",
+		strings.Join(b.cfg.Modes, ", "), b.cfg.Reps, b.cfg.Path, b.cfg.Duration, b.cfg.Omit, b.cfg.Streams, b.cfg.Pings,
+		b.estimate().Round(10*time.Second))
+	b.report.Env = collectEnv(ctx)
+
+	if b.hasTulle() {
+		b.logf("building tulled")
+		bin, err := testbed.BuildTulled(ctx)
+		if err != nil {
+			return err
+		}
+		b.report.Env.Tulled = tulledVersion(ctx, bin)
+	}
+	b.logf("building the testbed (2 hosts, etcd)")
+	opts := testbed.Options{Hosts: 2, NoEtcd: !b.hasTulle()}
+	if b.cfg.Verbose {
+		opts.Logf = func(f string, a ...any) { b.logf(f, a...) }
+	}
+	bed, err := testbed.New(ctx, opts)
+	if err != nil {
+		return err
+	}
+	b.bed = bed
+	if b.hasTulle() {
+		if err := bed.WriteNetworkConfig(ctx, testbed.DefaultNetworkConfig); err != nil {
+			return err
+		}
+	}
+	if contains(b.cfg.Modes, modeVXLAN) {
+		vx, err := setupVXLAN(ctx, bed, []*testbed.Host{bed.Host(1), bed.Host(2)}, &b.cl)
+		if err != nil {
+			return err
+		}
+		b.vx = vx
+		b.logf("kernel VXLAN set up: VNI %d, port %d, MTU %d, overlay 198.19.0.0/16", vxlanVNI, vxlanPort, vx.Hosts[0].MTU)
+	}
+
+	for rep := 0; rep < b.cfg.Reps; rep++ {
+		n := len(b.cfg.Modes)
+		for k := 0; k < n; k++ {
+			mode := b.cfg.Modes[(rep+k)%n] // rotate, so no mode always runs first
+			s := b.measureMode(ctx, mode, rep+1, k+1)
+			b.report.Samples = append(b.report.Samples, s)
+			if ctx.Err() != nil {
+				return fmt.Errorf("stopped in %s, repetition %d: %w", mode, rep+1, ctx.Err())
+			}
+		}
+	}
+	return nil
+}
+
+// estimate is the expected length of the run.
+func (b *bench) estimate() time.Duration {
+	per := 3*b.cfg.Settle + time.Duration(b.cfg.Pings)*b.cfg.PingInterval +
+		2*time.Duration(b.cfg.Duration+b.cfg.Omit)*time.Second + 2*time.Second
+	total := time.Duration(b.cfg.Reps*len(b.cfg.Modes)) * per
+	if b.hasTulle() {
+		total += time.Duration(b.cfg.Reps) * 2 * 3 * time.Second // tulled start and stop
+	}
+	return total + 10*time.Second
+}
+
+// measureMode sets the mode up, measures it and tears it down.
+func (b *bench) measureMode(ctx context.Context, mode string, rep, order int) Sample {
+	s := Sample{Mode: mode, Rep: rep, Order: order, Start: time.Now()}
+	fail := func(err error) { s.Errors = append(s.Errors, err.Error()) }
+
+	sess, err := b.begin(ctx, mode)
+	if err != nil {
+		fail(err)
+		s.Elapsed = time.Since(s.Start)
+		b.logf("rep %d/%d %-13s set-up failed: %v", rep, b.cfg.Reps, mode, err)
+		return s
+	}
+	s.Client, s.Server = sess.client, sess.server
+	b.measure(ctx, sess, &s, fail)
+	if err := b.end(sess, &s); err != nil {
+		fail(err)
+		b.logf("rep %d/%d %-13s tear-down: %v", rep, b.cfg.Reps, mode, err)
+	}
+	s.Elapsed = time.Since(s.Start)
+	b.logf("rep %d/%d %-13s %s", rep, b.cfg.Reps, mode, progressLine(s))
+	return s
+}
+
+// measure runs the ping and the two iperf3 tests of one session.
+func (b *bench) measure(ctx context.Context, sess *session, s *Sample, fail func(error)) {
+	srv, err := startIperfServer(ctx, sess.server.NS)
+	if err != nil {
+		fail(err)
+		return
+	}
+	defer srv.stop()
+	if err := waitReachable(ctx, sess.client.NS, sess.server.Addr, sess.reachTimeout); err != nil {
+		fail(fmt.Errorf("%s: %w", s.Mode, err))
+		return
+	}
+	if sleepCtx(ctx, b.cfg.Settle) != nil {
+		return
+	}
+	if p, err := runPing(ctx, sess.client.NS, sess.server.Addr, b.cfg.Pings, b.cfg.PingInterval); err != nil {
+		fail(err)
+	} else {
+		s.Ping = &p
+	}
+	for _, streams := range []int{1, b.cfg.Streams} {
+		if sleepCtx(ctx, b.cfg.Settle) != nil {
+			return
+		}
+		run := b.measureTCP(ctx, sess, streams)
+		if run.Error != "" {
+			fail(errors.New(run.Error))
+		}
+		s.TCP = append(s.TCP, run)
+		if ctx.Err() != nil {
+			return
+		}
+	}
+}
+
+// measureTCP runs iperf3 with the given streams and samples the daemons'
+// CPU time around it.
+func (b *bench) measureTCP(ctx context.Context, sess *session, streams int) tcpRun {
+	before := make([]time.Duration, len(sess.daemons))
+	for i, t := range sess.daemons {
+		before[i], _ = processCPU(t.Pid())
+	}
+	res, _, err := runIperf(ctx, iperfSpec{
+		ClientNS: sess.client.NS, Server: sess.server.Addr, Streams: streams,
+		Duration: b.cfg.Duration, Omit: b.cfg.Omit,
+	})
+	run := tcpRun{iperfResult: res, Gbit: res.Gbps()}
+	run.Streams = streams
+	if err != nil {
+		run.Error = err.Error()
+		return run
+	}
+	var total float64
+	for i, t := range sess.daemons {
+		after, cerr := processCPU(t.Pid())
+		if cerr != nil {
+			run.Error = fmt.Sprintf("tulled on %s: %v (did it exit?)", t.Host.Name, cerr)
+			return run
+		}
+		secs := (after - before[i]).Seconds()
+		run.DaemonCPUSeconds = append(run.DaemonCPUSeconds, secs)
+		total += secs
+	}
+	if len(sess.daemons) > 0 && res.AllBytes > 0 {
+		run.CPUSecondsPerGB = total / (float64(res.AllBytes) / 1e9)
+	}
+	return run
+}
+
+// begin sets a mode up for one repetition.
+func (b *bench) begin(ctx context.Context, mode string) (*session, error) {
+	h1, h2 := b.bed.Host(1), b.bed.Host(2)
+	switch mode {
+	case modeUnderlay:
+		return &session{
+			client:       endpoint{h1.Name, h1.NS, h1.Addr},
+			server:       endpoint{h2.Name, h2.NS, h2.Addr},
+			reachTimeout: 5 * time.Second,
+		}, nil
+	case modeVXLAN:
+		x1, x2 := b.vx.Hosts[0], b.vx.Hosts[1]
+		if b.cfg.Path == pathHost {
+			return &session{
+				client:       endpoint{h1.Name, h1.NS, x1.DevAddr},
+				server:       endpoint{h2.Name, h2.NS, x2.Gateway},
+				reachTimeout: 5 * time.Second,
+			}, nil
+		}
+		return &session{
+			client:       endpoint{fmt.Sprintf("x%d", h1.Index), x1.NS, x1.Container},
+			server:       endpoint{fmt.Sprintf("x%d", h2.Index), x2.NS, x2.Container},
+			reachTimeout: 5 * time.Second,
+		}, nil
+	case modeTulleOffload, modeTulleWater:
+		driver := strings.TrimPrefix(mode, "tulle-")
+		args := append([]string{"--tun-driver", driver}, b.cfg.TulledArgs...)
+		sess := &session{reachTimeout: 15 * time.Second}
+		err := b.bed.StartAll(ctx, args...)
+		for _, h := range []*testbed.Host{h1, h2} {
+			if t := h.Tulled(); t != nil && !isExited(t) {
+				sess.daemons = append(sess.daemons, t)
+			}
+		}
+		if err != nil {
+			return nil, errors.Join(fmt.Errorf("start tulled %s: %w", strings.Join(args, " "), err), b.stopDaemons(sess))
+		}
+		c1, c2 := h1.Container(), h2.Container()
+		if c1 == nil || c2 == nil {
+			return nil, errors.Join(errors.New("tulled started but the testbed set up no containers"), b.stopDaemons(sess))
+		}
+		if b.cfg.Path == pathHost {
+			sess.client = endpoint{h1.Name, h1.NS, c1.Gateway.Addr()}
+			sess.server = endpoint{h2.Name, h2.NS, c2.Gateway.Addr()}
+		} else {
+			sess.client = endpoint{c1.Name, c1.NS, c1.Addr}
+			sess.server = endpoint{c2.Name, c2.NS, c2.Addr}
+		}
+		return sess, nil
+	}
+	return nil, fmt.Errorf("unknown mode %q", mode)
+}
+
+func isExited(t *testbed.Tulled) bool {
+	select {
+	case <-t.Exited():
+		return true
+	default:
+		return false
+	}
+}
+
+// end records the daemons' peak RSS and stops them (a Tulle mode); a
+// tulled that died during the measurement or does not stop cleanly is an
+// error that carries its log tail.
+func (b *bench) end(sess *session, s *Sample) error {
+	var errs []error
+	for _, t := range sess.daemons {
+		if isExited(t) {
+			errs = append(errs, fmt.Errorf("tulled on %s exited during the measurement (%s); log:\n%s", t.Host.Name, t.ExitDescription(), t.LogTail(20)))
+			continue
+		}
+		d := daemonStat{Host: t.Host.Name, PID: t.Pid()}
+		rss, err := processPeakRSS(t.Pid())
+		if err != nil {
+			errs = append(errs, err)
+		}
+		d.PeakRSSBytes = rss
+		if cpu, err := processCPU(t.Pid()); err == nil {
+			d.CPUSeconds = cpu.Seconds()
+		}
+		if err := b.saveMetrics(t, s, &d); err != nil {
+			b.logf("%s: %v", s.Mode, err) // a diagnostic only: the figures stand
+		}
+		s.Daemons = append(s.Daemons, d)
+	}
+	errs = append(errs, b.stopDaemons(sess))
+	return errors.Join(errs...)
+}
+
+// saveMetrics writes the tulled's /metrics into the results folder
+// (metrics/<mode>-rep<N>-<host>.prom: batch sizes, per-peer counters) and
+// records its non-zero drop counters.
+func (b *bench) saveMetrics(t *testbed.Tulled, s *Sample, d *daemonStat) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	code, body, err := t.Get(ctx, "/metrics")
+	if err != nil {
+		return fmt.Errorf("scrape tulled on %s: %w", t.Host.Name, err)
+	}
+	if code != 200 {
+		return fmt.Errorf("scrape tulled on %s: status %d", t.Host.Name, code)
+	}
+	dir := filepath.Join(b.cfg.Out, "metrics")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	name := fmt.Sprintf("%s-rep%d-%s.prom", s.Mode, s.Rep, t.Host.Name)
+	if err := os.WriteFile(filepath.Join(dir, name), body, 0o644); err != nil {
+		return err
+	}
+	d.Metrics = filepath.Join("metrics", name)
+	m, err := testbed.ParseMetrics(body)
+	if err != nil {
+		return fmt.Errorf("tulled on %s: %w", t.Host.Name, err)
+	}
+	for _, smp := range m.Samples("tulle_dropped_packets_total") {
+		if smp.Value > 0 {
+			if d.Drops == nil {
+				d.Drops = map[string]float64{}
+			}
+			d.Drops[smp.Labels["direction"]+"/"+smp.Labels["reason"]] += smp.Value
+		}
+	}
+	return nil
+}
+
+// stopDaemons stops the session's tulleds (SIGTERM; they must exit 0).
+func (b *bench) stopDaemons(sess *session) error {
+	errs := make([]error, len(sess.daemons))
+	var wg sync.WaitGroup
+	for i, t := range sess.daemons {
+		if isExited(t) {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = t.Stop()
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// cleanup keeps the tulled logs in the results folder, then removes
+// everything the run created: its own namespaces, then the testbed (which
+// stops every process it started and deletes its namespaces), then the
+// built binaries.
+func (b *bench) cleanup() error {
+	var errs []error
+	if b.bed != nil {
+		for _, h := range b.bed.Hosts {
+			if data, err := os.ReadFile(h.LogFile); err == nil && len(data) > 0 {
+				_ = os.WriteFile(filepath.Join(b.cfg.Out, "tulled-"+h.Name+".log"), data, 0o644)
+			}
+		}
+	}
+	errs = append(errs, b.cl.run())
+	if b.bed != nil {
+		if b.failed() || len(b.report.Errors) > 0 {
+			b.mu.Lock()
+			b.bed.DumpLogs(b.w, 15)
+			b.mu.Unlock()
+		}
+		errs = append(errs, b.bed.Close())
+	}
+	errs = append(errs, testbed.Cleanup())
+	return errors.Join(errs...)
+}
+
+// progressLine is the one-line account of a sample.
+func progressLine(s Sample) string {
+	var parts []string
+	if s.Ping != nil {
+		parts = append(parts, fmt.Sprintf("RTT %.0f us median, %.0f us mean (%d/%d)", s.Ping.MedianUs, s.Ping.MeanUs, s.Ping.Received, s.Ping.Sent))
+	}
+	for _, r := range s.TCP {
+		if r.Error != "" {
+			parts = append(parts, fmt.Sprintf("TCP x%d failed", r.Streams))
+			continue
+		}
+		p := fmt.Sprintf("TCP x%d %.2f Gbit/s", r.Streams, r.Gbit)
+		if r.CPUSecondsPerGB > 0 {
+			p += fmt.Sprintf(" (%.2f CPU s/GB)", r.CPUSecondsPerGB)
+		}
+		parts = append(parts, p)
+	}
+	for _, d := range s.Daemons {
+		p := fmt.Sprintf("%s peak RSS %.1f MiB", d.Host, float64(d.PeakRSSBytes)/(1<<20))
+		if len(d.Drops) > 0 {
+			p += fmt.Sprintf(", drops %v", d.Drops)
+		}
+		parts = append(parts, p)
+	}
+	line := strings.Join(parts, "; ")
+	if len(s.Errors) > 0 {
+		line += fmt.Sprintf(" -- %d error(s): %s", len(s.Errors), firstLines(strings.Join(s.Errors, "\n"), 3))
+	}
+	return fmt.Sprintf("%s (%.1fs)", line, s.Elapsed.Seconds())
+}

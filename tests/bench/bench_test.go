@@ -1,0 +1,279 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"image/png"
+	"io"
+	"math"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func readTestdata(t *testing.T, name string) []byte {
+	t.Helper()
+	data, err := os.ReadFile(filepath.Join("testdata", name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return data
+}
+
+func TestIperfReportGivesReceiverGoodputAndAllSentBytes(t *testing.T) {
+	r, err := parseIperf(readTestdata(t, "iperf3-p1-omit.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Streams != 1 || r.Bytes != 3307339776 || math.Abs(r.BitsPerSecond-12751576654.13456) > 1 || r.Retransmits != 11 {
+		t.Errorf("got %+v, want 1 stream, 3307339776 bytes received at 12.75 Gbit/s, 11 retransmits", r)
+	}
+	// The omitted first second counts for the CPU window: 1083965440 more.
+	if want := int64(1083965440 + 1509949440 + 1791754240); r.AllBytes != want {
+		t.Errorf("AllBytes = %d, want %d (every interval, the omitted one included)", r.AllBytes, want)
+	}
+	r, err = parseIperf(readTestdata(t, "iperf3-p2.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Streams != 2 || r.Bytes != 3065774080 || r.AllBytes < 3068395520 {
+		t.Errorf("got %+v, want 2 streams, 3065774080 bytes received, at least 3068395520 sent", r)
+	}
+}
+
+func TestIperfErrorReportIsAnError(t *testing.T) {
+	_, err := parseIperf(readTestdata(t, "iperf3-refused.json"))
+	if err == nil || !strings.Contains(err.Error(), "Connection refused") {
+		t.Errorf("err = %v, want iperf3's own error text", err)
+	}
+	if _, err := parseIperf([]byte("iperf3: error - unable to start")); err == nil {
+		t.Error("non-JSON output parsed without error")
+	}
+}
+
+func TestPingOutputGivesMedianAndMeanInMicroseconds(t *testing.T) {
+	r, err := parsePing(string(readTestdata(t, "ping.txt")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Replies: 0.301 0.062 0.036 0.037 0.025 ms.
+	if r.Sent != 5 || r.Received != 5 || math.Abs(r.MedianUs-37) > 1e-9 || math.Abs(r.MeanUs-92.2) > 1e-9 || r.MinUs != 25 || math.Abs(r.MaxUs-301) > 1e-9 {
+		t.Errorf("got %+v, want 5/5, median 37, mean 92.2, min 25, max 301", r)
+	}
+}
+
+func TestPingWithoutRepliesIsAnError(t *testing.T) {
+	out := "PING 198.19.2.2 (198.19.2.2) 56(84) bytes of data.\n\n--- 198.19.2.2 ping statistics ---\n3 packets transmitted, 0 received, 100% packet loss, time 20ms\n"
+	r, err := parsePing(out)
+	if err == nil {
+		t.Fatalf("got %+v, want an error", r)
+	}
+	if r.Sent != 3 || r.Received != 0 {
+		t.Errorf("sent/received = %d/%d, want 3/0", r.Sent, r.Received)
+	}
+}
+
+func TestProcStatCPUCountsUserAndSystemTime(t *testing.T) {
+	// A command name with spaces and a parenthesis must not shift the fields.
+	stat := "4242 (tull ed) x) S 1 4242 4242 0 -1 4194560 1234 0 0 0 250 75 0 0 20 0 9 0 100 123456 789 18446744073709551615"
+	d, err := parseStatCPU(stat)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d != 3250*time.Millisecond {
+		t.Errorf("cpu = %v, want 3.25s (325 ticks)", d)
+	}
+	if _, err := parseStatCPU("4242 (short) S 1"); err == nil {
+		t.Error("truncated stat parsed without error")
+	}
+	self, err := processCPU(os.Getpid())
+	if err != nil || self < 0 {
+		t.Errorf("own cpu time = %v, %v", self, err)
+	}
+}
+
+func TestProcStatusPeakRSS(t *testing.T) {
+	status := "Name:\ttulled\nVmPeak:\t  800000 kB\nVmHWM:\t   23456 kB\nVmRSS:\t   20000 kB\n"
+	v, err := statusKB(bufio.NewScanner(strings.NewReader(status)), "VmHWM")
+	if err != nil || v != 23456 {
+		t.Errorf("VmHWM = %d, %v; want 23456", v, err)
+	}
+	if _, err := statusKB(bufio.NewScanner(strings.NewReader("Name:\tx\n")), "VmHWM"); err == nil {
+		t.Error("missing VmHWM gave no error")
+	}
+	rss, err := processPeakRSS(os.Getpid())
+	if err != nil || rss <= 0 {
+		t.Errorf("own peak RSS = %d, %v", rss, err)
+	}
+}
+
+func TestSummarizeTakesMedianAndRangeIgnoringFailures(t *testing.T) {
+	cases := []struct {
+		in   []float64
+		want Stat
+	}{
+		{nil, Stat{}},
+		{[]float64{math.NaN()}, Stat{}},
+		{[]float64{3}, Stat{N: 1, Median: 3, Min: 3, Max: 3}},
+		{[]float64{5, 1, 3}, Stat{N: 3, Median: 3, Min: 1, Max: 5}},
+		{[]float64{4, 1, math.NaN(), 2, 8}, Stat{N: 4, Median: 3, Min: 1, Max: 8}},
+	}
+	for _, c := range cases {
+		if got := summarize(c.in); got != c.want {
+			t.Errorf("summarize(%v) = %+v, want %+v", c.in, got, c.want)
+		}
+	}
+}
+
+// fakeSamples is a finished run of every mode, two repetitions.
+func fakeSamples() []Sample {
+	mk := func(mode string, rep int, g1, gN, rtt float64, cpu float64, rss int64) Sample {
+		s := Sample{Mode: mode, Rep: rep, Ping: &pingResult{Sent: 50, Received: 50, MedianUs: rtt, MeanUs: rtt + 3}}
+		for _, r := range []struct {
+			streams int
+			g       float64
+		}{{1, g1}, {4, gN}} {
+			run := tcpRun{iperfResult: iperfResult{Streams: r.streams, BitsPerSecond: r.g * 1e9}, Gbit: r.g}
+			if cpu > 0 {
+				run.DaemonCPUSeconds = []float64{cpu / 2, cpu / 2}
+				run.CPUSecondsPerGB = cpu
+			}
+			s.TCP = append(s.TCP, run)
+		}
+		if rss > 0 {
+			s.Daemons = []daemonStat{{Host: "h1", PeakRSSBytes: rss}, {Host: "h2", PeakRSSBytes: rss / 2}}
+		}
+		return s
+	}
+	return []Sample{
+		mk(modeUnderlay, 1, 20, 40, 40, 0, 0), mk(modeUnderlay, 2, 22, 42, 44, 0, 0),
+		mk(modeVXLAN, 1, 14, 30, 90, 0, 0), mk(modeVXLAN, 2, 16, 34, 100, 0, 0),
+		mk(modeTulleOffload, 1, 10, 16, 120, 1.5, 30<<20), mk(modeTulleOffload, 2, 12, 18, 130, 1.7, 34<<20),
+		mk(modeTulleWater, 1, 2, 3, 200, 6, 20<<20),
+		{Mode: modeTulleWater, Rep: 2, Errors: []string{"start tulled: boom"}},
+	}
+}
+
+func TestSummaryGivesTulleAsRatioOfKernelVXLAN(t *testing.T) {
+	cfg := Config{Modes: allModes, Streams: 4}
+	sum := summarizeModes(cfg, fakeSamples())
+	if len(sum) != 4 {
+		t.Fatalf("%d summaries, want 4", len(sum))
+	}
+	off := sum[2]
+	if off.Mode != modeTulleOffload || off.TCP1Gbit.Median != 11 || off.TCPNGbit.Median != 17 || off.RTTMedianUs.Median != 125 {
+		t.Fatalf("tulle-offload summary %+v", off)
+	}
+	if off.VsVXLAN == nil || math.Abs(off.VsVXLAN.TCP1-11.0/15) > 1e-9 || math.Abs(off.VsVXLAN.TCPN-17.0/32) > 1e-9 || off.VsVXLAN.RTTDiffUs != 30 {
+		t.Errorf("ratios %+v, want TCP1 11/15, TCPN 17/32, RTT +30 us", off.VsVXLAN)
+	}
+	if off.CPUPerGB1.Median != 1.6 || off.PeakRSSMiB.Max != 34 {
+		t.Errorf("CPU/GB %+v, peak RSS %+v; want median 1.6 s/GB and max 34 MiB (the larger tulled)", off.CPUPerGB1, off.PeakRSSMiB)
+	}
+	if sum[1].VsVXLAN != nil {
+		t.Error("vxlan has a ratio to itself")
+	}
+	if w := sum[3]; w.FailedSamples != 1 || w.TCP1Gbit.N != 1 {
+		t.Errorf("water: %d failed, %d measured; want 1 and 1", w.FailedSamples, w.TCP1Gbit.N)
+	}
+
+	targets := evaluateTargets(sum)
+	met := map[string]bool{}
+	for _, tg := range targets {
+		met[tg.Name] = tg.Met
+	}
+	want := map[string]bool{
+		"TCP 1 stream >= 0.7x kernel VXLAN":     true,
+		"TCP 4 streams >= 0.5x kernel VXLAN":    true,
+		"TCP 4 streams >= Tulle's own 1 stream": true,
+		"ping RTT within 50 us of kernel VXLAN": true,
+		"tulled peak RSS < 64 MiB":              true,
+	}
+	if len(met) != len(want) {
+		t.Errorf("targets %+v, want %v", targets, want)
+	}
+	for k, v := range want {
+		if got, ok := met[k]; !ok || got != v {
+			t.Errorf("target %q: met=%v (present %v), want %v", k, got, ok, v)
+		}
+	}
+}
+
+func TestTableAndJSONAndChartAreWritten(t *testing.T) {
+	cfg := Config{Modes: allModes, Streams: 4, Reps: 2, Duration: 5, Omit: 1, Pings: 50, PingInterval: 10 * time.Millisecond, Path: pathContainer, Out: t.TempDir()}
+	b := newBench(cfg, io.Discard)
+	b.report.Samples = fakeSamples()
+	b.report.Summary = summarizeModes(cfg, b.report.Samples)
+	b.report.Targets = evaluateTargets(b.report.Summary)
+
+	var buf bytes.Buffer
+	printTable(&buf, cfg, b.report)
+	table := buf.String()
+	for _, want := range []string{"tulle-offload", "11.00 [10.00-12.00]", "0.73x", "+30 us", "1.60 [1.50-1.70]", "32.0 [30.0-34.0] | 16.0 [15.0-17.0]", "tulle-water (1 failed)", "start tulled: boom", "met"} {
+		if !strings.Contains(table, want) {
+			t.Errorf("table lacks %q:\n%s", want, table)
+		}
+	}
+
+	if err := b.writeResults(); err != nil {
+		t.Fatal(err)
+	}
+	var back Report
+	if err := json.Unmarshal(readFile(t, filepath.Join(cfg.Out, "results.json")), &back); err != nil {
+		t.Fatalf("results.json: %v", err)
+	}
+	if len(back.Samples) != len(b.report.Samples) || len(back.Summary) != 4 || back.Summary[2].VsVXLAN == nil {
+		t.Errorf("results.json round trip lost data: %d samples, %d summaries", len(back.Samples), len(back.Summary))
+	}
+	img, err := png.Decode(bytes.NewReader(readFile(t, filepath.Join(cfg.Out, "chart.png"))))
+	if err != nil {
+		t.Fatalf("chart.png: %v", err)
+	}
+	if r := img.Bounds(); r.Dx() != 1200 || r.Dy() != 500 {
+		t.Errorf("chart is %dx%d, want 1200x500", r.Dx(), r.Dy())
+	}
+}
+
+func readFile(t *testing.T, path string) []byte {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return data
+}
+
+func TestSmokeFlagMakesOneShortRepetition(t *testing.T) {
+	c, err := parseFlags([]string{"-smoke", "-reps", "7"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Reps != 1 || c.Duration != 1 || c.Omit != 0 || c.Pings != 10 || len(c.Modes) != 4 || !strings.HasPrefix(c.Out, "results/") {
+		t.Errorf("smoke config %+v", c)
+	}
+}
+
+func TestBadFlagsAreRejectedWithTheRule(t *testing.T) {
+	for _, args := range [][]string{
+		{"-modes", "underlay,gre"},
+		{"-reps", "0"},
+		{"-streams", "1"},
+		{"-path", "bridge"},
+		{"-ping-interval", "1ms"},
+		{"extra"},
+	} {
+		if _, err := parseFlags(args, io.Discard); err == nil {
+			t.Errorf("parseFlags(%q) accepted", args)
+		}
+	}
+	c, err := parseFlags([]string{"-modes", " vxlan, underlay,vxlan", "-tulled-arg=--workers=1", "-tulled-arg", "--log-level=debug"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(c.Modes, ",") != "vxlan,underlay" || strings.Join(c.TulledArgs, " ") != "--workers=1 --log-level=debug" {
+		t.Errorf("modes %q, tulled args %q", c.Modes, c.TulledArgs)
+	}
+}
