@@ -151,6 +151,9 @@ func (d *daemon) startHTTP(ctx context.Context, wg *sync.WaitGroup, done chan<- 
 		addrs = append(addrs, h)
 	}
 	handler := health.Handler(d.health, d.metrics, d.log)
+	if d.cfg.DebugPprof {
+		handler = health.WithPprof(handler)
+	}
 	var lns []net.Listener
 	for _, a := range addrs {
 		ln, err := health.Listen(a)

@@ -77,6 +77,7 @@ type Config struct {
 	HealthzIP   string
 	HealthzPort int    // 0 = off
 	MetricsAddr string // "" = off
+	DebugPprof  bool   // serve /debug/pprof/ on MetricsAddr
 
 	TunName   string
 	TunDriver string // "offload" or "water"
@@ -339,6 +340,7 @@ func daemonFlagSet(c *Config, r *rawFlags) *FlagSet {
 	fs.StringVar(&c.MetricsAddr, "metrics-addr", DefaultMetricsAddr, "`host:port` for /metrics, /healthz and /readyz (empty = off)")
 	fs.StringVar(&c.HealthzIP, "healthz-ip", DefaultHealthzIP, "`IP` of flannel's health endpoint (see --healthz-port)")
 	fs.IntVar(&c.HealthzPort, "healthz-port", 0, "`port` of flannel's health endpoint; serves as --metrics-addr (0 = off)")
+	fs.BoolVar(&c.DebugPprof, "debug-pprof", false, "also serve Go's profiler at /debug/pprof/ on --metrics-addr (for performance work; keep it off on untrusted networks)")
 	fs.StringVar(&r.logLevel, "log-level", "info", "log `level`: debug, info, warn or error")
 	fs.StringVar(&c.LogFormat, "log-format", "text", "log `format`: text or json")
 	fs.BoolVar(&r.version, "version", false, "print the version and exit")
@@ -348,7 +350,7 @@ func daemonFlagSet(c *Config, r *rawFlags) *FlagSet {
 		etcdGroup,
 		{Title: "network", Names: []string{"iface", "iface-regex", "public-ip", "subnet-file", "subnet-lease-renew-margin", "subnet-lease-ttl", "etcd-start-timeout", "ip-masq"}},
 		{Title: "data plane", Names: []string{"tun-driver", "tun-name", "workers"}},
-		{Title: "observability", Names: []string{"metrics-addr", "healthz-ip", "healthz-port", "log-level", "log-format"}},
+		{Title: "observability", Names: []string{"metrics-addr", "debug-pprof", "healthz-ip", "healthz-port", "log-level", "log-format"}},
 		{Title: "other", Names: []string{"version", "help"}},
 	}
 	return fs

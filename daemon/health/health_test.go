@@ -124,3 +124,16 @@ func TestServeStopsWithContextAndBusyPortIsAnError(t *testing.T) {
 		t.Fatal("Serve did not return after cancel")
 	}
 }
+
+func TestWithPprofServesProfilerAndHealth(t *testing.T) {
+	s := NewState(time.Minute)
+	s.Tick()
+	h := WithPprof(Handler(s, prometheus.NewRegistry(), slog.New(slog.DiscardHandler)))
+	for path, want := range map[string]int{"/debug/pprof/": 200, "/healthz": 200, "/nope": 404} {
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequest("GET", path, nil))
+		if rec.Code != want {
+			t.Errorf("GET %s = %d, want %d", path, rec.Code, want)
+		}
+	}
+}
