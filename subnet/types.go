@@ -56,6 +56,9 @@ type Lease struct {
 	// Reservation is true for a key with no etcd lease attached: it never
 	// expires and is never renewed or re-leased.
 	Reservation bool
+	// LeaseID is the etcd lease attached to the key (0 for a reservation).
+	// Registry.RenewLease keeps this lease alive.
+	LeaseID int64
 }
 
 // EventType says what happened to a lease.
@@ -83,16 +86,27 @@ type Registry interface {
 	// AcquireLease takes a lease for attrs.PublicIP in flannel's order:
 	// the key already ours, else previous (from subnet.env) if free, else a
 	// random pick among the first 100 free subnets. ttl applies to a new
-	// lease; a reservation of ours is returned as it is.
+	// lease and to a reused leased key (moved to a new etcd lease of ttl);
+	// a reservation of ours is returned as it is. No free subnet: an error
+	// wrapping ErrNoFreeSubnet.
 	AcquireLease(ctx context.Context, cfg *Config, attrs LeaseAttrs, previous netip.Prefix, ttl time.Duration) (Lease, error)
 	// RenewLease extends lease to ttl from now (a reservation is left as it
 	// is) and returns the lease with its new Expiration. It fails with
-	// ErrLeaseGone if the key no longer exists or is no longer ours.
+	// ErrLeaseGone if the key no longer exists or is no longer ours (another
+	// PublicIP or another etcd lease than lease.LeaseID).
 	RenewLease(ctx context.Context, lease Lease, ttl time.Duration) (Lease, error)
+	// ReacquireLease takes lease's subnet again after its key vanished
+	// (deleted, expired, or no longer held by lease.LeaseID): a key that
+	// holds lease.Attrs.PublicIP is taken over, a missing key is created
+	// with the same If Version(key)==0 transaction as AcquireLease. It
+	// never picks another subnet: if another host holds the subnet it fails
+	// with ErrSubnetTaken.
+	ReacquireLease(ctx context.Context, lease Lease, ttl time.Duration) (Lease, error)
 	// WatchLeases sends the current set of leases as one batch of
-	// EventAdded, then every change, to events, until ctx is done. It resumes
-	// after errors (from the last revision seen, re-listing and diffing after
-	// compaction) and only returns when ctx is done.
+	// EventAdded (possibly empty), then every change, to events, until ctx is
+	// done. It resumes after errors (from the last revision seen, re-listing
+	// and diffing after compaction) and only returns when ctx is done.
+	// Leases in events carry LeaseID and Reservation but no Expiration.
 	WatchLeases(ctx context.Context, events chan<- []Event) error
 	// Status says how the registry connection is, for logs, /readyz and
 	// metrics.
@@ -110,6 +124,9 @@ type RegistryStatus struct {
 	LastError     error
 	WatchRevision int64 // last etcd revision the watch has seen
 	// MalformedLeases counts lease keys or values written by someone else
-	// that could not be parsed and were skipped.
+	// that could not be parsed and were skipped (each version once).
 	MalformedLeases uint64
+	// WatchAttempts counts how often the watch was started or restarted
+	// (first start included); it grows slowly while etcd is down.
+	WatchAttempts uint64
 }

@@ -1,0 +1,480 @@
+package etcd
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"strings"
+	"time"
+
+	"github.com/tulle-net/tulle/subnet"
+	"github.com/tulle-net/tulle/subnet/internal/backoff"
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// freePickLimit is how many free subnets flannel collects before picking
+// one at random.
+const freePickLimit = 100
+
+// errConflict: a transaction's condition did not hold (another host was
+// faster); the caller re-reads and retries.
+var errConflict = errors.New("key changed meanwhile")
+
+// GetNetworkConfig implements subnet.Registry. A missing key wraps
+// subnet.ErrConfigNotFound; a config that does not parse wraps
+// subnet.ErrInvalidConfig.
+func (r *Registry) GetNetworkConfig(ctx context.Context) (*subnet.Config, error) {
+	cli, err := r.client(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("read network config %s: %w", r.configKey, err)
+	}
+	octx, cancel := r.op(ctx)
+	defer cancel()
+	resp, err := cli.Get(octx, r.configKey)
+	if err != nil {
+		return nil, fmt.Errorf("read network config %s: %w", r.configKey, r.fail(ctx, err))
+	}
+	r.ok()
+	if len(resp.Kvs) == 0 {
+		return nil, fmt.Errorf("read network config %s: %w", r.configKey, subnet.ErrConfigNotFound)
+	}
+	cfg, err := subnet.ParseConfig(resp.Kvs[0].Value)
+	if err != nil {
+		return nil, fmt.Errorf("network config %s: %w", r.configKey, err)
+	}
+	return cfg, nil
+}
+
+// entry is one key below <prefix>/subnets/ whose key parsed.
+type entry struct {
+	kv      *mvccpb.KeyValue
+	lease   subnet.Lease
+	valueOK bool // false: the key holds the subnet but its value is malformed
+}
+
+// parseKV reads a key below <prefix>/subnets/. keyOK is true when the key
+// names a subnet, even if the value is malformed (err != nil).
+func (r *Registry) parseKV(kv *mvccpb.KeyValue) (l subnet.Lease, keyOK bool, err error) {
+	v4, v6, err := subnet.ParseLeaseKey(strings.TrimPrefix(string(kv.Key), r.subnetsPrefix))
+	if err != nil {
+		return subnet.Lease{}, false, err
+	}
+	l = subnet.Lease{Subnet: v4, IPv6Subnet: v6, LeaseID: kv.Lease, Reservation: kv.Lease == 0}
+	if err := json.Unmarshal(kv.Value, &l.Attrs); err != nil {
+		return l, true, err
+	}
+	return l, true, nil
+}
+
+// list reads every key below <prefix>/subnets/ and the revision read at.
+// Malformed ones are logged and counted; those whose key parses are kept
+// (they still hold their subnet).
+func (r *Registry) list(ctx context.Context, cli *clientv3.Client) ([]entry, int64, error) {
+	octx, cancel := r.op(ctx)
+	defer cancel()
+	resp, err := cli.Get(octx, r.subnetsPrefix, clientv3.WithPrefix())
+	if err != nil {
+		return nil, 0, fmt.Errorf("list %s: %w", r.subnetsPrefix, r.fail(ctx, err))
+	}
+	r.ok()
+	out := make([]entry, 0, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		l, keyOK, err := r.parseKV(kv)
+		if err != nil {
+			r.noteMalformed(string(kv.Key), kv.ModRevision, err)
+		}
+		if keyOK {
+			out = append(out, entry{kv: kv, lease: l, valueOK: err == nil})
+		}
+	}
+	return out, resp.Header.Revision, nil
+}
+
+func ttlSeconds(ttl time.Duration) int64 {
+	s := int64((ttl + time.Second - 1) / time.Second)
+	return max(s, 1)
+}
+
+// AcquireLease implements subnet.Registry in flannel's order:
+//  1. a key holding attrs.PublicIP that fits cfg is reused: a reservation as
+//     it is; a leased key is moved to a new etcd lease of ttl (with the
+//     current value) and the old etcd lease is revoked. A leased key of ours
+//     that no longer fits is deleted (a reservation that does not fit is
+//     left alone);
+//  2. else previous, if it fits cfg and no key holds or overlaps it;
+//  3. else a random pick among the first 100 free subnets from SubnetMin.
+//
+// A new key is created by Txn If Version(key)==0; a lost race revokes the
+// etcd lease it granted and retries (bounded). No free subnet: an error
+// wrapping subnet.ErrNoFreeSubnet that names the network.
+func (r *Registry) AcquireLease(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs, previous netip.Prefix, ttl time.Duration) (subnet.Lease, error) {
+	if cfg == nil || !cfg.EnableIPv4 {
+		return subnet.Lease{}, fmt.Errorf("acquire lease: %w", &subnet.ConfigError{Field: "EnableIPv4", Value: "false", Rule: "Tulle leases need an IPv4 network"})
+	}
+	value, err := json.Marshal(attrs)
+	if err != nil {
+		return subnet.Lease{}, fmt.Errorf("acquire lease in network %s: %w", cfg.Network, err)
+	}
+	_ = json.Unmarshal(value, &attrs) // normalised, as the watch will report it
+	bo := backoff.Backoff{Min: 10 * time.Millisecond, Max: 500 * time.Millisecond}
+	for try := 1; try <= r.acquireTries; try++ {
+		l, err := r.tryAcquire(ctx, cfg, attrs, value, previous, ttl, try == 1)
+		if !errors.Is(err, errConflict) {
+			return l, err
+		}
+		r.log.Debug("lost a race for a subnet; retrying", "network", cfg.Network, "try", try, "error", err)
+		if !backoff.Sleep(ctx, bo.Next()) {
+			return subnet.Lease{}, ctx.Err()
+		}
+	}
+	return subnet.Lease{}, fmt.Errorf("acquire lease in network %s: other hosts were faster %d times in a row", cfg.Network, r.acquireTries)
+}
+
+func (r *Registry) tryAcquire(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs, value []byte, previous netip.Prefix, ttl time.Duration, first bool) (subnet.Lease, error) {
+	cli, err := r.client(ctx)
+	if err != nil {
+		return subnet.Lease{}, fmt.Errorf("acquire lease in network %s: %w", cfg.Network, err)
+	}
+	entries, _, err := r.list(ctx, cli)
+	if err != nil {
+		return subnet.Lease{}, fmt.Errorf("acquire lease in network %s: %w", cfg.Network, err)
+	}
+	held := make([]subnet.Lease, 0, len(entries))
+	for _, e := range entries {
+		if !e.valueOK || e.lease.Attrs.PublicIP != attrs.PublicIP {
+			held = append(held, e.lease)
+			continue
+		}
+		switch {
+		case cfg.Fits(e.lease):
+			return r.adopt(ctx, cli, e, attrs, value, ttl)
+		case e.lease.Reservation:
+			r.log.Warn("ignoring our reservation that does not fit the network config", "subnet", e.lease.Subnet, "network", cfg.Network)
+			held = append(held, e.lease)
+		default:
+			if err := r.deleteUnfit(ctx, cli, e, cfg); err != nil {
+				return subnet.Lease{}, err
+			}
+		}
+	}
+	occ := cfg.Occupancy(held)
+	if previous.IsValid() {
+		a, fits := cfg.AllocationOf(previous.Masked())
+		switch {
+		case fits && occ.Free(a):
+			if first {
+				r.log.Info("reusing the previous subnet", "subnet", a)
+			}
+			return r.create(ctx, cli, a, attrs, value, ttl)
+		case first && !fits:
+			r.log.Info("previous subnet does not fit the network config; ignoring it", "subnet", previous, "network", cfg.Network)
+		case first:
+			r.log.Info("previous subnet is held by another host; ignoring it", "subnet", previous)
+		}
+	}
+	free := cfg.FreeAllocations(occ, freePickLimit)
+	if len(free) == 0 {
+		return subnet.Lease{}, fmt.Errorf("acquire lease in network %s: %w: all %d subnets from %s to %s are held",
+			cfg.Network, subnet.ErrNoFreeSubnet, cfg.SubnetCount(),
+			netip.PrefixFrom(cfg.SubnetMin, cfg.SubnetLen), netip.PrefixFrom(cfg.SubnetMax, cfg.SubnetLen))
+	}
+	return r.create(ctx, cli, free[rand.IntN(len(free))], attrs, value, ttl)
+}
+
+// create writes a new key for a, attached to a new etcd lease of ttl, if no
+// key exists for it. On a lost race the granted lease is revoked and the
+// error wraps errConflict.
+func (r *Registry) create(ctx context.Context, cli *clientv3.Client, a subnet.Allocation, attrs subnet.LeaseAttrs, value []byte, ttl time.Duration) (subnet.Lease, error) {
+	key := r.subnetsPrefix + a.Key()
+	start := time.Now()
+	id, granted, err := r.grant(ctx, cli, ttl)
+	if err != nil {
+		return subnet.Lease{}, fmt.Errorf("acquire lease %s: %w", a, err)
+	}
+	octx, cancel := r.op(ctx)
+	defer cancel()
+	resp, err := cli.Txn(octx).
+		If(clientv3.Compare(clientv3.Version(key), "=", 0)).
+		Then(clientv3.OpPut(key, string(value), clientv3.WithLease(id))).
+		Commit()
+	if err != nil || !resp.Succeeded {
+		// Also on an error: if the put did happen, revoking removes it again.
+		r.revoke(ctx, cli, id, a.String())
+		if err != nil {
+			return subnet.Lease{}, fmt.Errorf("acquire lease %s: txn: %w", a, r.fail(ctx, err))
+		}
+		return subnet.Lease{}, fmt.Errorf("acquire lease %s: %w", a, errConflict)
+	}
+	r.ok()
+	l := subnet.Lease{Subnet: a.Subnet, IPv6Subnet: a.IPv6Subnet, Attrs: attrs, LeaseID: int64(id), Expiration: start.Add(granted)}
+	r.log.Info("acquired lease", "subnet", a, "public_ip", attrs.PublicIP, "ttl", granted)
+	return l, nil
+}
+
+// adopt reuses a key of ours that fits: a reservation as it is; a leased
+// key is put again with our value on a new etcd lease (If its ModRevision
+// is unchanged) and its old etcd lease revoked, so the TTL and value are
+// the current ones and nothing is left behind.
+func (r *Registry) adopt(ctx context.Context, cli *clientv3.Client, e entry, attrs subnet.LeaseAttrs, value []byte, ttl time.Duration) (subnet.Lease, error) {
+	l := e.lease
+	if l.Reservation {
+		r.log.Info("using our reservation", "subnet", l, "public_ip", attrs.PublicIP)
+		return l, nil
+	}
+	key := string(e.kv.Key)
+	start := time.Now()
+	id, granted, err := r.grant(ctx, cli, ttl)
+	if err != nil {
+		return subnet.Lease{}, fmt.Errorf("acquire lease %s: %w", l.Subnet, err)
+	}
+	octx, cancel := r.op(ctx)
+	defer cancel()
+	resp, err := cli.Txn(octx).
+		If(clientv3.Compare(clientv3.ModRevision(key), "=", e.kv.ModRevision)).
+		Then(clientv3.OpPut(key, string(value), clientv3.WithLease(id))).
+		Commit()
+	if err != nil || !resp.Succeeded {
+		r.revoke(ctx, cli, id, l.Subnet.String())
+		if err != nil {
+			return subnet.Lease{}, fmt.Errorf("acquire lease %s: txn: %w", l.Subnet, r.fail(ctx, err))
+		}
+		return subnet.Lease{}, fmt.Errorf("acquire lease %s: %w", l.Subnet, errConflict)
+	}
+	r.ok()
+	r.revokeIfUnused(ctx, cli, clientv3.LeaseID(e.kv.Lease), l.Subnet.String())
+	l.Attrs, l.LeaseID, l.Expiration = attrs, int64(id), start.Add(granted)
+	r.log.Info("reusing our lease", "subnet", l.Subnet, "public_ip", attrs.PublicIP, "ttl", granted)
+	return l, nil
+}
+
+// deleteUnfit deletes a leased key of ours that no longer fits the config
+// (flannel does the same), and its etcd lease.
+func (r *Registry) deleteUnfit(ctx context.Context, cli *clientv3.Client, e entry, cfg *subnet.Config) error {
+	key := string(e.kv.Key)
+	octx, cancel := r.op(ctx)
+	defer cancel()
+	resp, err := cli.Txn(octx).
+		If(clientv3.Compare(clientv3.ModRevision(key), "=", e.kv.ModRevision)).
+		Then(clientv3.OpDelete(key)).
+		Commit()
+	if err != nil {
+		return fmt.Errorf("delete lease %s (no longer fits network %s): %w", e.lease.Subnet, cfg.Network, r.fail(ctx, err))
+	}
+	if resp.Succeeded {
+		r.log.Info("deleted our lease that no longer fits the network config", "subnet", e.lease, "network", cfg.Network)
+		r.revokeIfUnused(ctx, cli, clientv3.LeaseID(e.kv.Lease), e.lease.Subnet.String())
+	}
+	return nil
+}
+
+// grant creates an etcd lease; the server may grant more than ttl (its
+// minimum TTL), and the granted TTL is returned.
+func (r *Registry) grant(ctx context.Context, cli *clientv3.Client, ttl time.Duration) (clientv3.LeaseID, time.Duration, error) {
+	octx, cancel := r.op(ctx)
+	defer cancel()
+	g, err := cli.Grant(octx, ttlSeconds(ttl))
+	if err != nil {
+		return 0, 0, fmt.Errorf("grant %s etcd lease: %w", ttl, r.fail(ctx, err))
+	}
+	return g.ID, time.Duration(g.TTL) * time.Second, nil
+}
+
+// revoke revokes an etcd lease we granted and did not use; a failure only
+// leaves a lease without keys that expires at its TTL.
+func (r *Registry) revoke(ctx context.Context, cli *clientv3.Client, id clientv3.LeaseID, what string) {
+	if id == 0 {
+		return
+	}
+	octx, cancel := r.op(context.WithoutCancel(ctx))
+	defer cancel()
+	if _, err := cli.Revoke(octx, id); err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
+		r.log.Warn("could not revoke an unused etcd lease; it expires at its TTL", "subnet", what, "lease_id", fmt.Sprintf("%x", int64(id)), "error", err)
+	}
+}
+
+// revokeIfUnused revokes an etcd lease that no key is attached to any more.
+func (r *Registry) revokeIfUnused(ctx context.Context, cli *clientv3.Client, id clientv3.LeaseID, what string) {
+	if id == 0 {
+		return
+	}
+	octx, cancel := r.op(context.WithoutCancel(ctx))
+	defer cancel()
+	ttl, err := cli.TimeToLive(octx, id, clientv3.WithAttachedKeys())
+	if err != nil || ttl.TTL <= 0 || len(ttl.Keys) > 0 {
+		return
+	}
+	r.revoke(ctx, cli, id, what)
+}
+
+// RenewLease implements subnet.Registry with KeepAliveOnce on the key's own
+// etcd lease: the key never changes, no lease is created, none is left
+// behind. The TTL is the one granted when the lease was acquired (ttl is
+// only used for messages). A reservation is returned as it is if its key
+// still holds it.
+func (r *Registry) RenewLease(ctx context.Context, l subnet.Lease, ttl time.Duration) (subnet.Lease, error) {
+	cli, err := r.client(ctx)
+	if err != nil {
+		return l, fmt.Errorf("renew lease %s: %w", l.Subnet, err)
+	}
+	if err := r.checkHeld(ctx, cli, l); err != nil {
+		return l, fmt.Errorf("renew lease %s: %w", l.Subnet, err)
+	}
+	if l.Reservation {
+		return l, nil
+	}
+	start := time.Now()
+	octx, cancel := r.op(ctx)
+	defer cancel()
+	ka, err := cli.KeepAliveOnce(octx, clientv3.LeaseID(l.LeaseID))
+	if errors.Is(err, rpctypes.ErrLeaseNotFound) {
+		return l, fmt.Errorf("renew lease %s: %w: etcd lease %x expired", l.Subnet, subnet.ErrLeaseGone, l.LeaseID)
+	}
+	if err != nil {
+		return l, fmt.Errorf("renew lease %s: keepalive: %w", l.Subnet, r.fail(ctx, err))
+	}
+	r.ok()
+	l.Expiration = start.Add(time.Duration(ka.TTL) * time.Second)
+	r.log.Debug("renewed lease", "subnet", l.Subnet, "ttl", time.Duration(ka.TTL)*time.Second, "requested_ttl", ttl)
+	return l, nil
+}
+
+// checkHeld fails with subnet.ErrLeaseGone unless l's key exists, holds
+// l.LeaseID and names l's PublicIP.
+func (r *Registry) checkHeld(ctx context.Context, cli *clientv3.Client, l subnet.Lease) error {
+	octx, cancel := r.op(ctx)
+	defer cancel()
+	resp, err := cli.Get(octx, r.subnetsPrefix+l.Key())
+	if err != nil {
+		return r.fail(ctx, err)
+	}
+	r.ok()
+	if len(resp.Kvs) == 0 {
+		return fmt.Errorf("%w: key deleted", subnet.ErrLeaseGone)
+	}
+	kv := resp.Kvs[0]
+	var a subnet.LeaseAttrs
+	if err := json.Unmarshal(kv.Value, &a); err != nil {
+		return fmt.Errorf("%w: value overwritten: %v", subnet.ErrLeaseGone, err)
+	}
+	if a.PublicIP != l.Attrs.PublicIP {
+		return fmt.Errorf("%w: now held by %s", subnet.ErrLeaseGone, a.PublicIP)
+	}
+	if kv.Lease != l.LeaseID {
+		return fmt.Errorf("%w: key now on etcd lease %x, not %x", subnet.ErrLeaseGone, kv.Lease, l.LeaseID)
+	}
+	return nil
+}
+
+// ReacquireLease implements subnet.Registry.
+func (r *Registry) ReacquireLease(ctx context.Context, l subnet.Lease, ttl time.Duration) (subnet.Lease, error) {
+	a := subnet.Allocation{Subnet: l.Subnet, IPv6Subnet: l.IPv6Subnet}
+	value, err := json.Marshal(l.Attrs)
+	if err != nil {
+		return l, fmt.Errorf("re-acquire lease %s: %w", a, err)
+	}
+	attrs := l.Attrs
+	_ = json.Unmarshal(value, &attrs)
+	bo := backoff.Backoff{Min: 10 * time.Millisecond, Max: 500 * time.Millisecond}
+	for try := 1; try <= r.acquireTries; try++ {
+		nl, err := r.tryReacquire(ctx, l, a, attrs, value, ttl)
+		if err == nil {
+			if cli, cerr := r.client(ctx); cerr == nil && nl.LeaseID != l.LeaseID {
+				r.revokeIfUnused(ctx, cli, clientv3.LeaseID(l.LeaseID), a.String())
+			}
+			return nl, nil
+		}
+		if !errors.Is(err, errConflict) {
+			return l, err
+		}
+		if !backoff.Sleep(ctx, bo.Next()) {
+			return l, ctx.Err()
+		}
+	}
+	return l, fmt.Errorf("re-acquire lease %s: the key kept changing %d times in a row", a, r.acquireTries)
+}
+
+func (r *Registry) tryReacquire(ctx context.Context, old subnet.Lease, a subnet.Allocation, attrs subnet.LeaseAttrs, value []byte, ttl time.Duration) (subnet.Lease, error) {
+	cli, err := r.client(ctx)
+	if err != nil {
+		return old, fmt.Errorf("re-acquire lease %s: %w", a, err)
+	}
+	entries, _, err := r.list(ctx, cli)
+	if err != nil {
+		return old, fmt.Errorf("re-acquire lease %s: %w", a, err)
+	}
+	key := r.subnetsPrefix + a.Key()
+	var held []subnet.Lease
+	for _, e := range entries {
+		if string(e.kv.Key) != key {
+			held = append(held, e.lease)
+			continue
+		}
+		switch {
+		case !e.valueOK:
+			return old, fmt.Errorf("re-acquire lease %s: %w (its key holds a malformed value)", a, subnet.ErrSubnetTaken)
+		case e.lease.Attrs.PublicIP != attrs.PublicIP:
+			return old, fmt.Errorf("re-acquire lease %s: %w: held by %s", a, subnet.ErrSubnetTaken, e.lease.Attrs.PublicIP)
+		case e.lease.Reservation:
+			return e.lease, nil
+		case e.lease.LeaseID == old.LeaseID:
+			nl, err := r.RenewLease(ctx, old, ttl)
+			if errors.Is(err, subnet.ErrLeaseGone) { // expired: etcd deletes the key soon
+				return old, fmt.Errorf("re-acquire lease %s: %w: %v", a, errConflict, err)
+			}
+			return nl, err
+		default:
+			return r.adopt(ctx, cli, e, attrs, value, ttl)
+		}
+	}
+	for _, h := range held {
+		if (h.Subnet.IsValid() && a.Subnet.IsValid() && h.Subnet.Overlaps(a.Subnet)) ||
+			(h.IPv6Subnet.IsValid() && a.IPv6Subnet.IsValid() && h.IPv6Subnet.Overlaps(a.IPv6Subnet)) {
+			return old, fmt.Errorf("re-acquire lease %s: %w: overlaps %s", a, subnet.ErrSubnetTaken, h)
+		}
+	}
+	nl, err := r.create(ctx, cli, a, attrs, value, ttl)
+	if err != nil {
+		return old, fmt.Errorf("re-acquire: %w", err)
+	}
+	return nl, nil
+}
+
+// ListLeases returns every lease below <prefix>/subnets/ with its
+// Expiration (one TimeToLive call per leased key), for status displays.
+// Malformed keys are skipped (and counted).
+func (r *Registry) ListLeases(ctx context.Context) ([]subnet.Lease, error) {
+	cli, err := r.client(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("list leases: %w", err)
+	}
+	entries, _, err := r.list(ctx, cli)
+	if err != nil {
+		return nil, fmt.Errorf("list leases: %w", err)
+	}
+	out := make([]subnet.Lease, 0, len(entries))
+	for _, e := range entries {
+		if !e.valueOK {
+			continue
+		}
+		l := e.lease
+		if !l.Reservation {
+			now := time.Now()
+			octx, cancel := r.op(ctx)
+			ttl, err := cli.TimeToLive(octx, clientv3.LeaseID(l.LeaseID))
+			cancel()
+			if err != nil {
+				return nil, fmt.Errorf("list leases: ttl of %s: %w", l.Subnet, r.fail(ctx, err))
+			}
+			if ttl.TTL > 0 {
+				l.Expiration = now.Add(time.Duration(ttl.TTL) * time.Second)
+			}
+		}
+		out = append(out, l)
+	}
+	return out, nil
+}

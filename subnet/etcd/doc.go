@@ -1,0 +1,30 @@
+// Package etcd is the etcd v3 subnet.Registry, sharing flannel's layout so
+// flannel and Tulle hosts can live in one etcd.
+//
+// Acquire: list <prefix>/subnets/, pick in flannel's order (subnet.Registry),
+// create with Txn If Version(key)==0 Then Put(key, value, lease); a lost race
+// revokes the granted etcd lease and retries (up to 20 times, with jitter).
+//
+// Renew: KeepAliveOnce on the key's own etcd lease, after checking the key
+// still holds that lease and our PublicIP. Chosen over grant-new+revoke-old
+// because the key is never rewritten (no event for every host at every
+// renewal, no window in which the key points at a lease about to be
+// revoked) and no lease is ever created that could be left behind. The cost:
+// the TTL is the one granted when the key was (re-)leased, so a changed TTL
+// applies from the next start, when a reused key is moved to a new etcd lease
+// of the current TTL (and the old lease revoked).
+//
+// Watch: snapshot at revision R, then every change after R
+// (WithRequireLeader, progress notifications; the watch itself starts at R
+// and drops R's events again, so that etcd answers progress requests at
+// once); resume from the last applied revision after any error,
+// with a capped, jittered backoff (100ms..10s); re-list and diff after
+// compaction. clientv3 watches wait silently on a dead server, so a watch
+// silent for DialTimeout is asked for progress and abandoned if etcd does
+// not answer within DialTimeout more. While no endpoint accepts connections
+// every call fails at once with the cause, instead of waiting its timeout.
+//
+// New does not contact etcd; the client is created on first use (with
+// username/password etcd's client fetches a token then). TLS: CAFile,
+// CertFile, KeyFile.
+package etcd
