@@ -1,7 +1,7 @@
 // Command tulle-cni is a CNI plugin (spec 0.1.0 to 1.1.0) that attaches
 // containers to the Tulle overlay: it reads tulled's subnet.env and
 // delegates to the bridge plugin with host-local IPAM, as flannel's CNI
-// plugin does. See deploy/cni/ for network configs and deploy/README.md.
+// plugin does. See deploy/cni/ for network configs and README.md (Integrations).
 package main
 
 import (
