@@ -28,7 +28,7 @@ unit:
 	TULLE_REQUIRE_ROOT_TESTS=1 $(GO) test -race -count=1 -timeout 15m $(UNIT_PKGS)
 
 e2e:
-	TULLE_REQUIRE_ROOT_TESTS=1 $(GO) test -count=1 -timeout 20m ./tests/...
+	TULLE_REQUIRE_ROOT_TESTS=1 $(GO) test -p 1 -count=1 -timeout 20m ./tests/...
 
 bench-smoke:
 	$(GO) run ./tests/bench -smoke
