@@ -236,6 +236,7 @@ func (d *daemon) setup() error {
 		LeaseTTL:       d.cfg.LeaseTTL,
 		RenewMargin:    d.cfg.RenewMargin,
 		StartTimeout:   d.cfg.StartTimeout,
+		CheckConfig:    checkNetworkConfig,
 		Logger:         d.log.With("component", "lease"),
 	})
 	return nil
@@ -309,6 +310,18 @@ func (d *daemon) loop(ctx context.Context, httpDone <-chan error) error {
 	}
 }
 
+// checkNetworkConfig refuses, before any lease is taken, a network config
+// that tulled cannot carry.
+func checkNetworkConfig(cfg *subnet.Config) error {
+	if cfg.BackendType != "udp" {
+		return fmt.Errorf("Backend.Type is %q: tulled carries only flannel's udp backend", cfg.BackendType)
+	}
+	if !cfg.EnableIPv4 {
+		return errors.New("EnableIPv4 is false: tulled's udp backend carries IPv4 only")
+	}
+	return nil
+}
+
 // startDataPlane runs once the lease is held: TUN device, data plane,
 // lease manager.
 func (d *daemon) startDataPlane(cfg *subnet.Config, lease subnet.Lease) error {
@@ -319,11 +332,8 @@ func (d *daemon) startDataPlane(cfg *subnet.Config, lease subnet.Lease) error {
 	}
 	d.log.Info("network config", "network", cfg.Network, "subnet_len", cfg.SubnetLen, "backend", cfg.BackendType, "port", cfg.Port,
 		"subnet", lease.Subnet, "lease_expires", exp)
-	if cfg.BackendType != "udp" {
-		return asConfigError(fmt.Errorf("network config Backend.Type is %q: tulled carries only flannel's udp backend", cfg.BackendType))
-	}
-	if !cfg.EnableIPv4 || !lease.Subnet.IsValid() {
-		return asConfigError(errors.New("network config has IPv4 disabled: tulled's udp backend carries IPv4 only"))
+	if !lease.Subnet.IsValid() {
+		return asConfigError(errors.New("lease has no IPv4 subnet: tulled's udp backend carries IPv4 only"))
 	}
 	if cfg.EnableIPv6 {
 		d.log.Warn("the network config enables IPv6, which the udp backend does not carry (as flannel's does not); serving IPv4 only", "ipv6_network", cfg.IPv6Network)

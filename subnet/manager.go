@@ -43,7 +43,11 @@ type ManagerOptions struct {
 	LeaseTTL             time.Duration // default 24h
 	RenewMargin          time.Duration // default 60m; if >= LeaseTTL/2 renew at LeaseTTL/2
 	StartTimeout         time.Duration // give up waiting for etcd at start (default 10m)
-	Logger               *slog.Logger
+	// CheckConfig, if set, vets the network config before any lease is
+	// taken (e.g. the backend type the caller carries); its error ends
+	// Start, wrapped in ErrInvalidConfig.
+	CheckConfig func(*Config) error
+	Logger      *slog.Logger
 }
 
 // ManagerStatus is what the daemon shows in logs, /readyz and metrics.
@@ -113,6 +117,11 @@ func (m *Manager) Start(ctx context.Context) (*Config, Lease, error) {
 	for attempt := 1; ; attempt++ {
 		m.setPhase(PhaseWaitingEtcd)
 		cfg, err := m.reg.GetNetworkConfig(sctx)
+		if err == nil && m.opts.CheckConfig != nil {
+			if cerr := m.opts.CheckConfig(cfg); cerr != nil {
+				err = fmt.Errorf("%w: %w", ErrInvalidConfig, cerr)
+			}
+		}
 		if err == nil {
 			m.setPhase(PhaseAcquiring)
 			var l Lease
