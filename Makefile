@@ -8,7 +8,7 @@ LDFLAGS   := -s -w -X github.com/tulle-net/tulle/daemon/buildinfo.version=$(VERS
 # tests refuse to skip when TULLE_REQUIRE_ROOT_TESTS=1.
 UNIT_PKGS := ./subnet/... ./proto/... ./backend/... ./daemon/... ./cmd/...
 
-.PHONY: all build deps vet test unit e2e bench-smoke bench demo fuzz clean
+.PHONY: all build deps vet test unit alloc e2e bench-smoke bench demo fuzz clean
 
 all: build
 
@@ -27,6 +27,11 @@ vet:
 unit:
 	TULLE_REQUIRE_ROOT_TESTS=1 $(GO) test -race -count=1 -timeout 15m $(UNIT_PKGS)
 
+# The zero-allocation proofs run without -race (the race detector allocates
+# on its own, so under -race they skip).
+alloc:
+	TULLE_REQUIRE_ROOT_TESTS=1 $(GO) test -count=1 -run 'Allocat|AllocsNothing|DoesNotAllocate' -v ./backend/... ./proto/...
+
 e2e:
 	TULLE_REQUIRE_ROOT_TESTS=1 $(GO) test -p 1 -count=1 -timeout 20m ./tests/...
 
@@ -34,7 +39,7 @@ bench-smoke:
 	$(GO) run ./tests/bench -smoke
 
 # The whole suite: what CI runs (.ci/run calls `make test`).
-test: deps build vet unit e2e bench-smoke
+test: deps build vet unit alloc e2e bench-smoke
 
 bench: deps
 	$(GO) run ./tests/bench
