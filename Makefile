@@ -49,3 +49,11 @@ demo: deps
 
 clean:
 	rm -rf bin results
+
+# Coverage-guided fuzzing, FUZZTIME per target (the seed corpora already run
+# in `make test`).
+FUZZTIME ?= 30s
+fuzz:
+	for t in FuzzParseConfig FuzzParseLeaseKey FuzzLeaseAttrs; do $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./subnet/ || exit 1; done
+	for t in FuzzCheckIPv4 FuzzDecrementTTL FuzzICMPv4Error FuzzCheckIPv6; do $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./proto/ || exit 1; done
+	$(GO) test -run '^$$' -fuzz '^FuzzReceiveTrustBoundary$$' -fuzztime $(FUZZTIME) ./backend/udp/
