@@ -4,61 +4,25 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"fmt"
 	"net"
 	"net/netip"
-	"net/url"
-	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.etcd.io/etcd/server/v3/embed"
-	"go.uber.org/zap"
 
 	"github.com/tulle-net/tulle/subnet"
+	"github.com/tulle-net/tulle/subnet/etcd/etcdtest"
 )
 
 // loopbackEtcd starts a real etcd on free 127.0.0.1 ports (no namespace
 // needed) and returns its client URL and a client.
 func loopbackEtcd(t *testing.T) (string, *clientv3.Client) {
 	t.Helper()
-	port := func() int {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer l.Close()
-		return l.Addr().(*net.TCPAddr).Port
-	}
-	cfg := embed.NewConfig()
-	cfg.Name = "status-test"
-	cfg.Dir = filepath.Join(t.TempDir(), "etcd")
-	cu, _ := url.Parse(fmt.Sprintf("http://127.0.0.1:%d", port()))
-	pu, _ := url.Parse(fmt.Sprintf("http://127.0.0.1:%d", port()))
-	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*cu}, []url.URL{*cu}
-	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
-	cfg.InitialCluster = cfg.InitialClusterFromName(cfg.Name)
-	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
-	cfg.UnsafeNoFsync = true
-	e, err := embed.StartEtcd(cfg)
-	if err != nil {
-		t.Fatalf("start etcd: %v", err)
-	}
-	t.Cleanup(e.Close)
-	select {
-	case <-e.Server.ReadyNotify():
-	case <-time.After(30 * time.Second):
-		t.Fatal("etcd not ready within 30s")
-	}
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{cu.String()}, DialTimeout: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cli.Close() })
-	return cu.String(), cli
+	e := etcdtest.Start(t)
+	return e.Endpoint(), e.Client()
 }
 
 func TestStatusListsEveryLeaseAndTellsTulleFromFlannel(t *testing.T) {
