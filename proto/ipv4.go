@@ -179,33 +179,9 @@ func updateChecksum(hc, old, new uint16) uint16 {
 	return ^fold(uint64(sum))
 }
 
-// onesSum adds b as big-endian 16-bit words (an odd last byte padded with
-// zero) to sum, without folding. Callers fold with fold.
-func onesSum(b []byte, sum uint64) uint64 {
-	for len(b) >= 8 {
-		sum += uint64(binary.BigEndian.Uint32(b)) + uint64(binary.BigEndian.Uint32(b[4:]))
-		b = b[8:]
-	}
-	for len(b) >= 2 {
-		sum += uint64(binary.BigEndian.Uint16(b))
-		b = b[2:]
-	}
-	if len(b) == 1 {
-		sum += uint64(b[0]) << 8
-	}
-	return sum
-}
-
-// fold reduces a sum of 16- and 32-bit words to a 16-bit ones' complement sum.
-func fold(sum uint64) uint16 {
-	for sum>>16 != 0 {
-		sum = sum&0xffff + sum>>16
-	}
-	return uint16(sum)
-}
-
-// Checksum returns the Internet checksum (RFC 1071) of b, seeded with the
-// unfolded partial sum initial (0, or a pseudo-header sum).
-func Checksum(b []byte, initial uint64) uint16 {
-	return ^fold(onesSum(b, initial))
+// UpdateChecksumWord patches the checksum stored big-endian in field (2
+// bytes) after a 16-bit word of the data it covers changed from old to
+// new (RFC 1624, eqn. 3).
+func UpdateChecksumWord(field []byte, old, new uint16) {
+	binary.BigEndian.PutUint16(field, updateChecksum(binary.BigEndian.Uint16(field), old, new))
 }
