@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tulle-net/tulle/daemon/internal/nstest"
+	"github.com/tulle-net/tulle/tests/nstest"
 )
 
 // The binary must stay lean: the etcd server (and its raft, bbolt, ...)

@@ -27,8 +27,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tulle-net/tulle/daemon/config"
-	"github.com/tulle-net/tulle/daemon/internal/nstest"
 	"github.com/tulle-net/tulle/subnet"
+	"github.com/tulle-net/tulle/tests/nstest"
 )
 
 // These tests run the whole daemon in-process, inside a network namespace

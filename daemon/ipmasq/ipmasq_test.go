@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tulle-net/tulle/daemon/internal/nstest"
+	"github.com/tulle-net/tulle/tests/nstest"
 )
 
 var (

@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tulle-net/tulle/daemon/internal/nstest"
+	"github.com/tulle-net/tulle/tests/nstest"
 )
 
 // The masquerade test network; the rules run in "host":

@@ -9,7 +9,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 
-	"github.com/tulle-net/tulle/daemon/internal/nstest"
+	"github.com/tulle-net/tulle/tests/nstest"
 )
 
 // underlay builds, in a fresh namespace, two veth ends: a (192.0.2.1/24,

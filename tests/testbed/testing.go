@@ -9,35 +9,27 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/tulle-net/tulle/tests/nstest"
 )
 
 // EnvRequireRoot, set to 1 (as CI does), turns RequireRoot's skip into a
 // failure, so a run can never pass with the namespace tests skipped.
-const EnvRequireRoot = "TULLE_REQUIRE_ROOT_TESTS"
+const EnvRequireRoot = nstest.EnvRequireRoot
 
 // RequireRoot skips t with a clear message unless the process can build a
-// testbed (root, /dev/net/tun, the ip program); with
+// testbed (root, /dev/net/tun: nstest.RequireRoot; and the ip program); with
 // TULLE_REQUIRE_ROOT_TESTS=1 it fails t instead.
 func RequireRoot(t testing.TB) {
 	t.Helper()
-	why := ""
-	switch {
-	case os.Geteuid() != 0:
-		why = "needs root (network namespaces, veth, TUN devices)"
-	default:
-		if _, err := os.Stat("/dev/net/tun"); err != nil {
-			why = "needs /dev/net/tun: " + err.Error()
-		} else if _, err := exec.LookPath("ip"); err != nil {
-			why = "needs the ip program (Debian package iproute2)"
+	nstest.RequireRoot(t)
+	if _, err := exec.LookPath("ip"); err != nil {
+		why := "needs the ip program (Debian package iproute2)"
+		if os.Getenv(EnvRequireRoot) == "1" {
+			t.Fatalf("%s, and %s=1 forbids skipping", why, EnvRequireRoot)
 		}
+		t.Skipf("%s; skipped", why)
 	}
-	if why == "" {
-		return
-	}
-	if os.Getenv(EnvRequireRoot) == "1" {
-		t.Fatalf("%s, and %s=1 forbids skipping: run as root (sudo make e2e)", why, EnvRequireRoot)
-	}
-	t.Skipf("%s; skipped (run as root: sudo go test ./tests/...; %s=1 makes this a failure)", why, EnvRequireRoot)
 }
 
 // NewT builds a bed for a test: it calls RequireRoot, fails the test if the

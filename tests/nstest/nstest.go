@@ -1,6 +1,7 @@
-// Package nstest holds the daemon tests' helpers for root-only tests in
-// network namespaces they create. (tests/testbed has the full testbed; the
-// daemon's own tests need only this much.)
+// Package nstest holds the helpers of root-only unit tests in network
+// namespaces they create: the root guard every such test calls, anonymous
+// namespaces, named ones with veth pairs. (tests/testbed builds the full
+// two-host testbed on top of this for the end-to-end tests.)
 package nstest
 
 import (
@@ -17,17 +18,65 @@ import (
 	"github.com/vishvananda/netns"
 )
 
-// RequireRoot skips t when not root, or fails it when the environment says
-// TULLE_REQUIRE_ROOT_TESTS=1 (CI), so CI can never pass with it skipped.
+// EnvRequireRoot, set to 1 (as CI does), turns RequireRoot's skip into a
+// failure, so a run can never pass with the root-only tests skipped.
+const EnvRequireRoot = "TULLE_REQUIRE_ROOT_TESTS"
+
+// RequireRoot skips t with the reason unless the process can make network
+// namespaces and TUN devices (root, /dev/net/tun); with
+// TULLE_REQUIRE_ROOT_TESTS=1 it fails t instead.
 func RequireRoot(t testing.TB) {
 	t.Helper()
-	if os.Geteuid() == 0 {
+	why := ""
+	if os.Geteuid() != 0 {
+		why = "needs root (network namespaces, veth, TUN devices)"
+	} else if _, err := os.Stat("/dev/net/tun"); err != nil {
+		why = "needs /dev/net/tun: " + err.Error()
+	}
+	if why == "" {
 		return
 	}
-	if os.Getenv("TULLE_REQUIRE_ROOT_TESTS") == "1" {
-		t.Fatal("this test needs root (network namespaces) and TULLE_REQUIRE_ROOT_TESTS=1 forbids skipping it")
+	if os.Getenv(EnvRequireRoot) == "1" {
+		t.Fatalf("%s, and %s=1 forbids skipping", why, EnvRequireRoot)
 	}
-	t.Skip("needs root for network namespaces; run as root (CI sets TULLE_REQUIRE_ROOT_TESTS=1)")
+	t.Skipf("%s; skipped (run as root; %s=1 makes this a failure)", why, EnvRequireRoot)
+}
+
+// EnterNewNetns moves the test goroutine, locked to its OS thread, into a
+// new anonymous network namespace for the rest of the test, with lo up and
+// IPv6 off on new links (router solicitations and MLD reports would show up
+// in TUN reads at random times). Every socket, TUN device and netlink call
+// made from this goroutine lives there. The namespace has no name, so
+// nothing is left behind: it goes with its last socket or device. The
+// thread stays locked and is discarded with the test goroutine.
+func EnterNewNetns(t testing.TB) {
+	t.Helper()
+	RequireRoot(t)
+	runtime.LockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		t.Fatalf("get current netns: %v", err)
+	}
+	ns, err := netns.New()
+	if err != nil {
+		orig.Close()
+		t.Fatalf("new netns: %v", err)
+	}
+	t.Cleanup(func() {
+		netns.Set(orig)
+		orig.Close()
+		ns.Close()
+	})
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := netlink.LinkSetUp(lo); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile("/proc/sys/net/ipv6/conf/default/disable_ipv6", []byte("1"), 0o644); err != nil {
+		t.Fatalf("disable IPv6 on new links: %v", err)
+	}
 }
 
 var seq atomic.Int64
