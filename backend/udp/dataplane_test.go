@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"syscall"
 	"testing"
@@ -260,6 +261,10 @@ func TestCloseRemovesDeviceAndRoute(t *testing.T) {
 	var b *Backend
 	name := h.tunName("a")
 	err := inNetns(h.a, func() error {
+		// New links get IPv6 here, as on a host; New must turn it off.
+		if err := os.WriteFile("/proc/sys/net/ipv6/conf/default/disable_ipv6", []byte("0"), 0o644); err != nil {
+			return err
+		}
 		var err error
 		b, err = New(Options{TunName: name, Workers: 2, PublicIP: hostA, MTU: 1472, Network: network, SubnetLen: 24,
 			Lease: subnet.Lease{Subnet: leaseA}, Logger: discardLogger()})
@@ -276,6 +281,9 @@ func TestCloseRemovesDeviceAndRoute(t *testing.T) {
 		addrs, err := netlink.AddrList(l, netlink.FAMILY_V4)
 		if err != nil || len(addrs) != 1 || addrs[0].IPNet.String() != "198.18.1.0/32" {
 			return fmt.Errorf("addresses %v %v, want 198.18.1.0/32", addrs, err)
+		}
+		if v6, err := netlink.AddrList(l, netlink.FAMILY_V6); err != nil || len(v6) != 0 {
+			return fmt.Errorf("IPv6 addresses %v %v on the IPv4-only TUN, want none", v6, err)
 		}
 		routes, err := netlink.RouteList(l, netlink.FAMILY_V4)
 		if err != nil {

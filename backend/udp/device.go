@@ -3,8 +3,10 @@ package udp
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"net/netip"
+	"os"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -39,6 +41,10 @@ func setupDevice(name string, opts Options) (linkHandle, error) {
 	}
 	if err := nl.LinkSetMTU(link, opts.MTU); err != nil {
 		return h, fmt.Errorf("tun %s: set MTU %d: %w", name, opts.MTU, err)
+	}
+	if err := disableIPv6(name); err != nil {
+		// Harmless but noisy (a few dropped solicitations): carry on.
+		opts.Logger.Warn("could not disable IPv6 on the TUN device; its link-local traffic will be counted as dropped", "error", err)
 	}
 	if err := nl.LinkSetUp(link); err != nil {
 		return h, fmt.Errorf("tun %s: set link up: %w", name, err)
@@ -75,6 +81,20 @@ func (b *Backend) removeDevice() error {
 		return fmt.Errorf("tun %s: delete link: %w", h.name, err)
 	}
 	return nil
+}
+
+// disableIPv6 turns IPv6 off on the TUN device before it comes up: the
+// overlay is IPv4 only (as flannel's), and an IPv6 link-local address would
+// make the kernel send router and neighbour solicitations into the device,
+// where the data plane can only count and drop them. A kernel without IPv6
+// has no such file, which is fine.
+func disableIPv6(name string) error {
+	path := "/proc/sys/net/ipv6/conf/" + name + "/disable_ipv6"
+	err := os.WriteFile(path, []byte("1"), 0)
+	if err == nil || errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	return fmt.Errorf("tun %s: disable IPv6 (%s): %w", name, path, err)
 }
 
 func ipNet(p netip.Prefix) *net.IPNet {
