@@ -327,7 +327,7 @@ func TestDaemonStartsInOrderServesAndStopsLeavingTheLease(t *testing.T) {
 	// The lease in etcd: flannel's value plus Tulle's mark.
 	key := strings.ReplaceAll(lease.String(), "/", "-")
 	keys := leaseKeys(t, cli)
-	if got, want := keys[key], `{"PublicIP":"192.0.2.1","PublicIPv6":null,"BackendData":{"tulle":{"version":"devel"}}}`; got != want {
+	if got, want := keys[key], `{"PublicIP":"192.0.2.1","PublicIPv6":null,"BackendData":{"tulle":{"version":"devel","features":["partial-checksum"]}}}`; got != want {
 		t.Errorf("lease value %q, want %q (all: %v)", got, want, keys)
 	}
 

@@ -3,6 +3,7 @@ package daemon
 import (
 	"encoding/json"
 
+	"github.com/tulle-net/tulle/backend/udp"
 	"github.com/tulle-net/tulle/daemon/buildinfo"
 	"github.com/tulle-net/tulle/subnet"
 )
@@ -16,11 +17,16 @@ type tulleMark struct {
 
 type tulleInfo struct {
 	Version string `json:"version"`
+	// Features are what the data plane offers peers that also list them
+	// (udp.Features, e.g. "partial-checksum"); the data plane reads them
+	// from the peers' leases.
+	Features []string `json:"features,omitempty"`
 }
 
-// backendData is our lease's BackendData: {"tulle":{"version":"v0.1.0"}}.
+// backendData is our lease's BackendData:
+// {"tulle":{"version":"v0.1.0","features":["partial-checksum"]}}.
 func backendData() json.RawMessage {
-	b, _ := json.Marshal(tulleMark{Tulle: &tulleInfo{Version: buildinfo.Get().Version}})
+	b, _ := json.Marshal(tulleMark{Tulle: &tulleInfo{Version: buildinfo.Get().Version, Features: udp.Features()}})
 	return b
 }
 

@@ -147,7 +147,7 @@ func TestHostKindTellsTulleFromFlannel(t *testing.T) {
 	}
 	// Our mark survives flannel's lease value encoding.
 	b, err := subnet.LeaseAttrs{PublicIP: netipMust("192.0.2.1"), BackendData: backendData()}.MarshalJSON()
-	if err != nil || string(b) != `{"PublicIP":"192.0.2.1","PublicIPv6":null,"BackendData":{"tulle":{"version":"devel"}}}` {
+	if err != nil || string(b) != `{"PublicIP":"192.0.2.1","PublicIPv6":null,"BackendData":{"tulle":{"version":"devel","features":["partial-checksum"]}}}` {
 		t.Errorf("lease value %s %v", b, err)
 	}
 }

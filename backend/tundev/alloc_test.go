@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/tulle-net/tulle/backend/tundev"
+	"github.com/tulle-net/tulle/tests/nstest"
 )
 
 func TestOffloadReadWriteOfUDPAllocateNothing(t *testing.T) {
@@ -45,7 +46,7 @@ const loopFlows, loopSegs, loopSize = 4, 8, 1000
 const loopBatch = loopFlows * loopSegs
 
 func newForwardLoop(tb testing.TB, driver string, proto byte) *forwardLoop {
-	enterNewNetns(tb)
+	nstest.EnterNewNetns(tb)
 	writeSysctl(tb, "net/ipv4/ip_forward", "1")
 	writeSysctl(tb, "net/ipv4/conf/all/send_redirects", "0")
 	dev := openTUN(tb, tundev.Options{Driver: driver})
@@ -118,9 +119,7 @@ func testForwardingLoopAllocs(t *testing.T, driver string, proto byte) {
 	}
 	t.Logf("%s, protocol %d: %d packets per round, up to %d per Read, %.2f allocations per round",
 		driver, proto, loopBatch, l.maxBatch, allocs)
-	if allocs != 0 && raceEnabled {
-		t.Logf("allocations not asserted under -race (instrumentation allocates in wireguard's coalescing)")
-	} else if allocs != 0 {
+	if allocs != 0 {
 		t.Errorf("%s: Write+Read of %d packets allocate %.2f times per round, want 0", driver, loopBatch, allocs)
 	}
 	if l.dev.Offload() && (proto == 6 || l.dev.UDPOffload()) && l.maxBatch < loopSegs {

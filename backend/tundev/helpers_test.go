@@ -9,65 +9,13 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"runtime"
 	"sync"
 	"testing"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 
 	"github.com/tulle-net/tulle/backend/tundev"
 )
-
-// requireRoot skips a test that needs root and namespaces, or fails it when
-// TULLE_REQUIRE_ROOT_TESTS=1 (CI must not pass with these skipped).
-func requireRoot(t testing.TB) {
-	t.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	msg := "needs root (CAP_NET_ADMIN, network namespaces, /dev/net/tun); run as root"
-	if os.Getenv("TULLE_REQUIRE_ROOT_TESTS") == "1" {
-		t.Fatal(msg + " (TULLE_REQUIRE_ROOT_TESTS=1)")
-	}
-	t.Skip(msg)
-}
-
-// enterNewNetns moves the test goroutine, locked to its OS thread, into a
-// new anonymous network namespace for the rest of the test. Every socket,
-// TUN device and netlink call made from this goroutine lives there. The
-// namespace has no name, so nothing is left behind: it disappears with the
-// last socket or device in it. The thread stays locked and is discarded
-// by the runtime when the test goroutine ends.
-func enterNewNetns(t testing.TB) {
-	t.Helper()
-	requireRoot(t)
-	runtime.LockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		t.Fatalf("get current netns: %v", err)
-	}
-	ns, err := netns.New()
-	if err != nil {
-		orig.Close()
-		t.Fatalf("new netns: %v", err)
-	}
-	t.Cleanup(func() {
-		netns.Set(orig)
-		orig.Close()
-		ns.Close()
-	})
-	lo, err := netlink.LinkByName("lo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := netlink.LinkSetUp(lo); err != nil {
-		t.Fatal(err)
-	}
-	// No IPv6 on new links: router solicitations and MLD reports would
-	// show up in the TUN reads at random times.
-	writeSysctl(t, "net/ipv6/conf/default/disable_ipv6", "1")
-}
 
 // writeSysctl writes /proc/sys/<key> in the calling thread's namespace.
 func writeSysctl(t testing.TB, key, value string) {

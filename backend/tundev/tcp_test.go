@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/tulle-net/tulle/backend/tundev"
+	"github.com/tulle-net/tulle/tests/nstest"
 )
 
 // TestOffloadCarriesTCPStream runs a real kernel TCP client against a TCP
@@ -22,7 +23,7 @@ import (
 // valid checksums, and same-flow segments written in one Write must reach
 // the client as one coalesced packet.
 func TestOffloadCarriesTCPStream(t *testing.T) {
-	enterNewNetns(t)
+	nstest.EnterNewNetns(t)
 	const mtu, mss = 1400, 1360
 	dev := openTUN(t, tundev.Options{MTU: mtu})
 	q := dev.Queues()[0]

@@ -1,18 +1,26 @@
 // Package tundev opens the TUN device of the data plane and moves packets
-// through it in batches.
+// through it.
 //
 // Two drivers sit behind one small interface:
 //
-//   - "offload" (the default): IFF_VNET_HDR with TSO4/6 and, where the kernel
-//     takes it (Linux >= 6.2), USO4/6, driven by golang.zx2c4.com/wireguard/tun.
-//     One Read returns a TSO/USO superpacket already split into MTU-sized
-//     packets with complete checksums; one Write coalesces TCP and UDP segments
-//     of a flow (GRO) so the kernel sees few large packets.
-//   - "water": github.com/songgao/water, one packet per syscall. The portable
-//     baseline for benchmarks and the fallback where offloads misbehave.
+//   - "offload" (the default): IFF_VNET_HDR with TSO4 and, where the kernel
+//     takes it (Linux >= 6.2), USO: every packet read or written carries a
+//     virtio-net header, so one read returns a whole TSO/USO superpacket
+//     (up to 64 KiB) and one write hands the kernel a whole coalesced one.
+//     Split cuts a superpacket into segments without copying the payload;
+//     Coalescer merges segments of a flow into one write (GRO) without
+//     copying either. The batch API (Read, Write) is built on them.
+//   - "water": github.com/songgao/water opens the device: no virtio header,
+//     one packet per system call. The portable baseline for benchmarks and
+//     the fallback where offloads misbehave.
 //
 // Both drivers support several queues (IFF_MULTI_QUEUE, one file descriptor
 // per queue) so that each data-plane worker owns a queue.
+//
+// Every call blocks its OS thread in ppoll(2) (package fdpoll), not the Go
+// netpoller: the data plane runs each loop on a goroutine locked to its
+// thread, and a packet then wakes exactly the thread that handles it.
+// Device.Close wakes every waiting call.
 //
 // Open creates the device and sets its MTU only; addresses, routes and the
 // link state belong to the caller (netlink).
@@ -61,9 +69,10 @@ type Options struct {
 	Logger *slog.Logger
 }
 
-// Queue is one queue of a TUN device. A Queue's Read may run concurrently
-// with its Write; Read must not run concurrently with itself, nor Write with
-// itself (one reader and one writer per queue, as a worker does).
+// Queue is one queue of a TUN device. A Queue's reads may run concurrently
+// with its writes; Read and ReadPacket must not run concurrently with
+// themselves or each other (one reader), nor Write with itself. WritePacket
+// is safe for concurrent use.
 type Queue interface {
 	// Read reads one or more packets into bufs: packet i is
 	// bufs[i][offset:offset+sizes[i]]. It blocks until at least one packet
@@ -83,10 +92,9 @@ type Queue interface {
 	// Write writes each bufs[i][offset:] as one packet and returns the number
 	// of bufs consumed (len(bufs) unless the error is fatal). offset must be
 	// >= Headroom. The offload driver coalesces TCP and UDP segments of a
-	// flow (GRO): it writes the virtio header into the headroom and may
-	// append payload into the spare capacity of bufs[i] (give buffers a
-	// capacity of offset+65535 for the best coalescing). Write never changes
-	// the slice headers in bufs, only the bytes they point to.
+	// flow (GRO, see Coalescer) and then patches the first packet's headers
+	// in place. Write never changes the slice headers in bufs, only the
+	// bytes they point to.
 	//
 	// A packet the kernel refuses (EIO while the link is down, EINVAL for a
 	// non-IP packet) is counted in Device.Stats and the others are still
@@ -98,7 +106,38 @@ type Queue interface {
 	// number of buffers to pass to it): 128 for the offload driver, 1 for
 	// water.
 	BatchSize() int
+
+	// VirtioHeader reports whether ReadPacket and WritePacket carry the
+	// virtio-net header (the offload driver).
+	VirtioHeader() bool
+
+	// ReadPacket reads one packet into buf and returns its length. With
+	// VirtioHeader, buf[:VirtioHdrLen] is the packet's virtio-net header
+	// (DecodeVirtioHdr) and a packet or TSO/USO superpacket follows; pass
+	// ReadBufferSize bytes. Without, pass at least MTU bytes. If wait is
+	// false and no packet is queued it returns ErrWouldBlock at once, else
+	// it waits. Errors as for Read (closed, gone). A packet larger than buf
+	// comes truncated to len(buf) (the kernel's TUN does that silently);
+	// ReadBufferSize holds any packet of a device with the default 64 KiB
+	// gso_max_size, and the IPv4 total length tells a truncated one.
+	ReadPacket(buf []byte, wait bool) (int, error)
+
+	// WritePacket writes one packet gathered from the pieces in iov (at
+	// most MaxCoalesce+2; empty pieces are skipped) with one writev. With
+	// VirtioHeader, the first VirtioHdrLen bytes are the virtio-net header. A
+	// packet the kernel refuses is counted in Device.Stats and nil is
+	// returned; the error is for a closed or removed device.
+	WritePacket(iov [][]byte) error
+
+	// Fd is the queue's file descriptor, for a caller that waits for it to
+	// be readable itself (ppoll, with ReadPacket without wait); it must
+	// stop using it before Device.Close.
+	Fd() int
 }
+
+// ErrWouldBlock is returned by ReadPacket without wait when no packet is
+// queued.
+var ErrWouldBlock = errors.New("no packet queued")
 
 // Stats are counters of a Device summed over its queues.
 type Stats struct {

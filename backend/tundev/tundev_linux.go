@@ -3,10 +3,6 @@ package tundev
 import (
 	"errors"
 	"fmt"
-	"io"
-	"io/fs"
-	"os"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -85,27 +81,6 @@ func setMTU(name string, mtu int) error {
 	return nil
 }
 
-// fatalErr returns the error Read or Write must return for err, or nil if
-// err only concerns the packet(s) at hand. perPacketSyscall tells whether
-// syscall errors of the device file concern single packets (writes: EIO,
-// EINVAL) or the device (reads).
-func (d *Device) fatalErr(op string, queue int, err error, perPacketSyscall bool) error {
-	if errors.Is(err, os.ErrClosed) || errors.Is(err, syscall.EBADFD) || errors.Is(err, io.EOF) {
-		if d.closed.Load() {
-			return fmt.Errorf("%s tun %s queue %d: %w", op, d.name, queue, os.ErrClosed)
-		}
-		return fmt.Errorf("%s tun %s queue %d: %w", op, d.name, queue, ErrDeviceGone)
-	}
-	if perPacketSyscall {
-		return nil
-	}
-	var pe *fs.PathError
-	if errors.As(err, &pe) {
-		return fmt.Errorf("%s tun %s queue %d: %w", op, d.name, queue, err)
-	}
-	return nil
-}
-
 // checkReadArgs validates the arguments of Queue.Read.
 func checkReadArgs(bufs [][]byte, sizes []int, offset, mtu int) error {
 	if offset < Headroom {
@@ -120,14 +95,6 @@ func checkReadArgs(bufs [][]byte, sizes []int, offset, mtu int) error {
 		}
 	}
 	return nil
-}
-
-// joinedCount returns how many errors err joins (errors.Join), at least 1.
-func joinedCount(err error) int {
-	if u, ok := err.(interface{ Unwrap() []error }); ok && len(u.Unwrap()) > 0 {
-		return len(u.Unwrap())
-	}
-	return 1
 }
 
 // errEmptyPacket is counted for a buffer with nothing after the offset.

@@ -15,6 +15,7 @@ import (
 
 	"github.com/tulle-net/tulle/backend/tundev"
 	"github.com/tulle-net/tulle/backend/udpconn"
+	"github.com/tulle-net/tulle/tests/nstest"
 )
 
 // waitPacket returns the first packet from ch that parses and matches, and
@@ -51,7 +52,7 @@ func TestWaterDeviceCarriesUDPBothWays(t *testing.T) {
 }
 
 func testCarriesUDPBothWays(t *testing.T, driver string) {
-	enterNewNetns(t)
+	nstest.EnterNewNetns(t)
 	dev := openTUN(t, tundev.Options{Driver: driver})
 	wantOffload := driver == tundev.DriverOffload
 	if dev.Offload() != wantOffload || dev.Driver() != driver || len(dev.Queues()) != 1 {
@@ -106,7 +107,7 @@ func testCarriesUDPBothWays(t *testing.T, driver string) {
 }
 
 func TestOffloadReadSplitsUDPSuperpacket(t *testing.T) {
-	enterNewNetns(t)
+	nstest.EnterNewNetns(t)
 	dev := openTUN(t, tundev.Options{})
 	if !dev.UDPOffload() {
 		t.Skip("kernel did not accept USO (needs Linux >= 6.2)")
@@ -144,7 +145,7 @@ func TestOffloadReadSplitsUDPSuperpacket(t *testing.T) {
 }
 
 func TestOffloadWriteCoalescesUDPSegments(t *testing.T) {
-	enterNewNetns(t)
+	nstest.EnterNewNetns(t)
 	dev := openTUN(t, tundev.Options{})
 	if !dev.UDPOffload() {
 		t.Skip("kernel did not accept USO (needs Linux >= 6.2)")
@@ -196,7 +197,7 @@ func TestMultiQueueWaterDeviceUsesEveryQueue(t *testing.T) {
 }
 
 func testMultiQueue(t *testing.T, driver string) {
-	enterNewNetns(t)
+	nstest.EnterNewNetns(t)
 	dev := openTUN(t, tundev.Options{Driver: driver, Queues: 2})
 	if len(dev.Queues()) != 2 {
 		t.Fatalf("%d queues, want 2", len(dev.Queues()))
@@ -245,7 +246,7 @@ func testMultiQueue(t *testing.T, driver string) {
 }
 
 func TestCloseUnblocksRead(t *testing.T) {
-	enterNewNetns(t)
+	nstest.EnterNewNetns(t)
 	dev := openTUN(t, tundev.Options{Queues: 2})
 	done := make(chan error, 2)
 	for _, q := range dev.Queues() {
@@ -286,7 +287,7 @@ func TestDeletedWaterDeviceFailsRead(t *testing.T) {
 }
 
 func testDeletedDeviceFailsRead(t *testing.T, driver string) {
-	enterNewNetns(t)
+	nstest.EnterNewNetns(t)
 	dev := openTUN(t, tundev.Options{Driver: driver})
 	done := make(chan error, 1)
 	go func() {
@@ -334,7 +335,7 @@ func TestOpenRejectsBadOptions(t *testing.T) {
 }
 
 func TestReadAndWriteRejectSmallOffset(t *testing.T) {
-	enterNewNetns(t)
+	nstest.EnterNewNetns(t)
 	dev := openTUN(t, tundev.Options{})
 	q := dev.Queues()[0]
 	bufs, sizes := makeBufs(1, 2048)
@@ -351,7 +352,7 @@ func TestReadAndWriteRejectSmallOffset(t *testing.T) {
 }
 
 func TestReadWithTooFewBuffersDeliversWhatFitsAndCountsTheDrop(t *testing.T) {
-	enterNewNetns(t)
+	nstest.EnterNewNetns(t)
 	dev := openTUN(t, tundev.Options{})
 	if !dev.UDPOffload() {
 		t.Skip("kernel did not accept USO (needs Linux >= 6.2)")
@@ -404,7 +405,7 @@ func TestWriteRefusedByKernelIsCountedNotFatal(t *testing.T) {
 // testWriteRefused writes a non-IP packet and a packet to a device that is
 // down: the kernel refuses both, Write counts them and goes on.
 func testWriteRefused(t *testing.T, driver string) {
-	enterNewNetns(t)
+	nstest.EnterNewNetns(t)
 	dev := openTUN(t, tundev.Options{Driver: driver})
 	q := dev.Queues()[0]
 	garbage := make([]byte, tundev.Headroom+40)

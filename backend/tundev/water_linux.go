@@ -9,9 +9,9 @@ import (
 )
 
 // openWater opens opts.Queues queues with github.com/songgao/water
-// (IFF_TUN|IFF_NO_PI, plus IFF_MULTI_QUEUE for more than one queue).
-// water opens the fd non-blocking, so reads park in the Go netpoller and
-// Close unblocks them.
+// (IFF_TUN|IFF_NO_PI, plus IFF_MULTI_QUEUE for more than one queue). The
+// queue does its I/O on water's file descriptor with the same non-blocking
+// calls and ppoll waits as the offload driver, one packet per call.
 func (d *Device) openWater(opts Options) error {
 	name := opts.Name
 	for i := 0; i < opts.Queues; i++ {
@@ -32,74 +32,43 @@ func (d *Device) openWater(opts Options) error {
 		}
 		name = ifce.Name()
 		d.name = name
-		d.closers = append(d.closers, f.Close)
-		// water opens without O_CLOEXEC; a child process (iptables, ...)
-		// must not inherit and keep the device alive.
-		if err := setCloseOnExec(f); err != nil {
-			return fmt.Errorf("tun %s: queue %d: set close-on-exec: %w", name, i, err)
+		fd, err := rawFd(f)
+		if err != nil {
+			f.Close()
+			return fmt.Errorf("tun %s: queue %d: %w", name, i, err)
 		}
-		d.queues = append(d.queues, &waterQueue{d: d, index: i, f: f, mtu: opts.MTU})
+		q, err := newQueue(d, i, fd, false, f.Close)
+		if err != nil {
+			f.Close()
+			return fmt.Errorf("tun %s: queue %d: %w", name, i, err)
+		}
+		d.queues = append(d.queues, q)
+		d.closers = append(d.closers, q.close)
 	}
 	return nil
 }
 
-func setCloseOnExec(f *os.File) error {
+// rawFd returns f's descriptor, non-blocking and close-on-exec (water
+// opens without O_CLOEXEC; a child process such as iptables must not
+// inherit and keep the device alive). f keeps owning it.
+func rawFd(f *os.File) (int, error) {
 	rc, err := f.SyscallConn()
 	if err != nil {
-		return err
+		return -1, err
 	}
+	fd := -1
 	var ferr error
-	if err := rc.Control(func(fd uintptr) {
-		_, ferr = unix.FcntlInt(fd, unix.F_SETFD, unix.FD_CLOEXEC)
+	if err := rc.Control(func(raw uintptr) {
+		fd = int(raw)
+		if _, ferr = unix.FcntlInt(raw, unix.F_SETFD, unix.FD_CLOEXEC); ferr != nil {
+			return
+		}
+		ferr = unix.SetNonblock(fd, true)
 	}); err != nil {
-		return err
+		return -1, err
 	}
-	return ferr
-}
-
-// waterQueue moves one packet per syscall.
-type waterQueue struct {
-	d     *Device
-	index int
-	f     *os.File
-	mtu   int
-}
-
-func (q *waterQueue) BatchSize() int { return 1 }
-
-func (q *waterQueue) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
-	if err := checkReadArgs(bufs, sizes, offset, q.mtu); err != nil {
-		return 0, err
+	if ferr != nil {
+		return -1, fmt.Errorf("set close-on-exec, non-blocking: %w", ferr)
 	}
-	for {
-		n, err := q.f.Read(bufs[0][offset:])
-		if err != nil {
-			if fatal := q.d.fatalErr("read", q.index, err, false); fatal != nil {
-				return 0, fatal
-			}
-			q.d.dropRead(q.index, err)
-			continue
-		}
-		sizes[0] = n
-		return 1, nil
-	}
-}
-
-func (q *waterQueue) Write(bufs [][]byte, offset int) (int, error) {
-	if offset < Headroom {
-		return 0, errBadOffset
-	}
-	for i, b := range bufs {
-		if len(b) <= offset {
-			q.d.writeFailed(q.index, 1, errEmptyPacket)
-			continue
-		}
-		if _, err := q.f.Write(b[offset:]); err != nil {
-			if fatal := q.d.fatalErr("write", q.index, err, true); fatal != nil {
-				return i, fatal
-			}
-			q.d.writeFailed(q.index, 1, err)
-		}
-	}
-	return len(bufs), nil
+	return fd, nil
 }

@@ -15,10 +15,17 @@ import (
 // BenchmarkTCPStream measures one TCP stream from host A to host B: over
 // the bare veth, over the kernel's VXLAN (VNI 1, port 8472, as flannel's
 // vxlan backend: the reference), and through two Tulle data planes with
-// each TUN driver. MB/s is the goodput; compare the sub-benchmarks of one
-// run, as the machine is shared. The TCP endpoints run in this process and
-// share its CPUs with the data planes.
-func BenchmarkTCPStream(b *testing.B) {
+// each TUN driver (Tulle leases: partial checksums between them). MB/s is
+// the goodput; compare the sub-benchmarks of one run, as the machine is
+// shared. The TCP endpoints run in this process and share its CPUs with the
+// data planes, so the ratios differ from tests/bench's (iperf3 in its own
+// processes); use this one for profiles (-cpuprofile).
+func BenchmarkTCPStream(b *testing.B) { benchModes(b, 1) }
+
+// BenchmarkTCPStreams4 is BenchmarkTCPStream with 4 parallel streams.
+func BenchmarkTCPStreams4(b *testing.B) { benchModes(b, 4) }
+
+func benchModes(b *testing.B, streams int) {
 	for _, mode := range []string{"veth", "vxlan", "offload", "water"} {
 		b.Run(mode, func(b *testing.B) {
 			h := newTwoHosts(b)
@@ -30,11 +37,11 @@ func BenchmarkTCPStream(b *testing.B) {
 				h.vxlan(b, h.a, h.vethA, hostA, hostB, src)
 				h.vxlan(b, h.b, h.prefix+"vb", hostB, hostA, dst)
 			default:
-				startBackend(b, h.a, h.tunName("a"), leaseA, hostA, mode, 0, lease(leaseB, hostB))
-				startBackend(b, h.b, h.tunName("b"), leaseB, hostB, mode, 0, lease(leaseA, hostA))
+				startBackend(b, h.a, h.tunName("a"), leaseA, hostA, mode, 0, tulleLease(leaseB, hostB))
+				startBackend(b, h.b, h.tunName("b"), leaseB, hostB, mode, 0, tulleLease(leaseA, hostA))
 				src, dst = leaseA.Addr(), leaseB.Addr()
 			}
-			benchStream(b, h.a, h.b, src, dst)
+			benchStreams(b, h.a, h.b, src, dst, streams)
 		})
 	}
 }
@@ -67,7 +74,9 @@ func (h *twoHosts) vxlan(b *testing.B, ns netns.NsHandle, dev string, local, rem
 	}
 }
 
-func benchStream(b *testing.B, nsSrc, nsDst netns.NsHandle, src, dst netip.Addr) {
+// benchStreams sends 1 MiB per op, spread over streams TCP connections,
+// from src in nsSrc to dst in nsDst.
+func benchStreams(b *testing.B, nsSrc, nsDst netns.NsHandle, src, dst netip.Addr, streams int) {
 	var ln net.Listener
 	if err := inNetns(nsDst, func() error {
 		var err error
@@ -77,36 +86,67 @@ func benchStream(b *testing.B, nsSrc, nsDst netns.NsHandle, src, dst netip.Addr)
 		b.Fatal(err)
 	}
 	defer ln.Close()
-	done := make(chan int64, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			done <- 0
-			return
-		}
-		n, _ := io.Copy(io.Discard, c)
-		c.Close()
-		done <- n
-	}()
-	var c net.Conn
-	if err := inNetns(nsSrc, func() error {
-		d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(src, 0))}
-		var err error
-		c, err = d.Dial("tcp4", netip.AddrPortFrom(dst, 5201).String())
-		return err
-	}); err != nil {
-		b.Fatal(err)
+	received := make(chan int64, streams)
+	for range streams {
+		go func() {
+			c, err := ln.Accept()
+			if err != nil {
+				received <- 0
+				return
+			}
+			n, _ := io.Copy(io.Discard, c)
+			c.Close()
+			received <- n
+		}()
 	}
-	buf := make([]byte, 1<<20)
-	b.SetBytes(int64(len(buf)))
-	b.ResetTimer()
-	for b.Loop() {
-		if _, err := c.Write(buf); err != nil {
+	conns := make([]net.Conn, streams)
+	for i := range conns {
+		if err := inNetns(nsSrc, func() error {
+			d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(src, 0))}
+			var err error
+			conns[i], err = d.Dial("tcp4", netip.AddrPortFrom(dst, 5201).String())
+			return err
+		}); err != nil {
 			b.Fatal(err)
 		}
 	}
-	c.Close()
-	if n := <-done; n < int64(b.N)*int64(len(buf)) {
-		b.Fatalf("received %d bytes, sent %d", n, int64(b.N)*int64(len(buf)))
+	const chunk = 1 << 20
+	buf := make([]byte, chunk/streams)
+	b.SetBytes(int64(len(buf) * streams))
+	work := make(chan struct{}, streams)
+	errs := make(chan error, streams)
+	for _, c := range conns {
+		go func() {
+			for range work {
+				if _, err := c.Write(buf); err != nil {
+					errs <- err
+					return
+				}
+				errs <- nil
+			}
+		}()
+	}
+	b.ResetTimer()
+	for b.Loop() {
+		for range streams {
+			work <- struct{}{}
+		}
+		for range streams {
+			if err := <-errs; err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+	b.StopTimer()
+	close(work)
+	var total int64
+	for _, c := range conns {
+		c.Close()
+	}
+	for range streams {
+		total += <-received
+	}
+	if want := int64(b.N) * int64(len(buf)*streams); total < want {
+		b.Fatalf("received %d bytes, sent %d", total, want)
 	}
 }

@@ -1,6 +1,7 @@
 package udp
 
 import (
+	"encoding/json"
 	"net/netip"
 	"slices"
 	"sync"
@@ -39,6 +40,9 @@ func (b *Backend) Apply(events []subnet.Event) {
 			continue
 		}
 		if l.Subnet == b.opts.Lease.Subnet {
+			if ev.Type == subnet.EventAdded {
+				b.setOwnFeatures(l.Attrs.BackendData)
+			}
 			continue
 		}
 		public := l.Attrs.PublicIP.Unmap()
@@ -51,7 +55,13 @@ func (b *Backend) Apply(events []subnet.Event) {
 		switch ev.Type {
 		case subnet.EventAdded:
 			if old != nil && old.addr.Addr() == public {
-				continue // renewal
+				// Renewal, or the same host restarted (e.g. flannel
+				// replaced by Tulle): its features may have changed.
+				if partial := hasFeature(l.Attrs.BackendData, FeaturePartialChecksum); old.partialCsum.Load() != partial {
+					old.partialCsum.Store(partial)
+					b.log.Info("peer features changed", "subnet", l.Subnet, "peer", public, "partial_checksum", partial)
+				}
+				continue
 			}
 			if old != nil {
 				c.release(old)
@@ -60,7 +70,9 @@ func (b *Backend) Apply(events []subnet.Event) {
 			} else {
 				b.log.Debug("peer added", "subnet", l.Subnet, "peer", public)
 			}
-			c.peers[l.Subnet] = b.newPeer(l.Subnet, public)
+			p := b.newPeer(l.Subnet, public)
+			p.partialCsum.Store(hasFeature(l.Attrs.BackendData, FeaturePartialChecksum))
+			c.peers[l.Subnet] = p
 			added++
 		case subnet.EventRemoved:
 			if old == nil {
@@ -81,6 +93,15 @@ func (b *Backend) Apply(events []subnet.Event) {
 	}
 	b.table.Store(newTable(b.opts.Network, b.opts.SubnetLen, b.opts.Lease.Subnet, peers))
 	b.log.Info("route table updated", "peers", len(peers), "added", added, "removed", removed)
+}
+
+// setOwnFeatures notes the features our own lease advertises (it may be
+// rewritten, e.g. a reservation replaced by a lease with our BackendData).
+func (b *Backend) setOwnFeatures(data json.RawMessage) {
+	partial := hasFeature(data, FeaturePartialChecksum)
+	if b.ownPartial.Swap(partial) != partial {
+		b.log.Info("own lease features changed", "subnet", b.opts.Lease.Subnet, "partial_checksum", partial)
+	}
 }
 
 // leaseFits reports whether l is an IPv4 lease of the network's length with
@@ -118,3 +139,33 @@ func (b *Backend) newPeer(s netip.Prefix, public netip.Addr) *peer {
 
 // release returns p's counter index for reuse by a later peer.
 func (c *control) release(p *peer) { c.free = append(c.free, p.index) }
+
+// FeaturePartialChecksum is the data-plane feature a Tulle host advertises
+// in its lease's BackendData as {"tulle":{"features":["partial-checksum"]}}:
+// it takes marked packets with partial checksums (see markBit) from peers
+// that advertise it, and sends such packets to them when its own lease
+// advertises it too. Flannel hosts advertise nothing and get complete
+// checksums.
+const FeaturePartialChecksum = "partial-checksum"
+
+// Features returns the features this data plane advertises, for the
+// lease's BackendData under "tulle"."features".
+func Features() []string { return []string{FeaturePartialChecksum} }
+
+// hasFeature reports whether BackendData data ({"tulle":{"features":[...]}},
+// other fields ignored) lists feature f. Anything else, a flannel lease
+// without BackendData included, has no features.
+func hasFeature(data json.RawMessage, f string) bool {
+	if len(data) == 0 {
+		return false
+	}
+	var v struct {
+		Tulle *struct {
+			Features []string `json:"features"`
+		} `json:"tulle"`
+	}
+	if json.Unmarshal(data, &v) != nil || v.Tulle == nil {
+		return false
+	}
+	return slices.Contains(v.Tulle.Features, f)
+}

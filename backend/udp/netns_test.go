@@ -20,27 +20,8 @@ import (
 
 	"github.com/tulle-net/tulle/proto"
 	"github.com/tulle-net/tulle/subnet"
+	"github.com/tulle-net/tulle/tests/nstest"
 )
-
-// requireRoot skips a test that needs root and network namespaces, or fails
-// it when TULLE_REQUIRE_ROOT_TESTS=1 (as testbed.RequireRoot does; kept
-// local so the data plane's tests do not pull in the end-to-end testbed).
-func requireRoot(t testing.TB) {
-	t.Helper()
-	why := ""
-	if os.Geteuid() != 0 {
-		why = "needs root (network namespaces, veth, TUN devices)"
-	} else if _, err := os.Stat("/dev/net/tun"); err != nil {
-		why = "needs /dev/net/tun: " + err.Error()
-	}
-	if why == "" {
-		return
-	}
-	if os.Getenv("TULLE_REQUIRE_ROOT_TESTS") == "1" {
-		t.Fatalf("%s, and TULLE_REQUIRE_ROOT_TESTS=1 forbids skipping", why)
-	}
-	t.Skipf("%s; skipped (run as root; TULLE_REQUIRE_ROOT_TESTS=1 makes this a failure)", why)
-}
 
 // inNetns runs fn on an OS thread inside ns. The thread stays locked and is
 // discarded with its goroutine, so no other goroutine ever runs in ns by
@@ -104,12 +85,11 @@ var (
 	network  = netip.MustParsePrefix("198.18.0.0/16")
 	leaseA   = netip.MustParsePrefix("198.18.1.0/24")
 	leaseB   = netip.MustParsePrefix("198.18.2.0/24")
-	leaseC   = netip.MustParsePrefix("198.18.3.0/24") // nobody's, or another peer's
 )
 
 func newTwoHosts(t testing.TB) *twoHosts {
 	t.Helper()
-	requireRoot(t)
+	nstest.RequireRoot(t)
 	h := &twoHosts{prefix: fmt.Sprintf("tl%d", os.Getpid()%100000)}
 	h.a, h.b = newNetns(t), newNetns(t)
 	h.vethA = h.prefix + "va"
@@ -166,10 +146,19 @@ func (l *logBuffer) String() string {
 	return l.b.String()
 }
 
-// startBackend makes a Backend in ns with lease own and public IP pub,
-// applies peers, runs it, and stops and closes it in Cleanup.
+// startBackend makes a Backend in ns for a Tulle host with lease own and
+// public IP pub, applies peers, runs it, and stops and closes it in
+// Cleanup.
 func startBackend(t testing.TB, ns netns.NsHandle, name string, own netip.Prefix, pub netip.Addr, driver string, workers int, peers ...subnet.Event) *Backend {
 	t.Helper()
+	return startBackendLease(t, ns, name, tulleLease(own, pub).Lease, driver, workers, peers...)
+}
+
+// startBackendLease is startBackend with our own lease as given (its
+// BackendData decides the features we offer).
+func startBackendLease(t testing.TB, ns netns.NsHandle, name string, own subnet.Lease, driver string, workers int, peers ...subnet.Event) *Backend {
+	t.Helper()
+	pub := own.Attrs.PublicIP
 	logs := &logBuffer{}
 	var b *Backend
 	err := inNetns(ns, func() error {
@@ -183,7 +172,7 @@ func startBackend(t testing.TB, ns netns.NsHandle, name string, own netip.Prefix
 			MTU:       1500 - proto.EncapOverhead,
 			Network:   network,
 			SubnetLen: 24,
-			Lease:     subnet.Lease{Subnet: own, Attrs: subnet.LeaseAttrs{PublicIP: pub}},
+			Lease:     own,
 			Logger:    slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		})
 		return err
@@ -215,8 +204,16 @@ func startBackend(t testing.TB, ns netns.NsHandle, name string, own netip.Prefix
 	return b
 }
 
+// lease is the lease event of a flannel host (no BackendData).
 func lease(s netip.Prefix, pub netip.Addr) subnet.Event {
 	return subnet.Event{Type: subnet.EventAdded, Lease: subnet.Lease{Subnet: s, Attrs: subnet.LeaseAttrs{PublicIP: pub}}}
+}
+
+// tulleLease is the lease event of a Tulle host advertising Features().
+func tulleLease(s netip.Prefix, pub netip.Addr) subnet.Event {
+	ev := lease(s, pub)
+	ev.Lease.Attrs.BackendData = []byte(`{"tulle":{"version":"test","features":["` + FeaturePartialChecksum + `"]}}`)
+	return ev
 }
 
 // listenUDP opens a UDP socket on addr inside ns.

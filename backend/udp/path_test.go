@@ -1,11 +1,13 @@
 package udp
 
 import (
+	"bytes"
 	"encoding/binary"
 	"net/netip"
 	"testing"
 	"unsafe"
 
+	"github.com/tulle-net/tulle/backend/tundev"
 	"github.com/tulle-net/tulle/proto"
 	"github.com/tulle-net/tulle/subnet"
 )
@@ -35,74 +37,209 @@ func ipv4(src, dst string, size int, ttl uint8, df bool) []byte {
 	return b
 }
 
-// txBatch places pkts in the TX loop's read buffers as a TUN read would.
-func txBatch(tx *txLoop, pkts ...[]byte) int {
-	for i, p := range pkts {
-		tx.sizes[i] = copy(tx.bufs[i][headroom:], p)
+// tcpSuper builds what a TUN with TSO hands over for a TCP superpacket:
+// IPv4 (DF) + TCP with 12 bytes of options + payload, the TCP checksum
+// field holding the pseudo-header sum (CHECKSUM_PARTIAL), and its virtio
+// header (GSO TCPv4, segments of mss payload bytes).
+func tcpSuper(src, dst string, payload, mss int, seq uint32) (tundev.VirtioHdr, []byte) {
+	const hl = 20 + 32
+	b := make([]byte, hl+payload)
+	b[0] = 0x45
+	binary.BigEndian.PutUint16(b[2:], uint16(len(b)))
+	binary.BigEndian.PutUint16(b[4:], 0x1000)
+	b[6] = 0x40
+	b[8] = 64
+	b[9] = proto.ProtoTCP
+	s, d := netip.MustParseAddr(src).As4(), netip.MustParseAddr(dst).As4()
+	copy(b[12:16], s[:])
+	copy(b[16:20], d[:])
+	binary.BigEndian.PutUint16(b[10:], proto.IPv4HeaderChecksum(b[:20]))
+	binary.BigEndian.PutUint16(b[20:], 40000)
+	binary.BigEndian.PutUint16(b[22:], 5201)
+	binary.BigEndian.PutUint32(b[24:], seq)
+	binary.BigEndian.PutUint32(b[28:], 777)
+	b[32] = 8 << 4 // 32-byte header
+	b[33] = 0x18   // ACK|PSH
+	binary.BigEndian.PutUint16(b[34:], 500)
+	copy(b[40:52], []byte{1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2}) // NOP NOP timestamps
+	for i := hl; i < len(b); i++ {
+		b[i] = byte(i * 13)
 	}
-	return len(pkts)
+	binary.BigEndian.PutUint16(b[36:], proto.PseudoHeaderSum(s, d, proto.ProtoTCP, len(b)-20))
+	h := tundev.VirtioHdr{Flags: tundev.VirtioNeedsCsum, GSOType: tundev.GSOTCPv4, HdrLen: hl,
+		GSOSize: uint16(mss), CsumStart: 20, CsumOffset: 16}
+	return h, b
 }
 
-// route runs route+add over the batch, as forward does before sending.
-func routeBatch(tx *txLoop, t *table, n int) {
-	tx.msgs, tx.meta, tx.used = tx.msgs[:0], tx.meta[:0], 0
-	for i := 0; i < n; i++ {
-		pos := headroom + i*tx.stride
-		if p, pkt, alone := tx.route(t, tx.arena[pos:pos+tx.sizes[i]]); p != nil {
-			tx.add(p, pos, pkt, alone)
+// txReads hands pkts to the TX loop as consecutive TUN reads of one batch
+// (each with a zero virtio header: complete checksums, no GSO).
+func txReads(t testing.TB, tx *txLoop, tb *table, pkts ...[]byte) {
+	t.Helper()
+	for i, p := range pkts {
+		txRead(t, tx, tb, i, tundev.VirtioHdr{}, p)
+	}
+}
+
+// txRead places pkt with virtio header h in read slot i and handles it.
+func txRead(t testing.TB, tx *txLoop, tb *table, i int, h tundev.VirtioHdr, pkt []byte) {
+	t.Helper()
+	slot := tx.slots[i]
+	h.Encode(slot)
+	n := tundev.VirtioHdrLen + copy(slot[tundev.VirtioHdrLen:], pkt)
+	if err := tx.handle(tb, slot[:n]); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// resetTx forgets the batch built so far (pure tests have no socket).
+func resetTx(tx *txLoop) {
+	tx.msgs, tx.meta = tx.msgs[:0], tx.meta[:0]
+	tx.used, tx.npiece, tx.bytes, tx.packets = 0, 0, 0, 0
+	tx.drops = batchCounts{}
+	tx.icmpOut = tx.icmpOut[:0]
+}
+
+// datagrams returns the datagrams message k will become on the wire.
+func datagrams(tx *txLoop, k int) [][]byte {
+	m := tx.msgs[k]
+	var all []byte
+	for _, p := range m.Iov {
+		all = append(all, p...)
+	}
+	seg := m.SegSize
+	if seg == 0 {
+		seg = len(all)
+	}
+	var out [][]byte
+	for off := 0; off < len(all); off += seg {
+		out = append(out, all[off:min(off+seg, len(all))])
+	}
+	return out
+}
+
+// inSlots reports whether p points into one of the TX read slots.
+func inSlots(tx *txLoop, p []byte) bool {
+	a := uintptr(unsafe.Pointer(unsafe.SliceData(p)))
+	for _, s := range tx.slots {
+		lo := uintptr(unsafe.Pointer(unsafe.SliceData(s)))
+		if a >= lo && a < lo+uintptr(len(s)) {
+			return true
 		}
 	}
+	return false
 }
 
-func twoPeers(t *testing.T) *Backend {
+func twoPeers(t testing.TB) *Backend {
 	b := newPureBackend(t, "198.18.0.0/16", 24, "198.18.1.0/24", 1)
 	b.Apply([]subnet.Event{added("198.18.2.0/24", "192.0.2.2"), added("198.18.3.0/24", "192.0.2.3")})
 	return b
 }
 
-func TestFullSizePacketsToOnePeerAreSentAsOneGSOTrainInPlace(t *testing.T) {
-	b := twoPeers(t)
-	tx := &b.workers[0].tx
-	mtu := tx.stride
-	var pkts [][]byte
-	for i := 0; i < 10; i++ {
-		pkts = append(pkts, ipv4("198.18.1.5", "198.18.2.7", mtu, 64, true))
-	}
-	pkts = append(pkts, ipv4("198.18.1.5", "198.18.2.7", 300, 64, true)) // the short tail
-	routeBatch(tx, b.table.Load(), txBatch(tx, pkts...))
-	if len(tx.msgs) != 1 {
-		t.Fatalf("%d messages, want 1 train", len(tx.msgs))
-	}
-	m := tx.msgs[0]
-	if m.SegSize != mtu || len(m.Buf) != 10*mtu+300 || tx.meta[0].packets != 11 {
-		t.Errorf("train: segsize %d, %d bytes, %d packets; want %d, %d, 11", m.SegSize, len(m.Buf), tx.meta[0].packets, mtu, 10*mtu+300)
-	}
-	if unsafe.SliceData(m.Buf) != &tx.arena[headroom] || tx.used != 0 {
-		t.Error("full-size train was copied instead of sent from the read buffers")
-	}
-	if m.Addr != netip.MustParseAddrPort("192.0.2.2:8285") {
-		t.Errorf("addr %v", m.Addr)
-	}
-	for i := 0; i < 11; i++ {
-		seg := m.Buf[i*mtu : min((i+1)*mtu, len(m.Buf))]
-		if proto.IPv4TTL(seg) != 63 || !proto.IPv4HeaderChecksumValid(seg) {
-			t.Fatalf("segment %d: ttl %d checksum valid %v", i, proto.IPv4TTL(seg), proto.IPv4HeaderChecksumValid(seg))
+// tcpChecksumValid verifies the TCP checksum of an IPv4 packet.
+func tcpChecksumValid(pkt []byte) bool {
+	ihl := proto.IPv4HeaderLength(pkt)
+	l4 := pkt[ihl:]
+	return proto.Sum(l4, uint64(proto.PseudoHeaderSum(proto.IPv4Src(pkt), proto.IPv4Dst(pkt), proto.IPv4Protocol(pkt), len(l4)))) == 0xffff
+}
+
+func TestSuperpacketGoesOutAsOneGSOTrainWithoutCopyingItsPayload(t *testing.T) {
+	for _, partial := range []bool{false, true} {
+		b := twoPeers(t)
+		tx := &b.workers[0].tx
+		tb := b.table.Load()
+		tb.lookup(addr32("198.18.2.1")).partialCsum.Store(partial)
+		const mss = 1400
+		h, pkt := tcpSuper("198.18.1.5", "198.18.2.7", 10*mss+300, mss, 1000)
+		txRead(t, tx, tb, 0, h, pkt)
+		if len(tx.msgs) != 1 || tx.meta[0].packets != 11 {
+			t.Fatalf("partial %v: %d messages, want 1 train of 11", partial, len(tx.msgs))
+		}
+		m := tx.msgs[0]
+		if m.SegSize != 52+mss || m.Addr != netip.MustParseAddrPort("192.0.2.2:8285") || len(m.Iov) != 22 {
+			t.Fatalf("train: segsize %d, to %v, %d pieces", m.SegSize, m.Addr, len(m.Iov))
+		}
+		for i := 1; i < len(m.Iov); i += 2 {
+			if !inSlots(tx, m.Iov[i]) {
+				t.Fatalf("payload piece %d was copied out of the read slot", i)
+			}
+		}
+		for i, seg := range datagrams(tx, 0) {
+			want := 52 + mss
+			if i == 10 {
+				want = 52 + 300
+			}
+			if len(seg) != want || proto.IPv4TotalLength(seg) != want || proto.IPv4TTL(seg) != 63 || !proto.IPv4HeaderChecksumValid(seg) {
+				t.Fatalf("segment %d: %d bytes, total %d, ttl %d, header checksum valid %v", i, len(seg), proto.IPv4TotalLength(seg), proto.IPv4TTL(seg), proto.IPv4HeaderChecksumValid(seg))
+			}
+			if seq := binary.BigEndian.Uint32(seg[24:]); seq != 1000+uint32(i*mss) {
+				t.Fatalf("segment %d: seq %d", i, seq)
+			}
+			if psh := seg[33]&0x08 != 0; psh != (i == 10) {
+				t.Fatalf("segment %d: PSH %v", i, psh)
+			}
+			if marked(seg) != partial {
+				t.Fatalf("segment %d: marked %v, peer takes partial checksums %v", i, marked(seg), partial)
+			}
+			if partial {
+				if got, want := binary.BigEndian.Uint16(seg[36:]), proto.PseudoHeaderSum(proto.IPv4Src(seg), proto.IPv4Dst(seg), proto.ProtoTCP, len(seg)-20); got != want {
+					t.Fatalf("segment %d: partial checksum %#04x, want the pseudo-header sum %#04x", i, got, want)
+				}
+			} else if !tcpChecksumValid(seg) {
+				t.Fatalf("segment %d: TCP checksum invalid", i)
+			}
 		}
 	}
 }
 
-func TestSmallPacketsAreCopiedIntoOneContiguousTrain(t *testing.T) {
+func TestPartialChecksumOfSinglePacketIsCompletedOrMarkedByPeer(t *testing.T) {
+	for _, partial := range []bool{false, true} {
+		b := twoPeers(t)
+		tx := &b.workers[0].tx
+		tb := b.table.Load()
+		tb.lookup(addr32("198.18.2.1")).partialCsum.Store(partial)
+		h, pkt := tcpSuper("198.18.1.5", "198.18.2.7", 100, 1400, 5)
+		h.GSOType, h.GSOSize = tundev.GSONone, 0
+		txRead(t, tx, tb, 0, h, pkt)
+		seg := datagrams(tx, 0)[0]
+		if marked(seg) != partial || !proto.IPv4HeaderChecksumValid(seg) {
+			t.Fatalf("partial %v: marked %v, header checksum valid %v", partial, marked(seg), proto.IPv4HeaderChecksumValid(seg))
+		}
+		if !partial && !tcpChecksumValid(seg) {
+			t.Fatal("checksum not completed for a peer without the feature")
+		}
+		if partial && binary.BigEndian.Uint16(seg[36:]) != binary.BigEndian.Uint16(pkt[36:]) {
+			t.Fatal("partial checksum changed for a peer with the feature")
+		}
+	}
+}
+
+func TestReservedBitFromTheApplicationIsNotTakenForTheMark(t *testing.T) {
+	b := twoPeers(t)
+	tx := &b.workers[0].tx
+	tb := b.table.Load()
+	tb.lookup(addr32("198.18.2.1")).partialCsum.Store(true)
+	pkt := ipv4("198.18.1.5", "198.18.2.7", 200, 64, false)
+	setMark(pkt) // as a raw socket could send it, checksum complete (none)
+	txReads(t, tx, tb, pkt)
+	seg := datagrams(tx, 0)[0]
+	if marked(seg) || !proto.IPv4HeaderChecksumValid(seg) {
+		t.Fatalf("complete-checksum packet reaches a partial-checksum peer marked %v, header checksum valid %v",
+			marked(seg), proto.IPv4HeaderChecksumValid(seg))
+	}
+}
+
+func TestSmallPacketsToOnePeerShareOneTrain(t *testing.T) {
 	b := twoPeers(t)
 	tx := &b.workers[0].tx
 	a := ipv4("198.18.1.5", "198.18.2.7", 60, 64, false)
-	routeBatch(tx, b.table.Load(), txBatch(tx, a, a, a))
-	if len(tx.msgs) != 1 || tx.msgs[0].SegSize != 60 || len(tx.msgs[0].Buf) != 180 {
-		t.Fatalf("got %d messages (first: segsize %d, %d bytes), want one train of 3x60", len(tx.msgs), tx.msgs[0].SegSize, len(tx.msgs[0].Buf))
+	txReads(t, tx, b.table.Load(), a, a, a)
+	if len(tx.msgs) != 1 || tx.msgs[0].SegSize != 60 || len(tx.msgs[0].Iov) != 3 {
+		t.Fatalf("got %d messages, want one train of 3x60", len(tx.msgs))
 	}
 	want := ipv4("198.18.1.5", "198.18.2.7", 60, 63, false)
-	for i := 0; i < 3; i++ {
-		if string(tx.msgs[0].Buf[i*60:(i+1)*60]) != string(want) {
-			t.Fatalf("segment %d differs from the packet with TTL 63", i)
+	for i, d := range datagrams(tx, 0) {
+		if !bytes.Equal(d, want) || !inSlots(tx, tx.msgs[0].Iov[i]) {
+			t.Fatalf("datagram %d differs from the packet with TTL 63, or was copied", i)
 		}
 	}
 }
@@ -110,15 +247,16 @@ func TestSmallPacketsAreCopiedIntoOneContiguousTrain(t *testing.T) {
 func TestTrainsBreakOnPeerChangeShortSegmentAndLimits(t *testing.T) {
 	b := twoPeers(t)
 	tx := &b.workers[0].tx
-	S := tx.stride
+	tb := b.table.Load()
+	const S = 1400
 	toA := func(n int) []byte { return ipv4("198.18.1.5", "198.18.2.7", n, 64, true) }
 	toB := func(n int) []byte { return ipv4("198.18.1.5", "198.18.3.7", n, 64, true) }
-	routeBatch(tx, b.table.Load(), txBatch(tx, toA(S), toA(S), toA(100), toA(100), toB(S), toA(S), toA(S+0)))
+	txReads(t, tx, tb, toA(S), toA(S), toA(100), toA(100), toB(S), toA(S), toA(S))
 	var got [][2]int // (packets, segsize)
 	for k, m := range tx.msgs {
 		got = append(got, [2]int{tx.meta[k].packets, m.SegSize})
 	}
-	want := [][2]int{{3, S}, {1, 0}, {1, 0}, {2, S}}
+	want := [][2]int{{3, S}, {1, 100}, {1, S}, {2, S}}
 	if len(got) != len(want) {
 		t.Fatalf("trains %v, want %v", got, want)
 	}
@@ -128,28 +266,24 @@ func TestTrainsBreakOnPeerChangeShortSegmentAndLimits(t *testing.T) {
 		}
 	}
 
+	resetTx(tx)
 	tx.maxSegs = 4
-	var pkts [][]byte
-	for i := 0; i < 10; i++ {
-		pkts = append(pkts, toA(S))
-	}
-	routeBatch(tx, b.table.Load(), txBatch(tx, pkts...))
+	h, pkt := tcpSuper("198.18.1.5", "198.18.2.7", 10*S, S, 1)
+	txRead(t, tx, tb, 0, h, pkt)
 	if len(tx.msgs) != 3 || tx.meta[0].packets != 4 || tx.meta[2].packets != 2 {
 		t.Fatalf("with 4 segments max: %d trains", len(tx.msgs))
 	}
+	resetTx(tx)
 	tx.maxSegs = 128
-	pkts = pkts[:0]
-	for i := 0; i < 100; i++ {
-		pkts = append(pkts, toA(S))
-	}
-	routeBatch(tx, b.table.Load(), txBatch(tx, pkts...))
-	for k, m := range tx.msgs {
-		if len(m.Buf) > maxGSOPayload {
-			t.Fatalf("train %d carries %d bytes, more than %d", k, len(m.Buf), maxGSOPayload)
+	h, pkt = tcpSuper("198.18.1.5", "198.18.2.7", 65535-52, S, 1) // segments carry more than 64 KiB with their headers
+	txRead(t, tx, tb, 0, h, pkt)
+	for k := range tx.msgs {
+		if tx.meta[k].bytes > maxGSOPayload {
+			t.Fatalf("train %d carries %d bytes, more than %d", k, tx.meta[k].bytes, maxGSOPayload)
 		}
 	}
-	if tx.meta[0].packets != maxGSOPayload/S {
-		t.Errorf("first train %d packets, want %d", tx.meta[0].packets, maxGSOPayload/S)
+	if len(tx.msgs) != 2 {
+		t.Errorf("a 64 KiB superpacket became %d trains, want 2", len(tx.msgs))
 	}
 }
 
@@ -161,22 +295,22 @@ func TestTransmitDropsAreCountedByReasonWithICMPErrors(t *testing.T) {
 
 	v6 := make([]byte, 60)
 	v6[0] = 0x60
-	routeBatch(tx, tb, txBatch(tx,
+	txReads(t, tx, tb,
 		ipv4("198.18.1.5", "198.18.2.7", 100, 1, false),    // ttl_expired
 		ipv4("198.18.1.5", "198.18.9.7", 100, 64, false),   // no_route: nobody's subnet -> host unreachable
 		ipv4("198.18.1.5", "198.51.100.7", 100, 64, false), // no_route: outside the network -> net unreachable
 		ipv4("198.18.1.5", "198.18.1.7", 100, 64, false),   // no_route: own lease
 		v6,                      // no_route: IPv6
 		[]byte{0x45, 0, 0, 200}, // malformed
-		ipv4("198.18.1.5", "198.18.3.7", 1200, 64, true),  // oversize, DF -> frag needed
-		ipv4("198.18.1.5", "198.18.3.7", 1200, 64, false), // oversize, no DF -> sent alone
-		ipv4("198.18.1.5", "198.18.3.7", 900, 64, false),
-	))
+		ipv4("198.18.1.5", "198.18.3.7", 1200, 64, true), // oversize, DF -> frag needed
+	)
+	txRead(t, tx, tb, 7, tundev.VirtioHdr{}, ipv4("198.18.1.5", "198.18.3.7", 1200, 64, false)) // oversize, no DF -> sent alone
+	txRead(t, tx, tb, 6, tundev.VirtioHdr{}, ipv4("198.18.1.5", "198.18.3.7", 900, 64, false))
 	d := tx.drops
 	if d[dropTTLExpired] != 1 || d[dropNoRoute] != 4 || d[dropMalformed] != 1 || d[dropOversize] != 1 {
 		t.Errorf("drops %v", d)
 	}
-	if len(tx.msgs) != 2 || tx.meta[0].packets != 1 || !tx.meta[0].closed || len(tx.msgs[0].Buf) != 1200 {
+	if len(tx.msgs) != 2 || tx.meta[0].packets != 1 || !tx.meta[0].closed || tx.meta[0].bytes != 1200 {
 		t.Errorf("non-DF oversize packet must go alone: %d messages", len(tx.msgs))
 	}
 	if len(tx.icmpOut) != 4 {
@@ -185,6 +319,9 @@ func TestTransmitDropsAreCountedByReasonWithICMPErrors(t *testing.T) {
 	type tc struct{ typ, code uint8 }
 	want := []tc{{3, 1}, {3, 0}, {3, 1}, {3, 4}}
 	for i, buf := range tx.icmpOut {
+		if !bytes.Equal(buf[:headroom], make([]byte, headroom)) {
+			t.Fatalf("ICMP %d: the virtio header in the headroom is not zero", i)
+		}
 		m := buf[headroom:]
 		if _, err := proto.CheckIPv4(m); err != nil || !proto.IPv4HeaderChecksumValid(m) || proto.Checksum(m[20:], 0) != 0 {
 			t.Fatalf("ICMP %d does not check: %v", i, err)
@@ -199,6 +336,15 @@ func TestTransmitDropsAreCountedByReasonWithICMPErrors(t *testing.T) {
 	if mtu := binary.BigEndian.Uint16(tx.icmpOut[3][headroom+26:]); mtu != 1000 {
 		t.Errorf("frag needed advertises MTU %d, want 1000", mtu)
 	}
+
+	// A DF superpacket whose segments do not fit: every segment counted,
+	// one ICMP error.
+	resetTx(tx)
+	h, pkt := tcpSuper("198.18.1.5", "198.18.3.7", 5*1400, 1400, 1)
+	txRead(t, tx, tb, 0, h, pkt)
+	if tx.drops[dropOversize] != 5 || len(tx.icmpOut) != 1 || len(tx.msgs) != 0 {
+		t.Errorf("oversize superpacket: drops %v, %d ICMP, %d messages", tx.drops, len(tx.icmpOut), len(tx.msgs))
+	}
 }
 
 func TestICMPErrorsAreRateLimited(t *testing.T) {
@@ -210,7 +356,7 @@ func TestICMPErrorsAreRateLimited(t *testing.T) {
 	for i := 0; i < 6; i++ {
 		pkts = append(pkts, ipv4("198.18.1.5", "198.18.9.7", 100, 64, false))
 	}
-	routeBatch(tx, b.table.Load(), txBatch(tx, pkts...))
+	txReads(t, tx, b.table.Load(), pkts...)
 	if len(tx.icmpOut) != 2 || tx.drops[dropNoRoute] != 6 {
 		t.Errorf("%d ICMP errors for 6 drops with 2 tokens; drops %v", len(tx.icmpOut), tx.drops)
 	}
@@ -248,24 +394,102 @@ func TestReceiveChecksTrustAndCountsByReason(t *testing.T) {
 	}
 	for _, c := range cases {
 		rx.drops = batchCounts{}
-		rx.out = rx.out[:0]
 		pkt := append([]byte(nil), c.pkt...)
-		if err := rx.accept(tb, c.src, pkt); err != nil {
-			t.Fatal(err)
-		}
+		p, partial := rx.accept(tb, c.src, pkt)
 		if c.reason == numDropReasons {
-			if len(rx.out) != 1 || rx.drops != (batchCounts{}) {
+			if p == nil || partial || rx.drops != (batchCounts{}) {
 				t.Errorf("%s: not accepted (drops %v)", c.name, rx.drops)
 				continue
 			}
-			got := rx.out[0][headroom:]
-			if proto.IPv4TTL(got) != 63 || !proto.IPv4HeaderChecksumValid(got) || len(got) != len(c.pkt) {
-				t.Errorf("%s: delivered ttl %d, checksum valid %v, %d bytes", c.name, proto.IPv4TTL(got), proto.IPv4HeaderChecksumValid(got), len(got))
+			if proto.IPv4TTL(pkt) != 63 || !proto.IPv4HeaderChecksumValid(pkt) {
+				t.Errorf("%s: delivered ttl %d, checksum valid %v", c.name, proto.IPv4TTL(pkt), proto.IPv4HeaderChecksumValid(pkt))
 			}
 			continue
 		}
-		if len(rx.out) != 0 || rx.drops[c.reason] != 1 {
-			t.Errorf("%s: want dropped as %v; delivered %d, drops %v", c.name, c.reason, len(rx.out), rx.drops)
+		if p != nil || rx.drops[c.reason] != 1 {
+			t.Errorf("%s: want dropped as %v; accepted %v, drops %v", c.name, c.reason, p != nil, rx.drops)
+		}
+	}
+}
+
+func TestMarkIsHonouredOnlyFromPeersThatAdvertiseIt(t *testing.T) {
+	b := twoPeers(t)
+	rx := &b.workers[0].rx
+	tb := b.table.Load()
+	markedTCP := func() []byte {
+		_, pkt := tcpSuper("198.18.2.7", "198.18.1.5", 100, 1400, 9)
+		setMark(pkt)
+		return pkt
+	}
+	pa := tb.lookup(addr32("198.18.2.1"))
+
+	pa.partialCsum.Store(true)
+	pkt := markedTCP()
+	p, partial := rx.accept(tb, addr32("192.0.2.2"), pkt)
+	if p == nil || !partial || marked(pkt) || !proto.IPv4HeaderChecksumValid(pkt) {
+		t.Errorf("from a peer with the feature: accepted %v, partial %v, still marked %v", p != nil, partial, marked(pkt))
+	}
+	marked1 := ipv4("198.18.2.7", "198.18.1.5", 100, 64, false) // ICMP-like: no transport checksum to leave partial
+	marked1[9] = proto.ProtoICMP
+	binary.BigEndian.PutUint16(marked1[10:], 0)
+	binary.BigEndian.PutUint16(marked1[10:], proto.IPv4HeaderChecksum(marked1[:20]))
+	setMark(marked1)
+	rx.drops = batchCounts{}
+	if p, _ := rx.accept(tb, addr32("192.0.2.2"), marked1); p != nil || rx.drops[dropMalformed] != 1 {
+		t.Errorf("a marked packet that cannot be partial was accepted (drops %v)", rx.drops)
+	}
+
+	pa.partialCsum.Store(false)
+	pkt = markedTCP()
+	p, partial = rx.accept(tb, addr32("192.0.2.2"), pkt)
+	if p == nil || partial || !marked(pkt) {
+		t.Errorf("from a peer without the feature: accepted %v, partial %v, mark cleared %v", p != nil, partial, !marked(pkt))
+	}
+}
+
+func TestNoMarksWhenOurOwnLeaseDoesNotAdvertiseTheFeature(t *testing.T) {
+	b := twoPeers(t)
+	tx := &b.workers[0].tx
+	tb := b.table.Load()
+	tb.lookup(addr32("198.18.2.1")).partialCsum.Store(true)
+	own := subnet.Event{Type: subnet.EventAdded, Lease: subnet.Lease{Subnet: netip.MustParsePrefix("198.18.1.0/24"),
+		Attrs: subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("192.0.2.1")}}} // a reservation written by hand
+	b.Apply([]subnet.Event{own})
+	h, pkt := tcpSuper("198.18.1.5", "198.18.2.7", 3*1400, 1400, 1)
+	txRead(t, tx, tb, 0, h, pkt)
+	for i, seg := range datagrams(tx, 0) {
+		if marked(seg) || !tcpChecksumValid(seg) {
+			t.Fatalf("segment %d: marked %v, checksum valid %v; our lease does not advertise partial checksums", i, marked(seg), tcpChecksumValid(seg))
+		}
+	}
+	own.Lease.Attrs.BackendData = []byte(`{"tulle":{"features":["partial-checksum"]}}`)
+	b.Apply([]subnet.Event{own})
+	resetTx(tx)
+	h, pkt = tcpSuper("198.18.1.5", "198.18.2.7", 3*1400, 1400, 1)
+	txRead(t, tx, tb, 0, h, pkt)
+	if !marked(datagrams(tx, 0)[0]) {
+		t.Fatal("not marked once our own lease advertises the feature")
+	}
+}
+
+func TestLeaseFeaturesSetAndUpdateThePeer(t *testing.T) {
+	b := newPureBackend(t, "198.18.0.0/16", 24, "198.18.1.0/24", 1)
+	ev := added("198.18.2.0/24", "192.0.2.2")
+	b.Apply([]subnet.Event{ev})
+	p := b.table.Load().lookup(addr32("198.18.2.1"))
+	if p.partialCsum.Load() {
+		t.Fatal("a lease without BackendData (flannel) has the partial-checksum feature")
+	}
+	ev.Lease.Attrs.BackendData = []byte(`{"tulle":{"version":"v1","features":["x","partial-checksum"]}}`)
+	b.Apply([]subnet.Event{ev})
+	if p2 := b.table.Load().lookup(addr32("198.18.2.1")); p2 != p || !p.partialCsum.Load() {
+		t.Fatal("a renewal with the feature did not turn it on in place")
+	}
+	for _, data := range []string{`{"tulle":{"version":"v1"}}`, `"junk"`, `{"tulle":{"features":"partial-checksum"}}`} {
+		ev.Lease.Attrs.BackendData = []byte(data)
+		b.Apply([]subnet.Event{ev})
+		if p.partialCsum.Load() {
+			t.Errorf("BackendData %s turns the feature on", data)
 		}
 	}
 }
@@ -275,23 +499,38 @@ func TestPathDoesNotAllocate(t *testing.T) {
 	tx := &b.workers[0].tx
 	rx := &b.workers[0].rx
 	tb := b.table.Load()
-	var pkts [][]byte
-	for i := 0; i < 64; i++ {
-		pkts = append(pkts, ipv4("198.18.1.5", "198.18.2.7", tx.stride, 255, true))
+	h, super := tcpSuper("198.18.1.5", "198.18.2.7", 45*1400, 1400, 1)
+	small := ipv4("198.18.1.5", "198.18.2.7", 60, 64, true)
+	_, in := tcpSuper("198.18.2.7", "198.18.1.5", 1400, 1400, 1)
+	binary.BigEndian.PutUint16(in[36:], 0)
+	binary.BigEndian.PutUint16(in[36:], proto.Checksum(in[20:], uint64(proto.PseudoHeaderSum(proto.IPv4Src(in), proto.IPv4Dst(in), proto.ProtoTCP, len(in)-20))))
+	ins := make([][]byte, 32)
+	for i := range ins {
+		ins[i] = append([]byte(nil), in...)
+		binary.BigEndian.PutUint32(ins[i][24:], 1+uint32(i*1400))
 	}
-	in := ipv4("198.18.2.7", "198.18.1.5", 1400, 255, false)
 	allocs := testing.AllocsPerRun(200, func() {
-		routeBatch(tx, tb, txBatch(tx, pkts...))
+		resetTx(tx)
+		txRead(t, tx, tb, 0, h, super)
+		txRead(t, tx, tb, 1, tundev.VirtioHdr{}, small)
+		tx.run.add(tx.stats, tx.meta[0].peer, 1, 1)
+		tx.run.flush(tx.stats)
 		tx.drops.flush(tx.stats)
-		rx.out = rx.out[:0]
-		for i := 0; i < 32; i++ {
-			in[8] = 255
-			binary.BigEndian.PutUint16(in[10:], 0)
-			binary.BigEndian.PutUint16(in[10:], proto.IPv4HeaderChecksum(in[:20]))
-			if err := rx.accept(tb, addr32("192.0.2.2"), in); err != nil {
-				t.Fatal(err)
+		for _, p := range ins {
+			p[8] = 255
+			binary.BigEndian.PutUint16(p[10:], 0)
+			binary.BigEndian.PutUint16(p[10:], proto.IPv4HeaderChecksum(p[:20]))
+			if peer, partial := rx.accept(tb, addr32("192.0.2.2"), p); peer != nil {
+				rx.run.add(rx.stats, peer, 1, len(p))
+				if !rx.co.Add(p, partial) {
+					rx.co.Group()
+					rx.co.Reset()
+					rx.co.Add(p, partial)
+				}
 			}
 		}
+		rx.co.Group()
+		rx.co.Reset()
 		rx.run.flush(rx.stats)
 	})
 	if allocs != 0 {
@@ -299,56 +538,82 @@ func TestPathDoesNotAllocate(t *testing.T) {
 	}
 }
 
-// BenchmarkTransmitGrouping measures route + GSO grouping of a 64-packet
-// TSO split (in place), per batch.
-func BenchmarkTransmitGrouping(b *testing.B) {
-	be := newPureBackend(b, "198.18.0.0/16", 24, "198.18.1.0/24", 1)
-	be.Apply([]subnet.Event{added("198.18.2.0/24", "192.0.2.2")})
-	tx := &be.workers[0].tx
-	tb := be.table.Load()
-	var pkts [][]byte
-	for i := 0; i < 44; i++ {
-		pkts = append(pkts, ipv4("198.18.1.5", "198.18.2.7", tx.stride, 255, true))
-	}
-	n := txBatch(tx, pkts...)
-	b.ReportAllocs()
-	b.SetBytes(int64(n * tx.stride))
-	for b.Loop() {
-		for i := 0; i < n; i++ {
-			pos := headroom + i*tx.stride
-			if tx.arena[pos+8] < 2 {
-				tx.arena[pos+8] = 255
-				binary.BigEndian.PutUint16(tx.arena[pos+10:], 0)
-				binary.BigEndian.PutUint16(tx.arena[pos+10:], proto.IPv4HeaderChecksum(tx.arena[pos:pos+20]))
-			}
+// BenchmarkTransmitSplit measures route + split of a 64 KiB TSO
+// superpacket into GSO trains (headers built, payload not copied), for a
+// flannel peer (complete checksums) and a Tulle peer (partial).
+func BenchmarkTransmitSplit(b *testing.B) {
+	for _, partial := range []bool{false, true} {
+		name := "complete-checksums"
+		if partial {
+			name = "partial-checksums"
 		}
-		routeBatch(tx, tb, n)
+		b.Run(name, func(b *testing.B) {
+			be := newPureBackend(b, "198.18.0.0/16", 24, "198.18.1.0/24", 1)
+			be.Apply([]subnet.Event{added("198.18.2.0/24", "192.0.2.2")})
+			tx := &be.workers[0].tx
+			tb := be.table.Load()
+			tb.lookup(addr32("198.18.2.1")).partialCsum.Store(partial)
+			h, pkt := tcpSuper("198.18.1.5", "198.18.2.7", 45*1420, 1420, 1)
+			b.ReportAllocs()
+			b.SetBytes(int64(len(pkt)))
+			for b.Loop() {
+				resetTx(tx)
+				txRead(b, tx, tb, 0, h, pkt)
+			}
+		})
 	}
 }
 
-// BenchmarkReceiveAccept measures the trust checks and the copy into a TUN
-// write buffer, per packet.
-func BenchmarkReceiveAccept(b *testing.B) {
-	be := newPureBackend(b, "198.18.0.0/16", 24, "198.18.1.0/24", 1)
-	be.Apply([]subnet.Event{added("198.18.2.0/24", "192.0.2.2")})
-	rx := &be.workers[0].rx
-	tb := be.table.Load()
-	in := ipv4("198.18.2.7", "198.18.1.5", 1400, 255, false)
-	src := addr32("192.0.2.2")
-	b.ReportAllocs()
-	b.SetBytes(int64(len(in)))
-	for b.Loop() {
-		if in[8] < 2 {
-			in[8] = 255
-			binary.BigEndian.PutUint16(in[10:], 0)
-			binary.BigEndian.PutUint16(in[10:], proto.IPv4HeaderChecksum(in[:20]))
+// BenchmarkReceiveAcceptAndCoalesce measures the trust checks and GRO
+// coalescing of 45 TCP segments into one superpacket (no copy), per
+// segment, with complete checksums (verified) and partial ones (trusted).
+func BenchmarkReceiveAcceptAndCoalesce(b *testing.B) {
+	for _, partial := range []bool{false, true} {
+		name := "complete-checksums"
+		if partial {
+			name = "partial-checksums"
 		}
-		if len(rx.out) == len(rx.wbufs)-1 {
-			rx.out = rx.out[:0]
-		}
-		if err := rx.accept(tb, src, in); err != nil {
-			b.Fatal(err)
-		}
+		b.Run(name, func(b *testing.B) {
+			be := newPureBackend(b, "198.18.0.0/16", 24, "198.18.1.0/24", 1)
+			be.Apply([]subnet.Event{added("198.18.2.0/24", "192.0.2.2")})
+			rx := &be.workers[0].rx
+			tb := be.table.Load()
+			tb.lookup(addr32("198.18.2.1")).partialCsum.Store(partial)
+			var segs [][]byte
+			for i := range 45 {
+				_, p := tcpSuper("198.18.2.7", "198.18.1.5", 1420, 1420, 1+uint32(i*1420))
+				p[33] = 0x10 // ACK
+				if partial {
+					setMark(p)
+				} else {
+					binary.BigEndian.PutUint16(p[36:], 0)
+					binary.BigEndian.PutUint16(p[36:], proto.Checksum(p[20:], uint64(proto.PseudoHeaderSum(proto.IPv4Src(p), proto.IPv4Dst(p), proto.ProtoTCP, len(p)-20))))
+				}
+				segs = append(segs, p)
+			}
+			pristine := make([][]byte, len(segs))
+			for i := range segs {
+				pristine[i] = append([]byte(nil), segs[i]...)
+			}
+			src := addr32("192.0.2.2")
+			b.ReportAllocs()
+			b.SetBytes(int64(len(segs) * len(segs[0])))
+			for b.Loop() {
+				for i, p := range segs {
+					copy(p[:52], pristine[i][:52]) // headers only: TTL, mark, lengths
+					if peer, partial := rx.accept(tb, src, p); peer != nil && !rx.co.Add(p, partial) {
+						rx.co.Group()
+						rx.co.Reset()
+						rx.co.Add(p, partial)
+					}
+				}
+				if rx.co.Packets() != len(segs) {
+					b.Fatalf("coalesced %d of %d segments", rx.co.Packets(), len(segs))
+				}
+				rx.co.Group()
+				rx.co.Reset()
+			}
+		})
 	}
 }
 
@@ -362,6 +627,7 @@ func FuzzReceiveTrustBoundary(f *testing.F) {
 	f.Add([]byte{0x45, 0, 0, 20, 0, 0, 0, 0, 1, 17, 0, 0, 198, 18, 2, 1, 198, 18, 1, 1}, uint8(2), uint16(20))
 	b := newPureBackend(f, "198.18.0.0/16", 24, "198.18.1.0/24", 1)
 	b.Apply([]subnet.Event{added("198.18.2.0/24", "192.0.2.2"), added("198.18.3.0/24", "192.0.2.3")})
+	b.table.Load().lookup(addr32("198.18.2.1")).partialCsum.Store(true)
 	senders := []uint32{addr32("192.0.2.2"), addr32("192.0.2.3"), addr32("192.0.2.99")}
 	f.Fuzz(func(t *testing.T, data []byte, who uint8, seg uint16) {
 		if len(data) > 4096 {
@@ -373,34 +639,39 @@ func FuzzReceiveTrustBoundary(f *testing.F) {
 		m := &rx.msgs[0]
 		m.N = copy(m.Buf, data)
 		m.SegSize = int(seg)
-		m.Truncated = false
-		m.Addr = netip.AddrPortFrom(proto.Uint32Addr(src), 8285)
-		rx.out = rx.out[:0]
-		// deliver without a TUN: accept each datagram as deliver splits them.
 		step := m.SegSize
 		if step <= 0 || step > m.N {
 			step = m.N
 		}
-		for off := 0; off < m.N && len(rx.out) < len(rx.wbufs)-1; off += step {
-			if err := rx.accept(tb, src, m.Buf[off:min(off+step, m.N)]); err != nil {
-				t.Fatal(err)
+		for off := 0; off < m.N; off += step {
+			pkt := m.Buf[off:min(off+step, m.N)]
+			p, partial := rx.accept(tb, src, pkt)
+			if p == nil {
+				continue
 			}
-		}
-		for _, o := range rx.out {
-			pkt := o[headroom:]
 			total, err := proto.CheckIPv4(pkt)
-			if err != nil || total != len(pkt) || !proto.IPv4HeaderChecksumValid(pkt) {
-				t.Fatalf("accepted a malformed packet: %v", err)
+			if err != nil || total != len(pkt) || !proto.IPv4HeaderChecksumValid(pkt) || marked(pkt) {
+				t.Fatalf("accepted a malformed or still marked packet: %v", err)
 			}
-			p := tb.lookup(proto.IPv4SrcUint32(pkt))
-			if p == nil || p.public != src {
+			if partial && !partialTransport(pkt) {
+				t.Fatal("a packet that cannot carry a partial checksum was taken as partial")
+			}
+			if q := tb.lookup(proto.IPv4SrcUint32(pkt)); q == nil || q.public != src {
 				t.Fatalf("accepted inner source %v from %v", proto.IPv4SrcAddr(pkt), proto.Uint32Addr(src))
 			}
 			if !tb.isOwn(proto.IPv4DstUint32(pkt)) {
 				t.Fatalf("accepted foreign destination %v", proto.IPv4DstAddr(pkt))
 			}
+			if !rx.co.Add(pkt, partial) {
+				rx.co.Group()
+				rx.co.Reset()
+				rx.co.Add(pkt, partial)
+			}
 		}
-		rx.out = rx.out[:0]
+		if rx.co.Pending() {
+			rx.co.Group()
+			rx.co.Reset()
+		}
 		rx.run = peerRun{}
 		rx.drops = batchCounts{}
 	})

@@ -30,14 +30,15 @@ func newPureBackend(t testing.TB, network string, subnetLen int, own string, wor
 		t.Fatal(err)
 	}
 	b := &Backend{opts: opts, log: opts.Logger}
+	b.ownPartial.Store(true) // a Tulle host
 	b.prober = &mtuProber{b: b, fd: -1, wake: make(chan struct{}, 1)}
 	b.ctl.init()
 	b.table.Store(newTable(opts.Network, opts.SubnetLen, opts.Lease.Subnet, nil))
 	maxPeers := 1 << (opts.SubnetLen - opts.Network.Bits())
 	for i := range workers {
 		w := &worker{id: i, b: b}
-		w.tx.init(w, 128, opts.MTU, 64, maxPeers)
-		w.rx.init(w, maxPeers)
+		w.tx.init(w, true, 64, maxPeers)
+		w.rx.init(w, true, true, maxPeers)
 		b.workers = append(b.workers, w)
 		b.stats = append(b.stats, w.tx.stats, w.rx.stats)
 	}

@@ -20,9 +20,20 @@
 //     route table is immutable, swapped by Apply, loaded once per batch;
 //     lookups are O(1). Counters are per-loop atomics added once per batch
 //     (or run of packets for one peer) and summed at scrape time.
+//   - No copies in user space: a TSO superpacket read from the TUN is sent
+//     as a UDP GSO train gathered from its own bytes and per-segment
+//     headers; a GRO train received is written to the TUN as coalesced
+//     superpackets gathered from the receive buffer.
+//   - Checksums: between Tulle hosts that advertise FeaturePartialChecksum,
+//     TCP and UDP checksums the kernel left partial travel partial (see
+//     markBit) and no host sums the payload; a flannel host gets and sends
+//     complete checksums, which are verified before segments are merged.
 //
 // Each worker owns one TUN queue and one UDP socket (SO_REUSEPORT, bound to
-// 0.0.0.0:Port) and runs two loops: TX (TUN -> UDP) and RX (UDP -> TUN).
+// 0.0.0.0:Port; a BPF program spreads received flows over the sockets by
+// the inner flow, see steer.go) and runs two loops, TX (TUN -> UDP) and RX
+// (UDP -> TUN), each on a goroutine locked to its OS thread that blocks in
+// ppoll when idle.
 package udp
 
 import (
@@ -52,7 +63,7 @@ type Options struct {
 	MTU       int          // TUN MTU = underlay MTU - 28 (the daemon computes it)
 	Network   netip.Prefix // overlay network: route "<Network> dev tun"
 	SubnetLen int          // length of every lease in Network
-	Lease     subnet.Lease // our own lease
+	Lease     subnet.Lease // our own lease (its BackendData tells which features peers see us offer)
 	Logger    *slog.Logger // nil = slog.Default()
 }
 
@@ -62,12 +73,6 @@ const (
 	// maxSubnets bounds the dense route table (8 bytes per subnet): a /8 in
 	// /30s, 32 MiB per table.
 	maxSubnets = 1 << 22
-	// rxMessages is the number of datagrams (GRO trains) one receive batch
-	// takes; each buffer holds 64 KiB.
-	rxMessages = 16
-	// tunWriteBatch is the number of packets written to the TUN at once;
-	// each buffer has 64 KiB of capacity so the offload driver can coalesce.
-	tunWriteBatch = 64
 	// socketBuffer is the receive and send buffer of each socket.
 	socketBuffer = 8 << 20
 )
@@ -80,16 +85,27 @@ type Backend struct {
 	link    linkHandle
 	tunAddr [4]byte // <lease .0>, the TUN's address
 
-	table   atomic.Pointer[table]
-	ctl     control
-	workers []*worker
-	stats   []*loopStats // every loop's counters (TX and RX of each worker)
+	table atomic.Pointer[table]
+	ctl   control
+	// ownPartial: our own lease advertises FeaturePartialChecksum, as peers
+	// see it; only then do we send them marked packets (a host on a
+	// reservation written by hand advertises nothing, so its peers would
+	// not take its marks).
+	ownPartial atomic.Bool
+	workers    []*worker
+	stats      []*loopStats // every loop's counters (TX and RX of each worker)
 
 	prober *mtuProber
 
 	running  atomic.Bool
 	stopping atomic.Bool
 	dead     atomic.Bool
+
+	// runMu orders Run against Close: loops holds the channel Run closes
+	// when every loop has returned (nil before Run), so that Close closes
+	// no descriptor a loop may still poll.
+	runMu sync.Mutex
+	loops chan struct{}
 
 	closeIOOnce sync.Once
 	closeOnce   sync.Once
@@ -108,6 +124,7 @@ func New(opts Options) (*Backend, error) {
 	}
 	b := &Backend{opts: opts, log: opts.Logger}
 	b.tunAddr = opts.Lease.Subnet.Addr().As4()
+	b.ownPartial.Store(hasFeature(opts.Lease.Attrs.BackendData, FeaturePartialChecksum))
 	ok := false
 	defer func() {
 		if !ok {
@@ -141,15 +158,22 @@ func New(opts Options) (*Backend, error) {
 			ReusePort:  true,
 			RecvBuffer: socketBuffer,
 			SendBuffer: socketBuffer,
-			BatchSize:  max(q.BatchSize(), rxMessages),
+			BatchSize:  max(rxMessages, txMessages),
 			Logger:     opts.Logger,
 		})
 		if err != nil {
 			return nil, fmt.Errorf("worker %d: %w", i, err)
 		}
-		w := newWorker(b, i, q, conn, maxPeers)
+		w, err := newWorker(b, i, q, conn, dev.UDPOffload(), maxPeers)
+		if err != nil {
+			conn.Close()
+			return nil, err
+		}
 		b.workers = append(b.workers, w)
 		b.stats = append(b.stats, w.tx.stats, w.rx.stats)
+	}
+	if len(b.workers) > 1 {
+		b.steer(b.workers[0].conn)
 	}
 	b.log.Info("data plane ready", "device", dev.Name(), "driver", dev.Driver(), "offload", dev.Offload(),
 		"udp_offload", dev.UDPOffload(), "workers", len(b.workers), "mtu", opts.MTU,
@@ -208,11 +232,21 @@ func checkOptions(o *Options) error {
 // fails (then Alive turns false and Run returns the worker's error). It
 // also returns, with nil, when Close stopped the loops. On return the
 // sockets and TUN queues are closed; Close removes what is left. Run may be
-// called once.
+// called once. It raises GOMAXPROCS to NumCPU + 2 per worker if it is lower
+// (each loop blocks its own thread; see raiseGOMAXPROCS).
 func (b *Backend) Run(ctx context.Context) error {
+	b.runMu.Lock()
 	if !b.running.CompareAndSwap(false, true) {
+		b.runMu.Unlock()
 		return errors.New("udp backend: Run called twice")
 	}
+	if b.stopping.Load() { // closed before Run
+		b.runMu.Unlock()
+		return nil
+	}
+	loopsDone := make(chan struct{})
+	b.loops = loopsDone
+	b.runMu.Unlock()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var (
@@ -228,6 +262,7 @@ func (b *Backend) Run(ctx context.Context) error {
 		})
 		cancel()
 	}
+	raiseGOMAXPROCS(len(b.workers), b.log)
 	for _, w := range b.workers {
 		loops.Go(func() {
 			if err := w.runTX(); err != nil {
@@ -242,7 +277,6 @@ func (b *Backend) Run(ctx context.Context) error {
 	}
 	var prober sync.WaitGroup
 	prober.Go(func() { b.prober.run(ctx) })
-	loopsDone := make(chan struct{})
 	go func() {
 		loops.Wait()
 		close(loopsDone)
@@ -250,25 +284,67 @@ func (b *Backend) Run(ctx context.Context) error {
 
 	select {
 	case <-ctx.Done():
-	case <-loopsDone: // closed under us by Close
+	case <-loopsDone: // stopped under us by Close
 	}
-	b.closeIO() // unblocks every loop
+	b.stopLoops()
 	<-loopsDone
+	b.closeIO()
 	cancel()
 	prober.Wait()
 	return firstErr
+}
+
+// raiseGOMAXPROCS makes room for the data plane's loops, which block their
+// OS threads in system calls: when a loop wakes it needs a P at once, and
+// with GOMAXPROCS = NumCPU all Ps may be held by the other loops' threads
+// in their system calls, until sysmon takes them back (up to 10 ms). So
+// every loop gets a P of its own beyond the CPUs. Idle Ps cost nothing.
+func raiseGOMAXPROCS(workers int, log *slog.Logger) {
+	want := runtime.NumCPU() + 2*workers
+	if have := runtime.GOMAXPROCS(0); have < want {
+		runtime.GOMAXPROCS(want)
+		log.Debug("raised GOMAXPROCS for the data-plane loops", "from", have, "to", want)
+	}
+}
+
+// steer attaches the receive steering program (steer.go) to the sockets'
+// SO_REUSEPORT group. Without it the kernel's hash spreads only by peer.
+func (b *Backend) steer(c *udpconn.Conn) {
+	f, err := steerFilter(len(b.workers))
+	if err == nil {
+		err = c.AttachReusePortFilter(f)
+	}
+	if err != nil {
+		b.log.Warn("cannot steer received flows over the workers; the kernel spreads them by peer only", "error", err)
+	}
 }
 
 // Alive reports whether every worker is running (or has not started): false
 // once one has failed. For the daemon's watchdog and /healthz.
 func (b *Backend) Alive() bool { return !b.dead.Load() }
 
-// closeIO closes the sockets and the TUN queues, which unblocks the loops;
-// they then see stopping set and return nil.
+// stopLoops makes every loop return nil: it sets stopping and wakes the
+// loops that wait.
+func (b *Backend) stopLoops() {
+	b.stopping.Store(true)
+	for _, w := range b.workers {
+		w.stop.Signal()
+	}
+}
+
+// closeIO stops the loops, waits until they have returned, and closes the
+// sockets, the TUN queues and the loops' stop events.
 func (b *Backend) closeIO() {
+	b.runMu.Lock()
+	b.stopLoops()
+	loops := b.loops
+	b.runMu.Unlock()
+	if loops != nil {
+		<-loops
+	}
 	b.closeIOOnce.Do(func() {
-		b.stopping.Store(true)
 		for _, w := range b.workers {
+			w.stop.Close()
 			if err := w.conn.Close(); err != nil {
 				b.log.Warn("close UDP socket", "worker", w.id, "error", err)
 			}

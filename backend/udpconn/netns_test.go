@@ -7,57 +7,16 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"runtime"
 	"strconv"
 	"testing"
 	"time"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 
 	"github.com/tulle-net/tulle/backend/tundev"
 	"github.com/tulle-net/tulle/backend/udpconn"
+	"github.com/tulle-net/tulle/tests/nstest"
 )
-
-// requireRoot skips a test that needs root and namespaces, or fails it when
-// TULLE_REQUIRE_ROOT_TESTS=1 (CI must not pass with these skipped).
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	msg := "needs root (CAP_NET_ADMIN, network namespaces, /dev/net/tun); run as root"
-	if os.Getenv("TULLE_REQUIRE_ROOT_TESTS") == "1" {
-		t.Fatal(msg + " (TULLE_REQUIRE_ROOT_TESTS=1)")
-	}
-	t.Skip(msg)
-}
-
-// enterNewNetns moves the test goroutine, locked to its thread, into a new
-// anonymous network namespace for the rest of the test (see the tundev
-// tests for the reasoning); nothing named is left behind.
-func enterNewNetns(t *testing.T) {
-	t.Helper()
-	requireRoot(t)
-	runtime.LockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ns, err := netns.New()
-	if err != nil {
-		orig.Close()
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		netns.Set(orig)
-		orig.Close()
-		ns.Close()
-	})
-	if err := os.WriteFile("/proc/sys/net/ipv6/conf/default/disable_ipv6", []byte("1"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-}
 
 // TestGSOThroughDeviceWithoutChecksumOffloadDelivers sends a GSO message
 // over a route whose device has no checksum offload (a TUN without
@@ -65,7 +24,7 @@ func enterNewNetns(t *testing.T) {
 // off and resend the segments; newer ones segment in software. Either way
 // every segment must come out of the device.
 func TestGSOThroughDeviceWithoutChecksumOffloadDelivers(t *testing.T) {
-	enterNewNetns(t)
+	nstest.EnterNewNetns(t)
 	dev, err := tundev.Open(tundev.Options{Name: "tlu" + itoa(os.Getpid()%100000), MTU: 1400, Driver: tundev.DriverWater})
 	if err != nil {
 		t.Fatal(err)

@@ -3,18 +3,23 @@
 // UDP GSO on send (UDP_SEGMENT) and UDP GRO on receive (UDP_GRO).
 //
 // Every message header, iovec, address and control buffer is allocated once
-// in Listen; ReadBatch and WriteBatch allocate nothing. Both wait in the Go
-// netpoller, so Close unblocks them.
+// in Listen; ReadBatch and WriteBatch allocate nothing. The socket is
+// non-blocking; when a call has to wait it blocks its OS thread in ppoll(2)
+// (package fdpoll) rather than the Go netpoller, so that a datagram wakes
+// exactly the thread that handles it (the data plane runs each loop on a
+// goroutine locked to its thread). Close wakes every waiting call.
 package udpconn
 
 import (
+	"errors"
 	"log/slog"
-	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/tulle-net/tulle/backend/internal/fdpoll"
 )
 
 // Defaults for Options.
@@ -38,6 +43,11 @@ type Message struct {
 	// SegSize-byte datagrams, the last one possibly shorter. For a read it
 	// is the buffer to fill (len(Buf) is the capacity used).
 	Buf []byte
+	// Iov, if not nil, is for a write the payload gathered from pieces
+	// (Buf is then ignored): the datagram, or with SegSize the train, is
+	// the concatenation of the pieces, which need not align with segment
+	// boundaries. At most MaxIovecs pieces.
+	Iov [][]byte
 	// N is, for a read, the number of bytes received into Buf.
 	N int
 	// Addr is, for a write, the destination (IPv4, or IPv4-mapped IPv6);
@@ -87,21 +97,34 @@ type Stats struct {
 	SplitSends uint64
 }
 
+// ErrWouldBlock is returned by TryReadBatch when no datagram is queued.
+var ErrWouldBlock = errors.New("no datagram queued")
+
+// MaxIovecs is the most pieces one message's Iov may have (the kernel's
+// UIO_MAXIOV).
+const MaxIovecs = 1024
+
 // Conn is an IPv4 UDP socket with batched I/O. ReadBatch may run
 // concurrently with WriteBatch; each is serialized with itself.
 type Conn struct {
-	pc      *net.UDPConn
-	rc      syscall.RawConn
+	fd      int
+	stop    *fdpoll.Stop
 	laddr   netip.AddrPort
 	batch   int
 	gro     bool
 	maxSegs int
 	logger  *slog.Logger
 
-	gso        atomic.Bool
-	splitSends atomic.Uint64
-	closeOnce  sync.Once
-	closeErr   error
+	gso          atomic.Bool
+	splitSends   atomic.Uint64
+	readDeadline atomic.Int64 // UnixNano, 0 = none
+	closed       atomic.Bool
+	// closeMu: ReadBatch and WriteBatch hold it shared while they use fd;
+	// Close takes it exclusively after waking them, so fd is never used
+	// after it is closed.
+	closeMu   sync.RWMutex
+	closeOnce sync.Once
+	closeErr  error
 
 	rmu sync.Mutex
 	r   readState
@@ -136,11 +159,11 @@ func (c *Conn) Stats() Stats { return Stats{SplitSends: c.splitSends.Load()} }
 // SetReadDeadline makes a ReadBatch waiting past t return an error
 // satisfying errors.Is(err, os.ErrDeadlineExceeded); the zero time clears
 // it. Workers do not need it (Close unblocks them); tests do.
-func (c *Conn) SetReadDeadline(t time.Time) error { return c.pc.SetReadDeadline(t) }
-
-// Close closes the socket. Blocked ReadBatch and WriteBatch calls return an
-// error satisfying errors.Is(err, net.ErrClosed). Close is idempotent.
-func (c *Conn) Close() error {
-	c.closeOnce.Do(func() { c.closeErr = c.pc.Close() })
-	return c.closeErr
+func (c *Conn) SetReadDeadline(t time.Time) error {
+	var ns int64
+	if !t.IsZero() {
+		ns = t.UnixNano()
+	}
+	c.readDeadline.Store(ns)
+	return nil
 }

@@ -1,18 +1,22 @@
 package udpconn
 
 import (
-	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/tulle-net/tulle/backend/internal/fdpoll"
 )
 
 const (
@@ -20,6 +24,9 @@ const (
 	// rctrlLen is the control buffer per received message: room for the
 	// UDP_GRO cmsg (an int) and a spare one.
 	rctrlLen = 64
+	// splitIovecs is the iovec pool of a split send (one datagram per
+	// segment): enough for maxSegs segments of a few pieces each.
+	splitIovecs = 2048
 )
 
 var (
@@ -35,28 +42,23 @@ type readState struct {
 	iovs  []unix.Iovec
 	names []unix.RawSockaddrInet4
 	ctrl  []byte
-	fn    func(fd uintptr) bool // c.doRead, bound once so Read allocates no closure
-	n     int                   // messages asked for
-	got   int                   // messages received
-	errno syscall.Errno         // fatal errno from recvmmsg
 }
 
 // writeState is the send side, guarded by Conn.wmu.
 type writeState struct {
 	hdrs  []unix.Mmsghdr
-	iovs  []unix.Iovec
+	iovs  []unix.Iovec // pool: each message takes one per piece
 	names []unix.RawSockaddrInet4
 	ctrl  []byte
-	fn    func(fd uintptr) bool // c.doWrite, bound once
 
 	// split sends: one datagram per segment of one message
 	shdrs []unix.Mmsghdr
 	siovs []unix.Iovec
 	sname unix.RawSockaddrInet4
 
-	msgs      []Message     // the batch being sent
+	msgs      []Message     // the chunk being sent
 	next      int           // next message to send
-	seg       int           // next byte of msgs[next].Buf in a split send
+	seg       int           // next byte of msgs[next] in a split send
 	splitting bool          // a split send of msgs[next] has begun
 	split     int           // index of a GSO message refused with EINVAL, -1 if none
 	errno     syscall.Errno // fatal errno
@@ -88,58 +90,56 @@ func Listen(laddr netip.AddrPort, opts Options) (*Conn, error) {
 		return nil, fmt.Errorf("udp listen %s: not an IPv4 address", laddr)
 	}
 	bind := netip.AddrPortFrom(addr, laddr.Port())
-
-	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
-		var serr error
-		err := rc.Control(func(fd uintptr) {
-			if opts.ReusePort {
-				if err := unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
-					serr = fmt.Errorf("set SO_REUSEPORT: %w", err)
-					return
-				}
-			}
-			if err := setBuffer(int(fd), unix.SO_RCVBUFFORCE, unix.SO_RCVBUF, opts.RecvBuffer); err != nil {
-				serr = fmt.Errorf("set receive buffer %d: %w", opts.RecvBuffer, err)
-				return
-			}
-			if err := setBuffer(int(fd), unix.SO_SNDBUFFORCE, unix.SO_SNDBUF, opts.SendBuffer); err != nil {
-				serr = fmt.Errorf("set send buffer %d: %w", opts.SendBuffer, err)
-			}
-		})
-		if err != nil {
-			return err
-		}
-		return serr
-	}}
-	pc, err := lc.ListenPacket(context.Background(), "udp4", bind.String())
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		return nil, fmt.Errorf("udp listen %s: %w", bind, err)
+		return nil, fmt.Errorf("udp listen %s: socket: %w", bind, err)
+	}
+	fail := func(format string, args ...any) (*Conn, error) {
+		unix.Close(fd)
+		return nil, fmt.Errorf("udp listen %s: "+format, append([]any{bind}, args...)...)
+	}
+	if opts.ReusePort {
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
+			return fail("set SO_REUSEPORT: %w", err)
+		}
+	}
+	if err := setBuffer(fd, unix.SO_RCVBUFFORCE, unix.SO_RCVBUF, opts.RecvBuffer); err != nil {
+		return fail("set receive buffer %d: %w", opts.RecvBuffer, err)
+	}
+	if err := setBuffer(fd, unix.SO_SNDBUFFORCE, unix.SO_SNDBUF, opts.SendBuffer); err != nil {
+		return fail("set send buffer %d: %w", opts.SendBuffer, err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Port: int(bind.Port()), Addr: bind.Addr().As4()}); err != nil {
+		return fail("bind: %w", err)
+	}
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		return fail("getsockname: %w", err)
+	}
+	local, _ := sa.(*unix.SockaddrInet4)
+	if local == nil {
+		return fail("getsockname returned %T", sa)
+	}
+	stop, err := fdpoll.NewStop()
+	if err != nil {
+		return fail("%w", err)
 	}
 	c := &Conn{
-		pc:      pc.(*net.UDPConn),
+		fd:      fd,
+		stop:    stop,
+		laddr:   netip.AddrPortFrom(netip.AddrFrom4(local.Addr), uint16(local.Port)),
 		batch:   opts.BatchSize,
 		maxSegs: maxSegmentsForKernel(),
 		logger:  opts.Logger,
 	}
-	local := c.pc.LocalAddr().(*net.UDPAddr).AddrPort()
-	c.laddr = netip.AddrPortFrom(local.Addr().Unmap(), local.Port())
-	if c.rc, err = c.pc.SyscallConn(); err != nil {
-		c.pc.Close()
-		return nil, fmt.Errorf("udp listen %s: raw conn: %w", bind, err)
-	}
 	var gso, gro bool
-	if err := c.rc.Control(func(fd uintptr) {
-		// UDP_SEGMENT as a socket option exists where the cmsg does (4.18).
-		if !opts.DisableGSO {
-			_, err := unix.GetsockoptInt(int(fd), unix.IPPROTO_UDP, unix.UDP_SEGMENT)
-			gso = err == nil
-		}
-		if !opts.DisableGRO {
-			gro = unix.SetsockoptInt(int(fd), unix.IPPROTO_UDP, unix.UDP_GRO, 1) == nil
-		}
-	}); err != nil {
-		c.pc.Close()
-		return nil, fmt.Errorf("udp listen %s: probe offloads: %w", bind, err)
+	// UDP_SEGMENT as a socket option exists where the cmsg does (4.18).
+	if !opts.DisableGSO {
+		_, err := unix.GetsockoptInt(fd, unix.IPPROTO_UDP, unix.UDP_SEGMENT)
+		gso = err == nil
+	}
+	if !opts.DisableGRO {
+		gro = unix.SetsockoptInt(fd, unix.IPPROTO_UDP, unix.UDP_GRO, 1) == nil
 	}
 	c.gso.Store(gso)
 	c.gro = gro
@@ -147,6 +147,38 @@ func Listen(laddr netip.AddrPort, opts Options) (*Conn, error) {
 	c.logger.Debug("udp socket open", "addr", c.laddr, "gso", gso, "gro", gro,
 		"max_segments", c.maxSegs, "batch", c.batch)
 	return c, nil
+}
+
+// Close closes the socket. Blocked ReadBatch and WriteBatch calls return an
+// error satisfying errors.Is(err, net.ErrClosed). Close is idempotent.
+func (c *Conn) Close() error {
+	c.closeOnce.Do(func() {
+		c.closed.Store(true)
+		c.stop.Signal()
+		c.closeMu.Lock()
+		defer c.closeMu.Unlock()
+		c.closeErr = unix.Close(c.fd)
+		c.stop.Close()
+	})
+	return c.closeErr
+}
+
+// AttachReusePortFilter attaches a classic BPF program to the SO_REUSEPORT
+// group of c (SO_ATTACH_REUSEPORT_CBPF): for each datagram it returns the
+// index of the group's socket to deliver to (sockets are numbered in the
+// order they were bound; an index beyond the group falls back to the
+// kernel's hash). The program sees the datagram from its UDP payload on.
+func (c *Conn) AttachReusePortFilter(prog []unix.SockFilter) error {
+	if len(prog) == 0 {
+		return errors.New("empty BPF program")
+	}
+	fprog := unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}
+	_, _, e := unix.Syscall6(unix.SYS_SETSOCKOPT, uintptr(c.fd), unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_CBPF,
+		uintptr(unsafe.Pointer(&fprog)), unsafe.Sizeof(fprog), 0)
+	if e != 0 {
+		return fmt.Errorf("udp socket %s: attach reuseport BPF program: %w", c.laddr, e)
+	}
+	return nil
 }
 
 // setBuffer sets a socket buffer size with the FORCE option, falling back
@@ -208,34 +240,54 @@ func (c *Conn) initBuffers() {
 		h.SetIovlen(1)
 		h.Control = &r.ctrl[i*rctrlLen]
 	}
-	r.fn = c.doRead
 
 	w := &c.w
 	w.hdrs = make([]unix.Mmsghdr, n)
-	w.iovs = make([]unix.Iovec, n)
+	w.iovs = make([]unix.Iovec, max(2*n, 2*MaxIovecs))
 	w.names = make([]unix.RawSockaddrInet4, n)
 	w.ctrl = make([]byte, n*wctrlLen)
 	for i := range w.hdrs {
 		h := &w.hdrs[i].Hdr
 		h.Name = (*byte)(unsafe.Pointer(&w.names[i]))
 		h.Namelen = sizeofSockaddr
-		h.Iov = &w.iovs[i]
-		h.SetIovlen(1)
 		cm := (*unix.Cmsghdr)(unsafe.Pointer(&w.ctrl[i*wctrlLen]))
 		cm.Level = unix.IPPROTO_UDP
 		cm.Type = unix.UDP_SEGMENT
 		cm.SetLen(unix.CmsgLen(2))
 	}
 	w.shdrs = make([]unix.Mmsghdr, c.maxSegs)
-	w.siovs = make([]unix.Iovec, c.maxSegs)
+	w.siovs = make([]unix.Iovec, splitIovecs)
 	for i := range w.shdrs {
 		h := &w.shdrs[i].Hdr
 		h.Name = (*byte)(unsafe.Pointer(&w.sname))
 		h.Namelen = sizeofSockaddr
-		h.Iov = &w.siovs[i]
-		h.SetIovlen(1)
 	}
-	w.fn = c.doWrite
+}
+
+// errClosed is what calls on a closed Conn return.
+func (c *Conn) errClosed(op string) error {
+	return fmt.Errorf("udp %s on %s: %w", op, c.laddr, net.ErrClosed)
+}
+
+// wait blocks until the socket has events, Close was called (net.ErrClosed)
+// or, for reads, the deadline passed.
+func (c *Conn) wait(op string, events int16, deadline bool) error {
+	var dl time.Time
+	if deadline {
+		if ns := c.readDeadline.Load(); ns != 0 {
+			dl = time.Unix(0, ns)
+		}
+	}
+	err := c.stop.Wait(c.fd, events, dl)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, fdpoll.ErrStopped):
+		return c.errClosed(op)
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return fmt.Errorf("udp %s on %s: %w", op, c.laddr, err)
+	}
+	return fmt.Errorf("udp %s on %s: %w", op, c.laddr, err)
 }
 
 // ReadBatch receives up to min(len(msgs), BatchSize()) messages, blocking
@@ -245,12 +297,30 @@ func (c *Conn) initBuffers() {
 // Buf (then drop it). Give GRO conns buffers of GROBufferSize bytes.
 //
 // ReadBatch returns an error only when the conn is closed (errors.Is(err,
-// net.ErrClosed)) or the socket failed; errors the kernel queues on the
-// socket from ICMP (ECONNREFUSED, EHOSTUNREACH, ...) are consumed and the
-// read goes on. It allocates nothing.
+// net.ErrClosed)), the read deadline passed (os.ErrDeadlineExceeded) or the
+// socket failed; errors the kernel queues on the socket from ICMP
+// (ECONNREFUSED, EHOSTUNREACH, ...) are consumed and the read goes on. It
+// allocates nothing.
 func (c *Conn) ReadBatch(msgs []Message) (int, error) {
+	return c.readBatch(msgs, true)
+}
+
+// TryReadBatch is ReadBatch without the wait: when no datagram is queued it
+// returns ErrWouldBlock at once.
+func (c *Conn) TryReadBatch(msgs []Message) (int, error) {
+	return c.readBatch(msgs, false)
+}
+
+// Fd is the socket's file descriptor, for a caller that waits for it to be
+// readable itself (ppoll, with TryReadBatch); it must stop using it before
+// Close.
+func (c *Conn) Fd() int { return c.fd }
+
+func (c *Conn) readBatch(msgs []Message, wait bool) (int, error) {
 	c.rmu.Lock()
 	defer c.rmu.Unlock()
+	c.closeMu.RLock()
+	defer c.closeMu.RUnlock()
 	r := &c.r
 	n := min(len(msgs), c.batch)
 	if n == 0 {
@@ -263,20 +333,43 @@ func (c *Conn) ReadBatch(msgs []Message) (int, error) {
 	for i := 0; i < n; i++ {
 		r.iovs[i].Base = unsafe.SliceData(msgs[i].Buf)
 		r.iovs[i].SetLen(len(msgs[i].Buf))
-		h := &r.hdrs[i].Hdr
-		h.Namelen = sizeofSockaddr
-		h.SetControllen(ctrlLen)
-		h.Flags = 0
-		r.hdrs[i].Len = 0
 	}
-	r.n, r.got, r.errno = n, 0, 0
-	if err := c.rc.Read(r.fn); err != nil {
-		return 0, fmt.Errorf("udp receive batch on %s: %w", c.laddr, err)
+	var got int
+	for {
+		if c.closed.Load() {
+			return 0, c.errClosed("receive batch")
+		}
+		for i := 0; i < n; i++ {
+			h := &r.hdrs[i].Hdr
+			h.Namelen = sizeofSockaddr
+			h.SetControllen(ctrlLen)
+			h.Flags = 0
+			r.hdrs[i].Len = 0
+		}
+		m, _, e := unix.Syscall6(unix.SYS_RECVMMSG, uintptr(c.fd), uintptr(unsafe.Pointer(&r.hdrs[0])), uintptr(n), 0, 0, 0)
+		if e == 0 {
+			got = int(m)
+			break
+		}
+		switch e {
+		case unix.EAGAIN:
+			if !wait {
+				return 0, ErrWouldBlock
+			}
+			if err := c.wait("receive batch", unix.POLLIN, true); err != nil {
+				return 0, err
+			}
+		case unix.EINTR:
+		case unix.ECONNREFUSED, unix.EHOSTUNREACH, unix.ENETUNREACH, unix.EHOSTDOWN,
+			unix.ENETDOWN, unix.EPROTO, unix.EMSGSIZE, unix.ENOPROTOOPT, unix.ETIMEDOUT:
+			// An ICMP error from an earlier send, reported once: not ours to stop on.
+		case unix.EBADF:
+			return 0, c.errClosed("receive batch")
+		default:
+			return 0, fmt.Errorf("udp receive batch on %s: recvmmsg: %w", c.laddr, e)
+		}
 	}
-	if r.errno != 0 {
-		return 0, fmt.Errorf("udp receive batch on %s: recvmmsg: %w", c.laddr, r.errno)
-	}
-	for i := 0; i < r.got; i++ {
+	for i := 0; i < got; i++ {
 		m := &msgs[i]
 		h := &r.hdrs[i]
 		m.N = int(h.Len)
@@ -291,31 +384,7 @@ func (c *Conn) ReadBatch(msgs []Message) (int, error) {
 		}
 		m.Err = 0
 	}
-	return r.got, nil
-}
-
-// doRead is the RawConn.Read callback: one recvmmsg; false means "wait".
-func (c *Conn) doRead(fd uintptr) bool {
-	r := &c.r
-	for {
-		n, _, e := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.hdrs[0])), uintptr(r.n), 0, 0, 0)
-		switch e {
-		case 0:
-			r.got = int(n)
-			return true
-		case unix.EAGAIN:
-			return false
-		case unix.EINTR:
-			continue
-		case unix.ECONNREFUSED, unix.EHOSTUNREACH, unix.ENETUNREACH, unix.EHOSTDOWN,
-			unix.ENETDOWN, unix.EPROTO, unix.EMSGSIZE, unix.ENOPROTOOPT, unix.ETIMEDOUT:
-			// An ICMP error from an earlier send, reported once: not ours to stop on.
-			continue
-		default:
-			r.errno = e
-			return true
-		}
-	}
+	return got, nil
 }
 
 // addrPort reads a sockaddr_in.
@@ -357,26 +426,31 @@ func groSegmentSize(b []byte) int {
 	return 0
 }
 
-// WriteBatch sends every message of msgs (in chunks of BatchSize()) and
-// returns how many it processed: len(msgs) unless the error is fatal. A
-// message with SegSize > 0 and more than SegSize bytes goes out as one GSO
-// send (UDP_SEGMENT) where GSO is on, else one datagram per segment; keep
-// it within MaxSegments() segments and MaxMessageBytes. Each message's
-// outcome is in msgs[i].Err; a failing message does not stop the batch.
-// If the kernel refuses a GSO send with EIO (no GSO on the route), GSO is
-// turned off for this conn (logged once) and the message is resent one
-// datagram per segment; with EINVAL or EMSGSIZE (a segment above the path
-// MTU, too many segments, too many bytes) only that message is resent so.
-// Stats().SplitSends counts such resends.
+// WriteBatch sends every message of msgs (in chunks of at most
+// BatchSize()) and returns how many it processed: len(msgs) unless the
+// error is fatal. A message with SegSize > 0 and more than SegSize bytes
+// goes out as one GSO send (UDP_SEGMENT) where GSO is on, else one datagram
+// per segment; keep it within MaxSegments() segments and MaxMessageBytes.
+// Each message's outcome is in msgs[i].Err; a failing message does not
+// stop the batch. If the kernel refuses a GSO send with EIO (no GSO on the
+// route), GSO is turned off for this conn (logged once) and the message is
+// resent one datagram per segment; with EINVAL or EMSGSIZE (a segment above
+// the path MTU, too many segments, too many bytes) only that message is
+// resent so. Stats().SplitSends counts such resends.
 //
 // WriteBatch returns an error only when the conn is closed (errors.Is(err,
 // net.ErrClosed)) or the socket failed. It allocates nothing.
 func (c *Conn) WriteBatch(msgs []Message) (int, error) {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	c.closeMu.RLock()
+	defer c.closeMu.RUnlock()
 	done := 0
 	for done < len(msgs) {
-		n, err := c.writeChunk(msgs[done:min(len(msgs), done+c.batch)])
+		if c.closed.Load() {
+			return done, c.errClosed("send batch")
+		}
+		n, err := c.writeChunk(msgs[done:])
 		done += n
 		if err != nil {
 			return done, err
@@ -385,14 +459,40 @@ func (c *Conn) WriteBatch(msgs []Message) (int, error) {
 	return done, nil
 }
 
-// writeChunk sends at most c.batch messages; c.wmu is held.
+// msgLen is the payload length of a message to write.
+func msgLen(m *Message) int {
+	if m.Iov == nil {
+		return len(m.Buf)
+	}
+	n := 0
+	for _, b := range m.Iov {
+		n += len(b)
+	}
+	return n
+}
+
+// writeChunk sends the first messages of msgs, as many as one chunk holds
+// (BatchSize messages, the iovec pool); c.wmu and c.closeMu are held.
 func (c *Conn) writeChunk(msgs []Message) (int, error) {
 	w := &c.w
 	gso := c.gso.Load()
-	for i := range msgs {
-		m := &msgs[i]
+	used := 0 // iovecs of the pool taken
+	k := 0
+	for ; k < len(msgs) && k < c.batch; k++ {
+		m := &msgs[k]
 		m.Err = 0
-		if !putAddrPort(&w.names[i], m.Addr) {
+		pieces := 1
+		if m.Iov != nil {
+			pieces = len(m.Iov)
+		}
+		if pieces > MaxIovecs || pieces == 0 {
+			m.Err = unix.EMSGSIZE
+			continue
+		}
+		if used+pieces > len(w.iovs) {
+			break // next chunk
+		}
+		if !putAddrPort(&w.names[k], m.Addr) {
 			m.Err = unix.EAFNOSUPPORT
 			continue
 		}
@@ -400,11 +500,21 @@ func (c *Conn) writeChunk(msgs []Message) (int, error) {
 			m.Err = unix.EINVAL
 			continue
 		}
-		w.iovs[i].Base = unsafe.SliceData(m.Buf)
-		w.iovs[i].SetLen(len(m.Buf))
-		h := &w.hdrs[i].Hdr
+		h := &w.hdrs[k].Hdr
+		if m.Iov == nil {
+			w.iovs[used].Base = unsafe.SliceData(m.Buf)
+			w.iovs[used].SetLen(len(m.Buf))
+		} else {
+			for j, b := range m.Iov {
+				w.iovs[used+j].Base = unsafe.SliceData(b)
+				w.iovs[used+j].SetLen(len(b))
+			}
+		}
+		h.Iov = &w.iovs[used]
+		h.SetIovlen(pieces)
+		used += pieces
 		if gso && segmented(m) {
-			ctrl := w.ctrl[i*wctrlLen : (i+1)*wctrlLen]
+			ctrl := w.ctrl[k*wctrlLen : (k+1)*wctrlLen]
 			binary.NativeEndian.PutUint16(ctrl[cmsgDataOff:], uint16(m.SegSize))
 			h.Control = &ctrl[0]
 			h.SetControllen(wctrlLen)
@@ -413,21 +523,31 @@ func (c *Conn) writeChunk(msgs []Message) (int, error) {
 			h.SetControllen(0)
 		}
 	}
-	w.msgs, w.next, w.seg, w.splitting, w.split, w.errno = msgs, 0, 0, false, -1, 0
-	err := c.rc.Write(w.fn)
+	w.msgs, w.next, w.seg, w.splitting, w.split, w.errno = msgs[:k], 0, 0, false, -1, 0
+	err := c.send()
 	done := w.next
 	w.msgs = nil
 	if err != nil {
-		return done, fmt.Errorf("udp send batch on %s: %w", c.laddr, err)
+		return done, err
 	}
 	if w.errno != 0 {
 		return done, fmt.Errorf("udp send batch on %s: sendmmsg: %w", c.laddr, w.errno)
 	}
-	return len(msgs), nil
+	return k, nil
+}
+
+// send runs doWrite, waiting for writability when the socket buffer is full.
+func (c *Conn) send() error {
+	for !c.doWrite(uintptr(c.fd)) {
+		if err := c.wait("send batch", unix.POLLOUT, false); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // segmented reports whether m is more than one GSO segment.
-func segmented(m *Message) bool { return m.SegSize > 0 && len(m.Buf) > m.SegSize }
+func segmented(m *Message) bool { return m.SegSize > 0 && msgLen(m) > m.SegSize }
 
 // mustSplit reports whether message i goes out one datagram per segment.
 func (c *Conn) mustSplit(i int) bool {
@@ -448,8 +568,8 @@ var sendmmsg = func(fd uintptr, hdrs *unix.Mmsghdr, n int) (int, syscall.Errno) 
 	return int(sent), e
 }
 
-// doWrite is the RawConn.Write callback. It resumes at w.next (and w.seg)
-// after a wait; false means "wait until writable".
+// doWrite sends w.msgs from w.next (and w.seg) on. It returns false when
+// the socket buffer is full: wait until writable and call it again.
 func (c *Conn) doWrite(fd uintptr) bool {
 	w := &c.w
 	for w.next < len(w.msgs) {
@@ -499,6 +619,63 @@ func (c *Conn) doWrite(fd uintptr) bool {
 	return true
 }
 
+// pieceCursor walks the payload of a message piece by piece.
+type pieceCursor struct {
+	m   *Message
+	idx int // current piece
+	off int // offset in it
+}
+
+func (p *pieceCursor) piece(i int) []byte {
+	if p.m.Iov == nil {
+		return p.m.Buf
+	}
+	return p.m.Iov[i]
+}
+
+func (p *pieceCursor) pieces() int {
+	if p.m.Iov == nil {
+		return 1
+	}
+	return len(p.m.Iov)
+}
+
+// seek positions the cursor at byte off of the payload.
+func (p *pieceCursor) seek(off int) {
+	p.idx, p.off = 0, 0
+	for p.idx < p.pieces() && off >= len(p.piece(p.idx)) {
+		off -= len(p.piece(p.idx))
+		p.idx++
+	}
+	p.off = off
+}
+
+// take fills iovs with the next n bytes (fewer at the end of the payload)
+// and returns how many iovecs it used, 0 if they do not fit in iovs.
+func (p *pieceCursor) take(n int, iovs []unix.Iovec) int {
+	k := 0
+	for n > 0 && p.idx < p.pieces() {
+		b := p.piece(p.idx)[p.off:]
+		if len(b) == 0 {
+			p.idx, p.off = p.idx+1, 0
+			continue
+		}
+		if k == len(iovs) {
+			return 0
+		}
+		l := min(n, len(b))
+		iovs[k].Base = &b[0]
+		iovs[k].SetLen(l)
+		k++
+		n -= l
+		p.off += l
+		if p.off == len(p.piece(p.idx)) {
+			p.idx, p.off = p.idx+1, 0
+		}
+	}
+	return k
+}
+
 // sendSplit sends m one datagram per segment, from byte w.seg on. It
 // returns false to wait for writability (w.seg keeps the progress). The
 // first per-datagram error is kept in m.Err and the rest still go out.
@@ -510,13 +687,28 @@ func (c *Conn) sendSplit(fd uintptr, m *Message) bool {
 		putAddrPort(&w.sname, m.Addr)
 	}
 	seg := m.SegSize
-	for w.seg < len(m.Buf) {
-		k := 0
-		for off := w.seg; off < len(m.Buf) && k < len(w.shdrs); off += seg {
-			end := min(off+seg, len(m.Buf))
-			w.siovs[k].Base = &m.Buf[off]
-			w.siovs[k].SetLen(end - off)
+	total := msgLen(m)
+	cur := pieceCursor{m: m}
+	for w.seg < total {
+		cur.seek(w.seg)
+		k, used := 0, 0
+		for off := w.seg; off < total && k < len(w.shdrs); off += seg {
+			n := cur.take(min(seg, total-off), w.siovs[used:])
+			if n == 0 {
+				break
+			}
+			h := &w.shdrs[k].Hdr
+			h.Iov = &w.siovs[used]
+			h.SetIovlen(n)
+			used += n
 			k++
+		}
+		if k == 0 { // one segment of more pieces than the pool: refuse it
+			if m.Err == 0 {
+				m.Err = unix.EMSGSIZE
+			}
+			w.seg += seg
+			continue
 		}
 		sent, e := sendmmsg(fd, &w.shdrs[0], k)
 		switch {

@@ -25,3 +25,12 @@ func (c *Conn) ReadBatch(msgs []Message) (int, error) {
 func (c *Conn) WriteBatch(msgs []Message) (int, error) {
 	return 0, fmt.Errorf("udp send batch: not supported on %s", runtime.GOOS)
 }
+
+// Close is only implemented on Linux.
+func (c *Conn) Close() error { return nil }
+
+// TryReadBatch is only implemented on Linux.
+func (c *Conn) TryReadBatch(msgs []Message) (int, error) { return c.ReadBatch(msgs) }
+
+// Fd is only implemented on Linux.
+func (c *Conn) Fd() int { return -1 }

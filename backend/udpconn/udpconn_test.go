@@ -426,3 +426,56 @@ func TestWriteBatchSendsMoreMessagesThanBatchSize(t *testing.T) {
 		}
 	}
 }
+
+// TestPiecesAreSentAsTheirConcatenation sends a GSO train and a plain
+// datagram gathered from pieces that do not line up with the segments,
+// with GSO and without (then each segment is gathered on its own).
+func TestPiecesAreSentAsTheirConcatenation(t *testing.T) {
+	for _, gso := range []bool{true, false} {
+		a := listen(t, udpconn.Options{DisableGSO: !gso})
+		b := listen(t, udpconn.Options{DisableGRO: true})
+		whole := payload(3, 5*700+123)
+		var pieces [][]byte
+		for off, k := 0, 0; off < len(whole); k++ {
+			n := min(len(whole)-off, 1+k*97%450) // 1..450 bytes, straddling segments
+			pieces = append(pieces, whole[off:off+n])
+			off += n
+		}
+		msgs := []udpconn.Message{
+			{Iov: pieces, SegSize: 700, Addr: b.LocalAddr()},
+			{Iov: [][]byte{[]byte("ab"), nil, []byte("cd")}, Addr: b.LocalAddr()},
+		}
+		if n, err := a.WriteBatch(msgs); n != 2 || err != nil || msgs[0].Err != 0 || msgs[1].Err != 0 {
+			t.Fatalf("gso %v: WriteBatch = %d, %v (errs %v %v)", gso, n, err, msgs[0].Err, msgs[1].Err)
+		}
+		got := readDatagrams(t, b, 7, 2048)
+		for i := range 6 {
+			want := whole[i*700 : min((i+1)*700, len(whole))]
+			if !bytes.Equal(got[i].data, want) {
+				t.Fatalf("gso %v: datagram %d: %d bytes, want %d of the concatenation", gso, i, len(got[i].data), len(want))
+			}
+		}
+		if string(got[6].data) != "abcd" {
+			t.Fatalf("gso %v: plain datagram %q", gso, got[6].data)
+		}
+	}
+}
+
+func TestMessageWithMorePiecesThanTheKernelTakesFailsAlone(t *testing.T) {
+	a := listen(t, udpconn.Options{})
+	b := listen(t, udpconn.Options{DisableGRO: true})
+	many := make([][]byte, udpconn.MaxIovecs+1)
+	for i := range many {
+		many[i] = []byte{byte(i)}
+	}
+	msgs := []udpconn.Message{{Iov: many, Addr: b.LocalAddr()}, {Buf: []byte("ok"), Addr: b.LocalAddr()}}
+	if _, err := a.WriteBatch(msgs); err != nil {
+		t.Fatal(err)
+	}
+	if msgs[0].Err != syscall.EMSGSIZE || msgs[1].Err != 0 {
+		t.Fatalf("errs %v, %v; want EMSGSIZE, 0", msgs[0].Err, msgs[1].Err)
+	}
+	if got := readDatagrams(t, b, 1, 100); string(got[0].data) != "ok" {
+		t.Fatalf("got %q", got[0].data)
+	}
+}

@@ -1,0 +1,241 @@
+package tundev
+
+import (
+	"bytes"
+	"encoding/binary"
+
+	"github.com/tulle-net/tulle/proto"
+)
+
+// MaxCoalesce is the most packets a Coalescer merges into one superpacket.
+const MaxCoalesce = 128
+
+// Coalescer merges consecutive TCP segments of one flow (and, where the
+// kernel takes USO, UDP datagrams of one flow) into superpackets that an
+// offload queue writes with one system call each, as the kernel's GRO
+// would: same addresses, ports, TOS, TTL, DF; TCP segments in sequence with
+// the same ACK, window and options, flags ACK (PSH only on the last); each
+// segment the size of the first except a shorter last one; at most 64 KiB
+// and MaxCoalesce segments. It copies nothing: a group is the first
+// packet (its headers patched when the group is taken) followed by the
+// payloads of the others, as slices of the caller's buffers.
+//
+// Packets whose checksum is complete are verified before they are merged
+// (merging a corrupt segment would let the kernel trust its payload); one
+// that fails stays alone, so the kernel drops it. Packets marked partial
+// carry the pseudo-header sum in their checksum field (as read from a TUN
+// with VirtioNeedsCsum) and are trusted.
+//
+// Use: for each packet, if !Add(pkt, partial) { write(Group()); Reset();
+// Add(pkt, partial) }; at the end write(Group()) if Pending(). A
+// Coalescer allocates nothing after NewCoalescer.
+type Coalescer struct {
+	udp bool
+	hdr [VirtioHdrLen]byte
+	iov [][]byte // iov[0] = hdr, iov[1] = first packet, then payloads
+
+	count   int // packets in the group
+	kind    uint8
+	closed  bool // nothing may be appended
+	psh     bool // the last segment carries PSH
+	partial bool // the first packet's checksum is partial
+	checked bool // the first packet's checksum was verified
+	ihl     int
+	hdrLen  int
+	size    int    // payload bytes of the first segment
+	total   int    // IP length of the merged packet
+	nextSeq uint32 // TCP: sequence number the next segment must have
+	bad     *byte  // the last packet that failed verification
+}
+
+const (
+	kindOther = iota
+	kindTCP
+	kindUDP
+)
+
+// NewCoalescer makes a Coalescer; udp enables merging UDP datagrams (only
+// where the device took USO, Device.UDPOffload).
+func NewCoalescer(udp bool) *Coalescer {
+	c := &Coalescer{udp: udp, iov: make([][]byte, 0, MaxCoalesce+1)}
+	c.iov = append(c.iov, c.hdr[:])
+	return c
+}
+
+// Pending reports whether a group is waiting for Group.
+func (c *Coalescer) Pending() bool { return c.count > 0 }
+
+// Packets returns the number of packets in the pending group.
+func (c *Coalescer) Packets() int { return c.count }
+
+// Reset drops the pending group (after it was written) and the references
+// to the caller's buffers.
+func (c *Coalescer) Reset() {
+	clear(c.iov[1:])
+	c.iov = c.iov[:1]
+	c.count = 0
+}
+
+// Add offers the IPv4 packet pkt (exactly its IP total length). It returns
+// true if pkt started or joined the pending group, false if it cannot join
+// it: then take the group, Reset and Add pkt again (which always succeeds).
+func (c *Coalescer) Add(pkt []byte, partial bool) bool {
+	if c.count == 0 {
+		c.start(pkt, partial)
+		return true
+	}
+	if c.closed || c.count == MaxCoalesce || !c.joins(pkt) {
+		return false
+	}
+	if !partial && !c.verify(pkt) {
+		c.bad = &pkt[0] // start will keep it alone
+		return false
+	}
+	if c.count == 1 && !c.partial && !c.checked {
+		if !c.verify(c.iov[1]) {
+			c.closed = true
+			return false
+		}
+		c.checked = true
+	}
+	p := len(pkt) - c.hdrLen
+	c.iov = append(c.iov, pkt[c.hdrLen:])
+	c.count++
+	c.total += p
+	if c.kind == kindTCP {
+		c.nextSeq += uint32(p)
+		if pkt[c.ihl+13]&tcpPSH != 0 {
+			c.psh, c.closed = true, true
+		}
+	}
+	if p < c.size {
+		c.closed = true
+	}
+	return true
+}
+
+// start makes pkt the first packet of a new group.
+func (c *Coalescer) start(pkt []byte, partial bool) {
+	c.iov = append(c.iov[:1], pkt)
+	c.count, c.kind, c.closed, c.psh, c.partial, c.checked = 1, kindOther, true, false, partial, false
+	c.total = len(pkt)
+	if len(pkt) == 0 {
+		return
+	}
+	if c.bad == &pkt[0] { // failed verification: alone, so the kernel drops it
+		c.bad = nil
+		return
+	}
+	if len(pkt) < proto.IPv4HeaderLen || pkt[0] != 0x45 || !unfragmented(pkt) ||
+		int(binary.BigEndian.Uint16(pkt[2:])) != len(pkt) {
+		return
+	}
+	c.ihl = proto.IPv4HeaderLen
+	switch pkt[9] {
+	case proto.ProtoTCP:
+		if len(pkt) < 40 {
+			return
+		}
+		thl := int(pkt[32]>>4) * 4
+		flags := pkt[33]
+		if thl < 20 || 20+thl >= len(pkt) || (flags != tcpACK && flags != tcpACK|tcpPSH) {
+			return
+		}
+		c.kind, c.hdrLen = kindTCP, 20+thl
+		c.size = len(pkt) - c.hdrLen
+		c.nextSeq = binary.BigEndian.Uint32(pkt[24:]) + uint32(c.size)
+		c.closed = flags&tcpPSH != 0
+	case proto.ProtoUDP:
+		if !c.udp || len(pkt) <= 28 || int(binary.BigEndian.Uint16(pkt[24:])) != len(pkt)-20 ||
+			(!partial && pkt[26] == 0 && pkt[27] == 0) {
+			return // no checksum: nothing to verify before merging, so do not merge
+		}
+		c.kind, c.hdrLen = kindUDP, 28
+		c.size = len(pkt) - 28
+		c.closed = false
+	}
+}
+
+func unfragmented(pkt []byte) bool { return pkt[6]&0x3f == 0 && pkt[7] == 0 }
+
+// joins reports whether pkt may follow the group (checksums aside).
+func (c *Coalescer) joins(pkt []byte) bool {
+	first := c.iov[1]
+	if len(pkt) <= c.hdrLen || pkt[0] != 0x45 || pkt[9] != first[9] || !unfragmented(pkt) ||
+		pkt[1] != first[1] || pkt[8] != first[8] || pkt[6]&0xe0 != first[6]&0xe0 ||
+		int(binary.BigEndian.Uint16(pkt[2:])) != len(pkt) ||
+		!bytes.Equal(pkt[12:24], first[12:24]) { // addresses and ports
+		return false
+	}
+	p := len(pkt) - c.hdrLen
+	if p > c.size || c.total+p > proto.MaxIPv4Len {
+		return false
+	}
+	if c.kind == kindUDP {
+		return int(binary.BigEndian.Uint16(pkt[24:])) == len(pkt)-20
+	}
+	thl := int(pkt[32]>>4) * 4
+	flags := pkt[33]
+	return 20+thl == c.hdrLen && (flags == tcpACK || flags == tcpACK|tcpPSH) &&
+		binary.BigEndian.Uint32(pkt[24:]) == c.nextSeq &&
+		bytes.Equal(pkt[28:32], first[28:32]) && // ACK number
+		bytes.Equal(pkt[34:36], first[34:36]) && // window
+		bytes.Equal(pkt[40:c.hdrLen], first[40:c.hdrLen]) // options
+}
+
+// verify checks the transport checksum of an unfragmented TCP or UDP
+// packet with a 20-byte IP header.
+func (c *Coalescer) verify(pkt []byte) bool {
+	l4 := pkt[20:]
+	pseudo := proto.PseudoHeaderSum(proto.IPv4Src(pkt), proto.IPv4Dst(pkt), pkt[9], len(l4))
+	return proto.Sum(l4, uint64(pseudo)) == 0xffff
+}
+
+// Group finishes the pending group and returns what to write: the virtio
+// header followed by the packet's pieces. A group of one packet is written
+// as it came (with VirtioNeedsCsum if its checksum is partial); a merged
+// group gets the first packet's headers patched (lengths, IP checksum, PSH,
+// the pseudo-header sum for the new length) and a GSO header.
+func (c *Coalescer) Group() [][]byte {
+	first := c.iov[1]
+	if c.count == 1 {
+		h := VirtioHdr{}
+		if c.partial {
+			h = partialHdr(first)
+		}
+		h.Encode(c.hdr[:])
+		return c.iov
+	}
+	binary.BigEndian.PutUint16(first[2:], uint16(c.total))
+	first[10], first[11] = 0, 0
+	binary.BigEndian.PutUint16(first[10:], proto.IPv4HeaderChecksum(first[:20]))
+	l4len := c.total - 20
+	h := VirtioHdr{Flags: VirtioNeedsCsum, HdrLen: uint16(c.hdrLen), GSOSize: uint16(c.size), CsumStart: 20}
+	csumAt := 20 + tcpCsumOffset
+	if c.kind == kindTCP {
+		h.GSOType, h.CsumOffset = GSOTCPv4, tcpCsumOffset
+		if c.psh {
+			first[33] |= tcpPSH
+		}
+	} else {
+		h.GSOType, h.CsumOffset = GSOUDPL4, udpCsumOffset
+		csumAt = 20 + udpCsumOffset
+		binary.BigEndian.PutUint16(first[24:], uint16(l4len))
+	}
+	binary.BigEndian.PutUint16(first[csumAt:],
+		proto.PseudoHeaderSum(proto.IPv4Src(first), proto.IPv4Dst(first), first[9], l4len))
+	h.Encode(c.hdr[:])
+	return c.iov
+}
+
+// partialHdr is the virtio header of a single TCP or UDP packet whose
+// checksum field holds the pseudo-header sum.
+func partialHdr(pkt []byte) VirtioHdr {
+	ihl := proto.IPv4HeaderLength(pkt)
+	h := VirtioHdr{Flags: VirtioNeedsCsum, CsumStart: uint16(ihl), CsumOffset: tcpCsumOffset}
+	if pkt[9] == proto.ProtoUDP {
+		h.CsumOffset = udpCsumOffset
+	}
+	h.HdrLen = h.CsumStart + h.CsumOffset + 2
+	return h
+}

@@ -1,5 +1,0 @@
-//go:build !race
-
-package tundev_test
-
-const raceEnabled = false

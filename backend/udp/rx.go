@@ -1,0 +1,165 @@
+package udp
+
+import (
+	"errors"
+
+	"github.com/tulle-net/tulle/backend/tundev"
+	"github.com/tulle-net/tulle/backend/udpconn"
+	"github.com/tulle-net/tulle/proto"
+)
+
+// rxMessages is the number of datagrams (GRO trains) one receive batch
+// takes; each buffer holds 64 KiB.
+const rxMessages = 16
+
+// rxLoop moves datagrams from the socket to the TUN queue without copying
+// them: the accepted packets of a GRO train are handed, as slices of the
+// receive buffer, to a tundev.Coalescer, which merges the segments of a
+// flow into one TUN write (virtio GSO) gathered from those slices.
+type rxLoop struct {
+	w       *worker
+	stats   *loopStats
+	vnet    bool
+	msgs    []udpconn.Message // each Buf holds 64 KiB: a GRO train or the largest datagram
+	co      *tundev.Coalescer // with a virtio header
+	one     [1][]byte         // without: one packet per write
+	written int               // packets written into the TUN in this batch
+	drops   batchCounts
+	run     peerRun
+}
+
+// init allocates the RX loop's buffers; udpGRO enables merging UDP (the
+// device took USO).
+func (rx *rxLoop) init(w *worker, vnet, udpGRO bool, maxPeers int) {
+	*rx = rxLoop{
+		w:     w,
+		stats: newLoopStats(maxPeers),
+		vnet:  vnet,
+		msgs:  make([]udpconn.Message, rxMessages),
+		co:    tundev.NewCoalescer(udpGRO),
+	}
+	for i := range rx.msgs {
+		rx.msgs[i].Buf = make([]byte, udpconn.GROBufferSize)
+	}
+}
+
+// deliver checks each datagram of the n messages received (a GRO train is
+// split into its datagrams) and writes the accepted ones into the TUN.
+func (rx *rxLoop) deliver(t *table, n int) error {
+	packets := 0
+	var err error
+	for i := range rx.msgs[:n] {
+		m := &rx.msgs[i]
+		if m.Truncated {
+			rx.drops[dropTruncated]++
+			continue
+		}
+		src, _ := proto.AddrUint32(m.Addr.Addr())
+		if m.N == 0 {
+			rx.reject(t, src, dropMalformed)
+			continue
+		}
+		seg := m.SegSize
+		if seg <= 0 || seg > m.N {
+			seg = m.N
+		}
+		for off := 0; off < m.N && err == nil; off += seg {
+			packets++
+			pkt := m.Buf[off:min(off+seg, m.N)]
+			if p, partial := rx.accept(t, src, pkt); p != nil {
+				rx.run.add(rx.stats, p, 1, len(pkt))
+				err = rx.write(pkt, partial)
+			}
+		}
+	}
+	if err == nil {
+		err = rx.flush()
+	}
+	rx.stats.udp.observe(packets)
+	rx.stats.tun.observe(rx.written)
+	rx.written = 0
+	rx.run.flush(rx.stats)
+	rx.drops.flush(rx.stats)
+	return err
+}
+
+// accept applies the trust checks to one datagram from src and decrements
+// its TTL. It returns the peer it came from, or nil if it is dropped
+// (counted), and whether its transport checksum is partial (marked by a
+// peer that sends them; the mark is cleared here).
+func (rx *rxLoop) accept(t *table, src uint32, pkt []byte) (_ *peer, partial bool) {
+	total, err := proto.CheckIPv4(pkt)
+	if err != nil || total != len(pkt) || !proto.IPv4HeaderChecksumValid(pkt) {
+		reason := dropMalformed
+		if errors.Is(err, proto.ErrShort) && len(pkt) >= proto.IPv4HeaderLen {
+			reason = dropTruncated // shorter than its IP header says
+		}
+		rx.reject(t, src, reason)
+		return nil, false
+	}
+	p := t.lookup(proto.IPv4SrcUint32(pkt))
+	if p == nil || p.public != src {
+		rx.reject(t, src, dropSpoofedSource)
+		return nil, false
+	}
+	if !t.isOwn(proto.IPv4DstUint32(pkt)) {
+		rx.drops[dropForeignDestination]++
+		return nil, false
+	}
+	if !proto.DecrementTTL(pkt) {
+		rx.drops[dropTTLExpired]++
+		return nil, false
+	}
+	if marked(pkt) && p.partialCsum.Load() {
+		if !partialTransport(pkt) {
+			rx.drops[dropMalformed]++ // only TCP and UDP are ever marked
+			return nil, false
+		}
+		clearMark(pkt)
+		partial = true
+	}
+	return p, partial
+}
+
+// reject counts a dropped datagram: as unknown_sender if src holds no
+// lease, whatever else is wrong with it, else for reason.
+func (rx *rxLoop) reject(t *table, src uint32, reason dropReason) {
+	if !t.isSender(src) {
+		reason = dropUnknownSender
+	}
+	rx.drops[reason]++
+}
+
+// write queues pkt for the TUN: with a virtio header into the coalescer
+// (writing the group it cannot join), else written at once, its partial
+// checksum completed here.
+func (rx *rxLoop) write(pkt []byte, partial bool) error {
+	rx.written++
+	if rx.vnet {
+		if rx.co.Add(pkt, partial) {
+			return nil
+		}
+		if err := rx.flush(); err != nil {
+			return err
+		}
+		rx.co.Add(pkt, partial)
+		return nil
+	}
+	if partial {
+		_ = tundev.CompleteChecksum(pkt, proto.IPv4HeaderLength(pkt), csumOffset(pkt)) // partialTransport checked the room
+	}
+	rx.one[0] = pkt
+	err := rx.w.queue.WritePacket(rx.one[:])
+	rx.one[0] = nil
+	return err
+}
+
+// flush writes the pending coalesced group, if any.
+func (rx *rxLoop) flush() error {
+	if !rx.co.Pending() {
+		return nil
+	}
+	err := rx.w.queue.WritePacket(rx.co.Group())
+	rx.co.Reset()
+	return err
+}
