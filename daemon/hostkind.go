@@ -24,9 +24,16 @@ type tulleInfo struct {
 }
 
 // backendData is our lease's BackendData:
-// {"tulle":{"version":"v0.1.0","features":["partial-checksum"]}}.
-func backendData() json.RawMessage {
-	b, _ := json.Marshal(tulleMark{Tulle: &tulleInfo{Version: buildinfo.Get().Version, Features: udp.Features()}})
+// {"tulle":{"version":"v0.1.0","features":["partial-checksum"]}}, without
+// "partial-checksum" when partialChecksums is false (--partial-checksums).
+func backendData(partialChecksums bool) json.RawMessage {
+	var features []string
+	for _, f := range udp.Features() {
+		if f != udp.FeaturePartialChecksum || partialChecksums {
+			features = append(features, f)
+		}
+	}
+	b, _ := json.Marshal(tulleMark{Tulle: &tulleInfo{Version: buildinfo.Get().Version, Features: features}})
 	return b
 }
 

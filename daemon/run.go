@@ -231,7 +231,7 @@ func (d *daemon) setup() error {
 	}
 	d.mgr = subnet.NewManager(d.reg, subnet.ManagerOptions{
 		PublicIP:       sel.PublicIP,
-		BackendData:    backendData(),
+		BackendData:    backendData(d.cfg.PartialChecksums),
 		PreviousSubnet: previous,
 		LeaseTTL:       d.cfg.LeaseTTL,
 		RenewMargin:    d.cfg.RenewMargin,

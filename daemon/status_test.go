@@ -137,7 +137,7 @@ func TestHostKindTellsTulleFromFlannel(t *testing.T) {
 		{subnet.LeaseAttrs{BackendType: "udp"}, "flannel", ""},
 		{subnet.LeaseAttrs{BackendType: "vxlan", BackendData: []byte(`{"VNI":1,"VtepMAC":"02:00:00:00:00:01"}`)}, "flannel vxlan", ""},
 		{subnet.LeaseAttrs{BackendData: []byte(`{"tulle":{"version":"v1.2.3"}}`)}, "tulle", "v1.2.3"},
-		{subnet.LeaseAttrs{BackendData: backendData()}, "tulle", "devel"},
+		{subnet.LeaseAttrs{BackendData: backendData(true)}, "tulle", "devel"},
 		{subnet.LeaseAttrs{BackendData: []byte(`"junk"`)}, "flannel", ""},
 	} {
 		kind, version := hostKind(tc.attrs)
@@ -146,9 +146,13 @@ func TestHostKindTellsTulleFromFlannel(t *testing.T) {
 		}
 	}
 	// Our mark survives flannel's lease value encoding.
-	b, err := subnet.LeaseAttrs{PublicIP: netipMust("192.0.2.1"), BackendData: backendData()}.MarshalJSON()
+	b, err := subnet.LeaseAttrs{PublicIP: netipMust("192.0.2.1"), BackendData: backendData(true)}.MarshalJSON()
 	if err != nil || string(b) != `{"PublicIP":"192.0.2.1","PublicIPv6":null,"BackendData":{"tulle":{"version":"devel","features":["partial-checksum"]}}}` {
 		t.Errorf("lease value %s %v", b, err)
+	}
+	// --partial-checksums=false: still a Tulle host, without the feature.
+	if got, want := string(backendData(false)), `{"tulle":{"version":"devel"}}`; got != want {
+		t.Errorf("BackendData with partial checksums off: %s, want %s", got, want)
 	}
 }
 

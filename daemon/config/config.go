@@ -82,6 +82,10 @@ type Config struct {
 	TunName   string
 	TunDriver string // "offload" or "water"
 	Workers   int    // 0 = runtime.NumCPU()
+	// PartialChecksums: advertise the "partial-checksum" feature in our
+	// lease, so Tulle peers that also advertise it skip checksumming
+	// payloads with us (flannel peers are never affected).
+	PartialChecksums bool
 
 	LogLevel  slog.Level
 	LogFormat string // "text" or "json"
@@ -336,6 +340,7 @@ func daemonFlagSet(c *Config, r *rawFlags) *FlagSet {
 	fs.StringVar(&r.tunDriver, "tun-driver", "offload", "TUN `driver`: offload (batched, TSO/GRO) or water (portable, slower)")
 	fs.StringVar(&c.TunName, "tun-name", DefaultTunName, "`name` of the TUN device")
 	fs.IntVar(&c.Workers, "workers", 0, "data plane `workers` (0 = one per CPU)")
+	fs.BoolVar(&c.PartialChecksums, "partial-checksums", true, "between Tulle hosts that both allow it, carry TCP/UDP checksums partial (the outer UDP checksum covers the packet); false makes every packet fully checksummed, as flannel's")
 
 	fs.StringVar(&c.MetricsAddr, "metrics-addr", DefaultMetricsAddr, "`host:port` for /metrics, /healthz and /readyz (empty = off)")
 	fs.StringVar(&c.HealthzIP, "healthz-ip", DefaultHealthzIP, "`IP` of flannel's health endpoint (see --healthz-port)")
@@ -349,7 +354,7 @@ func daemonFlagSet(c *Config, r *rawFlags) *FlagSet {
 	fs.Groups = []Group{
 		etcdGroup,
 		{Title: "network", Names: []string{"iface", "iface-regex", "public-ip", "subnet-file", "subnet-lease-renew-margin", "subnet-lease-ttl", "etcd-start-timeout", "ip-masq"}},
-		{Title: "data plane", Names: []string{"tun-driver", "tun-name", "workers"}},
+		{Title: "data plane", Names: []string{"tun-driver", "tun-name", "workers", "partial-checksums"}},
 		{Title: "observability", Names: []string{"metrics-addr", "debug-pprof", "healthz-ip", "healthz-port", "log-level", "log-format"}},
 		{Title: "other", Names: []string{"version", "help"}},
 	}

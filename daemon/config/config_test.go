@@ -32,7 +32,7 @@ func TestDefaultsAreFlanneldsAndTulles(t *testing.T) {
 	if c.HealthzIP != "0.0.0.0" || c.HealthzPort != 0 || c.HealthzAddr() != "" || c.MetricsAddr != ":9285" {
 		t.Errorf("health %+v", c)
 	}
-	if c.TunName != "tulle0" || c.TunDriver != "offload" || c.Workers != 0 || c.StartTimeout != 10*time.Minute {
+	if c.TunName != "tulle0" || c.TunDriver != "offload" || c.Workers != 0 || c.StartTimeout != 10*time.Minute || !c.PartialChecksums {
 		t.Errorf("data plane %+v", c)
 	}
 	if c.LogLevel != slog.LevelInfo || c.LogFormat != "text" || len(c.Warnings) != 0 {
@@ -64,6 +64,10 @@ func TestFlagBeatsTulledEnvBeatsFlanneldEnv(t *testing.T) {
 	}
 	if strings.Join(c.Etcd.Endpoints, " ") != "https://192.0.2.250:2379 https://192.0.2.251:2379" {
 		t.Errorf("endpoints %q (flanneld's single-dash form must work)", c.Etcd.Endpoints)
+	}
+
+	if c = mustParse(t, nil, []string{"TULLED_PARTIAL_CHECKSUMS=false"}); c.PartialChecksums {
+		t.Error("TULLED_PARTIAL_CHECKSUMS=false left partial checksums on")
 	}
 
 	c = mustParse(t, []string{"--iface", "eth2", "--iface=eth3"}, env)
