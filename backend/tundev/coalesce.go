@@ -26,6 +26,10 @@ const MaxCoalesce = 128
 // carry the pseudo-header sum in their checksum field (as read from a TUN
 // with VirtioNeedsCsum) and are trusted.
 //
+// Add trusts the IPv4 header checksum (the caller checked it, as the RX
+// loop does) and a partial mark (the caller made sure the packet is
+// unfragmented TCP or UDP with room for its header).
+//
 // Use: for each packet, if !Add(pkt, partial) { write(Group()); Reset();
 // Add(pkt, partial) }; at the end write(Group()) if Pending(). A
 // Coalescer allocates nothing after NewCoalescer.
@@ -171,12 +175,19 @@ func (c *Coalescer) joins(pkt []byte) bool {
 	if p > c.size || c.total+p > proto.MaxIPv4Len {
 		return false
 	}
+	// Without DF the IP ID matters (fragments are reassembled by it), and
+	// the kernel's segmentation numbers the segments from the first one's:
+	// merge only segments already numbered so, as the kernel's GRO does.
+	if first[6]&0x40 == 0 && binary.BigEndian.Uint16(pkt[4:]) != binary.BigEndian.Uint16(first[4:])+uint16(c.count) {
+		return false
+	}
 	if c.kind == kindUDP {
 		return int(binary.BigEndian.Uint16(pkt[24:])) == len(pkt)-20
 	}
-	thl := int(pkt[32]>>4) * 4
+	// Byte 32 whole: the data offset, and the reserved and AE (accurate
+	// ECN) bits, which merging would copy from the first segment onto all.
 	flags := pkt[33]
-	return 20+thl == c.hdrLen && (flags == tcpACK || flags == tcpACK|tcpPSH) &&
+	return pkt[32] == first[32] && (flags == tcpACK || flags == tcpACK|tcpPSH) &&
 		binary.BigEndian.Uint32(pkt[24:]) == c.nextSeq &&
 		bytes.Equal(pkt[28:32], first[28:32]) && // ACK number
 		bytes.Equal(pkt[34:36], first[34:36]) && // window

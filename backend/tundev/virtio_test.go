@@ -132,6 +132,43 @@ func TestCoalescerKeepsApartWhatTheKernelWouldNotMerge(t *testing.T) {
 	}
 }
 
+// TestCoalescerComparesAEBitsAndNonDFIDsAsGRODoes: the whole data-offset
+// byte (reserved bits, AE) must match, or merging would copy the first
+// segment's bits onto the others; without DF the IP IDs must count up from
+// the first segment's, as the kernel renumbers them when it segments.
+func TestCoalescerComparesAEBitsAndNonDFIDsAsGRODoes(t *testing.T) {
+	const mss = 1000
+	fix := func(pkt []byte) []byte {
+		pkt[10], pkt[11] = 0, 0
+		binary.BigEndian.PutUint16(pkt[10:], checksum(pkt[:20], 0))
+		pkt[36], pkt[37] = 0, 0
+		binary.BigEndian.PutUint16(pkt[36:], checksum(pkt[20:], pseudoSum(flowSrc.Addr(), flowDst.Addr(), 6, len(pkt)-20)))
+		return pkt
+	}
+	ae := segment(1, mss, 0)
+	ae[32] |= 0x01
+	c := tundev.NewCoalescer(false)
+	c.Add(segment(0, mss, 0), false)
+	if c.Add(fix(ae), false) {
+		t.Error("a segment with AE set merged after one without")
+	}
+
+	noDF := func(i int, id uint16) []byte {
+		pkt := segment(i, mss, 0)
+		pkt[6] = 0
+		binary.BigEndian.PutUint16(pkt[4:], id)
+		return fix(pkt)
+	}
+	c = tundev.NewCoalescer(false)
+	c.Add(noDF(0, 7), false)
+	if !c.Add(noDF(1, 8), false) {
+		t.Fatal("non-DF segments with consecutive IDs did not merge")
+	}
+	if c.Add(noDF(2, 8), false) {
+		t.Error("a non-DF segment repeating the previous IP ID merged")
+	}
+}
+
 func TestCorruptSegmentIsNeverMergedSoTheKernelDropsIt(t *testing.T) {
 	c := tundev.NewCoalescer(false)
 	good0, bad, good2 := segment(0, 500, 0), segment(1, 500, 0), segment(2, 500, 0)
