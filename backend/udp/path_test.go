@@ -538,10 +538,10 @@ func TestPathDoesNotAllocate(t *testing.T) {
 	}
 }
 
-// BenchmarkTransmitSplit measures route + split of a 64 KiB TSO
-// superpacket into GSO trains (headers built, payload not copied), for a
-// flannel peer (complete checksums) and a Tulle peer (partial).
-func BenchmarkTransmitSplit(b *testing.B) {
+// benchPeerModes runs fn as two sub-benchmarks, against one peer that
+// takes complete checksums (a flannel host) and one that takes partial
+// ones (a Tulle host).
+func benchPeerModes(b *testing.B, fn func(b *testing.B, be *Backend, tb *table, partial bool)) {
 	for _, partial := range []bool{false, true} {
 		name := "complete-checksums"
 		if partial {
@@ -550,71 +550,70 @@ func BenchmarkTransmitSplit(b *testing.B) {
 		b.Run(name, func(b *testing.B) {
 			be := newPureBackend(b, "198.18.0.0/16", 24, "198.18.1.0/24", 1)
 			be.Apply([]subnet.Event{added("198.18.2.0/24", "192.0.2.2")})
-			tx := &be.workers[0].tx
 			tb := be.table.Load()
 			tb.lookup(addr32("198.18.2.1")).partialCsum.Store(partial)
-			h, pkt := tcpSuper("198.18.1.5", "198.18.2.7", 45*1420, 1420, 1)
-			b.ReportAllocs()
-			b.SetBytes(int64(len(pkt)))
-			for b.Loop() {
-				resetTx(tx)
-				txRead(b, tx, tb, 0, h, pkt)
-			}
+			fn(b, be, tb, partial)
 		})
 	}
+}
+
+// BenchmarkTransmitSplit measures route + split of a 64 KiB TSO
+// superpacket into GSO trains (headers built, payload not copied), for a
+// flannel peer (complete checksums) and a Tulle peer (partial).
+func BenchmarkTransmitSplit(b *testing.B) {
+	benchPeerModes(b, func(b *testing.B, be *Backend, tb *table, partial bool) {
+		tx := &be.workers[0].tx
+		h, pkt := tcpSuper("198.18.1.5", "198.18.2.7", 45*1420, 1420, 1)
+		b.ReportAllocs()
+		b.SetBytes(int64(len(pkt)))
+		for b.Loop() {
+			resetTx(tx)
+			txRead(b, tx, tb, 0, h, pkt)
+		}
+	})
 }
 
 // BenchmarkReceiveAcceptAndCoalesce measures the trust checks and GRO
 // coalescing of 45 TCP segments into one superpacket (no copy), per
 // segment, with complete checksums (verified) and partial ones (trusted).
 func BenchmarkReceiveAcceptAndCoalesce(b *testing.B) {
-	for _, partial := range []bool{false, true} {
-		name := "complete-checksums"
-		if partial {
-			name = "partial-checksums"
+	benchPeerModes(b, func(b *testing.B, be *Backend, tb *table, partial bool) {
+		rx := &be.workers[0].rx
+		var segs [][]byte
+		for i := range 45 {
+			_, p := tcpSuper("198.18.2.7", "198.18.1.5", 1420, 1420, 1+uint32(i*1420))
+			p[33] = 0x10 // ACK
+			if partial {
+				setMark(p)
+			} else {
+				binary.BigEndian.PutUint16(p[36:], 0)
+				binary.BigEndian.PutUint16(p[36:], proto.Checksum(p[20:], uint64(proto.PseudoHeaderSum(proto.IPv4Src(p), proto.IPv4Dst(p), proto.ProtoTCP, len(p)-20))))
+			}
+			segs = append(segs, p)
 		}
-		b.Run(name, func(b *testing.B) {
-			be := newPureBackend(b, "198.18.0.0/16", 24, "198.18.1.0/24", 1)
-			be.Apply([]subnet.Event{added("198.18.2.0/24", "192.0.2.2")})
-			rx := &be.workers[0].rx
-			tb := be.table.Load()
-			tb.lookup(addr32("198.18.2.1")).partialCsum.Store(partial)
-			var segs [][]byte
-			for i := range 45 {
-				_, p := tcpSuper("198.18.2.7", "198.18.1.5", 1420, 1420, 1+uint32(i*1420))
-				p[33] = 0x10 // ACK
-				if partial {
-					setMark(p)
-				} else {
-					binary.BigEndian.PutUint16(p[36:], 0)
-					binary.BigEndian.PutUint16(p[36:], proto.Checksum(p[20:], uint64(proto.PseudoHeaderSum(proto.IPv4Src(p), proto.IPv4Dst(p), proto.ProtoTCP, len(p)-20))))
+		pristine := make([][]byte, len(segs))
+		for i := range segs {
+			pristine[i] = append([]byte(nil), segs[i]...)
+		}
+		src := addr32("192.0.2.2")
+		b.ReportAllocs()
+		b.SetBytes(int64(len(segs) * len(segs[0])))
+		for b.Loop() {
+			for i, p := range segs {
+				copy(p[:52], pristine[i][:52]) // headers only: TTL, mark, lengths
+				if peer, partial := rx.accept(tb, src, p); peer != nil && !rx.co.Add(p, partial) {
+					rx.co.Group()
+					rx.co.Reset()
+					rx.co.Add(p, partial)
 				}
-				segs = append(segs, p)
 			}
-			pristine := make([][]byte, len(segs))
-			for i := range segs {
-				pristine[i] = append([]byte(nil), segs[i]...)
+			if rx.co.Packets() != len(segs) {
+				b.Fatalf("coalesced %d of %d segments", rx.co.Packets(), len(segs))
 			}
-			src := addr32("192.0.2.2")
-			b.ReportAllocs()
-			b.SetBytes(int64(len(segs) * len(segs[0])))
-			for b.Loop() {
-				for i, p := range segs {
-					copy(p[:52], pristine[i][:52]) // headers only: TTL, mark, lengths
-					if peer, partial := rx.accept(tb, src, p); peer != nil && !rx.co.Add(p, partial) {
-						rx.co.Group()
-						rx.co.Reset()
-						rx.co.Add(p, partial)
-					}
-				}
-				if rx.co.Packets() != len(segs) {
-					b.Fatalf("coalesced %d of %d segments", rx.co.Packets(), len(segs))
-				}
-				rx.co.Group()
-				rx.co.Reset()
-			}
-		})
-	}
+			rx.co.Group()
+			rx.co.Reset()
+		}
+	})
 }
 
 // FuzzReceiveTrustBoundary feeds arbitrary datagrams from a peer, from a
