@@ -42,6 +42,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -299,7 +300,12 @@ func (b *Backend) Run(ctx context.Context) error {
 // with GOMAXPROCS = NumCPU all Ps may be held by the other loops' threads
 // in their system calls, until sysmon takes them back (up to 10 ms). So
 // every loop gets a P of its own beyond the CPUs. Idle Ps cost nothing.
+// A GOMAXPROCS set in the environment is the operator's and is kept.
 func raiseGOMAXPROCS(workers int, log *slog.Logger) {
+	if v := os.Getenv("GOMAXPROCS"); v != "" {
+		log.Debug("GOMAXPROCS set in the environment; not raised for the data-plane loops", "GOMAXPROCS", v)
+		return
+	}
 	want := runtime.NumCPU() + 2*workers
 	if have := runtime.GOMAXPROCS(0); have < want {
 		runtime.GOMAXPROCS(want)
