@@ -155,7 +155,13 @@ func buildOnce(ctx context.Context, pkg, name, env string) (string, error) {
 		return "", err
 	}
 	out := filepath.Join(dir, "bin", name)
-	cmd := exec.CommandContext(ctx, goCommand(), "build", "-o", out, pkg)
+	args := []string{"build", "-o", out}
+	if rev := gitRevision(ctx, root); rev != "" {
+		// As `make build` stamps it, so logs and bench results say which
+		// tulled ran (this machine's GOFLAGS may turn -buildvcs off).
+		args = append(args, "-ldflags=-X github.com/tulle-net/tulle/daemon/buildinfo.revision="+rev)
+	}
+	cmd := exec.CommandContext(ctx, goCommand(), append(args, pkg)...)
 	cmd.Dir = root
 	if msg, err := cmd.CombinedOutput(); err != nil {
 		if errors.Is(ctx.Err(), context.Canceled) {
@@ -165,4 +171,18 @@ func buildOnce(ctx context.Context, pkg, name, env string) (string, error) {
 	}
 	built[pkg] = out
 	return out, nil
+}
+
+// gitRevision is the short commit of the checkout at root, with "-dirty"
+// when tracked files differ from it, or "" when git cannot tell.
+func gitRevision(ctx context.Context, root string) string {
+	out, err := exec.CommandContext(ctx, "git", "-C", root, "rev-parse", "--short", "HEAD").Output()
+	if err != nil {
+		return ""
+	}
+	rev := strings.TrimSpace(string(out))
+	if exec.CommandContext(ctx, "git", "-C", root, "diff", "--quiet", "HEAD").Run() != nil {
+		rev += "-dirty"
+	}
+	return rev
 }
