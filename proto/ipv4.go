@@ -12,6 +12,11 @@ const (
 	IPv6HeaderLen = 40 // IPv6 fixed header
 	UDPHeaderLen  = 8
 	ICMPHeaderLen = 8
+	TCPHeaderLen  = 20 // TCP header without options
+
+	// Offsets of the checksum field in the TCP and UDP headers.
+	TCPChecksumOffset = 16
+	UDPChecksumOffset = 6
 
 	// EncapOverhead is what the overlay adds to an inner packet on the
 	// underlay: the outer IPv4 and UDP headers (flannel's "MTU - 28").
@@ -99,6 +104,23 @@ func IPv4Protocol(b []byte) uint8 { return b[9] }
 // IPv4DontFragment reports whether the DF flag is set.
 func IPv4DontFragment(b []byte) bool { return b[6]&0x40 != 0 }
 
+// TransportChecksumOffset returns where the checksum field sits in the
+// header of transport protocol p: TCPChecksumOffset or UDPChecksumOffset,
+// -1 for any other protocol.
+func TransportChecksumOffset(p uint8) int {
+	switch p {
+	case ProtoTCP:
+		return TCPChecksumOffset
+	case ProtoUDP:
+		return UDPChecksumOffset
+	}
+	return -1
+}
+
+// IPv4IsFragment reports whether the packet in b is a fragment: more
+// fragments follow (MF) or its fragment offset is not zero.
+func IPv4IsFragment(b []byte) bool { return binary.BigEndian.Uint16(b[6:8])&0x3fff != 0 }
+
 // IPv4FragmentOffset returns the fragment offset in bytes (0 for an
 // unfragmented packet and for the first fragment).
 func IPv4FragmentOffset(b []byte) int {
@@ -167,8 +189,7 @@ func DecrementTTL(b []byte) bool {
 	}
 	old := uint16(ttl)<<8 | uint16(b[9])
 	b[8] = ttl - 1
-	hc := binary.BigEndian.Uint16(b[10:12])
-	binary.BigEndian.PutUint16(b[10:12], updateChecksum(hc, old, old-0x100))
+	UpdateChecksumWord(b[10:12], old, old-0x100)
 	return true
 }
 

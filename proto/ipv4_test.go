@@ -166,6 +166,23 @@ func TestPeekAndTTLDoNotAllocate(t *testing.T) {
 	_ = sink
 }
 
+func TestFragmentsAndTransportChecksumOffsets(t *testing.T) {
+	pkt := ipv4Packet(t, "198.18.1.5", "198.18.2.7", 64, true, make([]byte, 10))
+	for _, c := range []struct {
+		flags uint16 // IPv4 bytes 6-7
+		frag  bool
+	}{{0x4000, false}, {0x0000, false}, {0x2000, true}, {0x0001, true}, {0x6000, true}} {
+		binary.BigEndian.PutUint16(pkt[6:], c.flags)
+		if got := proto.IPv4IsFragment(pkt); got != c.frag {
+			t.Errorf("flags/offset %#04x: IPv4IsFragment = %v, want %v", c.flags, got, c.frag)
+		}
+	}
+	if proto.TransportChecksumOffset(proto.ProtoTCP) != 16 || proto.TransportChecksumOffset(proto.ProtoUDP) != 6 ||
+		proto.TransportChecksumOffset(proto.ProtoICMP) != -1 {
+		t.Error("TransportChecksumOffset: want 16 for TCP, 6 for UDP, -1 for others")
+	}
+}
+
 func TestAddrUint32RoundTrips(t *testing.T) {
 	a := netip.MustParseAddr("198.18.255.1")
 	v, ok := proto.AddrUint32(a)

@@ -130,7 +130,7 @@ func (c *Coalescer) start(pkt []byte, partial bool) {
 		c.bad = nil
 		return
 	}
-	if len(pkt) < proto.IPv4HeaderLen || pkt[0] != 0x45 || !unfragmented(pkt) ||
+	if len(pkt) < proto.IPv4HeaderLen || pkt[0] != 0x45 || proto.IPv4IsFragment(pkt) ||
 		int(binary.BigEndian.Uint16(pkt[2:])) != len(pkt) {
 		return
 	}
@@ -160,12 +160,10 @@ func (c *Coalescer) start(pkt []byte, partial bool) {
 	}
 }
 
-func unfragmented(pkt []byte) bool { return pkt[6]&0x3f == 0 && pkt[7] == 0 }
-
 // joins reports whether pkt may follow the group (checksums aside).
 func (c *Coalescer) joins(pkt []byte) bool {
 	first := c.iov[1]
-	if len(pkt) <= c.hdrLen || pkt[0] != 0x45 || pkt[9] != first[9] || !unfragmented(pkt) ||
+	if len(pkt) <= c.hdrLen || pkt[0] != 0x45 || pkt[9] != first[9] || proto.IPv4IsFragment(pkt) ||
 		pkt[1] != first[1] || pkt[8] != first[8] || pkt[6]&0xe0 != first[6]&0xe0 ||
 		int(binary.BigEndian.Uint16(pkt[2:])) != len(pkt) ||
 		!bytes.Equal(pkt[12:24], first[12:24]) { // addresses and ports
@@ -178,7 +176,7 @@ func (c *Coalescer) joins(pkt []byte) bool {
 	// Without DF the IP ID matters (fragments are reassembled by it), and
 	// the kernel's segmentation numbers the segments from the first one's:
 	// merge only segments already numbered so, as the kernel's GRO does.
-	if first[6]&0x40 == 0 && binary.BigEndian.Uint16(pkt[4:]) != binary.BigEndian.Uint16(first[4:])+uint16(c.count) {
+	if !proto.IPv4DontFragment(first) && binary.BigEndian.Uint16(pkt[4:]) != binary.BigEndian.Uint16(first[4:])+uint16(c.count) {
 		return false
 	}
 	if c.kind == kindUDP {
@@ -222,15 +220,15 @@ func (c *Coalescer) Group() [][]byte {
 	binary.BigEndian.PutUint16(first[10:], proto.IPv4HeaderChecksum(first[:20]))
 	l4len := c.total - 20
 	h := VirtioHdr{Flags: VirtioNeedsCsum, HdrLen: uint16(c.hdrLen), GSOSize: uint16(c.size), CsumStart: 20}
-	csumAt := 20 + tcpCsumOffset
+	csumAt := 20 + proto.TCPChecksumOffset
 	if c.kind == kindTCP {
-		h.GSOType, h.CsumOffset = GSOTCPv4, tcpCsumOffset
+		h.GSOType, h.CsumOffset = GSOTCPv4, proto.TCPChecksumOffset
 		if c.psh {
 			first[33] |= tcpPSH
 		}
 	} else {
-		h.GSOType, h.CsumOffset = GSOUDPL4, udpCsumOffset
-		csumAt = 20 + udpCsumOffset
+		h.GSOType, h.CsumOffset = GSOUDPL4, proto.UDPChecksumOffset
+		csumAt = 20 + proto.UDPChecksumOffset
 		binary.BigEndian.PutUint16(first[24:], uint16(l4len))
 	}
 	binary.BigEndian.PutUint16(first[csumAt:],
@@ -243,10 +241,8 @@ func (c *Coalescer) Group() [][]byte {
 // checksum field holds the pseudo-header sum.
 func partialHdr(pkt []byte) VirtioHdr {
 	ihl := proto.IPv4HeaderLength(pkt)
-	h := VirtioHdr{Flags: VirtioNeedsCsum, CsumStart: uint16(ihl), CsumOffset: tcpCsumOffset}
-	if pkt[9] == proto.ProtoUDP {
-		h.CsumOffset = udpCsumOffset
-	}
+	h := VirtioHdr{Flags: VirtioNeedsCsum, CsumStart: uint16(ihl),
+		CsumOffset: uint16(proto.TransportChecksumOffset(proto.IPv4Protocol(pkt)))}
 	h.HdrLen = h.CsumStart + h.CsumOffset + 2
 	return h
 }

@@ -75,12 +75,6 @@ var (
 	errBadCsumRange = errors.New("virtio checksum offset outside the packet")
 )
 
-// Checksum field offsets inside the transport header.
-const (
-	tcpCsumOffset = 16
-	udpCsumOffset = 6
-)
-
 // CompleteChecksum finishes the partial checksum of pkt (a packet read with
 // VirtioNeedsCsum): the 16-bit field at start+offset holds the folded
 // pseudo-header sum, and the checksum over pkt[start:] replaces it.
@@ -92,7 +86,7 @@ func CompleteChecksum(pkt []byte, start, offset int) error {
 	seed := binary.BigEndian.Uint16(pkt[at:])
 	pkt[at], pkt[at+1] = 0, 0
 	c := proto.Checksum(pkt[start:], uint64(seed))
-	if c == 0 && offset == udpCsumOffset && start < len(pkt) && isUDPAt(pkt, start) {
+	if c == 0 && offset == proto.UDPChecksumOffset && start < len(pkt) && isUDPAt(pkt, start) {
 		c = 0xffff // RFC 768: a computed zero is sent as all ones
 	}
 	binary.BigEndian.PutUint16(pkt[at:], c)
@@ -146,7 +140,7 @@ func (s *Split) Init(h VirtioHdr, pkt []byte) error {
 		return fmt.Errorf("%w: csum_start %d, IP header %d, gso_size %d", errBadGSO, h.CsumStart, ihl, h.GSOSize)
 	}
 	switch {
-	case h.GSOType == GSOTCPv4 && proto.IPv4Protocol(pkt) == proto.ProtoTCP && h.CsumOffset == tcpCsumOffset:
+	case h.GSOType == GSOTCPv4 && proto.IPv4Protocol(pkt) == proto.ProtoTCP && h.CsumOffset == proto.TCPChecksumOffset:
 		if len(pkt) < ihl+20 {
 			return fmt.Errorf("%w: TCP superpacket of %d bytes", errBadGSO, len(pkt))
 		}
@@ -157,7 +151,7 @@ func (s *Split) Init(h VirtioHdr, pkt []byte) error {
 		s.tcp = true
 		s.hdrLen = ihl + thl
 		s.seq = binary.BigEndian.Uint32(pkt[ihl+4:])
-	case h.GSOType == GSOUDPL4 && proto.IPv4Protocol(pkt) == proto.ProtoUDP && h.CsumOffset == udpCsumOffset:
+	case h.GSOType == GSOUDPL4 && proto.IPv4Protocol(pkt) == proto.ProtoUDP && h.CsumOffset == proto.UDPChecksumOffset:
 		if len(pkt) < ihl+8 {
 			return fmt.Errorf("%w: UDP superpacket of %d bytes", errBadGSO, len(pkt))
 		}
@@ -210,9 +204,9 @@ func (s *Split) Segment(i int, hdr []byte, partial bool) []byte {
 	h[10], h[11] = 0, 0
 	binary.BigEndian.PutUint16(h[10:], proto.IPv4HeaderChecksum(h[:ihl]))
 
-	csumAt := ihl + udpCsumOffset
+	csumAt := ihl + proto.UDPChecksumOffset
 	if s.tcp {
-		csumAt = ihl + tcpCsumOffset
+		csumAt = ihl + proto.TCPChecksumOffset
 		binary.BigEndian.PutUint32(h[ihl+4:], s.seq+uint32(i*s.size))
 		if i != s.n-1 {
 			h[ihl+13] &^= tcpFIN | tcpPSH // only the last segment ends a push

@@ -146,7 +146,7 @@ func (rx *rxLoop) write(pkt []byte, partial bool) error {
 		return nil
 	}
 	if partial {
-		_ = tundev.CompleteChecksum(pkt, proto.IPv4HeaderLength(pkt), csumOffset(pkt)) // partialTransport checked the room
+		_ = tundev.CompleteChecksum(pkt, proto.IPv4HeaderLength(pkt), proto.TransportChecksumOffset(proto.IPv4Protocol(pkt))) // partialTransport checked the room
 	}
 	rx.one[0] = pkt
 	err := rx.w.queue.WritePacket(rx.one[:])

@@ -135,10 +135,10 @@ func (tx *txLoop) handle(t *table, raw []byte) error {
 	if p == nil {
 		return nil
 	}
-	if marked(pkt) && tx.sendsPartial(p) {
-		// The reserved bit came set from the sender's application (RFC 791:
-		// must be zero): cleared, so the peer cannot take it for our mark
-		// and trust a checksum nobody checked.
+	if tx.sendsPartial(p) {
+		// A reserved bit set by the sender's application (RFC 791: must
+		// be zero) is cleared, so the peer cannot take it for our mark and
+		// trust a checksum nobody checked.
 		clearMark(pkt)
 	}
 	if h.GSOType == tundev.GSONone {
@@ -212,7 +212,7 @@ func (tx *txLoop) single(p *peer, pkt []byte, h tundev.VirtioHdr) error {
 	}
 	if h.Flags&tundev.VirtioNeedsCsum != 0 {
 		if tx.sendsPartial(p) && partialTransport(pkt) && int(h.CsumStart) == proto.IPv4HeaderLength(pkt) &&
-			int(h.CsumOffset) == csumOffset(pkt) {
+			int(h.CsumOffset) == proto.TransportChecksumOffset(proto.IPv4Protocol(pkt)) {
 			setMark(pkt)
 		} else if err := tundev.CompleteChecksum(pkt, int(h.CsumStart), int(h.CsumOffset)); err != nil {
 			tx.drops[dropMalformed]++
@@ -230,15 +230,6 @@ func (tx *txLoop) single(p *peer, pkt []byte, h tundev.VirtioHdr) error {
 // both p and we (as p sees our lease) advertise FeaturePartialChecksum.
 func (tx *txLoop) sendsPartial(p *peer) bool {
 	return p.partialCsum.Load() && tx.w.b.ownPartial.Load()
-}
-
-// csumOffset is the offset of the transport checksum field in the TCP or
-// UDP header of pkt.
-func csumOffset(pkt []byte) int {
-	if proto.IPv4Protocol(pkt) == proto.ProtoTCP {
-		return 16
-	}
-	return 6
 }
 
 // segments forwards the n segments of a superpacket.

@@ -155,10 +155,18 @@ func (w *worker) receive() (bool, error) {
 const markBit = 0x80 // in IPv4 header byte 6 (flags)
 
 // setMark sets the mark on the IPv4 header h and fixes its checksum.
-func setMark(h []byte) { toggleMark(h) }
+func setMark(h []byte) {
+	if !marked(h) {
+		toggleMark(h)
+	}
+}
 
-// clearMark clears the mark (set) and fixes the checksum.
-func clearMark(h []byte) { toggleMark(h) }
+// clearMark clears the mark and fixes the checksum.
+func clearMark(h []byte) {
+	if marked(h) {
+		toggleMark(h)
+	}
+}
 
 func toggleMark(h []byte) {
 	old := uint16(h[6])<<8 | uint16(h[7])
@@ -174,14 +182,14 @@ func marked(h []byte) bool { return h[6]&markBit != 0 }
 // TCP or UDP with room for the transport header.
 func partialTransport(pkt []byte) bool {
 	ihl := proto.IPv4HeaderLength(pkt)
-	if pkt[6]&0x3f != 0 || pkt[7] != 0 { // MF or a fragment offset
+	if proto.IPv4IsFragment(pkt) {
 		return false
 	}
 	switch proto.IPv4Protocol(pkt) {
 	case proto.ProtoTCP:
-		return len(pkt) >= ihl+20
+		return len(pkt) >= ihl+proto.TCPHeaderLen
 	case proto.ProtoUDP:
-		return len(pkt) >= ihl+8
+		return len(pkt) >= ihl+proto.UDPHeaderLen
 	}
 	return false
 }
