@@ -15,12 +15,10 @@ type Allocation struct {
 // Key is the lease key the allocation would be written under.
 func (a Allocation) Key() string { return Lease{Subnet: a.Subnet, IPv6Subnet: a.IPv6Subnet}.Key() }
 
-// String is for logs and errors.
+// String is for logs and errors: "198.18.79.0/24" or
+// "198.18.79.0/24+2001:db8:0:4f::/64".
 func (a Allocation) String() string {
-	if a.IPv6Subnet.IsValid() {
-		return a.Subnet.String() + "+" + a.IPv6Subnet.String()
-	}
-	return a.Subnet.String()
+	return Lease{Subnet: a.Subnet, IPv6Subnet: a.IPv6Subnet}.String()
 }
 
 // ContainsSubnet reports whether p is a subnet a lease may hold in this

@@ -174,7 +174,7 @@ func parseIPv6(cfg *Config, raw *rawConfig) error {
 		return err
 	}
 	nw, err := netip.ParsePrefix(s)
-	if err != nil || !nw.Addr().Is6() || nw.Addr().Is4In6() || nw.Addr().Zone() != "" {
+	if err != nil || !isIPv6(nw.Addr()) {
 		return &ConfigError{Field: "IPv6Network", Value: truncate(s, 64), Rule: "must be an IPv6 prefix like 2001:db8::/48"}
 	}
 	nw = nw.Masked()
@@ -226,7 +226,7 @@ func v6Limit(field string, raw json.RawMessage, nw netip.Prefix, sl int, def u12
 		return def.addr(), nil
 	}
 	a, err := netip.ParseAddr(s)
-	if err != nil || !a.Is6() || a.Is4In6() || a.Zone() != "" {
+	if err != nil || !isIPv6(a) {
 		return netip.Addr{}, &ConfigError{Field: field, Value: truncate(s, 64), Rule: "must be an IPv6 address"}
 	}
 	if !nw.Contains(a) {

@@ -69,7 +69,7 @@ func parseKeyPrefix(s string, six bool) (netip.Prefix, error) {
 		return netip.Prefix{}, err
 	}
 	if six {
-		if !addr.Is6() || addr.Is4In6() || addr.Zone() != "" {
+		if !isIPv6(addr) {
 			return netip.Prefix{}, fmt.Errorf("%s: not an IPv6 address", addr)
 		}
 	} else if !addr.Is4() {
@@ -114,7 +114,7 @@ func (a LeaseAttrs) MarshalJSON() ([]byte, error) {
 	b.WriteString(a.PublicIP.String())
 	b.WriteString(`","PublicIPv6":`)
 	if a.PublicIPv6.IsValid() {
-		if !a.PublicIPv6.Is6() || a.PublicIPv6.Is4In6() || a.PublicIPv6.Zone() != "" {
+		if !isIPv6(a.PublicIPv6) {
 			return nil, fmt.Errorf("lease value: PublicIPv6 %v: must be an IPv6 address", a.PublicIPv6)
 		}
 		b.WriteByte('"')
@@ -164,7 +164,7 @@ func (a *LeaseAttrs) UnmarshalJSON(b []byte) error {
 	out.PublicIP = ip.Unmap()
 	if raw.PublicIPv6 != nil {
 		ip6, err := netip.ParseAddr(*raw.PublicIPv6)
-		if err != nil || !ip6.Is6() || ip6.Is4In6() || ip6.Zone() != "" {
+		if err != nil || !isIPv6(ip6) {
 			return fmt.Errorf("lease value: PublicIPv6 %q: must be an IPv6 address", truncate(*raw.PublicIPv6, 64))
 		}
 		out.PublicIPv6 = ip6
@@ -210,6 +210,10 @@ func (l Lease) String() string {
 	}
 	return s
 }
+
+// isIPv6 reports whether a is an IPv6 address as flannel's IPv6 fields
+// hold them: not IPv4-mapped, without a zone.
+func isIPv6(a netip.Addr) bool { return a.Is6() && !a.Is4In6() && a.Zone() == "" }
 
 func truncate(s string, n int) string {
 	if len(s) <= n {

@@ -121,18 +121,32 @@ func (r *Registry) AcquireLease(ctx context.Context, cfg *subnet.Config, attrs s
 		return subnet.Lease{}, fmt.Errorf("acquire lease in network %s: %w", cfg.Network, err)
 	}
 	_ = json.Unmarshal(value, &attrs) // normalised, as the watch will report it
+	l, err := r.retryConflicts(ctx, func(first bool) (subnet.Lease, error) {
+		return r.tryAcquire(ctx, cfg, attrs, value, previous, ttl, first)
+	})
+	if errors.Is(err, errConflict) {
+		return subnet.Lease{}, fmt.Errorf("acquire lease in network %s: other hosts were faster %d times in a row", cfg.Network, r.acquireTries)
+	}
+	return l, err
+}
+
+// retryConflicts calls try until it returns anything but errConflict, at
+// most r.acquireTries times, pausing briefly (jittered) after each lost
+// race. If every try lost, it returns the last errConflict error.
+func (r *Registry) retryConflicts(ctx context.Context, try func(first bool) (subnet.Lease, error)) (subnet.Lease, error) {
 	bo := backoff.Backoff{Min: 10 * time.Millisecond, Max: 500 * time.Millisecond}
-	for try := 1; try <= r.acquireTries; try++ {
-		l, err := r.tryAcquire(ctx, cfg, attrs, value, previous, ttl, try == 1)
-		if !errors.Is(err, errConflict) {
+	err := errConflict
+	for n := 1; n <= r.acquireTries; n++ {
+		var l subnet.Lease
+		if l, err = try(n == 1); !errors.Is(err, errConflict) {
 			return l, err
 		}
-		r.log.Debug("lost a race for a subnet; retrying", "network", cfg.Network, "try", try, "error", err)
+		r.log.Debug("lost a race for a subnet; retrying", "try", n, "error", err)
 		if !backoff.Sleep(ctx, bo.Next()) {
 			return subnet.Lease{}, ctx.Err()
 		}
 	}
-	return subnet.Lease{}, fmt.Errorf("acquire lease in network %s: other hosts were faster %d times in a row", cfg.Network, r.acquireTries)
+	return subnet.Lease{}, err
 }
 
 func (r *Registry) tryAcquire(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs, value []byte, previous netip.Prefix, ttl time.Duration, first bool) (subnet.Lease, error) {
@@ -191,27 +205,11 @@ func (r *Registry) tryAcquire(ctx context.Context, cfg *subnet.Config, attrs sub
 // error wraps errConflict.
 func (r *Registry) create(ctx context.Context, cli *clientv3.Client, a subnet.Allocation, attrs subnet.LeaseAttrs, value []byte, ttl time.Duration) (subnet.Lease, error) {
 	key := r.subnetsPrefix + a.Key()
-	start := time.Now()
-	id, granted, err := r.grant(ctx, cli, ttl)
+	id, granted, expires, err := r.putOnNewLease(ctx, cli, key, clientv3.Compare(clientv3.Version(key), "=", 0), value, ttl, a.String())
 	if err != nil {
 		return subnet.Lease{}, fmt.Errorf("acquire lease %s: %w", a, err)
 	}
-	octx, cancel := r.op(ctx)
-	defer cancel()
-	resp, err := cli.Txn(octx).
-		If(clientv3.Compare(clientv3.Version(key), "=", 0)).
-		Then(clientv3.OpPut(key, string(value), clientv3.WithLease(id))).
-		Commit()
-	if err != nil || !resp.Succeeded {
-		// Also on an error: if the put did happen, revoking removes it again.
-		r.revoke(ctx, cli, id, a.String())
-		if err != nil {
-			return subnet.Lease{}, fmt.Errorf("acquire lease %s: txn: %w", a, r.fail(ctx, err))
-		}
-		return subnet.Lease{}, fmt.Errorf("acquire lease %s: %w", a, errConflict)
-	}
-	r.ok()
-	l := subnet.Lease{Subnet: a.Subnet, IPv6Subnet: a.IPv6Subnet, Attrs: attrs, LeaseID: int64(id), Expiration: start.Add(granted)}
+	l := subnet.Lease{Subnet: a.Subnet, IPv6Subnet: a.IPv6Subnet, Attrs: attrs, LeaseID: int64(id), Expiration: expires}
 	r.log.Info("acquired lease", "subnet", a, "public_ip", attrs.PublicIP, "ttl", granted)
 	return l, nil
 }
@@ -227,27 +225,12 @@ func (r *Registry) adopt(ctx context.Context, cli *clientv3.Client, e entry, att
 		return l, nil
 	}
 	key := string(e.kv.Key)
-	start := time.Now()
-	id, granted, err := r.grant(ctx, cli, ttl)
+	id, granted, expires, err := r.putOnNewLease(ctx, cli, key, clientv3.Compare(clientv3.ModRevision(key), "=", e.kv.ModRevision), value, ttl, l.Subnet.String())
 	if err != nil {
 		return subnet.Lease{}, fmt.Errorf("acquire lease %s: %w", l.Subnet, err)
 	}
-	octx, cancel := r.op(ctx)
-	defer cancel()
-	resp, err := cli.Txn(octx).
-		If(clientv3.Compare(clientv3.ModRevision(key), "=", e.kv.ModRevision)).
-		Then(clientv3.OpPut(key, string(value), clientv3.WithLease(id))).
-		Commit()
-	if err != nil || !resp.Succeeded {
-		r.revoke(ctx, cli, id, l.Subnet.String())
-		if err != nil {
-			return subnet.Lease{}, fmt.Errorf("acquire lease %s: txn: %w", l.Subnet, r.fail(ctx, err))
-		}
-		return subnet.Lease{}, fmt.Errorf("acquire lease %s: %w", l.Subnet, errConflict)
-	}
-	r.ok()
 	r.revokeIfUnused(ctx, cli, clientv3.LeaseID(e.kv.Lease), l.Subnet.String())
-	l.Attrs, l.LeaseID, l.Expiration = attrs, int64(id), start.Add(granted)
+	l.Attrs, l.LeaseID, l.Expiration = attrs, int64(id), expires
 	r.log.Info("reusing our lease", "subnet", l.Subnet, "public_ip", attrs.PublicIP, "ttl", granted)
 	return l, nil
 }
@@ -270,6 +253,31 @@ func (r *Registry) deleteUnfit(ctx context.Context, cli *clientv3.Client, e entr
 		r.revokeIfUnused(ctx, cli, clientv3.LeaseID(e.kv.Lease), e.lease.Subnet.String())
 	}
 	return nil
+}
+
+// putOnNewLease puts value at key, attached to a new etcd lease of ttl, if
+// cond holds, and returns the lease, its granted TTL and when it expires.
+// If the txn fails or cond does not hold (errConflict), the lease is revoked
+// again: a failed attempt leaves no lease behind, and if the put did happen
+// despite an error, revoking removes it again.
+func (r *Registry) putOnNewLease(ctx context.Context, cli *clientv3.Client, key string, cond clientv3.Cmp, value []byte, ttl time.Duration, what string) (id clientv3.LeaseID, granted time.Duration, expires time.Time, err error) {
+	start := time.Now()
+	id, granted, err = r.grant(ctx, cli, ttl)
+	if err != nil {
+		return 0, 0, time.Time{}, err
+	}
+	octx, cancel := r.op(ctx)
+	defer cancel()
+	resp, err := cli.Txn(octx).If(cond).Then(clientv3.OpPut(key, string(value), clientv3.WithLease(id))).Commit()
+	if err != nil || !resp.Succeeded {
+		r.revoke(ctx, cli, id, what)
+		if err != nil {
+			return 0, 0, time.Time{}, fmt.Errorf("txn: %w", r.fail(ctx, err))
+		}
+		return 0, 0, time.Time{}, errConflict
+	}
+	r.ok()
+	return id, granted, start.Add(granted), nil
 }
 
 // grant creates an etcd lease; the server may grant more than ttl (its
@@ -379,23 +387,19 @@ func (r *Registry) ReacquireLease(ctx context.Context, l subnet.Lease, ttl time.
 	}
 	attrs := l.Attrs
 	_ = json.Unmarshal(value, &attrs)
-	bo := backoff.Backoff{Min: 10 * time.Millisecond, Max: 500 * time.Millisecond}
-	for try := 1; try <= r.acquireTries; try++ {
-		nl, err := r.tryReacquire(ctx, l, a, attrs, value, ttl)
-		if err == nil {
-			if cli, cerr := r.client(ctx); cerr == nil && nl.LeaseID != l.LeaseID {
-				r.revokeIfUnused(ctx, cli, clientv3.LeaseID(l.LeaseID), a.String())
-			}
-			return nl, nil
-		}
-		if !errors.Is(err, errConflict) {
-			return l, err
-		}
-		if !backoff.Sleep(ctx, bo.Next()) {
-			return l, ctx.Err()
-		}
+	nl, err := r.retryConflicts(ctx, func(bool) (subnet.Lease, error) {
+		return r.tryReacquire(ctx, l, a, attrs, value, ttl)
+	})
+	switch {
+	case errors.Is(err, errConflict):
+		return l, fmt.Errorf("re-acquire lease %s: the key kept changing %d times in a row", a, r.acquireTries)
+	case err != nil:
+		return l, err
 	}
-	return l, fmt.Errorf("re-acquire lease %s: the key kept changing %d times in a row", a, r.acquireTries)
+	if cli, cerr := r.client(ctx); cerr == nil && nl.LeaseID != l.LeaseID {
+		r.revokeIfUnused(ctx, cli, clientv3.LeaseID(l.LeaseID), a.String())
+	}
+	return nl, nil
 }
 
 func (r *Registry) tryReacquire(ctx context.Context, old subnet.Lease, a subnet.Allocation, attrs subnet.LeaseAttrs, value []byte, ttl time.Duration) (subnet.Lease, error) {

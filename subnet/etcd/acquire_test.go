@@ -15,11 +15,8 @@ import (
 )
 
 func TestConcurrentAcquirersGetDistinctSubnetsAndTheNextGetsNoFreeSubnet(t *testing.T) {
-	s := etcdtest.Start(t)
-	c := s.Client()
-	prefix := testPrefix(t)
 	// 50 subnets: 198.18.1.0/24 .. 198.18.50.0/24.
-	putConfig(t, c, prefix, `{"Network":"198.18.0.0/16","SubnetMin":"198.18.1.0","SubnetMax":"198.18.50.0"}`)
+	s, c, prefix := startEtcdWithConfig(t, `{"Network":"198.18.0.0/16","SubnetMin":"198.18.1.0","SubnetMax":"198.18.50.0"}`)
 	const n = 50
 	leases := make([]subnet.Lease, n)
 	errs := make([]error, n)
@@ -50,8 +47,6 @@ func TestConcurrentAcquirersGetDistinctSubnetsAndTheNextGetsNoFreeSubnet(t *test
 			t.Errorf("acquirer %d: lease %+v", i, l)
 		}
 	}
-	resp := getKV(t, c, prefix+"/subnets/")
-	_ = resp
 	all, err := c.Get(ctx(t), prefix+"/subnets/", clientv3.WithPrefix())
 	if err != nil {
 		t.Fatal(err)
@@ -91,10 +86,7 @@ func TestConcurrentAcquirersGetDistinctSubnetsAndTheNextGetsNoFreeSubnet(t *test
 }
 
 func TestRestartReusesSubnetByPublicIPWithoutOrphanedLeases(t *testing.T) {
-	s := etcdtest.Start(t)
-	c := s.Client()
-	prefix := testPrefix(t)
-	putConfig(t, c, prefix, `{"Network":"198.18.0.0/16"}`)
+	s, c, prefix := startEtcdWithConfig(t, `{"Network":"198.18.0.0/16"}`)
 	r1 := newRegistry(t, s.Endpoint(), prefix, nil)
 	first, err := r1.AcquireLease(ctx(t), mustConfig(t, r1), attrs("192.0.2.1"), netip.Prefix{}, time.Hour)
 	if err != nil {
@@ -129,10 +121,7 @@ func TestRestartReusesSubnetByPublicIPWithoutOrphanedLeases(t *testing.T) {
 }
 
 func TestPreviousSubnetIsReusedIfFreeElseIgnored(t *testing.T) {
-	s := etcdtest.Start(t)
-	c := s.Client()
-	prefix := testPrefix(t)
-	putConfig(t, c, prefix, `{"Network":"198.18.0.0/16"}`)
+	s, _, prefix := startEtcdWithConfig(t, `{"Network":"198.18.0.0/16"}`)
 	r := newRegistry(t, s.Endpoint(), prefix, nil)
 	cfg := mustConfig(t, r)
 	prev := netip.MustParsePrefix("198.18.222.0/24") // beyond the 100 a random pick chooses from
@@ -156,10 +145,7 @@ func TestPreviousSubnetIsReusedIfFreeElseIgnored(t *testing.T) {
 }
 
 func TestLeaseKeyAndValueBytesAreWhatFlannelWrites(t *testing.T) {
-	s := etcdtest.Start(t)
-	c := s.Client()
-	prefix := testPrefix(t)
-	putConfig(t, c, prefix, `{"Network":"198.18.0.0/16","Backend":{"Type":"udp"}}`)
+	s, c, prefix := startEtcdWithConfig(t, `{"Network":"198.18.0.0/16","Backend":{"Type":"udp"}}`)
 	r := newRegistry(t, s.Endpoint(), prefix, nil)
 	l, err := r.AcquireLease(ctx(t), mustConfig(t, r), attrs("192.0.2.1"), netip.MustParsePrefix("198.18.79.0/24"), time.Minute)
 	if err != nil {
@@ -195,10 +181,7 @@ func TestLeaseKeyAndValueBytesAreWhatFlannelWrites(t *testing.T) {
 }
 
 func TestOthersReservationsAreNeverAllocated(t *testing.T) {
-	s := etcdtest.Start(t)
-	c := s.Client()
-	prefix := testPrefix(t)
-	putConfig(t, c, prefix, `{"Network":"198.18.0.0/16","SubnetMin":"198.18.1.0","SubnetMax":"198.18.3.0"}`)
+	s, c, prefix := startEtcdWithConfig(t, `{"Network":"198.18.0.0/16","SubnetMin":"198.18.1.0","SubnetMax":"198.18.3.0"}`)
 	putLease(t, c, prefix, "198.18.1.0-24", `{"PublicIP":"192.0.2.101","PublicIPv6":null}`, 0)
 	putLease(t, c, prefix, "198.18.3.0-24", `{"PublicIP":"192.0.2.103","PublicIPv6":null}`, 0)
 	r := newRegistry(t, s.Endpoint(), prefix, nil)
@@ -221,10 +204,7 @@ func TestOthersReservationsAreNeverAllocated(t *testing.T) {
 }
 
 func TestOwnLeaseThatNoLongerFitsIsDeletedAndItsEtcdLeaseRevoked(t *testing.T) {
-	s := etcdtest.Start(t)
-	c := s.Client()
-	prefix := testPrefix(t)
-	putConfig(t, c, prefix, `{"Network":"198.18.0.0/16","SubnetMax":"198.18.100.0"}`)
+	s, c, prefix := startEtcdWithConfig(t, `{"Network":"198.18.0.0/16","SubnetMax":"198.18.100.0"}`)
 	putLease(t, c, prefix, "198.18.200.0-24", `{"PublicIP":"192.0.2.1","PublicIPv6":null}`, 600)
 	r := newRegistry(t, s.Endpoint(), prefix, nil)
 	l, err := r.AcquireLease(ctx(t), mustConfig(t, r), attrs("192.0.2.1"), netip.Prefix{}, time.Minute)
@@ -268,10 +248,7 @@ func TestServerMayGrantMoreThanTheTTLAsked(t *testing.T) {
 }
 
 func TestMalformedLeasesAreSkippedCountedAndNeverAllocated(t *testing.T) {
-	s := etcdtest.Start(t)
-	c := s.Client()
-	prefix := testPrefix(t)
-	putConfig(t, c, prefix, `{"Network":"198.18.0.0/16","SubnetMin":"198.18.9.0","SubnetMax":"198.18.11.0"}`)
+	s, c, prefix := startEtcdWithConfig(t, `{"Network":"198.18.0.0/16","SubnetMin":"198.18.9.0","SubnetMax":"198.18.11.0"}`)
 	putLease(t, c, prefix, "garbage", `x`, 0)
 	putLease(t, c, prefix, "198.18.9.0-24", `not json`, 0)
 	putLease(t, c, prefix, "198.18.10.0-24", `{"PublicIP":"nope"}`, 0)
@@ -303,10 +280,7 @@ func TestMalformedLeasesAreSkippedCountedAndNeverAllocated(t *testing.T) {
 }
 
 func TestReacquireTakesTheSameSubnetOrFailsIfTaken(t *testing.T) {
-	s := etcdtest.Start(t)
-	c := s.Client()
-	prefix := testPrefix(t)
-	putConfig(t, c, prefix, `{"Network":"198.18.0.0/16"}`)
+	s, c, prefix := startEtcdWithConfig(t, `{"Network":"198.18.0.0/16"}`)
 	r := newRegistry(t, s.Endpoint(), prefix, nil)
 	l, err := r.AcquireLease(ctx(t), mustConfig(t, r), attrs("192.0.2.1"), netip.Prefix{}, time.Minute)
 	if err != nil {

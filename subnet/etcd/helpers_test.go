@@ -73,6 +73,17 @@ func putConfig(t *testing.T, c *clientv3.Client, prefix, cfg string) {
 	}
 }
 
+// startEtcdWithConfig starts etcd and writes the network config cfg below
+// the test's own prefix; it returns the server, a client and the prefix.
+func startEtcdWithConfig(t *testing.T, cfg string) (*etcdtest.Server, *clientv3.Client, string) {
+	t.Helper()
+	s := etcdtest.Start(t)
+	c := s.Client()
+	prefix := testPrefix(t)
+	putConfig(t, c, prefix, cfg)
+	return s, c, prefix
+}
+
 func mustConfig(t *testing.T, r *Registry) *subnet.Config {
 	t.Helper()
 	cfg, err := r.GetNetworkConfig(ctx(t))

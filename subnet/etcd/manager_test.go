@@ -55,10 +55,7 @@ func startManager(t *testing.T, r subnet.Registry, opts subnet.ManagerOptions) (
 
 func TestRenewalExtendsTTLOnTheSameEtcdLeaseWithoutOrphans(t *testing.T) {
 	t.Parallel()
-	s := etcdtest.Start(t)
-	c := s.Client()
-	prefix := testPrefix(t)
-	putConfig(t, c, prefix, `{"Network":"198.18.0.0/16"}`)
+	s, c, prefix := startEtcdWithConfig(t, `{"Network":"198.18.0.0/16"}`)
 	r := newRegistry(t, s.Endpoint(), prefix, nil)
 	m, _, l := startManager(t, r, subnet.ManagerOptions{LeaseTTL: 2 * time.Second}) // renews every second
 	w, _ := runManager(t, m)
@@ -94,10 +91,7 @@ func TestRenewalExtendsTTLOnTheSameEtcdLeaseWithoutOrphans(t *testing.T) {
 
 func TestReservationStaysAReservation(t *testing.T) {
 	t.Parallel()
-	s := etcdtest.Start(t)
-	c := s.Client()
-	prefix := testPrefix(t)
-	putConfig(t, c, prefix, `{"Network":"198.18.0.0/16"}`)
+	s, c, prefix := startEtcdWithConfig(t, `{"Network":"198.18.0.0/16"}`)
 	putLease(t, c, prefix, "198.18.5.0-24", `{"PublicIP":"192.0.2.1"}`, 0)
 	r := newRegistry(t, s.Endpoint(), prefix, nil)
 	m, _, l := startManager(t, r, subnet.ManagerOptions{LeaseTTL: time.Second})
@@ -120,10 +114,7 @@ func TestReservationStaysAReservation(t *testing.T) {
 
 func TestRestartReusesSubnetFromSubnetEnvAfterTheKeyExpired(t *testing.T) {
 	t.Parallel()
-	s := etcdtest.Start(t)
-	c := s.Client()
-	prefix := testPrefix(t)
-	putConfig(t, c, prefix, `{"Network":"198.18.0.0/16"}`)
+	s, c, prefix := startEtcdWithConfig(t, `{"Network":"198.18.0.0/16"}`)
 	envPath := filepath.Join(t.TempDir(), "subnet.env")
 	// 198.18.222.0/24 is beyond the first 100 free subnets, so only the
 	// previous subnet can bring a host there.
@@ -153,10 +144,7 @@ func TestRestartReusesSubnetFromSubnetEnvAfterTheKeyExpired(t *testing.T) {
 }
 
 func TestOwnKeyDeletedByAnotherClientIsReacquired(t *testing.T) {
-	s := etcdtest.Start(t)
-	c := s.Client()
-	prefix := testPrefix(t)
-	putConfig(t, c, prefix, `{"Network":"198.18.0.0/16"}`)
+	s, c, prefix := startEtcdWithConfig(t, `{"Network":"198.18.0.0/16"}`)
 	r := newRegistry(t, s.Endpoint(), prefix, nil)
 	m, _, l := startManager(t, r, subnet.ManagerOptions{LeaseTTL: time.Minute})
 	w, done := runManager(t, m)
@@ -184,10 +172,7 @@ func TestOwnKeyDeletedByAnotherClientIsReacquired(t *testing.T) {
 }
 
 func TestOwnSubnetTakenByAnotherHostEndsRunWithErrLeaseLost(t *testing.T) {
-	s := etcdtest.Start(t)
-	c := s.Client()
-	prefix := testPrefix(t)
-	putConfig(t, c, prefix, `{"Network":"198.18.0.0/16"}`)
+	s, c, prefix := startEtcdWithConfig(t, `{"Network":"198.18.0.0/16"}`)
 	r := newRegistry(t, s.Endpoint(), prefix, nil)
 	m, _, l := startManager(t, r, subnet.ManagerOptions{LeaseTTL: time.Minute})
 	w, done := runManager(t, m)
@@ -348,10 +333,7 @@ func TestTLSWithClientCertificates(t *testing.T) {
 }
 
 func TestUsernameAndPassword(t *testing.T) {
-	s := etcdtest.Start(t)
-	c := s.Client()
-	prefix := testPrefix(t)
-	putConfig(t, c, prefix, `{"Network":"198.18.0.0/16"}`)
+	s, c, prefix := startEtcdWithConfig(t, `{"Network":"198.18.0.0/16"}`)
 	cx := ctx(t)
 	if _, err := c.UserAdd(cx, "root", "rootpw"); err != nil {
 		t.Fatal(err)

@@ -52,10 +52,7 @@ func TestWatchSnapshotThenChangesInOrder(t *testing.T) {
 
 func TestWatchSurvivesEtcdRestartWithoutLossOrDuplicates(t *testing.T) {
 	t.Parallel()
-	s := etcdtest.Start(t)
-	c := s.Client()
-	prefix := testPrefix(t)
-	putConfig(t, c, prefix, `{"Network":"198.18.0.0/16"}`)
+	s, c, prefix := startEtcdWithConfig(t, `{"Network":"198.18.0.0/16"}`)
 	for i := 201; i <= 203; i++ {
 		putLease(t, c, prefix, fmt.Sprintf("198.18.%d.0-24", i), otherValue(i), 600)
 	}

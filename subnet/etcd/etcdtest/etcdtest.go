@@ -205,16 +205,6 @@ func (s *Server) Client() *clientv3.Client {
 	return c
 }
 
-// Put writes key=value (test setup), failing the test on error.
-func (s *Server) Put(c *clientv3.Client, key, value string) {
-	s.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if _, err := c.Put(ctx, key, value); err != nil {
-		s.t.Fatalf("etcdtest: put %s: %v", key, err)
-	}
-}
-
 // OrphanLeases returns the etcd leases that no key is attached to (what a
 // leaking client leaves behind).
 func OrphanLeases(ctx context.Context, c *clientv3.Client) ([]clientv3.LeaseID, error) {
