@@ -10,7 +10,6 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -23,8 +22,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil/promlint"
 	"github.com/vishvananda/netlink"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.etcd.io/etcd/server/v3/embed"
-	"go.uber.org/zap"
 
 	"github.com/tulle-net/tulle/daemon/config"
 	"github.com/tulle-net/tulle/subnet"
@@ -34,11 +31,11 @@ import (
 // These tests run the whole daemon in-process, inside a network namespace
 // the test creates (the test binary re-executes itself there, so every
 // thread, TUN device and iptables call stays inside), against a real etcd
-// (embed) listening on the namespace's loopback. The namespace's underlay
+// (etcdtest) listening on the namespace's loopback. The namespace's underlay
 // is a veth with 192.0.2.1/24, MTU 1500, default route via 192.0.2.254.
 
 const (
-	etcdURL     = "http://127.0.0.1:2379"
+	etcdURL     = "http://127.0.0.1:2379" // the default, where no etcd listens
 	metricsAddr = "127.0.0.1:9285"
 	publicIP    = "192.0.2.1"
 	networkJSON = `{"Network":"198.18.0.0/16","Backend":{"Type":"udp"}}`
@@ -55,36 +52,6 @@ func inDaemonNetns(t *testing.T) bool {
 	ns.AddUnderlay(t, publicIP+"/24", 1500, "192.0.2.254")
 	ns.RunTestInNetns(t, t.Name())
 	return false
-}
-
-func startEtcd(t *testing.T) *clientv3.Client {
-	t.Helper()
-	cfg := embed.NewConfig()
-	cfg.Name = "daemon-test"
-	cfg.Dir = filepath.Join(t.TempDir(), "etcd")
-	cu, _ := url.Parse(etcdURL)
-	pu, _ := url.Parse("http://127.0.0.1:2380")
-	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*cu}, []url.URL{*cu}
-	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
-	cfg.InitialCluster = cfg.InitialClusterFromName(cfg.Name)
-	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
-	cfg.UnsafeNoFsync = true
-	e, err := embed.StartEtcd(cfg)
-	if err != nil {
-		t.Fatalf("start etcd: %v", err)
-	}
-	t.Cleanup(e.Close)
-	select {
-	case <-e.Server.ReadyNotify():
-	case <-time.After(30 * time.Second):
-		t.Fatal("etcd not ready within 30s")
-	}
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{etcdURL}, DialTimeout: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cli.Close() })
-	return cli
 }
 
 func putConfig(t *testing.T, cli *clientv3.Client, value string) {
@@ -126,9 +93,10 @@ type daemonRun struct {
 	err     error
 }
 
-// startDaemon runs the daemon with args (and a per-test TUN name, subnet
-// file, metrics address) with a systemd notify socket and watchdog.
-func startDaemon(t *testing.T, subnetFile string, args ...string) *daemonRun {
+// startDaemon runs the daemon against etcd at endpoint with args (and a
+// per-test TUN name, subnet file, metrics address) with a systemd notify
+// socket and watchdog.
+func startDaemon(t *testing.T, endpoint, subnetFile string, args ...string) *daemonRun {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "notify.sock")
 	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
@@ -153,7 +121,7 @@ func startDaemon(t *testing.T, subnetFile string, args ...string) *daemonRun {
 			}
 		}
 	})
-	all := append([]string{"--etcd-endpoints=" + etcdURL, "--tun-name=" + nstest.Name("t"), "--subnet-file=" + subnetFile,
+	all := append([]string{"--etcd-endpoints=" + endpoint, "--tun-name=" + nstest.Name("t"), "--subnet-file=" + subnetFile,
 		"--metrics-addr=" + metricsAddr, "--workers=1", "--log-level=debug"}, args...)
 	cfg, _, err := config.Parse(all, nil)
 	if err != nil {
@@ -273,9 +241,9 @@ func TestDaemonStartsInOrderServesAndStopsLeavingTheLease(t *testing.T) {
 	if !inDaemonNetns(t) {
 		return
 	}
-	cli := startEtcd(t)
+	ep, cli := loopbackEtcd(t)
 	envFile := filepath.Join(t.TempDir(), "run", "subnet.env")
-	r := startDaemon(t, envFile)
+	r := startDaemon(t, ep, envFile)
 
 	// No network config yet: not ready, and /readyz says why.
 	code, body := waitReadyz(t, "waiting for network config", 15*time.Second)
@@ -351,7 +319,7 @@ func TestDaemonStartsInOrderServesAndStopsLeavingTheLease(t *testing.T) {
 
 	// tulled status sees our lease as a Tulle host's.
 	var out, errOut bytes.Buffer
-	if code := Main([]string{"status", "--etcd-endpoints=" + etcdURL}, nil, &out, &errOut); code != 0 {
+	if code := Main([]string{"status", "--etcd-endpoints=" + ep}, nil, &out, &errOut); code != 0 {
 		t.Fatalf("status: exit %d: %s", code, errOut.String())
 	}
 	for _, want := range []string{"network:  198.18.0.0/16, subnets /24", "backend:  udp, port 8285", "leases:   1 (1 Tulle, 0 flannel)", lease.String(), "192.0.2.1", "tulle devel"} {
@@ -377,7 +345,7 @@ func TestDaemonStartsInOrderServesAndStopsLeavingTheLease(t *testing.T) {
 	}
 
 	// A restart keeps the subnet.
-	r2 := startDaemon(t, envFile)
+	r2 := startDaemon(t, ep, envFile)
 	r2.waitNote(t, "READY=1", 30*time.Second)
 	if got := readEnv(t, envFile).Subnet; got != lease {
 		t.Errorf("restart took %s, want %s", got, lease)
@@ -393,7 +361,7 @@ func TestDaemonShowsWhyItWaitsForEtcdAndGivesUpWithExit1(t *testing.T) {
 	}
 	// Nothing listens on 127.0.0.1:2379 in this namespace.
 	envFile := filepath.Join(t.TempDir(), "subnet.env")
-	r := startDaemon(t, envFile, "--etcd-start-timeout=4s")
+	r := startDaemon(t, etcdURL, envFile, "--etcd-start-timeout=4s")
 	code, body := waitReadyz(t, "connection refused", 10*time.Second)
 	if code != http.StatusServiceUnavailable || body != "waiting for etcd at http://127.0.0.1:2379: connection refused\n" {
 		t.Errorf("/readyz with etcd down: %d %q", code, body)
@@ -411,7 +379,7 @@ func TestDaemonShowsWhyItWaitsForEtcdAndGivesUpWithExit1(t *testing.T) {
 	}
 
 	// A stop while waiting is clean.
-	r2 := startDaemon(t, envFile)
+	r2 := startDaemon(t, etcdURL, envFile)
 	waitReadyz(t, "127.0.0.1:2379", 10*time.Second)
 	if err := r2.stop(t); err != nil {
 		t.Errorf("stop while waiting for etcd: %v", err)
@@ -422,14 +390,14 @@ func TestDaemonIPMasqRulesLiveAsLongAsTheDaemon(t *testing.T) {
 	if !inDaemonNetns(t) {
 		return
 	}
-	cli := startEtcd(t)
+	ep, cli := loopbackEtcd(t)
 	putConfig(t, cli, networkJSON)
 	envFile := filepath.Join(t.TempDir(), "subnet.env")
 	// A corrupt subnet.env from an earlier life is reported and replaced.
 	if err := os.WriteFile(envFile, []byte("FLANNEL_SUBNET=198.18.7\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	r := startDaemon(t, envFile, "--ip-masq", "--healthz-ip=127.0.0.1", "--healthz-port=8471")
+	r := startDaemon(t, ep, envFile, "--ip-masq", "--healthz-ip=127.0.0.1", "--healthz-port=8471")
 	r.waitNote(t, "READY=1", 30*time.Second)
 	if !strings.Contains(r.logs.String(), `msg="ignoring unreadable previous subnet file"`) {
 		t.Errorf("corrupt subnet.env not reported")
@@ -465,10 +433,10 @@ func TestDaemonExitsWithFailureWhenAnotherHostTakesItsSubnet(t *testing.T) {
 	if !inDaemonNetns(t) {
 		return
 	}
-	cli := startEtcd(t)
+	ep, cli := loopbackEtcd(t)
 	putConfig(t, cli, networkJSON)
 	envFile := filepath.Join(t.TempDir(), "subnet.env")
-	r := startDaemon(t, envFile)
+	r := startDaemon(t, ep, envFile)
 	r.waitNote(t, "READY=1", 30*time.Second)
 	key := subnet.DefaultPrefix + "/subnets/" + strings.ReplaceAll(readEnv(t, envFile).Subnet.String(), "/", "-")
 
@@ -490,9 +458,9 @@ func TestDaemonRefusesANonUDPNetworkWithExit2(t *testing.T) {
 	if !inDaemonNetns(t) {
 		return
 	}
-	cli := startEtcd(t)
+	ep, cli := loopbackEtcd(t)
 	putConfig(t, cli, `{"Network":"198.18.0.0/16","Backend":{"Type":"vxlan"}}`)
-	r := startDaemon(t, filepath.Join(t.TempDir(), "subnet.env"))
+	r := startDaemon(t, ep, filepath.Join(t.TempDir(), "subnet.env"))
 	err := r.wait(t, 20*time.Second)
 	if ExitCode(err) != ExitUsage || !strings.Contains(fmt.Sprint(err), `Backend.Type is "vxlan"`) {
 		t.Fatalf("Run gave %v (exit %d), want exit 2 naming the backend type", err, ExitCode(err))

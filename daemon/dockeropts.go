@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 
 	"github.com/tulle-net/tulle/daemon/config"
 	"github.com/tulle-net/tulle/subnet"
@@ -44,7 +45,7 @@ func dockerOptsMain(args, env []string, stdout, stderr io.Writer) int {
 	if o.DaemonJSON {
 		out = formatDaemonJSON(e, o.NoIPMasq)
 	} else {
-		out = formatDockerOpts(e, *o, envLookup(env))
+		out = formatDockerOpts(e, *o, envValue(env, o.Key))
 	}
 	if o.OutFile == "" {
 		_, err = stdout.Write(out)
@@ -58,17 +59,15 @@ func dockerOptsMain(args, env []string, stdout, stderr io.Writer) int {
 	return ExitOK
 }
 
-func envLookup(env []string) func(string) string {
-	m := map[string]string{}
+// envValue is key's value in env (os.Environ format); the last one wins.
+func envValue(env []string, key string) string {
+	value := ""
 	for _, kv := range env {
-		for i := 0; i < len(kv); i++ {
-			if kv[i] == '=' {
-				m[kv[:i]] = kv[i+1:]
-				break
-			}
+		if k, v, ok := strings.Cut(kv, "="); ok && k == key {
+			value = v
 		}
 	}
-	return func(k string) string { return m[k] }
+	return value
 }
 
 // dockerBIP is Docker's --bip for a lease: its first host address with the
@@ -89,7 +88,8 @@ func dockerBIP(lease netip.Prefix) string {
 // combined value starts with the variable's current value from the
 // environment, if any, as the script's does; --ip-masq is the opposite of
 // FLANNEL_IPMASQ (whoever masquerades, Docker must not do it twice).
-func formatDockerOpts(e subnet.Env, o config.DockerOpts, getenv func(string) string) []byte {
+// current is the variable's value in the environment.
+func formatDockerOpts(e subnet.Env, o config.DockerOpts, current string) []byte {
 	type opt struct{ name, value string }
 	opts := []opt{{"DOCKER_OPT_BIP", "--bip=" + dockerBIP(e.Subnet)}}
 	if !o.NoIPMasq {
@@ -98,7 +98,7 @@ func formatDockerOpts(e subnet.Env, o config.DockerOpts, getenv func(string) str
 	if e.MTU > 0 {
 		opts = append(opts, opt{"DOCKER_OPT_MTU", "--mtu=" + strconv.Itoa(e.MTU)})
 	}
-	combined := getenv(o.Key)
+	combined := current
 	if combined != "" {
 		combined += " "
 	}

@@ -494,10 +494,7 @@ func (d *daemon) publish() {
 	if d.mgr != nil {
 		ms := d.mgr.Status()
 		st.EtcdConnected = ms.Registry.Connected
-		st.EtcdDetail = ms.Registry.Detail
-		if !st.EtcdConnected && st.EtcdDetail == "" && ms.Registry.LastError != nil {
-			st.EtcdDetail = fmt.Sprintf("waiting for etcd at %s: %v", strings.Join(d.cfg.Etcd.Endpoints, ","), ms.Registry.LastError)
-		}
+		st.EtcdDetail = ms.Registry.Detail // "waiting for etcd at ...: <cause>" while it does not answer
 		st.LeaseHeld = ms.LeaseHeld
 		if !ms.LeaseHeld && ms.Phase != subnet.PhaseNew {
 			st.LeasePhase = ms.Phase

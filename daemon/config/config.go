@@ -151,13 +151,16 @@ type FlagSet struct {
 	Groups []Group
 	short  map[string]string // long name -> one-letter alias
 	source map[string]string // flag name -> "--name", "TULLED_NAME" or "FLANNELD_NAME"
+	help   bool              // --help, which every command has
 }
 
 func newFlagSet(name string) *FlagSet {
-	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	fs.Usage = func() {}
-	return &FlagSet{FlagSet: fs, short: map[string]string{}, source: map[string]string{}}
+	f := flag.NewFlagSet(name, flag.ContinueOnError)
+	f.SetOutput(io.Discard)
+	f.Usage = func() {}
+	fs := &FlagSet{FlagSet: f, short: map[string]string{}, source: map[string]string{}}
+	fs.BoolVar(&fs.help, "help", false, "print this help and exit")
+	return fs
 }
 
 // Source names where a flag's value came from, for error messages:
@@ -178,12 +181,13 @@ func EnvName(prefix, flagName string) string {
 // parse parses args, then fills every flag not given on the command line
 // from TULLED_<FLAG> or FLANNELD_<FLAG> in env ("KEY=value" strings, as
 // os.Environ returns). Only flags for which useEnv is true are read from env.
-func (fs *FlagSet) parse(args []string, env []string, useEnv func(name string) bool) error {
+// It returns ActionHelp for -h or --help, else ActionRun.
+func (fs *FlagSet) parse(args []string, env []string, useEnv func(name string) bool) (Action, error) {
 	if err := fs.FlagSet.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
+		if errors.Is(err, flag.ErrHelp) { // -h
+			return ActionHelp, nil
 		}
-		return usagef("%v", err)
+		return ActionRun, usagef("%v", err)
 	}
 	fs.Visit(func(f *flag.Flag) {
 		if len(f.Name) == 1 {
@@ -217,7 +221,13 @@ func (fs *FlagSet) parse(args []string, env []string, useEnv func(name string) b
 			return
 		}
 	})
-	return err
+	if err != nil {
+		return ActionRun, err
+	}
+	if fs.help {
+		return ActionHelp, nil
+	}
+	return ActionRun, nil
 }
 
 func envMap(env []string) map[string]string {
@@ -321,7 +331,7 @@ type rawFlags struct {
 	endpoints, publicIP, tunDriver, logLevel string
 	ifaceRegexes                             []string
 	renewMargin                              int
-	help, version                            bool
+	version                                  bool
 }
 
 func daemonFlagSet(c *Config, r *rawFlags) *FlagSet {
@@ -349,7 +359,6 @@ func daemonFlagSet(c *Config, r *rawFlags) *FlagSet {
 	fs.StringVar(&r.logLevel, "log-level", "info", "log `level`: debug, info, warn or error")
 	fs.StringVar(&c.LogFormat, "log-format", "text", "log `format`: text or json")
 	fs.BoolVar(&r.version, "version", false, "print the version and exit")
-	fs.BoolVar(&r.help, "help", false, "print this help and exit")
 
 	fs.Groups = []Group{
 		etcdGroup,
@@ -369,14 +378,8 @@ func Parse(args []string, env []string) (*Config, Action, error) {
 	var r rawFlags
 	fs := daemonFlagSet(c, &r)
 	noEnv := func(name string) bool { return name != "help" && name != "version" }
-	if err := fs.parse(args, env, noEnv); err != nil {
-		if errors.Is(err, flag.ErrHelp) { // -h
-			return nil, ActionHelp, nil
-		}
-		return nil, ActionRun, err
-	}
-	if r.help {
-		return nil, ActionHelp, nil
+	if action, err := fs.parse(args, env, noEnv); action != ActionRun || err != nil {
+		return nil, action, err
 	}
 	if r.version {
 		return nil, ActionVersion, nil

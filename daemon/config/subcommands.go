@@ -1,10 +1,9 @@
 package config
 
 import (
-	"errors"
-	"flag"
 	"fmt"
 	"io"
+	"slices"
 	"time"
 )
 
@@ -15,12 +14,11 @@ type Status struct {
 	Timeout time.Duration
 }
 
-func statusFlagSet(s *Status, endpoints *string, help *bool) *FlagSet {
+func statusFlagSet(s *Status, endpoints *string) *FlagSet {
 	fs := newFlagSet("tulled status")
 	addEtcdFlags(fs, &s.Etcd, endpoints)
 	fs.BoolVar(&s.JSON, "json", false, "print JSON for scripts instead of a table")
 	fs.DurationVar(&s.Timeout, "timeout", 10*time.Second, "give up if etcd does not answer within this `duration`")
-	fs.BoolVar(help, "help", false, "print this help and exit")
 	fs.Groups = []Group{etcdGroup, {Title: "output", Names: []string{"json", "timeout", "help"}}}
 	return fs
 }
@@ -30,17 +28,10 @@ func statusFlagSet(s *Status, endpoints *string, help *bool) *FlagSet {
 func ParseStatus(args, env []string) (*Status, Action, error) {
 	s := &Status{}
 	var endpoints string
-	var help bool
-	fs := statusFlagSet(s, &endpoints, &help)
-	fromEnv := func(name string) bool { return etcdFlag(name) }
-	if err := fs.parse(args, env, fromEnv); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return nil, ActionHelp, nil
-		}
-		return nil, ActionRun, err
-	}
-	if help {
-		return nil, ActionHelp, nil
+	fs := statusFlagSet(s, &endpoints)
+	fromEnv := func(name string) bool { return slices.Contains(etcdGroup.Names, name) }
+	if action, err := fs.parse(args, env, fromEnv); action != ActionRun || err != nil {
+		return nil, action, err
 	}
 	if fs.NArg() > 0 {
 		return nil, ActionRun, usagef("tulled status: unexpected argument %q", fs.Arg(0))
@@ -58,20 +49,10 @@ func ParseStatus(args, env []string) (*Status, Action, error) {
 func StatusUsage(w io.Writer) {
 	var s Status
 	var endpoints string
-	var help bool
-	fs := statusFlagSet(&s, &endpoints, &help)
+	fs := statusFlagSet(&s, &endpoints)
 	fmt.Fprint(w, "Usage: tulled status [--json] [flags]\n\nPrints the network config in etcd and every lease: subnet, public IP,\nexpiry, reservation or not, and whether a Tulle or a flannel host holds it.\n\n")
 	fs.printGroups(w)
 	fmt.Fprint(w, "The etcd flags are also read from TULLED_<FLAG> and FLANNELD_<FLAG>, as for the daemon.\n")
-}
-
-func etcdFlag(name string) bool {
-	for _, n := range etcdGroup.Names {
-		if n == name {
-			return true
-		}
-	}
-	return false
 }
 
 // DockerOpts is the configuration of `tulled docker-opts`, whose short flags
@@ -86,7 +67,7 @@ type DockerOpts struct {
 	DaemonJSON bool   // --daemon-json: a daemon.json fragment instead
 }
 
-func dockerOptsFlagSet(d *DockerOpts, help *bool) *FlagSet {
+func dockerOptsFlagSet(d *DockerOpts) *FlagSet {
 	fs := newFlagSet("tulled docker-opts")
 	for _, n := range []string{"f", "subnet-file"} {
 		fs.StringVar(&d.SubnetFile, n, DefaultSubnetFile, "subnet.env `file` written by tulled (or flanneld)")
@@ -107,7 +88,6 @@ func dockerOptsFlagSet(d *DockerOpts, help *bool) *FlagSet {
 		fs.BoolVar(&d.NoIPMasq, n, false, "leave out --ip-masq (older Docker)")
 	}
 	fs.BoolVar(&d.DaemonJSON, "daemon-json", false, "print a Docker daemon.json fragment (bip, mtu, ip-masq) instead")
-	fs.BoolVar(help, "help", false, "print this help and exit")
 	fs.short = map[string]string{"subnet-file": "f", "output": "d", "individual": "i", "combined": "c", "key": "k", "no-ip-masq": "m"}
 	fs.Groups = []Group{
 		{Title: "input and output", Names: []string{"subnet-file", "output", "daemon-json"}},
@@ -122,17 +102,10 @@ func dockerOptsFlagSet(d *DockerOpts, help *bool) *FlagSet {
 // FLANNELD_SUBNET_FILE), so it matches the daemon's.
 func ParseDockerOpts(args, env []string) (*DockerOpts, Action, error) {
 	d := &DockerOpts{}
-	var help bool
-	fs := dockerOptsFlagSet(d, &help)
+	fs := dockerOptsFlagSet(d)
 	fromEnv := func(name string) bool { return name == "subnet-file" }
-	if err := fs.parse(args, env, fromEnv); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return nil, ActionHelp, nil
-		}
-		return nil, ActionRun, err
-	}
-	if help {
-		return nil, ActionHelp, nil
+	if action, err := fs.parse(args, env, fromEnv); action != ActionRun || err != nil {
+		return nil, action, err
 	}
 	if fs.NArg() > 0 {
 		return nil, ActionRun, usagef("tulled docker-opts: unexpected argument %q", fs.Arg(0))
@@ -152,8 +125,7 @@ func ParseDockerOpts(args, env []string) (*DockerOpts, Action, error) {
 // DockerOptsUsage writes the help of `tulled docker-opts` to w.
 func DockerOptsUsage(w io.Writer) {
 	var d DockerOpts
-	var help bool
-	fs := dockerOptsFlagSet(&d, &help)
+	fs := dockerOptsFlagSet(&d)
 	fmt.Fprint(w, `Usage: tulled docker-opts [flags]
 
 Reads subnet.env and prints Docker daemon options as flannel's

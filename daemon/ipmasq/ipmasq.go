@@ -35,6 +35,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 
@@ -101,19 +102,12 @@ func RuleSpecs(network, lease netip.Prefix, randomFully bool) [][]string {
 	if randomFully {
 		masq = append(masq, "--random-fully")
 	}
-	cat := func(parts ...[]string) []string {
-		var out []string
-		for _, p := range parts {
-			out = append(out, p...)
-		}
-		return out
-	}
 	return [][]string{
-		cat([]string{"-m", "mark", "--mark", KubeProxyMasqMark}, c, []string{"-j", "RETURN"}),
-		cat([]string{"-s", n, "-d", n}, c, []string{"-j", "RETURN"}),
-		cat([]string{"-s", n, "!", "-d", multicast}, c, masq),
-		cat([]string{"!", "-s", n, "-d", s}, c, []string{"-j", "RETURN"}),
-		cat([]string{"!", "-s", n, "-d", n}, c, masq),
+		slices.Concat([]string{"-m", "mark", "--mark", KubeProxyMasqMark}, c, []string{"-j", "RETURN"}),
+		slices.Concat([]string{"-s", n, "-d", n}, c, []string{"-j", "RETURN"}),
+		slices.Concat([]string{"-s", n, "!", "-d", multicast}, c, masq),
+		slices.Concat([]string{"!", "-s", n, "-d", s}, c, []string{"-j", "RETURN"}),
+		slices.Concat([]string{"!", "-s", n, "-d", n}, c, masq),
 	}
 }
 

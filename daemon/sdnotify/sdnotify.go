@@ -6,6 +6,7 @@ package sdnotify
 
 import (
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
@@ -86,12 +87,11 @@ func (n *Notifier) send(state string) {
 	}
 }
 
+// cutStatus returns what follows "STATUS=" at the start of a line of state.
 func cutStatus(state string) (string, bool) {
-	const p = "STATUS="
-	for i := 0; i+len(p) <= len(state); i++ {
-		if (i == 0 || state[i-1] == '\n') && state[i:i+len(p)] == p {
-			return state[i+len(p):], true
-		}
+	if status, ok := strings.CutPrefix(state, "STATUS="); ok {
+		return status, true
 	}
-	return "", false
+	_, status, ok := strings.Cut(state, "\nSTATUS=")
+	return status, ok
 }

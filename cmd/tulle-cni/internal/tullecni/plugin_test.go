@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -75,6 +76,18 @@ func newFixture(t *testing.T) *fixture {
 	f.subnetFile = filepath.Join(f.dir, "subnet.env")
 	f.dataDir = filepath.Join(f.dir, "data")
 	f.p = &Plugin{Exec: f.exec, Stdout: &f.out}
+	return f
+}
+
+// newAddedFixture is a fixture whose container c1 (eth0) was added on the
+// lease of testEnv.
+func newAddedFixture(t *testing.T) *fixture {
+	t.Helper()
+	f := newFixture(t)
+	f.writeEnv(t, testEnv())
+	if err := f.p.Funcs().Add(f.args("")); err != nil {
+		t.Fatal(err)
+	}
 	return f
 }
 
@@ -150,11 +163,7 @@ func mustJSON(t *testing.T, v any) string {
 }
 
 func TestDelUsesTheSavedConfigWhenSubnetEnvIsGone(t *testing.T) {
-	f := newFixture(t)
-	f.writeEnv(t, testEnv())
-	if err := f.p.Funcs().Add(f.args("")); err != nil {
-		t.Fatal(err)
-	}
+	f := newAddedFixture(t)
 	if err := os.Remove(f.subnetFile); err != nil {
 		t.Fatal(err)
 	}
@@ -172,11 +181,7 @@ func TestDelUsesTheSavedConfigWhenSubnetEnvIsGone(t *testing.T) {
 }
 
 func TestDelUsesTheSavedConfigAfterTheLeaseMoved(t *testing.T) {
-	f := newFixture(t)
-	f.writeEnv(t, testEnv())
-	if err := f.p.Funcs().Add(f.args("")); err != nil {
-		t.Fatal(err)
-	}
+	f := newAddedFixture(t)
 	moved := testEnv()
 	moved.Subnet = netip.MustParsePrefix("198.18.80.0/24")
 	f.writeEnv(t, moved)
@@ -212,11 +217,7 @@ func TestDelIsIdempotent(t *testing.T) {
 }
 
 func TestDelKeepsTheSavedConfigWhenTheDelegateFails(t *testing.T) {
-	f := newFixture(t)
-	f.writeEnv(t, testEnv())
-	if err := f.p.Funcs().Add(f.args("")); err != nil {
-		t.Fatal(err)
-	}
+	f := newAddedFixture(t)
 	f.exec.fail = errors.New("netlink: busy")
 	err := f.p.Funcs().Del(f.args(""))
 	if err == nil || !strings.Contains(err.Error(), "tulle-cni: delegate DEL to bridge: netlink: busy") {
@@ -228,11 +229,7 @@ func TestDelKeepsTheSavedConfigWhenTheDelegateFails(t *testing.T) {
 }
 
 func TestDelPassesPrevResultOn(t *testing.T) {
-	f := newFixture(t)
-	f.writeEnv(t, testEnv())
-	if err := f.p.Funcs().Add(f.args("")); err != nil {
-		t.Fatal(err)
-	}
+	f := newAddedFixture(t)
 	prev := `,"prevResult":{"cniVersion":"1.0.0","ips":[{"address":"198.18.79.2/24"}]}`
 	if err := f.p.Funcs().Del(f.args(prev)); err != nil {
 		t.Fatal(err)
@@ -243,11 +240,7 @@ func TestDelPassesPrevResultOn(t *testing.T) {
 }
 
 func TestCheckReportsALeaseThatMoved(t *testing.T) {
-	f := newFixture(t)
-	f.writeEnv(t, testEnv())
-	if err := f.p.Funcs().Add(f.args("")); err != nil {
-		t.Fatal(err)
-	}
+	f := newAddedFixture(t)
 	prev := `,"prevResult":{"cniVersion":"1.0.0","ips":[{"address":"198.18.79.2/24"}]}`
 	if err := f.p.Funcs().Check(f.args(prev)); err != nil {
 		t.Fatalf("Check with the same lease: %v", err)
@@ -303,7 +296,7 @@ func TestGCDeletesOnlyAttachmentsTheRuntimeNoLongerHas(t *testing.T) {
 	if len(f.exec.calls) != 1 || f.exec.calls[0].command != "DEL" {
 		t.Fatalf("GC delegate calls: %+v", f.exec.calls)
 	}
-	if !contains(f.exec.calls[0].env, "CNI_CONTAINERID=stale") || !contains(f.exec.calls[0].env, "CNI_IFNAME=eth0") {
+	if !slices.Contains(f.exec.calls[0].env, "CNI_CONTAINERID=stale") || !slices.Contains(f.exec.calls[0].env, "CNI_IFNAME=eth0") {
 		t.Errorf("GC's DEL ran for the wrong attachment: %v", f.exec.calls[0].env)
 	}
 	s := Store{Dir: f.dataDir}
@@ -313,15 +306,6 @@ func TestGCDeletesOnlyAttachmentsTheRuntimeNoLongerHas(t *testing.T) {
 	if _, err := s.Load("stale", "eth0"); err == nil {
 		t.Error("stale attachment's config still there")
 	}
-}
-
-func contains(env []string, kv string) bool {
-	for _, e := range env {
-		if e == kv {
-			return true
-		}
-	}
-	return false
 }
 
 func TestAddWithACorruptSubnetEnvNamesFileAndLine(t *testing.T) {
