@@ -8,8 +8,6 @@ import (
 	"io"
 	"io/fs"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 
@@ -49,8 +47,8 @@ func dockerOptsMain(args, env []string, stdout, stderr io.Writer) int {
 	}
 	if o.OutFile == "" {
 		_, err = stdout.Write(out)
-	} else {
-		err = writeFileAtomic(o.OutFile, out)
+	} else if err = subnet.WriteFileAtomic(o.OutFile, out, 0o644); err != nil {
+		err = fmt.Errorf("write %s: %w", o.OutFile, err)
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "tulled docker-opts: %v\n", err)
@@ -129,30 +127,4 @@ func formatDaemonJSON(e subnet.Env, noIPMasq bool) []byte {
 	}
 	b, _ := json.MarshalIndent(frag, "", "  ")
 	return append(b, '\n')
-}
-
-// writeFileAtomic writes b to path through a temporary file in the same
-// directory and a rename, so a reader never sees half a file.
-func writeFileAtomic(path string, b []byte) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	tmp := f.Name()
-	_, werr := f.Write(b)
-	if werr == nil {
-		werr = f.Chmod(0o644)
-	}
-	if cerr := f.Close(); werr == nil {
-		werr = cerr
-	}
-	if werr == nil {
-		werr = os.Rename(tmp, path)
-	}
-	if werr != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("write %s: %w", path, werr)
-	}
-	return nil
 }

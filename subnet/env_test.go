@@ -84,3 +84,34 @@ func TestReadEnvAcceptsFlannelWrittenFiles(t *testing.T) {
 		t.Errorf("got %+v", e)
 	}
 }
+
+func TestWriteFileAtomicReplacesWithModeAndLeavesNoTemporaryFile(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "f")
+	if err := os.WriteFile(path, []byte("old"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteFileAtomic(path, []byte("new"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(path)
+	st, serr := os.Stat(path)
+	if err != nil || serr != nil || string(b) != "new" || st.Mode().Perm() != 0o600 {
+		t.Fatalf("content %q (%v), mode %v (%v); want \"new\", 0600", b, err, st.Mode().Perm(), serr)
+	}
+	// A failing rename (the target is a non-empty directory) leaves no
+	// temporary file behind.
+	if err := os.Mkdir(filepath.Join(dir, "d"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "d", "x"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteFileAtomic(filepath.Join(dir, "d"), []byte("x"), 0o644); err == nil {
+		t.Fatal("replacing a non-empty directory succeeded")
+	}
+	entries, _ := os.ReadDir(dir)
+	if len(entries) != 2 {
+		t.Errorf("directory holds %v after a failed write, want only f and d", entries)
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/containernetworking/cni/pkg/utils"
+	"github.com/tulle-net/tulle/subnet"
 )
 
 // savedVersion is the format version of a saved attachment file.
@@ -57,23 +58,7 @@ func (s Store) Save(a Attachment) error {
 	if err := os.MkdirAll(s.Dir, 0o700); err != nil {
 		return fmt.Errorf("save delegate config: %w", err)
 	}
-	tmp, err := os.CreateTemp(s.Dir, ".tmp-*")
-	if err != nil {
-		return fmt.Errorf("save delegate config %s: %w", p, err)
-	}
-	defer os.Remove(tmp.Name()) // no-op after the rename
-	if _, err := tmp.Write(b); err != nil {
-		tmp.Close()
-		return fmt.Errorf("save delegate config %s: %w", p, err)
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return fmt.Errorf("save delegate config %s: %w", p, err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("save delegate config %s: %w", p, err)
-	}
-	if err := os.Rename(tmp.Name(), p); err != nil {
+	if err := subnet.WriteFileAtomic(p, b, 0o600); err != nil {
 		return fmt.Errorf("save delegate config %s: %w", p, err)
 	}
 	return nil
