@@ -78,7 +78,6 @@ type bench struct {
 	start time.Time
 
 	bed    *testbed.Bed
-	cl     cleanups
 	vx     *vxlanNet
 	report Report
 	mu     sync.Mutex // serialises progress output
@@ -171,7 +170,7 @@ func (b *bench) run(ctx context.Context) (err error) {
 		}
 	}
 	if contains(b.cfg.Modes, modeVXLAN) {
-		vx, err := setupVXLAN(ctx, bed, []*testbed.Host{bed.Host(1), bed.Host(2)}, &b.cl)
+		vx, err := setupVXLAN(ctx, bed, []*testbed.Host{bed.Host(1), bed.Host(2)})
 		if err != nil {
 			return err
 		}
@@ -311,13 +310,13 @@ func (b *bench) begin(ctx context.Context, mode string) (*session, error) {
 		if b.cfg.Path == pathHost {
 			return &session{
 				client:       endpoint{h1.Name, h1.NS, x1.DevAddr},
-				server:       endpoint{h2.Name, h2.NS, x2.Gateway},
+				server:       endpoint{h2.Name, h2.NS, x2.Container.Gateway.Addr()},
 				reachTimeout: 5 * time.Second,
 			}, nil
 		}
 		return &session{
-			client:       endpoint{fmt.Sprintf("x%d", h1.Index), x1.NS, x1.Container},
-			server:       endpoint{fmt.Sprintf("x%d", h2.Index), x2.NS, x2.Container},
+			client:       endpoint{x1.Container.Name, x1.Container.NS, x1.Container.Addr},
+			server:       endpoint{x2.Container.Name, x2.Container.NS, x2.Container.Addr},
 			reachTimeout: 5 * time.Second,
 		}, nil
 	case modeTulleOffload, modeTulleWater:
@@ -442,9 +441,9 @@ func (b *bench) stopDaemons(sess *session) error {
 }
 
 // cleanup keeps the tulled logs in the results folder, then removes
-// everything the run created: its own namespaces, then the testbed (which
-// stops every process it started and deletes its namespaces), then the
-// built binaries.
+// everything the run created: the testbed (which stops every process it
+// started and deletes its namespaces, the VXLAN reference's included), then
+// the built binaries.
 func (b *bench) cleanup() error {
 	var errs []error
 	if b.bed != nil {
@@ -453,9 +452,6 @@ func (b *bench) cleanup() error {
 				_ = os.WriteFile(filepath.Join(b.cfg.Out, "tulled-"+h.Name+".log"), data, 0o644)
 			}
 		}
-	}
-	errs = append(errs, b.cl.run())
-	if b.bed != nil {
 		if b.failed() || len(b.report.Errors) > 0 {
 			b.mu.Lock()
 			b.bed.DumpLogs(b.w, 15)

@@ -16,11 +16,7 @@ import (
 
 func readTestdata(t *testing.T, name string) []byte {
 	t.Helper()
-	data, err := os.ReadFile(filepath.Join("testdata", name))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return data
+	return readFile(t, filepath.Join("testdata", name))
 }
 
 func TestIperfReportGivesReceiverGoodputAndAllSentBytes(t *testing.T) {

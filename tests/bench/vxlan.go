@@ -2,11 +2,9 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net/netip"
 	"strconv"
-	"time"
 
 	"github.com/tulle-net/tulle/tests/testbed"
 )
@@ -30,14 +28,11 @@ const (
 // vxlanHost is one host's side of the VXLAN reference.
 type vxlanHost struct {
 	Host      *testbed.Host
-	Dev       string       // the VXLAN device in the host namespace
-	MAC       string       // its (fixed) VTEP MAC
-	Subnet    netip.Prefix // 198.19.<i>.0/24
-	DevAddr   netip.Addr   // 198.19.<i>.0, on Dev
-	Bridge    string       // the container bridge in the host, 198.19.<i>.1/24
-	Gateway   netip.Addr   // 198.19.<i>.1
-	NS        string       // the container namespace
-	Container netip.Addr   // 198.19.<i>.2, in NS
+	Dev       string             // the VXLAN device in the host namespace
+	MAC       string             // its (fixed) VTEP MAC
+	Subnet    netip.Prefix       // 198.19.<i>.0/24
+	DevAddr   netip.Addr         // 198.19.<i>.0, on Dev
+	Container *testbed.Container // "x<i>": 198.19.<i>.2 behind the bridge 198.19.<i>.1/24
 	MTU       int
 }
 
@@ -47,10 +42,9 @@ type vxlanNet struct {
 	Hosts []*vxlanHost
 }
 
-// setupVXLAN builds the VXLAN reference on the given hosts. Every namespace
-// it creates is pushed onto cl (deleted by the caller's cleanup); the links
-// in the host namespaces go with the bed.
-func setupVXLAN(ctx context.Context, bed *testbed.Bed, hosts []*testbed.Host, cl *cleanups) (*vxlanNet, error) {
+// setupVXLAN builds the VXLAN reference on the given hosts; what it
+// creates goes with the bed.
+func setupVXLAN(ctx context.Context, bed *testbed.Bed, hosts []*testbed.Host) (*vxlanNet, error) {
 	v := &vxlanNet{}
 	for _, h := range hosts {
 		if h.Index > 254 {
@@ -58,18 +52,14 @@ func setupVXLAN(ctx context.Context, bed *testbed.Bed, hosts []*testbed.Host, cl
 		}
 		subnet := netip.PrefixFrom(netip.AddrFrom4([4]byte{198, 19, byte(h.Index), 0}), 24)
 		x := &vxlanHost{
-			Host:      h,
-			Dev:       bed.Prefix + "vx",
-			MAC:       fmt.Sprintf("02:74:6c:76:78:%02x", h.Index),
-			Subnet:    subnet,
-			DevAddr:   subnet.Addr(),
-			Bridge:    fmt.Sprintf("%sxb%d", bed.Prefix, h.Index),
-			Gateway:   subnet.Addr().Next(),
-			NS:        fmt.Sprintf("%s-x%d", bed.Prefix, h.Index),
-			Container: subnet.Addr().Next().Next(),
-			MTU:       h.MTU - vxlanOverhead,
+			Host:    h,
+			Dev:     bed.Prefix + "vx",
+			MAC:     fmt.Sprintf("02:74:6c:76:78:%02x", h.Index),
+			Subnet:  subnet,
+			DevAddr: subnet.Addr(),
+			MTU:     h.MTU - vxlanOverhead,
 		}
-		if err := x.setup(ctx, bed, cl); err != nil {
+		if err := x.setup(ctx); err != nil {
 			return nil, err
 		}
 		v.Hosts = append(v.Hosts, x)
@@ -87,41 +77,29 @@ func setupVXLAN(ctx context.Context, bed *testbed.Bed, hosts []*testbed.Host, cl
 	return v, nil
 }
 
-// setup creates the VXLAN device, the bridge and the container of one host.
-func (x *vxlanHost) setup(ctx context.Context, bed *testbed.Bed, cl *cleanups) error {
+// setup creates the VXLAN device and the container of one host.
+func (x *vxlanHost) setup(ctx context.Context) error {
 	h := x.Host
-	mtu := strconv.Itoa(x.MTU)
-	hostEnd := fmt.Sprintf("%sxv%d", bed.Prefix, h.Index)
-	ctrEnd := fmt.Sprintf("%sxe%d", bed.Prefix, h.Index)
-	if err := ip(ctx, "netns", "add", x.NS); err != nil {
-		return fmt.Errorf("vxlan on %s: container namespace: %w", h.Name, err)
-	}
-	ns := x.NS
-	cl.push("delete netns "+ns, func(ctx context.Context) error { return ip(ctx, "netns", "del", ns) })
 	steps := [][]string{
 		// flannel: netlink.Vxlan{VxlanId: 1, SrcAddr: public IP, Port: 8472,
 		// Learning: false, VtepDevIndex: the underlay link}, MTU link-50.
-		{"-n", h.NS, "link", "add", x.Dev, "address", x.MAC, "mtu", mtu, "type", "vxlan",
+		{"-n", h.NS, "link", "add", x.Dev, "address", x.MAC, "mtu", strconv.Itoa(x.MTU), "type", "vxlan",
 			"id", strconv.Itoa(vxlanVNI), "dstport", strconv.Itoa(vxlanPort), "local", h.Addr.String(),
 			"nolearning", "dev", h.Link},
 		{"-n", h.NS, "addr", "add", netip.PrefixFrom(x.DevAddr, 32).String(), "dev", x.Dev},
 		{"-n", h.NS, "link", "set", x.Dev, "up"},
-		// The container side, as Docker does from subnet.env (FLANNEL_MTU = 1450).
-		{"-n", h.NS, "link", "add", x.Bridge, "mtu", mtu, "type", "bridge"},
-		{"-n", h.NS, "addr", "add", netip.PrefixFrom(x.Gateway, 24).String(), "dev", x.Bridge},
-		{"-n", h.NS, "link", "set", x.Bridge, "up"},
-		{"-n", ns, "link", "set", "lo", "up"},
-		{"-n", h.NS, "link", "add", hostEnd, "mtu", mtu, "type", "veth", "peer", "name", ctrEnd, "mtu", mtu, "netns", ns},
-		{"-n", h.NS, "link", "set", hostEnd, "master", x.Bridge, "up"},
-		{"-n", ns, "addr", "add", netip.PrefixFrom(x.Container, 24).String(), "dev", ctrEnd},
-		{"-n", ns, "link", "set", ctrEnd, "up"},
-		{"-n", ns, "route", "add", "default", "via", x.Gateway.String(), "dev", ctrEnd},
 	}
 	for _, s := range steps {
 		if err := ip(ctx, s...); err != nil {
 			return fmt.Errorf("vxlan on %s: %w", h.Name, err)
 		}
 	}
+	// The container side, as Docker does from subnet.env (FLANNEL_MTU = 1450).
+	c, err := h.AddContainer(ctx, "x", netip.PrefixFrom(x.DevAddr.Next(), x.Subnet.Bits()), x.MTU)
+	if err != nil {
+		return fmt.Errorf("vxlan on %s: %w", h.Name, err)
+	}
+	x.Container = c
 	return nil
 }
 
@@ -138,34 +116,4 @@ func (x *vxlanHost) addPeer(ctx context.Context, p *vxlanHost) error {
 		}
 	}
 	return nil
-}
-
-// cleanups is a stack of undo steps, run in reverse order.
-type cleanups struct {
-	steps []cleanupStep
-}
-
-type cleanupStep struct {
-	what string
-	fn   func(ctx context.Context) error
-}
-
-func (c *cleanups) push(what string, fn func(ctx context.Context) error) {
-	c.steps = append(c.steps, cleanupStep{what, fn})
-}
-
-// run undoes every step, newest first, each bounded by its own timeout
-// (the run's context may already be cancelled), and returns the joined
-// errors.
-func (c *cleanups) run() error {
-	var errs []error
-	for i := len(c.steps) - 1; i >= 0; i-- {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		if err := c.steps[i].fn(ctx); err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", c.steps[i].what, err))
-		}
-		cancel()
-	}
-	c.steps = nil
-	return errors.Join(errs...)
 }

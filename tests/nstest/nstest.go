@@ -5,6 +5,7 @@
 package nstest
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -296,7 +297,7 @@ func Do(name string, fn func() error) error {
 	if err := netns.Set(orig); err != nil {
 		// This thread is in the wrong namespace: never give it back.
 		runtime.LockOSThread()
-		return fmt.Errorf("leave netns %s: %w", name, err)
+		return errors.Join(ferr, fmt.Errorf("leave netns %s: %w", name, err))
 	}
 	return ferr
 }

@@ -120,42 +120,58 @@ func (h *Host) SetupContainer(ctx context.Context) (*Container, error) {
 			return nil, err
 		}
 	}
-	b := h.bed
-	c := &Container{
-		Node: Node{
-			Name: fmt.Sprintf("c%d", h.Index),
-			NS:   fmt.Sprintf("%s-c%d", b.Prefix, h.Index),
-			Link: fmt.Sprintf("%sce%d", b.Prefix, h.Index),
-			Addr: env.Subnet.Addr().Next(),
-			MTU:  env.MTU,
-			bed:  b,
-		},
-		Gateway: env.Subnet,
-		Bridge:  fmt.Sprintf("%scb%d", b.Prefix, h.Index),
-	}
-	if err := b.addNetns(ctx, c.NS); err != nil {
-		return nil, fmt.Errorf("host %s: container: %w", h.Name, err)
-	}
-	hostEnd := fmt.Sprintf("%scv%d", b.Prefix, h.Index)
-	m := strconv.Itoa(env.MTU)
-	steps := [][]string{
-		{"-n", h.NS, "link", "add", c.Bridge, "mtu", m, "type", "bridge"},
-		{"-n", h.NS, "addr", "add", env.Subnet.String(), "dev", c.Bridge},
-		{"-n", h.NS, "link", "set", c.Bridge, "up"},
-		{"-n", h.NS, "link", "add", hostEnd, "mtu", m, "type", "veth", "peer", "name", c.Link, "mtu", m, "netns", c.NS},
-		{"-n", h.NS, "link", "set", hostEnd, "master", c.Bridge, "up"},
-		{"-n", c.NS, "addr", "add", netip.PrefixFrom(c.Addr, env.Subnet.Bits()).String(), "dev", c.Link},
-		{"-n", c.NS, "link", "set", c.Link, "up"},
-		{"-n", c.NS, "route", "add", "default", "via", env.Subnet.Addr().String(), "dev", c.Link},
-	}
-	for _, s := range steps {
-		if err := ipCmd(ctx, s...); err != nil {
-			return nil, fmt.Errorf("host %s: container: %w", h.Name, err)
-		}
+	c, err := h.AddContainer(ctx, "c", env.Subnet, env.MTU)
+	if err != nil {
+		return nil, err
 	}
 	h.mu.Lock()
 	h.container = c
 	h.mu.Unlock()
+	return c, nil
+}
+
+// AddContainer builds a container on h as Docker does from subnet.env: a
+// bridge in the host with the address gateway (198.18.<n>.1/24) and the MTU,
+// and a namespace on it, behind a veth, with the next address, the MTU and a
+// default route via gateway. tag names it: the node is "<tag><index>", the
+// namespace "<prefix>-<tag><index>", the bridge "<prefix><tag>b<index>", the
+// veth ends "<prefix><tag>v<index>" (host) and "<prefix><tag>e<index>". The
+// namespace goes with the bed; the container is not the host's Container()
+// (SetupContainer's, tag "c"), so a caller may add others beside it.
+func (h *Host) AddContainer(ctx context.Context, tag string, gateway netip.Prefix, mtu int) (*Container, error) {
+	b := h.bed
+	c := &Container{
+		Node: Node{
+			Name: fmt.Sprintf("%s%d", tag, h.Index),
+			NS:   fmt.Sprintf("%s-%s%d", b.Prefix, tag, h.Index),
+			Link: fmt.Sprintf("%s%se%d", b.Prefix, tag, h.Index),
+			Addr: gateway.Addr().Next(),
+			MTU:  mtu,
+			bed:  b,
+		},
+		Gateway: gateway,
+		Bridge:  fmt.Sprintf("%s%sb%d", b.Prefix, tag, h.Index),
+	}
+	if err := b.addNetns(ctx, c.NS); err != nil {
+		return nil, fmt.Errorf("host %s: container %s: %w", h.Name, c.Name, err)
+	}
+	hostEnd := fmt.Sprintf("%s%sv%d", b.Prefix, tag, h.Index)
+	m := strconv.Itoa(mtu)
+	steps := [][]string{
+		{"-n", h.NS, "link", "add", c.Bridge, "mtu", m, "type", "bridge"},
+		{"-n", h.NS, "addr", "add", gateway.String(), "dev", c.Bridge},
+		{"-n", h.NS, "link", "set", c.Bridge, "up"},
+		{"-n", h.NS, "link", "add", hostEnd, "mtu", m, "type", "veth", "peer", "name", c.Link, "mtu", m, "netns", c.NS},
+		{"-n", h.NS, "link", "set", hostEnd, "master", c.Bridge, "up"},
+		{"-n", c.NS, "addr", "add", netip.PrefixFrom(c.Addr, gateway.Bits()).String(), "dev", c.Link},
+		{"-n", c.NS, "link", "set", c.Link, "up"},
+		{"-n", c.NS, "route", "add", "default", "via", gateway.Addr().String(), "dev", c.Link},
+	}
+	for _, s := range steps {
+		if err := ipCmd(ctx, s...); err != nil {
+			return nil, fmt.Errorf("host %s: container %s: %w", h.Name, c.Name, err)
+		}
+	}
 	return c, nil
 }
 

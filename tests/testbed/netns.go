@@ -3,18 +3,16 @@ package testbed
 import (
 	"bufio"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/netip"
 	"os/exec"
-	"runtime"
 	"strings"
 	"time"
 
-	"github.com/vishvananda/netns"
+	"github.com/tulle-net/tulle/tests/nstest"
 )
 
 // InNetns runs fn on an OS thread that is inside the named network namespace
@@ -26,37 +24,7 @@ import (
 func InNetns(ns string, fn func() error) error {
 	errc := make(chan error, 1)
 	// A fresh goroutine, so the caller's thread never changes namespace.
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("netns %s: get current namespace: %w", ns, err)
-			return
-		}
-		defer orig.Close()
-		target, err := netns.GetFromName(ns)
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("netns %s: open: %w", ns, err)
-			return
-		}
-		defer target.Close()
-		if err := netns.Set(target); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("netns %s: enter: %w", ns, err)
-			return
-		}
-		ferr := fn()
-		if err := netns.Set(orig); err != nil {
-			// Leave the thread locked: it ends with this goroutine instead of
-			// running other goroutines in the wrong namespace.
-			errc <- errors.Join(ferr, fmt.Errorf("netns %s: return to the original namespace: %w", ns, err))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
+	go func() { errc <- nstest.Do(ns, fn) }()
 	return <-errc
 }
 
