@@ -12,6 +12,7 @@ import (
 
 	"github.com/tulle-net/tulle/backend/udpconn"
 	"github.com/tulle-net/tulle/subnet"
+	"github.com/tulle-net/tulle/tests/nstest"
 )
 
 // flow sends UDP from one host's TUN address to the other's through both
@@ -27,7 +28,7 @@ type flow struct {
 func openConn(t *testing.T, ns netns.NsHandle, addr netip.AddrPort) *udpconn.Conn {
 	t.Helper()
 	var c *udpconn.Conn
-	err := inNetns(ns, func() error {
+	err := nstest.In(ns, func() error {
 		var err error
 		c, err = udpconn.Listen(addr, udpconn.Options{BatchSize: 64})
 		return err

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"testing"
 
+	"github.com/tulle-net/tulle/tests/nstest"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -49,7 +50,7 @@ func benchModes(b *testing.B, streams int) {
 // vxlan makes a VXLAN device in ns over underlay link dev, with address
 // addr/24 and every frame sent to remote (a static all-zeros FDB entry).
 func (h *twoHosts) vxlan(b *testing.B, ns netns.NsHandle, dev string, local, remote, addr netip.Addr) {
-	err := inNetns(ns, func() error {
+	err := nstest.In(ns, func() error {
 		under, err := netlink.LinkByName(dev)
 		if err != nil {
 			return err
@@ -78,7 +79,7 @@ func (h *twoHosts) vxlan(b *testing.B, ns netns.NsHandle, dev string, local, rem
 // from src in nsSrc to dst in nsDst.
 func benchStreams(b *testing.B, nsSrc, nsDst netns.NsHandle, src, dst netip.Addr, streams int) {
 	var ln net.Listener
-	if err := inNetns(nsDst, func() error {
+	if err := nstest.In(nsDst, func() error {
 		var err error
 		ln, err = net.Listen("tcp4", netip.AddrPortFrom(dst, 5201).String())
 		return err
@@ -101,7 +102,7 @@ func benchStreams(b *testing.B, nsSrc, nsDst netns.NsHandle, src, dst netip.Addr
 	}
 	conns := make([]net.Conn, streams)
 	for i := range conns {
-		if err := inNetns(nsSrc, func() error {
+		if err := nstest.In(nsSrc, func() error {
 			d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(src, 0))}
 			var err error
 			conns[i], err = d.Dial("tcp4", netip.AddrPortFrom(dst, 5201).String())

@@ -17,6 +17,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/tulle-net/tulle/subnet"
+	"github.com/tulle-net/tulle/tests/nstest"
 )
 
 // TestTCPThroughPeersIsIntactWithPartialAndCompleteChecksums carries TCP
@@ -62,10 +63,10 @@ func TestTCPThroughPeersIsIntactWithPartialAndCompleteChecksums(t *testing.T) {
 // checksum offload is off, and the host forwards.
 func (h *twoHosts) container(t *testing.T, host netns.NsHandle, addr netip.Addr) netns.NsHandle {
 	t.Helper()
-	c := newNetns(t)
+	c := nstest.NewAnonNetns(t)
 	gw := netip.AddrFrom4([4]byte{addr.As4()[0], addr.As4()[1], addr.As4()[2], 1})
 	hostEnd, ctrEnd := h.prefix+"ch", h.prefix+"cc"
-	err := inNetns(host, func() error {
+	err := nstest.In(host, func() error {
 		veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: hostEnd, MTU: 1472}, PeerName: ctrEnd, PeerNamespace: netlink.NsFd(c)}
 		if err := netlink.LinkAdd(veth); err != nil {
 			return fmt.Errorf("add veth: %w", err)
@@ -76,7 +77,7 @@ func (h *twoHosts) container(t *testing.T, host netns.NsHandle, addr netip.Addr)
 		return setupLink(hostEnd, netip.PrefixFrom(gw, 24))
 	})
 	if err == nil {
-		err = inNetns(c, func() error {
+		err = nstest.In(c, func() error {
 			if err := setupLink(ctrEnd, netip.PrefixFrom(addr, 24)); err != nil {
 				return err
 			}
@@ -107,7 +108,7 @@ func transferBothWays(t *testing.T, nsClient, nsServer netns.NsHandle, src, dst 
 	}
 	want := sha256.Sum256(data)
 	var ln net.Listener
-	if err := inNetns(nsServer, func() error {
+	if err := nstest.In(nsServer, func() error {
 		var err error
 		ln, err = net.Listen("tcp4", netip.AddrPortFrom(dst, 5201).String())
 		return err
@@ -137,7 +138,7 @@ func transferBothWays(t *testing.T, nsClient, nsServer netns.NsHandle, src, dst 
 		echoed <- err
 	}()
 	var c net.Conn
-	if err := inNetns(nsClient, func() error {
+	if err := nstest.In(nsClient, func() error {
 		d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(src, 0)), Timeout: 5 * time.Second}
 		var err error
 		c, err = d.Dial("tcp4", netip.AddrPortFrom(dst, 5201).String())

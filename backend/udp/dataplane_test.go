@@ -16,6 +16,7 @@ import (
 
 	"github.com/tulle-net/tulle/proto"
 	"github.com/tulle-net/tulle/subnet"
+	"github.com/tulle-net/tulle/tests/nstest"
 )
 
 var drivers = []string{"offload", "water"}
@@ -184,7 +185,7 @@ func TestTwoHostsCarryTrafficBothWays(t *testing.T) {
 func TestDFPacketAbovePathMTUGetsFragmentationNeeded(t *testing.T) {
 	h := newTwoHosts(t)
 	const pathMTU = 1200
-	err := inNetns(h.a, func() error {
+	err := nstest.In(h.a, func() error {
 		l, err := netlink.LinkByName(h.vethA)
 		if err != nil {
 			return err
@@ -198,7 +199,7 @@ func TestDFPacketAbovePathMTUGetsFragmentationNeeded(t *testing.T) {
 	dst := netip.MustParseAddrPort("198.18.2.5:7777")
 
 	var fd int
-	err = inNetns(h.a, func() error {
+	err = nstest.In(h.a, func() error {
 		var err error
 		if fd, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err != nil {
 			return err
@@ -260,7 +261,7 @@ func TestCloseRemovesDeviceAndRoute(t *testing.T) {
 	h := newTwoHosts(t)
 	var b *Backend
 	name := h.tunName("a")
-	err := inNetns(h.a, func() error {
+	err := nstest.In(h.a, func() error {
 		// New links get IPv6 here, as on a host; New must turn it off.
 		if err := os.WriteFile("/proc/sys/net/ipv6/conf/default/disable_ipv6", []byte("0"), 0o644); err != nil {
 			return err
@@ -316,7 +317,7 @@ func TestCloseRemovesDeviceAndRoute(t *testing.T) {
 	if err := b.Close(); err != nil {
 		t.Fatal(err)
 	}
-	err = inNetns(h.a, func() error {
+	err = nstest.In(h.a, func() error {
 		if _, err := netlink.LinkByName(name); err == nil {
 			return fmt.Errorf("device %s still there after Close", name)
 		}
@@ -333,7 +334,7 @@ func TestCloseRemovesDeviceAndRoute(t *testing.T) {
 func TestRunReturnsNilWhenClosedAndAliveStaysTrue(t *testing.T) {
 	h := newTwoHosts(t)
 	var b *Backend
-	err := inNetns(h.a, func() error {
+	err := nstest.In(h.a, func() error {
 		var err error
 		b, err = New(Options{TunName: h.tunName("a"), Workers: 2, PublicIP: hostA, MTU: 1472, Network: network,
 			SubnetLen: 24, Lease: subnet.Lease{Subnet: leaseA}, Logger: discardLogger()})
@@ -368,7 +369,7 @@ func TestDeletedDeviceFailsRunAndAlive(t *testing.T) {
 	h := newTwoHosts(t)
 	var b *Backend
 	name := h.tunName("a")
-	err := inNetns(h.a, func() error {
+	err := nstest.In(h.a, func() error {
 		var err error
 		b, err = New(Options{TunName: name, Workers: 2, PublicIP: hostA, MTU: 1472, Network: network,
 			SubnetLen: 24, Lease: subnet.Lease{Subnet: leaseA}, Logger: discardLogger()})
@@ -384,7 +385,7 @@ func TestDeletedDeviceFailsRunAndAlive(t *testing.T) {
 	if !b.Alive() {
 		t.Fatal("not alive while running")
 	}
-	err = inNetns(h.a, func() error {
+	err = nstest.In(h.a, func() error {
 		l, err := netlink.LinkByName(name)
 		if err != nil {
 			return err

@@ -10,7 +10,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"runtime"
 	"sync"
 	"testing"
 	"time"
@@ -22,52 +21,6 @@ import (
 	"github.com/tulle-net/tulle/subnet"
 	"github.com/tulle-net/tulle/tests/nstest"
 )
-
-// inNetns runs fn on an OS thread inside ns. The thread stays locked and is
-// discarded with its goroutine, so no other goroutine ever runs in ns by
-// accident. Sockets, TUN devices and netlink handles fn makes live in ns.
-func inNetns(ns netns.NsHandle, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		if err := netns.Set(ns); err != nil {
-			errc <- fmt.Errorf("enter netns: %w", err)
-			return
-		}
-		errc <- fn()
-	}()
-	return <-errc
-}
-
-// newNetns makes an anonymous network namespace (gone with its last
-// reference, so nothing can be left behind) with lo up and IPv6 off on new
-// links (no router solicitations in the TUN).
-func newNetns(t testing.TB) netns.NsHandle {
-	t.Helper()
-	var h netns.NsHandle
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		var err error
-		if h, err = netns.New(); err != nil {
-			errc <- fmt.Errorf("new netns: %w", err)
-			return
-		}
-		lo, err := netlink.LinkByName("lo")
-		if err == nil {
-			err = netlink.LinkSetUp(lo)
-		}
-		if err == nil {
-			err = os.WriteFile("/proc/sys/net/ipv6/conf/default/disable_ipv6", []byte("1"), 0o644)
-		}
-		errc <- err
-	}()
-	if err := <-errc; err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { h.Close() })
-	return h
-}
 
 // twoHosts is the smallest underlay: namespaces A and B joined by a veth,
 // A = 192.0.2.1/24, B = 192.0.2.2/24 and 192.0.2.3/24 (the second address
@@ -91,9 +44,9 @@ func newTwoHosts(t testing.TB) *twoHosts {
 	t.Helper()
 	nstest.RequireRoot(t)
 	h := &twoHosts{prefix: fmt.Sprintf("tl%d", os.Getpid()%100000)}
-	h.a, h.b = newNetns(t), newNetns(t)
+	h.a, h.b = nstest.NewAnonNetns(t), nstest.NewAnonNetns(t)
 	h.vethA = h.prefix + "va"
-	err := inNetns(h.a, func() error {
+	err := nstest.In(h.a, func() error {
 		veth := &netlink.Veth{
 			LinkAttrs:     netlink.LinkAttrs{Name: h.vethA, MTU: 1500},
 			PeerName:      h.prefix + "vb",
@@ -105,7 +58,7 @@ func newTwoHosts(t testing.TB) *twoHosts {
 		return setupLink(h.vethA, netip.PrefixFrom(hostA, 24))
 	})
 	if err == nil {
-		err = inNetns(h.b, func() error {
+		err = nstest.In(h.b, func() error {
 			return setupLink(h.prefix+"vb", netip.PrefixFrom(hostB, 24), netip.PrefixFrom(stranger, 24))
 		})
 	}
@@ -161,7 +114,7 @@ func startBackendLease(t testing.TB, ns netns.NsHandle, name string, own subnet.
 	pub := own.Attrs.PublicIP
 	logs := &logBuffer{}
 	var b *Backend
-	err := inNetns(ns, func() error {
+	err := nstest.In(ns, func() error {
 		var err error
 		b, err = New(Options{
 			TunName:   name,
@@ -220,7 +173,7 @@ func tulleLease(s netip.Prefix, pub netip.Addr) subnet.Event {
 func listenUDP(t testing.TB, ns netns.NsHandle, addr netip.AddrPort) *net.UDPConn {
 	t.Helper()
 	var c *net.UDPConn
-	err := inNetns(ns, func() error {
+	err := nstest.In(ns, func() error {
 		var err error
 		c, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(addr))
 		return err

@@ -68,16 +68,66 @@ func EnterNewNetns(t testing.TB) {
 		orig.Close()
 		ns.Close()
 	})
-	lo, err := netlink.LinkByName("lo")
-	if err != nil {
+	if err := prepareNew(); err != nil {
 		t.Fatal(err)
 	}
-	if err := netlink.LinkSetUp(lo); err != nil {
+}
+
+// NewAnonNetns makes an anonymous network namespace, prepared as
+// EnterNewNetns prepares its own, without entering it: run code in it with
+// In. It has no name, so nothing is left behind; its handle is closed in
+// t.Cleanup and it goes with its last socket or device.
+func NewAnonNetns(t testing.TB) netns.NsHandle {
+	t.Helper()
+	RequireRoot(t)
+	var h netns.NsHandle
+	errc := make(chan error, 1)
+	go func() { // the thread ends in the new namespace and is discarded
+		runtime.LockOSThread()
+		var err error
+		if h, err = netns.New(); err != nil {
+			errc <- fmt.Errorf("new netns: %w", err)
+			return
+		}
+		errc <- prepareNew()
+	}()
+	if err := <-errc; err != nil {
 		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close() })
+	return h
+}
+
+// In runs fn on a new OS thread inside ns. The thread stays locked and is
+// discarded with its goroutine, so no other goroutine ever runs in ns by
+// accident. Sockets, TUN devices and netlink handles fn makes live in ns.
+func In(ns netns.NsHandle, fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		if err := netns.Set(ns); err != nil {
+			errc <- fmt.Errorf("enter netns: %w", err)
+			return
+		}
+		errc <- fn()
+	}()
+	return <-errc
+}
+
+// prepareNew readies the new namespace the calling thread is in: lo up,
+// IPv6 off on new links.
+func prepareNew() error {
+	lo, err := netlink.LinkByName("lo")
+	if err == nil {
+		err = netlink.LinkSetUp(lo)
+	}
+	if err != nil {
+		return fmt.Errorf("loopback up: %w", err)
 	}
 	if err := os.WriteFile("/proc/sys/net/ipv6/conf/default/disable_ipv6", []byte("1"), 0o644); err != nil {
-		t.Fatalf("disable IPv6 on new links: %v", err)
+		return fmt.Errorf("disable IPv6 on new links: %w", err)
 	}
+	return nil
 }
 
 var seq atomic.Int64
