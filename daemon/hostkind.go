@@ -8,33 +8,15 @@ import (
 	"github.com/tulle-net/tulle/subnet"
 )
 
-// tulleMark is the BackendData a Tulle host puts in its lease. Flannel's udp
-// backend never reads BackendData, and BackendType stays empty as flannel's
-// udp hosts leave it, so a flannel host treats the lease as any udp lease.
-type tulleMark struct {
-	Tulle *tulleInfo `json:"tulle,omitempty"`
-}
-
-type tulleInfo struct {
-	Version string `json:"version"`
-	// Features are what the data plane offers peers that also list them
-	// (udp.Features, e.g. "partial-checksum"); the data plane reads them
-	// from the peers' leases.
-	Features []string `json:"features,omitempty"`
-}
-
-// backendData is our lease's BackendData:
+// backendData is our lease's BackendData (udp.HostInfo):
 // {"tulle":{"version":"v0.1.0","features":["partial-checksum"]}}, without
 // "partial-checksum" when partialChecksums is false (--partial-checksums).
 func backendData(partialChecksums bool) json.RawMessage {
-	var features []string
-	for _, f := range udp.Features() {
-		if f != udp.FeaturePartialChecksum || partialChecksums {
-			features = append(features, f)
-		}
+	info := udp.HostInfo{Version: buildinfo.Get().Version}
+	if partialChecksums {
+		info.Features = []string{udp.FeaturePartialChecksum}
 	}
-	b, _ := json.Marshal(tulleMark{Tulle: &tulleInfo{Version: buildinfo.Get().Version, Features: features}})
-	return b
+	return info.BackendData()
 }
 
 // Host kinds, as `tulled status` shows them.
@@ -48,11 +30,8 @@ const (
 // writes no BackendType; another backend's type is appended, e.g.
 // "flannel vxlan").
 func hostKind(a subnet.LeaseAttrs) (kind, version string) {
-	if len(a.BackendData) > 0 {
-		var m tulleMark
-		if json.Unmarshal(a.BackendData, &m) == nil && m.Tulle != nil {
-			return hostTulle, m.Tulle.Version
-		}
+	if info, ok := udp.ParseHostInfo(a.BackendData); ok {
+		return hostTulle, info.Version
 	}
 	if a.BackendType == "" || a.BackendType == "udp" {
 		return hostFlannel, ""

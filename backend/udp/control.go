@@ -148,24 +148,40 @@ func (c *control) release(p *peer) { c.free = append(c.free, p.index) }
 // checksums.
 const FeaturePartialChecksum = "partial-checksum"
 
-// Features returns the features this data plane advertises, for the
-// lease's BackendData under "tulle"."features".
-func Features() []string { return []string{FeaturePartialChecksum} }
+// HostInfo is what a Tulle host writes into its lease's BackendData, under
+// "tulle": {"tulle":{"version":"v0.1.0","features":["partial-checksum"]}}.
+// Flannel's udp backend never reads BackendData, so a flannel host treats
+// the lease as any udp lease; Tulle's data plane reads the features of its
+// peers, and `tulled status` tells Tulle hosts from flannel ones by it.
+type HostInfo struct {
+	Version string `json:"version"`
+	// Features are what the host's data plane offers peers that also list
+	// them (FeaturePartialChecksum).
+	Features []string `json:"features,omitempty"`
+}
 
-// hasFeature reports whether BackendData data ({"tulle":{"features":[...]}},
-// other fields ignored) lists feature f. Anything else, a flannel lease
-// without BackendData included, has no features.
+type hostMark struct {
+	Tulle *HostInfo `json:"tulle,omitempty"`
+}
+
+// BackendData encodes i as a lease's BackendData.
+func (i HostInfo) BackendData() json.RawMessage {
+	b, _ := json.Marshal(hostMark{Tulle: &i}) // strings only: cannot fail
+	return b
+}
+
+// ParseHostInfo reads the HostInfo of a lease's BackendData (other fields
+// ignored); ok is false when it carries none, as a flannel host's lease.
+func ParseHostInfo(data json.RawMessage) (_ HostInfo, ok bool) {
+	var m hostMark
+	if len(data) == 0 || json.Unmarshal(data, &m) != nil || m.Tulle == nil {
+		return HostInfo{}, false
+	}
+	return *m.Tulle, true
+}
+
+// hasFeature reports whether the lease BackendData data lists feature f.
 func hasFeature(data json.RawMessage, f string) bool {
-	if len(data) == 0 {
-		return false
-	}
-	var v struct {
-		Tulle *struct {
-			Features []string `json:"features"`
-		} `json:"tulle"`
-	}
-	if json.Unmarshal(data, &v) != nil || v.Tulle == nil {
-		return false
-	}
-	return slices.Contains(v.Tulle.Features, f)
+	info, ok := ParseHostInfo(data)
+	return ok && slices.Contains(info.Features, f)
 }

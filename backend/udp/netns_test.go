@@ -162,7 +162,7 @@ func lease(s netip.Prefix, pub netip.Addr) subnet.Event {
 	return subnet.Event{Type: subnet.EventAdded, Lease: subnet.Lease{Subnet: s, Attrs: subnet.LeaseAttrs{PublicIP: pub}}}
 }
 
-// tulleLease is the lease event of a Tulle host advertising Features().
+// tulleLease is the lease event of a Tulle host advertising partial checksums.
 func tulleLease(s netip.Prefix, pub netip.Addr) subnet.Event {
 	ev := lease(s, pub)
 	ev.Lease.Attrs.BackendData = []byte(`{"tulle":{"version":"test","features":["` + FeaturePartialChecksum + `"]}}`)
