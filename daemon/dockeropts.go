@@ -68,12 +68,9 @@ func envValue(env []string, key string) string {
 	return value
 }
 
-// dockerBIP is Docker's --bip for a lease: its first host address with the
-// lease's length (FLANNEL_SUBNET as flannel writes it).
-func dockerBIP(lease netip.Prefix) string {
-	lease = lease.Masked()
-	return netip.PrefixFrom(lease.Addr().Next(), lease.Bits()).String()
-}
+// dockerBIP is Docker's --bip for a lease (FLANNEL_SUBNET as flannel
+// writes it).
+func dockerBIP(lease netip.Prefix) string { return subnet.FirstHost(lease).String() }
 
 // formatDockerOpts prints what flannel's mk-docker-opts.sh writes:
 //

@@ -42,20 +42,23 @@ func (e Env) Format() ([]byte, error) {
 		fmt.Fprintf(&b, "FLANNEL_NETWORK=%s\n", e.Network.Masked())
 	}
 	if e.Subnet.IsValid() {
-		fmt.Fprintf(&b, "FLANNEL_SUBNET=%s\n", firstHost(e.Subnet))
+		fmt.Fprintf(&b, "FLANNEL_SUBNET=%s\n", FirstHost(e.Subnet))
 	}
 	if e.IPv6Network.IsValid() {
 		fmt.Fprintf(&b, "FLANNEL_IPV6_NETWORK=%s\n", e.IPv6Network.Masked())
 	}
 	if e.IPv6Subnet.IsValid() {
-		fmt.Fprintf(&b, "FLANNEL_IPV6_SUBNET=%s\n", firstHost(e.IPv6Subnet))
+		fmt.Fprintf(&b, "FLANNEL_IPV6_SUBNET=%s\n", FirstHost(e.IPv6Subnet))
 	}
 	fmt.Fprintf(&b, "FLANNEL_MTU=%d\n", e.MTU)
 	fmt.Fprintf(&b, "FLANNEL_IPMASQ=%t\n", e.IPMasq)
 	return b.Bytes(), nil
 }
 
-func firstHost(p netip.Prefix) netip.Prefix {
+// FirstHost is a lease's first host address with the lease's length, as
+// FLANNEL_SUBNET holds it: the address of the bridge behind the lease
+// (Docker's --bip, the CNI bridge's gateway).
+func FirstHost(p netip.Prefix) netip.Prefix {
 	p = p.Masked()
 	return netip.PrefixFrom(p.Addr().Next(), p.Bits())
 }

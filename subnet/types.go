@@ -11,6 +11,10 @@ import (
 // <prefix>/subnets/<key>.
 const DefaultPrefix = "/coreos.com/network"
 
+// DefaultEnvFile is where flanneld (and so tulled, by default) writes the
+// subnet.env that Docker and CNI read.
+const DefaultEnvFile = "/run/flannel/subnet.env"
+
 // DefaultPort is the UDP port of flannel's udp backend.
 const DefaultPort = 8285
 

@@ -40,7 +40,7 @@ const (
 // Defaults (flanneld's where flanneld has the flag).
 const (
 	DefaultEtcdEndpoints = "http://127.0.0.1:2379"
-	DefaultSubnetFile    = "/run/flannel/subnet.env"
+	DefaultSubnetFile    = subnet.DefaultEnvFile
 	DefaultRenewMargin   = 60 // minutes
 	DefaultLeaseTTL      = 24 * time.Hour
 	DefaultStartTimeout  = 10 * time.Minute

@@ -9,12 +9,13 @@ import (
 	"fmt"
 
 	"github.com/containernetworking/cni/pkg/types"
+	"github.com/tulle-net/tulle/subnet"
 )
 
 // Defaults of the network config fields.
 const (
 	// DefaultSubnetFile is where tulled (and flanneld) write the lease.
-	DefaultSubnetFile = "/run/flannel/subnet.env"
+	DefaultSubnetFile = subnet.DefaultEnvFile
 	// DefaultDataDir holds one saved delegate config per attachment, so DEL
 	// works without subnet.env and with the config ADD used.
 	DefaultDataDir = "/var/lib/cni/tulle"

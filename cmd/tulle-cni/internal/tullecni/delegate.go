@@ -68,7 +68,7 @@ func BuildDelegate(n *NetConf, env subnet.Env) (map[string]any, error) {
 		lease := p.lease.Masked()
 		ranges = append(ranges, []any{map[string]any{"subnet": lease.String()}})
 		if p.network.IsValid() {
-			networks = append(networks, map[string]any{"dst": p.network.Masked().String(), "gw": lease.Addr().Next().String()})
+			networks = append(networks, map[string]any{"dst": p.network.Masked().String(), "gw": subnet.FirstHost(lease).Addr().String()})
 		}
 	}
 	ipam["ranges"] = ranges
