@@ -110,7 +110,7 @@ func TestOffloadReadSplitsUDPSuperpacket(t *testing.T) {
 	nstest.EnterNewNetns(t)
 	dev := openTUN(t, tundev.Options{})
 	if !dev.UDPOffload() {
-		t.Skip("kernel did not accept USO (needs Linux >= 6.2)")
+		nstest.SkipMissing(t, "kernel did not accept USO (needs Linux >= 6.2)")
 	}
 	packets := startReaders(t, dev)
 	conn, err := udpconn.Listen(netip.AddrPortFrom(tunAddr, 0), udpconn.Options{})
@@ -119,7 +119,7 @@ func TestOffloadReadSplitsUDPSuperpacket(t *testing.T) {
 	}
 	defer conn.Close()
 	if !conn.GSO() {
-		t.Skip("no UDP GSO")
+		nstest.SkipMissing(t, "no UDP GSO")
 	}
 	peer := netip.AddrPortFrom(peerAddr, 9999)
 	const seg, segs = 1000, 11
@@ -148,7 +148,7 @@ func TestOffloadWriteCoalescesUDPSegments(t *testing.T) {
 	nstest.EnterNewNetns(t)
 	dev := openTUN(t, tundev.Options{})
 	if !dev.UDPOffload() {
-		t.Skip("kernel did not accept USO (needs Linux >= 6.2)")
+		nstest.SkipMissing(t, "kernel did not accept USO (needs Linux >= 6.2)")
 	}
 	sock, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(tunAddr, 0)))
 	if err != nil {
@@ -355,7 +355,7 @@ func TestReadWithTooFewBuffersDeliversWhatFitsAndCountsTheDrop(t *testing.T) {
 	nstest.EnterNewNetns(t)
 	dev := openTUN(t, tundev.Options{})
 	if !dev.UDPOffload() {
-		t.Skip("kernel did not accept USO (needs Linux >= 6.2)")
+		nstest.SkipMissing(t, "kernel did not accept USO (needs Linux >= 6.2)")
 	}
 	conn, err := udpconn.Listen(netip.AddrPortFrom(tunAddr, 0), udpconn.Options{})
 	if err != nil {

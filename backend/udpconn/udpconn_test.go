@@ -5,6 +5,7 @@ package udpconn_test
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/tulle-net/tulle/backend/udpconn"
+	"github.com/tulle-net/tulle/tests/nstest"
 )
 
 var loopback = netip.MustParseAddrPort("127.0.0.1:0")
@@ -112,7 +114,7 @@ const gsoSeg, gsoLen = 1000, 10*1000 + 500
 func TestGSOSendArrivesAsDatagramsAtPlainSocket(t *testing.T) {
 	a := listen(t, udpconn.Options{})
 	if !a.GSO() {
-		t.Skip("kernel has no UDP GSO")
+		nstest.SkipMissing(t, "kernel has no UDP GSO")
 	}
 	plain, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(loopback))
 	if err != nil {
@@ -148,7 +150,7 @@ func TestGSOSendArrivesAsOneGROMessage(t *testing.T) {
 	a := listen(t, udpconn.Options{})
 	b := listen(t, udpconn.Options{})
 	if !a.GSO() || !b.GRO() {
-		t.Skipf("kernel lacks UDP GSO (%v) or GRO (%v)", a.GSO(), b.GRO())
+		nstest.SkipMissing(t, fmt.Sprintf("kernel lacks UDP GSO (%v) or GRO (%v)", a.GSO(), b.GRO()))
 	}
 	data := payload(2, gsoLen)
 	msgs := []udpconn.Message{{Buf: data, SegSize: gsoSeg, Addr: b.LocalAddr()}}
@@ -232,7 +234,7 @@ func TestGSOMessageAboveMaxSegmentsIsSentSegmentBySegment(t *testing.T) {
 	a := listen(t, udpconn.Options{})
 	b := listen(t, udpconn.Options{DisableGRO: true})
 	if !a.GSO() {
-		t.Skip("kernel has no UDP GSO")
+		nstest.SkipMissing(t, "kernel has no UDP GSO")
 	}
 	const seg = 100
 	// Exactly MaxSegments goes out as one GSO send: this proves the limit
@@ -386,7 +388,7 @@ func TestGSOMessageOfMaxMessageBytesIsOneSendAndBeyondIsSplit(t *testing.T) {
 	a := listen(t, udpconn.Options{})
 	b := listen(t, udpconn.Options{DisableGRO: true})
 	if !a.GSO() {
-		t.Skip("kernel has no UDP GSO")
+		nstest.SkipMissing(t, "kernel has no UDP GSO")
 	}
 	const seg = 1400
 	msgs := []udpconn.Message{{Buf: payload(13, udpconn.MaxMessageBytes), SegSize: seg, Addr: b.LocalAddr()}}
