@@ -6,6 +6,8 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net/netip"
+	"os"
+	"runtime"
 	"sync"
 	"testing"
 
@@ -302,5 +304,21 @@ func BenchmarkLookup(b *testing.B) {
 				}
 			})
 		}
+	}
+}
+
+func TestGOMAXPROCSIsRaisedForTheLoopsUnlessTheOperatorSetIt(t *testing.T) {
+	orig := runtime.GOMAXPROCS(0)
+	t.Cleanup(func() { runtime.GOMAXPROCS(orig) })
+	runtime.GOMAXPROCS(1)
+	t.Setenv("GOMAXPROCS", "1")
+	raiseGOMAXPROCS(2, discardLogger())
+	if got := runtime.GOMAXPROCS(0); got != 1 {
+		t.Errorf("GOMAXPROCS=1 in the environment: raised to %d, want it kept", got)
+	}
+	os.Unsetenv("GOMAXPROCS")
+	raiseGOMAXPROCS(2, discardLogger())
+	if got, want := runtime.GOMAXPROCS(0), runtime.NumCPU()+4; got != want {
+		t.Errorf("GOMAXPROCS %d after raising for 2 workers, want NumCPU+4 = %d", got, want)
 	}
 }

@@ -258,3 +258,25 @@ func TestMain(m *testing.M) {
 	_ = Cleanup()
 	os.Exit(code)
 }
+
+func TestBuiltTulledNamesItsRevision(t *testing.T) {
+	if os.Getenv(EnvTulledBin) != "" {
+		t.Skipf("%s names a prebuilt tulled", EnvTulledBin)
+	}
+	root, err := RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rev := gitRevision(context.Background(), root)
+	if rev == "" {
+		t.Fatal("git cannot tell the revision of the checkout")
+	}
+	bin, err := BuildTulled(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(bin, "--version").Output()
+	if err != nil || !strings.Contains(string(out), "(revision "+rev+",") {
+		t.Errorf("tulled --version: %q (%v), want revision %s", out, err, rev)
+	}
+}
