@@ -217,15 +217,7 @@ func (d *daemon) setup() error {
 		d.log.Warn("ignoring unreadable previous subnet file", "file", d.cfg.SubnetFile, "error", err)
 	}
 
-	d.reg, err = etcdreg.New(etcdreg.Config{
-		Endpoints: d.cfg.Etcd.Endpoints,
-		Prefix:    d.cfg.Etcd.Prefix,
-		CAFile:    d.cfg.Etcd.CAFile,
-		CertFile:  d.cfg.Etcd.CertFile,
-		KeyFile:   d.cfg.Etcd.KeyFile,
-		Username:  d.cfg.Etcd.Username,
-		Password:  d.cfg.Etcd.Password,
-	}, d.log.With("component", "etcd"))
+	d.reg, err = newRegistry(d.cfg.Etcd, 0, d.log.With("component", "etcd"))
 	if err != nil {
 		return asConfigError(fmt.Errorf("etcd: %w", err))
 	}
@@ -606,4 +598,19 @@ func (d *daemon) waitGoroutines() {
 			return
 		}
 	}
+}
+
+// newRegistry opens the etcd registry the --etcd-* flags describe;
+// dialTimeout 0 is the registry's default.
+func newRegistry(e config.Etcd, dialTimeout time.Duration, log *slog.Logger) (*etcdreg.Registry, error) {
+	return etcdreg.New(etcdreg.Config{
+		Endpoints:   e.Endpoints,
+		Prefix:      e.Prefix,
+		CAFile:      e.CAFile,
+		CertFile:    e.CertFile,
+		KeyFile:     e.KeyFile,
+		Username:    e.Username,
+		Password:    e.Password,
+		DialTimeout: dialTimeout,
+	}, log)
 }

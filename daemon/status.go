@@ -6,19 +6,16 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
+	"log/slog"
 	"net/netip"
 	"sort"
 	"strings"
 	"text/tabwriter"
 	"time"
 
-	"go.etcd.io/etcd/client/pkg/v3/transport"
-	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
-
 	"github.com/tulle-net/tulle/daemon/config"
 	"github.com/tulle-net/tulle/subnet"
+	etcdreg "github.com/tulle-net/tulle/subnet/etcd"
 )
 
 // statusMain is `tulled status`: a read-only look at etcd.
@@ -32,9 +29,7 @@ func statusMain(args, env []string, stdout, stderr io.Writer) int {
 		config.StatusUsage(stdout)
 		return ExitOK
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), s.Timeout)
-	defer cancel()
-	rep, err := readStatus(ctx, s.Etcd, time.Now())
+	rep, err := readStatus(context.Background(), s.Etcd, s.Timeout)
 	if err != nil {
 		fmt.Fprintf(stderr, "tulled status: %v\n", err)
 		return ExitFailure
@@ -91,95 +86,49 @@ type statusMalformed struct {
 	Error string `json:"error"`
 }
 
-// newEtcdClient connects to etcd as the daemon's flags say (TLS, user).
-func newEtcdClient(e config.Etcd, dialTimeout time.Duration) (*clientv3.Client, error) {
-	cc := clientv3.Config{
-		Endpoints:   e.Endpoints,
-		DialTimeout: dialTimeout,
-		Username:    e.Username,
-		Password:    e.Password,
-		Logger:      zap.NewNop(),
-	}
-	if e.CAFile != "" || e.CertFile != "" {
-		tlsInfo := transport.TLSInfo{CertFile: e.CertFile, KeyFile: e.KeyFile, TrustedCAFile: e.CAFile}
-		tc, err := tlsInfo.ClientConfig()
-		if err != nil {
-			return nil, fmt.Errorf("etcd TLS (ca %q, cert %q, key %q): %w", e.CAFile, e.CertFile, e.KeyFile, err)
-		}
-		cc.TLS = tc
-	}
-	c, err := clientv3.New(cc)
+// readStatus reads the config and every lease (with the expiration of its
+// etcd lease) under e.Prefix; one etcd call waits at most timeout.
+func readStatus(ctx context.Context, e config.Etcd, timeout time.Duration) (*statusReport, error) {
+	reg, err := newRegistry(e, timeout/2, slog.New(slog.DiscardHandler)) // one call waits at most twice the dial timeout
 	if err != nil {
-		return nil, fmt.Errorf("etcd client for %s: %w", strings.Join(e.Endpoints, ","), err)
+		return nil, fmt.Errorf("etcd: %w", err)
 	}
-	return c, nil
-}
+	defer reg.Close()
+	c, err := reg.Contents(ctx)
+	var ue *etcdreg.UnreachableError
+	switch {
+	case errors.As(err, &ue):
+		return nil, fmt.Errorf("etcd at %s did not answer in time: %s", ue.Endpoints, ue.Cause)
+	case err != nil:
+		return nil, fmt.Errorf("etcd at %s: %w", strings.Join(e.Endpoints, ","), err)
+	}
 
-// readStatus reads the config and every lease (with the remaining time of
-// its etcd lease) under e.Prefix.
-func readStatus(ctx context.Context, e config.Etcd, now time.Time) (*statusReport, error) {
-	cli, err := newEtcdClient(e, 5*time.Second)
-	if err != nil {
-		return nil, err
-	}
-	defer cli.Close()
-	rep := &statusReport{Endpoints: e.Endpoints, ConfigKey: e.Prefix + "/config", Leases: []statusLease{}}
-
-	resp, err := cli.Get(ctx, rep.ConfigKey)
-	if err != nil {
-		return nil, etcdErr(ctx, e.Endpoints, fmt.Errorf("get %s: %w", rep.ConfigKey, err))
-	}
-	if len(resp.Kvs) == 0 {
+	rep := &statusReport{Endpoints: e.Endpoints, ConfigKey: c.ConfigKey, Leases: []statusLease{}}
+	if c.Config == nil {
 		rep.ConfigError = "no network config at " + rep.ConfigKey
-	} else if cfg, err := subnet.ParseConfig(resp.Kvs[0].Value); err != nil {
+	} else if cfg, err := subnet.ParseConfig(c.Config); err != nil {
 		rep.ConfigError = fmt.Sprintf("invalid network config at %s: %v", rep.ConfigKey, err)
 	} else {
 		rep.Config = newStatusConfig(cfg)
 	}
-
-	dir := e.Prefix + "/subnets/"
-	resp, err = cli.Get(ctx, dir, clientv3.WithPrefix())
-	if err != nil {
-		return nil, etcdErr(ctx, e.Endpoints, fmt.Errorf("list %s: %w", dir, err))
+	for _, m := range c.Malformed {
+		rep.Malformed = append(rep.Malformed, statusMalformed{Key: m.Key, Error: m.Err.Error()})
 	}
-	ttls := map[int64]time.Duration{}
-	for _, kv := range resp.Kvs {
-		key := strings.TrimPrefix(string(kv.Key), dir)
-		v4, v6, err := subnet.ParseLeaseKey(key)
-		if err != nil {
-			rep.Malformed = append(rep.Malformed, statusMalformed{Key: string(kv.Key), Error: err.Error()})
-			continue
+	for _, l := range c.Leases {
+		sl := statusLease{
+			Subnet:      prefixString(l.Subnet),
+			IPv6Subnet:  prefixString(l.IPv6Subnet),
+			PublicIP:    addrString(l.Attrs.PublicIP),
+			PublicIPv6:  addrString(l.Attrs.PublicIPv6),
+			Reservation: l.Reservation,
+			BackendType: l.Attrs.BackendType,
 		}
-		var attrs subnet.LeaseAttrs
-		if err := json.Unmarshal(kv.Value, &attrs); err != nil {
-			rep.Malformed = append(rep.Malformed, statusMalformed{Key: string(kv.Key), Error: err.Error()})
-			continue
+		sl.Host, sl.Version = hostKind(l.Attrs)
+		if !l.Expiration.IsZero() {
+			exp := l.Expiration.UTC().Truncate(time.Second)
+			sl.Expiration = &exp
 		}
-		l := statusLease{
-			Subnet:      prefixString(v4),
-			IPv6Subnet:  prefixString(v6),
-			PublicIP:    addrString(attrs.PublicIP),
-			PublicIPv6:  addrString(attrs.PublicIPv6),
-			Reservation: kv.Lease == 0,
-			BackendType: attrs.BackendType,
-		}
-		l.Host, l.Version = hostKind(attrs)
-		if kv.Lease != 0 {
-			ttl, ok := ttls[kv.Lease]
-			if !ok {
-				r, err := cli.TimeToLive(ctx, clientv3.LeaseID(kv.Lease))
-				if err != nil {
-					return nil, etcdErr(ctx, e.Endpoints, fmt.Errorf("time to live of etcd lease %x (%s): %w", kv.Lease, kv.Key, err))
-				}
-				ttl = time.Duration(r.TTL) * time.Second // -1: expired just now
-				ttls[kv.Lease] = ttl
-			}
-			if ttl >= 0 {
-				exp := now.Add(ttl).UTC().Truncate(time.Second)
-				l.Expiration = &exp
-			}
-		}
-		rep.Leases = append(rep.Leases, l)
+		rep.Leases = append(rep.Leases, sl)
 	}
 	sort.Slice(rep.Leases, func(i, j int) bool {
 		a, _ := netip.ParsePrefix(rep.Leases[i].Subnet)
@@ -190,42 +139,6 @@ func readStatus(ctx context.Context, e config.Etcd, now time.Time) (*statusRepor
 		return rep.Leases[i].IPv6Subnet < rep.Leases[j].IPv6Subnet
 	})
 	return rep, nil
-}
-
-func etcdErr(ctx context.Context, endpoints []string, err error) error {
-	where := strings.Join(endpoints, ",")
-	if errors.Is(ctx.Err(), context.DeadlineExceeded) || errors.Is(err, context.DeadlineExceeded) {
-		if cause := dialProbe(endpoints); cause != nil {
-			return fmt.Errorf("etcd at %s did not answer in time: %w", where, cause)
-		}
-		return fmt.Errorf("etcd at %s did not answer in time (see --timeout): %w", where, err)
-	}
-	return fmt.Errorf("etcd at %s: %w", where, err)
-}
-
-// dialProbe tries a TCP connection to each endpoint and returns the first
-// failure (such as "connection refused"), which the etcd client hides
-// behind its deadline; nil if one connects or none can be probed.
-func dialProbe(endpoints []string) error {
-	var first error
-	for _, ep := range endpoints {
-		hostport := ep
-		if scheme, rest, ok := strings.Cut(ep, "://"); ok {
-			if scheme != "http" && scheme != "https" {
-				continue
-			}
-			hostport, _, _ = strings.Cut(rest, "/")
-		}
-		c, err := net.DialTimeout("tcp", hostport, 2*time.Second)
-		if err == nil {
-			c.Close()
-			return nil
-		}
-		if first == nil {
-			first = err
-		}
-	}
-	return first
 }
 
 func newStatusConfig(c *subnet.Config) *statusConfig {

@@ -33,6 +33,23 @@ func (r *Registry) GetNetworkConfig(ctx context.Context) (*subnet.Config, error)
 	if err != nil {
 		return nil, fmt.Errorf("read network config %s: %w", r.configKey, err)
 	}
+	value, err := r.getConfig(ctx, cli)
+	if err != nil {
+		return nil, err
+	}
+	if value == nil {
+		return nil, fmt.Errorf("read network config %s: %w", r.configKey, subnet.ErrConfigNotFound)
+	}
+	cfg, err := subnet.ParseConfig(value)
+	if err != nil {
+		return nil, fmt.Errorf("network config %s: %w", r.configKey, err)
+	}
+	return cfg, nil
+}
+
+// getConfig reads <prefix>/config: its value, nil if the key is absent
+// (never nil if present, even if empty).
+func (r *Registry) getConfig(ctx context.Context, cli *clientv3.Client) ([]byte, error) {
 	octx, cancel := r.op(ctx)
 	defer cancel()
 	resp, err := cli.Get(octx, r.configKey)
@@ -41,13 +58,9 @@ func (r *Registry) GetNetworkConfig(ctx context.Context) (*subnet.Config, error)
 	}
 	r.ok()
 	if len(resp.Kvs) == 0 {
-		return nil, fmt.Errorf("read network config %s: %w", r.configKey, subnet.ErrConfigNotFound)
+		return nil, nil
 	}
-	cfg, err := subnet.ParseConfig(resp.Kvs[0].Value)
-	if err != nil {
-		return nil, fmt.Errorf("network config %s: %w", r.configKey, err)
-	}
-	return cfg, nil
+	return append([]byte{}, resp.Kvs[0].Value...), nil
 }
 
 // entry is one key below <prefix>/subnets/ whose key parsed.
@@ -71,28 +84,36 @@ func (r *Registry) parseKV(kv *mvccpb.KeyValue) (l subnet.Lease, keyOK bool, err
 	return l, true, nil
 }
 
+// Malformed is a key below <prefix>/subnets/ whose key or value does not
+// parse.
+type Malformed struct {
+	Key string // the whole etcd key
+	Err error
+}
+
 // list reads every key below <prefix>/subnets/ and the revision read at.
-// Malformed ones are logged and counted; those whose key parses are kept
-// (they still hold their subnet).
-func (r *Registry) list(ctx context.Context, cli *clientv3.Client) ([]entry, int64, error) {
+// Malformed ones are logged, counted and returned in bad; those whose key
+// parses are also kept in entries (they still hold their subnet).
+func (r *Registry) list(ctx context.Context, cli *clientv3.Client) (entries []entry, bad []Malformed, rev int64, err error) {
 	octx, cancel := r.op(ctx)
 	defer cancel()
 	resp, err := cli.Get(octx, r.subnetsPrefix, clientv3.WithPrefix())
 	if err != nil {
-		return nil, 0, fmt.Errorf("list %s: %w", r.subnetsPrefix, r.fail(ctx, err))
+		return nil, nil, 0, fmt.Errorf("list %s: %w", r.subnetsPrefix, r.fail(ctx, err))
 	}
 	r.ok()
-	out := make([]entry, 0, len(resp.Kvs))
+	entries = make([]entry, 0, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
 		l, keyOK, err := r.parseKV(kv)
 		if err != nil {
 			r.noteMalformed(string(kv.Key), kv.ModRevision, err)
+			bad = append(bad, Malformed{Key: string(kv.Key), Err: err})
 		}
 		if keyOK {
-			out = append(out, entry{kv: kv, lease: l, valueOK: err == nil})
+			entries = append(entries, entry{kv: kv, lease: l, valueOK: err == nil})
 		}
 	}
-	return out, resp.Header.Revision, nil
+	return entries, bad, resp.Header.Revision, nil
 }
 
 func ttlSeconds(ttl time.Duration) int64 {
@@ -154,7 +175,7 @@ func (r *Registry) tryAcquire(ctx context.Context, cfg *subnet.Config, attrs sub
 	if err != nil {
 		return subnet.Lease{}, fmt.Errorf("acquire lease in network %s: %w", cfg.Network, err)
 	}
-	entries, _, err := r.list(ctx, cli)
+	entries, _, _, err := r.list(ctx, cli)
 	if err != nil {
 		return subnet.Lease{}, fmt.Errorf("acquire lease in network %s: %w", cfg.Network, err)
 	}
@@ -407,7 +428,7 @@ func (r *Registry) tryReacquire(ctx context.Context, old subnet.Lease, a subnet.
 	if err != nil {
 		return old, fmt.Errorf("re-acquire lease %s: %w", a, err)
 	}
-	entries, _, err := r.list(ctx, cli)
+	entries, _, _, err := r.list(ctx, cli)
 	if err != nil {
 		return old, fmt.Errorf("re-acquire lease %s: %w", a, err)
 	}
@@ -448,37 +469,57 @@ func (r *Registry) tryReacquire(ctx context.Context, old subnet.Lease, a subnet.
 	return nl, nil
 }
 
-// ListLeases returns every lease below <prefix>/subnets/ with its
-// Expiration (one TimeToLive call per leased key), for status displays.
-// Malformed keys are skipped (and counted).
-func (r *Registry) ListLeases(ctx context.Context) ([]subnet.Lease, error) {
+// Contents is what is stored below the prefix, as status displays show it.
+type Contents struct {
+	ConfigKey string // <prefix>/config
+	Config    []byte // its value as stored; nil if the key is absent
+	// Leases are the keys below <prefix>/subnets/ that parse, in key
+	// order. Expiration is when the key's etcd lease ends; it is zero for
+	// a reservation and for an etcd lease that has just expired.
+	Leases    []subnet.Lease
+	Malformed []Malformed // keys or values that do not parse, in key order
+}
+
+// Contents reads the network config and every lease, with the expiration
+// of its etcd lease (one TimeToLive call per etcd lease), and changes
+// nothing; for status displays.
+func (r *Registry) Contents(ctx context.Context) (*Contents, error) {
 	cli, err := r.client(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("list leases: %w", err)
+		return nil, fmt.Errorf("read %s: %w", r.cfg.Prefix, err)
 	}
-	entries, _, err := r.list(ctx, cli)
-	if err != nil {
-		return nil, fmt.Errorf("list leases: %w", err)
+	c := &Contents{ConfigKey: r.configKey}
+	if c.Config, err = r.getConfig(ctx, cli); err != nil {
+		return nil, err
 	}
-	out := make([]subnet.Lease, 0, len(entries))
+	var entries []entry
+	if entries, c.Malformed, _, err = r.list(ctx, cli); err != nil {
+		return nil, err
+	}
+	expires := map[int64]time.Time{} // by etcd lease
 	for _, e := range entries {
 		if !e.valueOK {
 			continue
 		}
 		l := e.lease
 		if !l.Reservation {
-			now := time.Now()
-			octx, cancel := r.op(ctx)
-			ttl, err := cli.TimeToLive(octx, clientv3.LeaseID(l.LeaseID))
-			cancel()
-			if err != nil {
-				return nil, fmt.Errorf("list leases: ttl of %s: %w", l.Subnet, r.fail(ctx, err))
+			exp, ok := expires[l.LeaseID]
+			if !ok {
+				now := time.Now()
+				octx, cancel := r.op(ctx)
+				ttl, err := cli.TimeToLive(octx, clientv3.LeaseID(l.LeaseID))
+				cancel()
+				if err != nil {
+					return nil, fmt.Errorf("time to live of etcd lease %x (%s): %w", l.LeaseID, e.kv.Key, r.fail(ctx, err))
+				}
+				if ttl.TTL >= 0 { // -1: expired just now
+					exp = now.Add(time.Duration(ttl.TTL) * time.Second)
+				}
+				expires[l.LeaseID] = exp
 			}
-			if ttl.TTL > 0 {
-				l.Expiration = now.Add(time.Duration(ttl.TTL) * time.Second)
-			}
+			l.Expiration = exp
 		}
-		out = append(out, l)
+		c.Leases = append(c.Leases, l)
 	}
-	return out, nil
+	return c, nil
 }

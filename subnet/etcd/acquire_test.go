@@ -279,6 +279,51 @@ func TestMalformedLeasesAreSkippedCountedAndNeverAllocated(t *testing.T) {
 	}
 }
 
+func TestContentsShowConfigLeasesWithExpirationAndMalformedKeys(t *testing.T) {
+	s := etcdtest.Start(t)
+	c := s.Client()
+	prefix := testPrefix(t)
+	r := newRegistry(t, s.Endpoint(), prefix, nil)
+	got, err := r.Contents(ctx(t))
+	if err != nil || got.ConfigKey != prefix+"/config" || got.Config != nil || len(got.Leases) != 0 || len(got.Malformed) != 0 {
+		t.Fatalf("empty etcd: %+v %v", got, err)
+	}
+
+	cfg := `{"Network":"198.18.0.0/16","Backend":{"Type":"udp"}}`
+	putConfig(t, c, prefix, cfg)
+	putLease(t, c, prefix, "198.18.2.0-24", `{"PublicIP":"192.0.2.2","PublicIPv6":null}`, 0)
+	putLease(t, c, prefix, "198.18.1.0-24", `{"PublicIP":"192.0.2.1","PublicIPv6":null}`, 600)
+	putLease(t, c, prefix, "198.18.3.0-24", `{"PublicIP":`, 600)
+	putLease(t, c, prefix, "garbage", `{"PublicIP":"192.0.2.9"}`, 0)
+	before := time.Now()
+	got, err = r.Contents(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(got.Config) != cfg {
+		t.Errorf("Config %q, want %q", got.Config, cfg)
+	}
+	if len(got.Leases) != 2 {
+		t.Fatalf("leases %v, want 198.18.1.0/24 and 198.18.2.0/24", got.Leases)
+	}
+	leased, reserved := got.Leases[0], got.Leases[1]
+	if leased.Subnet != netip.MustParsePrefix("198.18.1.0/24") || leased.Reservation || leased.LeaseID == 0 ||
+		leased.Attrs.PublicIP != netip.MustParseAddr("192.0.2.1") {
+		t.Errorf("leased key: %+v", leased)
+	}
+	if until := leased.Expiration.Sub(before); until < 590*time.Second || until > 601*time.Second {
+		t.Errorf("leased key expires in %v, want about 10m", until)
+	}
+	if reserved.Subnet != netip.MustParsePrefix("198.18.2.0/24") || !reserved.Reservation || !reserved.Expiration.IsZero() {
+		t.Errorf("reservation: %+v", reserved)
+	}
+	if len(got.Malformed) != 2 ||
+		got.Malformed[0].Key != prefix+"/subnets/198.18.3.0-24" || got.Malformed[0].Err == nil ||
+		got.Malformed[1].Key != prefix+"/subnets/garbage" || got.Malformed[1].Err == nil {
+		t.Errorf("malformed %v, want the bad value at 198.18.3.0-24 and the key garbage", got.Malformed)
+	}
+}
+
 func TestReacquireTakesTheSameSubnetOrFailsIfTaken(t *testing.T) {
 	s, c, prefix := startEtcdWithConfig(t, `{"Network":"198.18.0.0/16"}`)
 	r := newRegistry(t, s.Endpoint(), prefix, nil)

@@ -170,7 +170,7 @@ func (w *watcher) noteRevision(rev int64) {
 // them all as EventAdded; later (after a compaction) it sends the exact
 // difference to what was sent before.
 func (w *watcher) resync(ctx context.Context, cli *clientv3.Client) error {
-	entries, rev, err := w.r.list(ctx, cli)
+	entries, _, rev, err := w.r.list(ctx, cli)
 	if err != nil {
 		return err
 	}
