@@ -24,10 +24,12 @@
 //     as a UDP GSO train gathered from its own bytes and per-segment
 //     headers; a GRO train received is written to the TUN as coalesced
 //     superpackets gathered from the receive buffer.
-//   - Checksums: between Tulle hosts that advertise FeaturePartialChecksum,
-//     TCP and UDP checksums the kernel left partial travel partial (see
-//     markBit) and no host sums the payload; a flannel host gets and sends
-//     complete checksums, which are verified before segments are merged.
+//   - Checksums: between Tulle hosts whose leases both advertise
+//     FeaturePartialChecksum, TCP and UDP checksums the kernel left partial
+//     travel partial (marked, see mark.go) and no host sums the payload; a
+//     mark is honoured only then, and a reserved bit we did not set is
+//     cleared on send. A flannel host gets and sends complete checksums,
+//     which are verified before segments are merged.
 //
 // Each worker owns one TUN queue and one UDP socket (SO_REUSEPORT, bound to
 // 0.0.0.0:Port; a BPF program spreads received flows over the sockets by
