@@ -331,12 +331,21 @@ func (b *Backend) steer(c *udpconn.Conn) {
 // once one has failed. For the daemon's watchdog and /healthz.
 func (b *Backend) Alive() bool { return !b.dead.Load() }
 
-// stopLoops makes every loop return nil: it sets stopping and wakes the
-// loops that wait.
+// stopLoops makes every loop return nil promptly, whatever it waits for:
+// it sets stopping and wakes every wait a loop can block in. A loop
+// idles in ppoll on its worker's stop event; inside a send it may wait for
+// room in a full socket buffer (the underlay does not drain it) or in a
+// full TUN queue, and those waits end on the socket's and the device's own
+// stop events, which Interrupt signals (closing the descriptors must wait
+// until the loops have returned, see closeIO).
 func (b *Backend) stopLoops() {
 	b.stopping.Store(true)
 	for _, w := range b.workers {
 		w.stop.Signal()
+		w.conn.Interrupt()
+	}
+	if b.dev != nil {
+		b.dev.Interrupt()
 	}
 }
 
