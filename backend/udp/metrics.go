@@ -40,9 +40,8 @@ var (
 // Collector returns a prometheus.Collector of the data plane's metrics. It
 // reads the per-loop counters at scrape time; the data path never touches a
 // Prometheus object. Counters of a peer start at 0 when it joins and
-// disappear when its lease goes. TUN driver drops are included: reads it
-// could not deliver as transmit/malformed, packets the kernel refused on
-// write as receive/send_error.
+// disappear when its lease goes. Packets the kernel refused on a TUN write
+// are included as receive/send_error.
 func (b *Backend) Collector() prometheus.Collector { return collector{b} }
 
 type collector struct{ b *Backend }
@@ -82,9 +81,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 
 	txDrops, rxDrops := sumDrops(txLoops), sumDrops(rxLoops)
 	if b.dev != nil {
-		s := b.dev.Stats()
-		txDrops[dropMalformed] += s.ReadDrops
-		rxDrops[dropSendError] += s.WriteErrors
+		rxDrops[dropSendError] += b.dev.Stats().WriteErrors
 	}
 	for r := range numDropReasons {
 		ch <- prometheus.MustNewConstMetric(descDropped, prometheus.CounterValue, float64(txDrops[r]), "transmit", r.String())
