@@ -11,6 +11,8 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/tulle-net/tulle/proto"
 	"github.com/tulle-net/tulle/subnet"
 )
@@ -230,17 +232,23 @@ func TestTableSwapUnderConcurrentApplyIsRaceFree(t *testing.T) {
 			}
 		})
 	}
-	go func() {
-		// A scraper, concurrently.
+	reg := prometheus.NewPedanticRegistry()
+	if err := reg.Register(b.Collector()); err != nil {
+		t.Fatal(err)
+	}
+	wg.Go(func() { // a scraper, concurrently
 		for {
 			select {
 			case <-stop:
 				return
 			default:
-				_ = collectText(t, b)
+			}
+			if _, err := reg.Gather(); err != nil {
+				t.Error(err)
+				return
 			}
 		}
-	}()
+	})
 	for i := 0; i < 300; i++ {
 		s := fmt.Sprintf("198.18.%d.0/24", 2+i%200)
 		pub := fmt.Sprintf("198.51.100.%d", 1+i%250)
