@@ -4,16 +4,17 @@ import (
 	"context"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 func netnsList(t *testing.T) map[string]bool {
 	t.Helper()
-	out, err := exec.Command("ip", "netns", "list").CombinedOutput()
+	out, err := tools.Command(context.Background(), "ip", "netns", "list").CombinedOutput()
 	if err != nil {
 		t.Fatalf("ip netns list: %v: %s", err, out)
 	}
@@ -275,7 +276,7 @@ func TestBuiltTulledNamesItsRevision(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command(bin, "--version").Output()
+	out, err := tools.Command(context.Background(), bin, "--version").Output()
 	if err != nil || !strings.Contains(string(out), "(revision "+rev+",") {
 		t.Errorf("tulled --version: %q (%v), want revision %s", out, err, rev)
 	}

@@ -18,6 +18,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 // Exec runs a command inside the node's namespace and returns its combined
@@ -29,7 +31,7 @@ func (n *Node) Exec(ctx context.Context, args ...string) (string, error) {
 // Command returns a command that runs args inside the node's namespace, for
 // processes the caller manages itself (the caller waits for it).
 func (n *Node) Command(ctx context.Context, args ...string) *exec.Cmd {
-	return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", n.NS}, args...)...)
+	return tools.Command(ctx, "ip", append([]string{"netns", "exec", n.NS}, args...)...)
 }
 
 // Dial connects from inside the node's namespace.
@@ -233,7 +235,7 @@ type IPerfResult struct {
 // client to server (at server.Addr) and returns the receiver's goodput.
 // It needs the iperf3 program (Debian package iperf3).
 func IPerf3(ctx context.Context, client, server *Node, seconds, streams int) (IPerfResult, error) {
-	if _, err := exec.LookPath("iperf3"); err != nil {
+	if _, err := tools.LookPath("iperf3"); err != nil {
 		return IPerfResult{}, fmt.Errorf("iperf3: %w (apt-get install iperf3)", err)
 	}
 	if seconds < 1 || seconds > 60 || streams < 1 || streams > 16 {
