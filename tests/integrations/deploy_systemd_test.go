@@ -214,9 +214,10 @@ func envFileDefault(t *testing.T, name string) string {
 
 var helpFlag = regexp.MustCompile(`(?m)^\s+(?:-[a-z], )?--([a-z][a-z0-9-]+)`)
 
-// TestEnvFileDocumentsEveryTulledFlag compares the example env file with the
-// flags the built tulled accepts (its --help).
-func TestEnvFileDocumentsEveryTulledFlag(t *testing.T) {
+// tulledFlags returns the flags the built tulled shows in its --help
+// (without --help and --version).
+func tulledFlags(t *testing.T) []string {
+	t.Helper()
 	out, err := tools.Command(context.Background(), buildTulled(t), "--help").CombinedOutput()
 	if err != nil {
 		t.Fatalf("tulled --help: %v\n%s", err, out)
@@ -230,6 +231,13 @@ func TestEnvFileDocumentsEveryTulledFlag(t *testing.T) {
 	if len(flags) < 15 {
 		t.Fatalf("found only %d flags in tulled --help; has its format changed?\n%s", len(flags), out)
 	}
+	return flags
+}
+
+// TestEnvFileDocumentsEveryTulledFlag compares the example env file with the
+// flags the built tulled accepts (its --help).
+func TestEnvFileDocumentsEveryTulledFlag(t *testing.T) {
+	flags := tulledFlags(t)
 	vars := envFile(t)
 	for _, f := range flags {
 		name := "TULLED_" + strings.ToUpper(strings.ReplaceAll(f, "-", "_"))
@@ -240,5 +248,38 @@ func TestEnvFileDocumentsEveryTulledFlag(t *testing.T) {
 	}
 	for name := range vars {
 		t.Errorf("tulled.env documents %s, but tulled has no such flag", name)
+	}
+}
+
+// TestReadmeFlagTableListsEveryTulledFlag compares README.md's flags table
+// (the first column of the table under "### Flags") with tulled --help.
+func TestReadmeFlagTableListsEveryTulledFlag(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join(repoRoot(t), "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(b), "\n### Flags\n")
+	if !ok {
+		t.Fatal("README.md has no \"### Flags\" section")
+	}
+	section, _, _ = strings.Cut(section, "\n#")
+	documented := map[string]bool{}
+	for _, line := range strings.Split(section, "\n") {
+		if !strings.HasPrefix(line, "| `--") {
+			continue
+		}
+		first, _, _ := strings.Cut(strings.TrimPrefix(line, "|"), "|")
+		for _, m := range regexp.MustCompile("`--([a-z0-9-]+)`").FindAllStringSubmatch(first, -1) {
+			documented[m[1]] = true
+		}
+	}
+	for _, f := range tulledFlags(t) {
+		if !documented[f] {
+			t.Errorf("README.md's flags table lacks --%s (tulled --help shows it)", f)
+		}
+		delete(documented, f)
+	}
+	for f := range documented {
+		t.Errorf("README.md's flags table has --%s, which tulled --help does not show", f)
 	}
 }
