@@ -92,7 +92,9 @@ func (n *Node) Ping(ctx context.Context, dst netip.Addr, count int, extra ...str
 }
 
 // WaitReachable pings dst from the node every 0.1 s until one echo is
-// answered or timeout passes, and returns how long it took.
+// answered or timeout passes, and returns how long it took. An answer
+// counts only within timeout: ping's own deadline is whole seconds, so
+// ping is killed at the deadline and a late answer is an error.
 func (n *Node) WaitReachable(ctx context.Context, dst netip.Addr, timeout time.Duration) (time.Duration, error) {
 	start := time.Now()
 	deadline := start.Add(timeout)
@@ -103,9 +105,13 @@ func (n *Node) WaitReachable(ctx context.Context, dst netip.Addr, timeout time.D
 			return time.Since(start), fmt.Errorf("%s -> %s: no echo reply within %v: %w", n.Name, dst, timeout, last)
 		}
 		secs := strconv.Itoa(int(math.Max(1, math.Ceil(left.Seconds()))))
-		_, err := n.Exec(ctx, "ping", "-n", "-q", "-c", "1", "-i", "0.1", "-w", secs, dst.String())
-		if err == nil {
-			return time.Since(start), nil
+		pctx, cancel := context.WithDeadline(ctx, deadline)
+		_, err := n.Exec(pctx, "ping", "-n", "-q", "-c", "1", "-i", "0.1", "-w", secs, dst.String())
+		cancel()
+		if took := time.Since(start); err == nil && took <= timeout {
+			return took, nil
+		} else if err == nil {
+			return took, fmt.Errorf("%s -> %s: first echo reply after %v, later than %v", n.Name, dst, took.Round(time.Millisecond), timeout)
 		}
 		last = err
 		if ctx.Err() != nil {
