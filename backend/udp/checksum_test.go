@@ -2,6 +2,7 @@ package udp
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"fmt"
 	"io"
@@ -9,7 +10,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"testing"
 	"time"
 
@@ -18,6 +18,7 @@ import (
 
 	"github.com/tulle-net/tulle/subnet"
 	"github.com/tulle-net/tulle/tests/nstest"
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 // TestTCPThroughPeersIsIntactWithPartialAndCompleteChecksums carries TCP
@@ -88,7 +89,7 @@ func (h *twoHosts) container(t *testing.T, host netns.NsHandle, addr netip.Addr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command("nsenter", fmt.Sprintf("--net=/proc/%d/fd/%d", os.Getpid(), int(host)),
+	out, err := tools.Command(context.Background(), "nsenter", fmt.Sprintf("--net=/proc/%d/fd/%d", os.Getpid(), int(host)),
 		"ethtool", "-K", hostEnd, "tx", "off").CombinedOutput()
 	if err != nil {
 		nstest.SkipMissing(t, fmt.Sprintf("cannot turn checksum offload off with ethtool (%v: %s)", err, out))

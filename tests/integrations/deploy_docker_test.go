@@ -2,13 +2,15 @@ package integrations
 
 import (
 	"bufio"
+	"context"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 // readEnvironmentFile parses a file as systemd's EnvironmentFile= does for
@@ -93,7 +95,7 @@ func TestDockerDropInGivesDockerdTheLease(t *testing.T) {
 
 	runPre := func() (string, error) {
 		argv := strings.Fields(r.Replace(pre[0]))
-		cmd := exec.Command(argv[0], argv[1:]...)
+		cmd := tools.Command(context.Background(), argv[0], argv[1:]...)
 		// systemd's environment for the command: the files of the unit,
 		// read before it runs ("-": optional), so on a restart the
 		// previous run's options are in it.
