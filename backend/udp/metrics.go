@@ -21,7 +21,7 @@ var (
 		"Packets the data plane dropped, by direction (transmit: TUN to UDP; receive: UDP to TUN) and reason.",
 		[]string{"direction", "reason"}, nil)
 	descTunRead = prometheus.NewDesc("tulle_tun_read_batch_size",
-		"Packets returned by one TUN read (a TSO superpacket split into segments counts each segment).",
+		"Packets returned by the TUN reads of one batch (a TSO/USO superpacket counts the segments it is cut into).",
 		nil, nil)
 	descTunWrite = prometheus.NewDesc("tulle_tun_write_batch_size",
 		"Packets handed to one TUN write, before the driver coalesces them.",

@@ -24,10 +24,12 @@
 //     as a UDP GSO train gathered from its own bytes and per-segment
 //     headers; a GRO train received is written to the TUN as coalesced
 //     superpackets gathered from the receive buffer.
-//   - Checksums: between Tulle hosts that advertise FeaturePartialChecksum,
-//     TCP and UDP checksums the kernel left partial travel partial (see
-//     markBit) and no host sums the payload; a flannel host gets and sends
-//     complete checksums, which are verified before segments are merged.
+//   - Checksums: between Tulle hosts whose leases both advertise
+//     FeaturePartialChecksum, TCP and UDP checksums the kernel left partial
+//     travel partial (marked, see mark.go) and no host sums the payload; a
+//     mark is honoured only then, and a reserved bit we did not set is
+//     cleared on send. A flannel host gets and sends complete checksums,
+//     which are verified before segments are merged.
 //
 // Each worker owns one TUN queue and one UDP socket (SO_REUSEPORT, bound to
 // 0.0.0.0:Port; a BPF program spreads received flows over the sockets by
@@ -329,12 +331,21 @@ func (b *Backend) steer(c *udpconn.Conn) {
 // once one has failed. For the daemon's watchdog and /healthz.
 func (b *Backend) Alive() bool { return !b.dead.Load() }
 
-// stopLoops makes every loop return nil: it sets stopping and wakes the
-// loops that wait.
+// stopLoops makes every loop return nil promptly, whatever it waits for:
+// it sets stopping and wakes every wait a loop can block in. A loop
+// idles in ppoll on its worker's stop event; inside a send it may wait for
+// room in a full socket buffer (the underlay does not drain it) or in a
+// full TUN queue, and those waits end on the socket's and the device's own
+// stop events, which Interrupt signals (closing the descriptors must wait
+// until the loops have returned, see closeIO).
 func (b *Backend) stopLoops() {
 	b.stopping.Store(true)
 	for _, w := range b.workers {
 		w.stop.Signal()
+		w.conn.Interrupt()
+	}
+	if b.dev != nil {
+		b.dev.Interrupt()
 	}
 }
 
