@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net/netip"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/google/nftables"
@@ -351,30 +350,14 @@ func (e *Enforcer) readCounters() (map[string]Count, error) {
 	if err != nil {
 		return nil, err
 	}
-	if _, err := c.ListTableOfFamily(TableName, nftables.TableFamilyINet); err != nil {
-		if errors.Is(err, syscall.ENOENT) {
-			return nil, nil
-		}
-		return nil, fmt.Errorf("read table inet %s: %w", TableName, err)
+	rules, err := readRules(c)
+	if rules == nil || err != nil {
+		return nil, err
 	}
 	out := map[string]Count{}
-	for _, ch := range []string{ChainForward, ChainEgress, ChainIngress} {
-		rules, err := c.GetRules(table, &nftables.Chain{Name: ch, Table: table})
-		if err != nil {
-			if errors.Is(err, syscall.ENOENT) {
-				continue // a table of an older layout
-			}
-			return nil, fmt.Errorf("read chain %s: %w", ch, err)
-		}
-		for _, r := range rules {
-			comment, _ := userdata.GetString(r.UserData, userdata.TypeComment)
-			for _, x := range r.Exprs {
-				if cnt, ok := x.(*expr.Counter); ok {
-					prev := out[comment]
-					out[comment] = Count{prev.Packets + cnt.Packets, prev.Bytes + cnt.Bytes}
-				}
-			}
-		}
+	for _, r := range rules {
+		prev := out[r.Comment]
+		out[r.Comment] = Count{prev.Packets + r.Packets, prev.Bytes + r.Bytes}
 	}
 	return out, nil
 }

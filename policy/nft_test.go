@@ -4,15 +4,10 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/google/nftables"
-	"github.com/google/nftables/binaryutil"
-	"github.com/google/nftables/userdata"
 
 	"github.com/tulle-net/tulle/tests/nstest"
 )
@@ -174,20 +169,13 @@ func TestFailedApplyKeepsThePreviousRuleset(t *testing.T) {
 
 func installedComments(t *testing.T, l *lab) []string {
 	t.Helper()
-	c, err := l.enf.conn()
+	inst, err := l.enf.Read()
 	if err != nil {
 		t.Fatal(err)
 	}
 	var out []string
-	for _, ch := range []string{ChainForward, ChainEgress, ChainIngress} {
-		rules, err := c.GetRules(table, &nftables.Chain{Name: ch, Table: table})
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, r := range rules {
-			s, _ := userdata.GetString(r.UserData, userdata.TypeComment)
-			out = append(out, s)
-		}
+	for _, r := range inst.Rules {
+		out = append(out, r.Comment)
 	}
 	return out
 }
@@ -226,91 +214,21 @@ func TestInstalledRulesetReadsBack(t *testing.T) {
 		t.Errorf("installed rules\n got %q\nwant %q", got, want)
 	}
 
-	c, err := l.enf.conn()
+	inst, err := l.enf.Read()
 	if err != nil {
 		t.Fatal(err)
 	}
-	sets, err := c.GetSets(table)
-	if err != nil {
-		t.Fatal(err)
+	if len(inst.Sets) != len(rs.Sets) {
+		t.Errorf("%d sets installed, %d compiled", len(inst.Sets), len(rs.Sets))
 	}
-	if len(sets) != len(rs.Sets) {
-		t.Errorf("%d sets installed, %d compiled", len(sets), len(rs.Sets))
-	}
-	for _, ks := range sets {
-		s := rs.SetByName(ks.Name)
-		if s == nil {
-			t.Errorf("set %s installed, not compiled", ks.Name)
-			continue
-		}
-		elems, err := c.GetSetElements(ks)
-		if err != nil {
-			t.Fatal(err)
-		}
-		got := decodeIntervals(t, s.Kind, elems)
-		var wantRanges []string
-		for _, r := range s.Addrs {
-			wantRanges = append(wantRanges, r.From.String()+"-"+r.To.String())
-		}
-		for _, p := range s.Ports {
-			wantRanges = append(wantRanges, fmt.Sprintf("%d-%d", p.First, p.Last))
-		}
-		if strings.Join(got, " ") != strings.Join(wantRanges, " ") {
-			t.Errorf("set %s holds %v, want %v", ks.Name, got, wantRanges)
+	for _, s := range rs.Sets {
+		if got, want := inst.Sets[s.Name], s.Ranges(); !slices.Equal(got, want) {
+			t.Errorf("set %s holds %v, want %v", s.Name, got, want)
 		}
 	}
 	if s := rs.SetByName("netset-far-ip6"); s == nil || s.Addrs[0].To != netip.MustParseAddr("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff") {
 		t.Errorf("::/0 set: %+v", s)
 	}
-}
-
-// decodeIntervals turns the elements of an interval set (starts, and ends
-// flagged as such, one past the range) into "first-last" strings, sorted.
-func decodeIntervals(t *testing.T, kind SetKind, elems []nftables.SetElement) []string {
-	t.Helper()
-	type point struct {
-		key []byte
-		end bool
-	}
-	var ps []point
-	for _, e := range elems {
-		ps = append(ps, point{e.Key, e.IntervalEnd})
-	}
-	slices.SortFunc(ps, func(a, b point) int { return strings.Compare(string(a.key), string(b.key)) })
-	var out []string
-	for i, p := range ps {
-		if p.end {
-			continue
-		}
-		last := "max"
-		if i+1 < len(ps) && ps[i+1].end {
-			last = prev(ps[i+1].key, kind)
-		} else if kind == SetPorts {
-			last = "65535"
-		} else if kind == SetIPv4 {
-			last = "255.255.255.255"
-		} else {
-			last = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
-		}
-		out = append(out, str(p.key, kind)+"-"+last)
-	}
-	return out
-}
-
-func str(k []byte, kind SetKind) string {
-	if kind == SetPorts {
-		return fmt.Sprint(binaryutil.BigEndian.Uint16(k))
-	}
-	a, _ := netip.AddrFromSlice(k)
-	return a.String()
-}
-
-func prev(k []byte, kind SetKind) string {
-	if kind == SetPorts {
-		return fmt.Sprint(binaryutil.BigEndian.Uint16(k) - 1)
-	}
-	a, _ := netip.AddrFromSlice(k)
-	return a.Prev().String()
 }
 
 // TestLargeRulesetApplies: 1,000 rules over 10,000 addresses go in as one
