@@ -6,7 +6,7 @@ REVISION  ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 LDFLAGS   := -s -w -X github.com/tulle-net/tulle/daemon/buildinfo.version=$(VERSION) -X github.com/tulle-net/tulle/daemon/buildinfo.revision=$(REVISION)
 # Unit tests of the control plane run with the race detector; the namespace
 # tests refuse to skip when TULLE_REQUIRE_ROOT_TESTS=1.
-UNIT_PKGS := ./subnet/... ./proto/... ./backend/... ./daemon/... ./cmd/...
+UNIT_PKGS := ./subnet/... ./proto/... ./backend/... ./daemon/... ./cmd/... ./policy/...
 
 .PHONY: all build deps vet test unit alloc e2e bench-smoke bench demo fuzz clean
 

@@ -2,6 +2,7 @@ package udp
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
@@ -10,7 +11,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"strconv"
 	"strings"
 	"testing"
@@ -22,6 +22,7 @@ import (
 	"github.com/tulle-net/tulle/proto"
 	"github.com/tulle-net/tulle/subnet"
 	"github.com/tulle-net/tulle/tests/nstest"
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 // TestTCPThroughPeersIsIntactWithPartialAndCompleteChecksums carries TCP
@@ -92,7 +93,7 @@ func (h *twoHosts) container(t *testing.T, host netns.NsHandle, addr netip.Addr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command("nsenter", fmt.Sprintf("--net=/proc/%d/fd/%d", os.Getpid(), int(host)),
+	out, err := tools.Command(context.Background(), "nsenter", fmt.Sprintf("--net=/proc/%d/fd/%d", os.Getpid(), int(host)),
 		"ethtool", "-K", hostEnd, "tx", "off").CombinedOutput()
 	if err != nil {
 		nstest.SkipMissing(t, fmt.Sprintf("cannot turn checksum offload off with ethtool (%v: %s)", err, out))

@@ -58,6 +58,8 @@ func (c collector) Describe(ch chan<- *prometheus.Desc) {
 
 func (c collector) Collect(ch chan<- prometheus.Metric) {
 	b := c.b
+	b.ctl.scrapes.RLock() // keeps the indices of t's peers from reuse
+	defer b.ctl.scrapes.RUnlock()
 	t := b.table.Load()
 	ch <- prometheus.MustNewConstMetric(descPeers, prometheus.GaugeValue, float64(t.count))
 
@@ -67,10 +69,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		rxLoops = append(rxLoops, w.rx.stats)
 	}
 
-	for _, p := range t.peers {
-		if p == nil {
-			continue
-		}
+	for p := range t.all() {
 		labels := []string{p.addr.Addr().String(), p.subnet.String()}
 		txp, txb := sumPeer(txLoops, p.index)
 		rxp, rxb := sumPeer(rxLoops, p.index)

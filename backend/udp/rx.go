@@ -30,10 +30,10 @@ type rxLoop struct {
 
 // init allocates the RX loop's buffers; udpGRO enables merging UDP (the
 // device took USO).
-func (rx *rxLoop) init(w *worker, vnet, udpGRO bool, maxPeers int) {
+func (rx *rxLoop) init(w *worker, vnet, udpGRO bool) {
 	*rx = rxLoop{
 		w:     w,
-		stats: newLoopStats(maxPeers),
+		stats: newLoopStats(),
 		vnet:  vnet,
 		msgs:  make([]udpconn.Message, rxMessages),
 		co:    tundev.NewCoalescer(udpGRO),

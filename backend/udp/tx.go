@@ -86,14 +86,14 @@ type train struct {
 
 // init allocates the TX loop's buffers; vnet tells whether the queue
 // carries virtio headers, maxSegs is the socket's GSO segment limit.
-func (tx *txLoop) init(w *worker, vnet bool, maxSegs, maxPeers int) {
+func (tx *txLoop) init(w *worker, vnet bool, maxSegs int) {
 	slotSize := tundev.ReadBufferSize
 	if !vnet {
 		slotSize = proto.MaxIPv4Len
 	}
 	*tx = txLoop{
 		w:       w,
-		stats:   newLoopStats(maxPeers),
+		stats:   newLoopStats(),
 		vnet:    vnet,
 		slots:   make([][]byte, txSlots),
 		arena:   make([]byte, txHeaderArena),

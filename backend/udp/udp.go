@@ -73,8 +73,8 @@ type Options struct {
 // Defaults and limits.
 const (
 	DefaultTunName = "tulle0"
-	// maxSubnets bounds the dense route table (8 bytes per subnet): a /8 in
-	// /30s, 32 MiB per table.
+	// maxSubnets bounds the route table's top level (see table.go): a /8
+	// in /30s, 1,024 pointers copied per update.
 	maxSubnets = 1 << 22
 	// socketBuffer is the receive and send buffer of each socket.
 	socketBuffer = 8 << 20
@@ -153,9 +153,8 @@ func New(opts Options) (*Backend, error) {
 		return nil, err
 	}
 
-	maxPeers := 1 << (opts.SubnetLen - opts.Network.Bits())
 	b.ctl.init()
-	b.table.Store(newTable(opts.Network, opts.SubnetLen, opts.Lease.Subnet, nil))
+	b.table.Store(newTable(opts.Network, opts.SubnetLen, opts.Lease.Subnet))
 	for i, q := range dev.Queues() {
 		conn, err := udpconn.Listen(netip.AddrPortFrom(netip.IPv4Unspecified(), uint16(opts.Port)), udpconn.Options{
 			ReusePort:  true,
@@ -167,7 +166,7 @@ func New(opts Options) (*Backend, error) {
 		if err != nil {
 			return nil, fmt.Errorf("worker %d: %w", i, err)
 		}
-		w, err := newWorker(b, i, q, conn, dev.UDPOffload(), maxPeers)
+		w, err := newWorker(b, i, q, conn, dev.UDPOffload())
 		if err != nil {
 			conn.Close()
 			return nil, err

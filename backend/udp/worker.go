@@ -33,14 +33,14 @@ type worker struct {
 	rx    rxLoop
 }
 
-func newWorker(b *Backend, id int, q tundev.Queue, conn *udpconn.Conn, udpGRO bool, maxPeers int) (*worker, error) {
+func newWorker(b *Backend, id int, q tundev.Queue, conn *udpconn.Conn, udpGRO bool) (*worker, error) {
 	stop, err := fdpoll.NewStop()
 	if err != nil {
 		return nil, fmt.Errorf("worker %d: %w", id, err)
 	}
 	w := &worker{id: id, b: b, queue: q, conn: conn, stop: stop}
-	w.tx.init(w, q.VirtioHeader(), conn.MaxSegments(), maxPeers)
-	w.rx.init(w, q.VirtioHeader(), udpGRO, maxPeers)
+	w.tx.init(w, q.VirtioHeader(), conn.MaxSegments())
+	w.rx.init(w, q.VirtioHeader(), udpGRO)
 	return w, nil
 }
 
@@ -60,7 +60,7 @@ func (w *worker) runTX() error {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 
-	return w.loop(w.transmit, w.queue.Fd())
+	return w.loop(w.transmit, w.queue.Fd(), w.tx.stats)
 }
 
 // runRX delivers from the socket to the TUN queue likewise.
@@ -68,14 +68,17 @@ func (w *worker) runRX() error {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 
-	return w.loop(w.receive, w.conn.Fd())
+	return w.loop(w.receive, w.conn.Fd(), w.rx.stats)
 }
 
 // loop runs step while it finds work, and waits for fd to be readable
-// when it does not.
-func (w *worker) loop(step func() (bool, error), fd int) error {
+// when it does not. Each step is bracketed in the loop's stats s, so that
+// the control side knows when no step holds an older route table.
+func (w *worker) loop(step func() (bool, error), fd int, s *loopStats) error {
 	for !w.b.stopping.Load() {
+		s.enterStep()
 		did, err := step()
+		s.leaveStep()
 		if err != nil {
 			return err
 		}
