@@ -90,15 +90,15 @@ func parseFlags(args []string) (Config, string, error) {
 	churnFor := fs.Duration("churn-for", 30*time.Second, "how `long` the churn lasts")
 	burst := fs.Int("burst", 5000, "leases deleted at once after the churn (at most half the leases)")
 	out := fs.String("out", filepath.Join("results", "scale-"+time.Now().UTC().Format("20060102-150405")), "results `directory`")
-	heap := fs.Bool("heap-profile", false, "run tulled with --debug-pprof and save its heap profile after the burst into -out")
+	profile := fs.Bool("profile", false, "run tulled with --debug-pprof; save its CPU profile of the churn and its heap profile after the burst into -out")
 	var tulledArgs multiFlag
 	fs.Var(&tulledArgs, "tulled-arg", "extra tulled `flag` (repeatable)")
 	if err := fs.Parse(args); err != nil {
 		return Config{}, "", err
 	}
 	cfg := Config{SubnetLen: *subnetLen, IdleFor: *idle, ChurnRate: *rate, ChurnFor: *churnFor, Burst: *burst, TulledArgs: tulledArgs}
-	if *heap {
-		cfg.HeapProfileDir = *out
+	if *profile {
+		cfg.ProfileDir = *out
 	}
 	for _, s := range strings.Split(*leases, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(s))

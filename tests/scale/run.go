@@ -27,9 +27,9 @@ type Config struct {
 	ChurnFor   time.Duration `json:"churn_ns"`
 	Burst      int           `json:"burst_deletions"` // at most half the leases
 	TulledArgs []string      `json:"tulled_args,omitempty"`
-	// HeapProfileDir, if set, receives tulled's heap profile after the
-	// burst (tulled runs with --debug-pprof).
-	HeapProfileDir string `json:"-"`
+	// ProfileDir, if set, receives tulled's CPU profile of the churn and
+	// its heap profile after the burst (tulled runs with --debug-pprof).
+	ProfileDir string `json:"-"`
 }
 
 // Result is what one run at one number of leases measured.
@@ -237,7 +237,7 @@ func (s *session) start(ctx context.Context) error {
 		return err
 	}
 	args := append([]string{"--log-format=json"}, s.cfg.TulledArgs...)
-	if s.cfg.HeapProfileDir != "" {
+	if s.cfg.ProfileDir != "" {
 		args = append(args, "--debug-pprof")
 	}
 	launch := time.Now()
@@ -323,7 +323,19 @@ func (s *session) churn(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	profiled := make(chan error, 1)
+	if secs := int(s.cfg.ChurnFor/time.Second) - 2; s.cfg.ProfileDir != "" && secs > 0 { // testbed.HTTPGet allows 30 s
+		go func() {
+			profiled <- saveProfile(ctx, s.tl, fmt.Sprintf("/debug/pprof/profile?seconds=%d", secs),
+				filepath.Join(s.cfg.ProfileDir, fmt.Sprintf("cpu-churn-%d.pprof", s.n)))
+		}()
+	} else {
+		profiled <- nil
+	}
 	changes, err := s.f.churn(ctx, s.cfg.ChurnRate, s.cfg.ChurnFor, s.r)
+	if perr := <-profiled; err == nil {
+		err = perr
+	}
 	if err != nil {
 		return fmt.Errorf("churn: %w", err)
 	}
@@ -424,8 +436,8 @@ func (s *session) verify(ctx context.Context) error {
 	if res.PeakRSS, err = processMemory(pid); err != nil {
 		return err
 	}
-	if s.cfg.HeapProfileDir != "" {
-		if err := saveHeapProfile(ctx, s.tl, filepath.Join(s.cfg.HeapProfileDir, fmt.Sprintf("heap-%d.pprof", s.n))); err != nil {
+	if s.cfg.ProfileDir != "" {
+		if err := saveProfile(ctx, s.tl, "/debug/pprof/heap?gc=1", filepath.Join(s.cfg.ProfileDir, fmt.Sprintf("heap-%d.pprof", s.n))); err != nil {
 			return err
 		}
 	}
@@ -555,11 +567,11 @@ func waitLog(ctx context.Context, tlog *tulledLog, tl *testbed.Tulled, done func
 
 func mib(b int64) float64 { return float64(b) / (1 << 20) }
 
-// saveHeapProfile writes tulled's heap profile (after a GC) to path.
-func saveHeapProfile(ctx context.Context, tl *testbed.Tulled, path string) error {
-	code, body, err := tl.Get(ctx, "/debug/pprof/heap?gc=1")
+// saveProfile writes the profile tulled serves at url to path.
+func saveProfile(ctx context.Context, tl *testbed.Tulled, url, path string) error {
+	code, body, err := tl.Get(ctx, url)
 	if err != nil || code != 200 {
-		return fmt.Errorf("heap profile: status %d: %v", code, err)
+		return fmt.Errorf("profile %s: status %d: %v", url, code, err)
 	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return err
