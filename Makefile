@@ -8,7 +8,7 @@ LDFLAGS   := -s -w -X github.com/tulle-net/tulle/daemon/buildinfo.version=$(VERS
 # tests refuse to skip when TULLE_REQUIRE_ROOT_TESTS=1.
 UNIT_PKGS := ./subnet/... ./proto/... ./backend/... ./daemon/... ./cmd/... ./policy/...
 
-.PHONY: all build deps vet test unit alloc e2e bench-smoke bench demo fuzz clean
+.PHONY: all build deps vet test unit alloc e2e bench-smoke bench scale demo fuzz clean
 
 all: build
 
@@ -42,6 +42,11 @@ test: deps build vet unit alloc e2e bench-smoke
 
 bench: deps
 	$(GO) run ./tests/bench
+
+# Many leases: start-up, churn, a burst of deletions, memory (~4 minutes;
+# `make test` runs a small version of it as a test in ./tests/scale).
+scale: deps
+	$(GO) run ./tests/scale
 
 demo: deps
 	$(GO) run ./tests/demo
