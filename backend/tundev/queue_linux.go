@@ -63,6 +63,9 @@ func (q *queue) close() error {
 	return err
 }
 
+// interrupt wakes the calls waiting on the queue (Device.Interrupt).
+func (q *queue) interrupt() { q.stop.Signal() }
+
 func (q *queue) BatchSize() int     { return q.batch }
 func (q *queue) VirtioHeader() bool { return q.vnet }
 func (q *queue) Fd() int            { return q.fd }
@@ -73,7 +76,7 @@ func (q *queue) errClosed(op string) error {
 // ioErr maps a system call error of op to the error the caller sees.
 func (q *queue) ioErr(op string, e error) error {
 	if errors.Is(e, unix.EBADFD) || errors.Is(e, unix.EBADF) {
-		if q.d.closed.Load() {
+		if q.d.stopped.Load() {
 			return q.errClosed(op)
 		}
 		return fmt.Errorf("%s tun %s queue %d: %w", op, q.d.name, q.index, ErrDeviceGone)
@@ -85,7 +88,7 @@ func (q *queue) ReadPacket(buf []byte, wait bool) (int, error) {
 	q.closeMu.RLock()
 	defer q.closeMu.RUnlock()
 	for {
-		if q.d.closed.Load() {
+		if q.d.stopped.Load() {
 			return 0, q.errClosed("read")
 		}
 		n, err := unix.Read(q.fd, buf)
@@ -133,7 +136,7 @@ func (q *queue) WritePacket(iov [][]byte) error {
 	q.closeMu.RLock()
 	defer q.closeMu.RUnlock()
 	for {
-		if q.d.closed.Load() {
+		if q.d.stopped.Load() {
 			return q.errClosed("write")
 		}
 		_, _, e := unix.Syscall(unix.SYS_WRITEV, uintptr(q.fd), uintptr(unsafe.Pointer(&vecs[0])), uintptr(n))

@@ -20,7 +20,7 @@
 // Every call blocks its OS thread in ppoll(2) (package fdpoll), not the Go
 // netpoller: the data plane runs each loop on a goroutine locked to its
 // thread, and a packet then wakes exactly the thread that handles it.
-// Device.Close wakes every waiting call.
+// Device.Close and Device.Interrupt wake every waiting call.
 //
 // Open creates the device and sets its MTU only; addresses, routes and the
 // link state belong to the caller (netlink).
@@ -169,6 +169,7 @@ type Device struct {
 	logger     *slog.Logger
 
 	closed    atomic.Bool
+	stopped   atomic.Bool // Interrupt or Close: every call returns os.ErrClosed
 	closeOnce sync.Once
 	closeErr  error
 
@@ -203,6 +204,24 @@ func (d *Device) Stats() Stats {
 	return Stats{ReadDrops: d.readDrops.Load(), WriteErrors: d.writeErrors.Load()}
 }
 
+// Interrupt wakes every ReadPacket and WritePacket waiting on a queue and
+// makes them, and every later call, return an error satisfying
+// errors.Is(err, os.ErrClosed), without closing the queues: for an owner
+// that stops its users, waits for them to return, and only then calls
+// Close (which it still must). Idempotent; safe to call concurrently with
+// any method.
+func (d *Device) Interrupt() {
+	d.stopped.Store(true)
+	for _, q := range d.queues {
+		if q, ok := q.(interruptible); ok {
+			q.interrupt()
+		}
+	}
+}
+
+// interruptible is a queue that Interrupt can wake.
+type interruptible interface{ interrupt() }
+
 // Close closes every queue; the kernel removes the device when its last
 // queue is closed (unless it was made persistent by someone else). Blocked
 // Read and Write calls return an error satisfying errors.Is(err,
@@ -210,6 +229,7 @@ func (d *Device) Stats() Stats {
 func (d *Device) Close() error {
 	d.closeOnce.Do(func() {
 		d.closed.Store(true)
+		d.stopped.Store(true)
 		var errs []error
 		for i, c := range d.closers {
 			if err := c(); err != nil {

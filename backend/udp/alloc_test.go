@@ -155,11 +155,11 @@ func testForwardingAllocs(t *testing.T, peer func(netip.Prefix, netip.Addr) subn
 	for _, be := range []*Backend{a, b} {
 		var tx, rx uint64
 		for _, w := range be.workers {
-			for i := range be.table.Load().peers {
-				if c := w.tx.stats.peerOrNil(i); c != nil {
+			for p := range be.table.Load().all() {
+				if c := w.tx.stats.peerOrNil(p.index); c != nil {
 					tx += c.packets.Load()
 				}
-				if c := w.rx.stats.peerOrNil(i); c != nil {
+				if c := w.rx.stats.peerOrNil(p.index); c != nil {
 					rx += c.packets.Load()
 				}
 			}

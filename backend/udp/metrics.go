@@ -21,7 +21,7 @@ var (
 		"Packets the data plane dropped, by direction (transmit: TUN to UDP; receive: UDP to TUN) and reason.",
 		[]string{"direction", "reason"}, nil)
 	descTunRead = prometheus.NewDesc("tulle_tun_read_batch_size",
-		"Packets returned by one TUN read (a TSO superpacket split into segments counts each segment).",
+		"Packets returned by the TUN reads of one batch (a TSO/USO superpacket counts the segments it is cut into).",
 		nil, nil)
 	descTunWrite = prometheus.NewDesc("tulle_tun_write_batch_size",
 		"Packets handed to one TUN write, before the driver coalesces them.",
@@ -58,6 +58,8 @@ func (c collector) Describe(ch chan<- *prometheus.Desc) {
 
 func (c collector) Collect(ch chan<- prometheus.Metric) {
 	b := c.b
+	b.ctl.scrapes.RLock() // keeps the indices of t's peers from reuse
+	defer b.ctl.scrapes.RUnlock()
 	t := b.table.Load()
 	ch <- prometheus.MustNewConstMetric(descPeers, prometheus.GaugeValue, float64(t.count))
 
@@ -67,10 +69,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		rxLoops = append(rxLoops, w.rx.stats)
 	}
 
-	for _, p := range t.peers {
-		if p == nil {
-			continue
-		}
+	for p := range t.all() {
 		labels := []string{p.addr.Addr().String(), p.subnet.String()}
 		txp, txb := sumPeer(txLoops, p.index)
 		rxp, rxb := sumPeer(rxLoops, p.index)

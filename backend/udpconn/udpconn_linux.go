@@ -163,6 +163,17 @@ func (c *Conn) Close() error {
 	return c.closeErr
 }
 
+// Interrupt wakes every ReadBatch and WriteBatch waiting on the socket
+// (for data, or for room in a full send buffer) and makes them, and every
+// later call, return an error satisfying errors.Is(err, net.ErrClosed),
+// without closing the socket: for an owner that stops its users, waits
+// for them to return, and only then calls Close (which it still must).
+// Idempotent; safe to call concurrently with any method.
+func (c *Conn) Interrupt() {
+	c.closed.Store(true)
+	c.stop.Signal()
+}
+
 // AttachReusePortFilter attaches a classic BPF program to the SO_REUSEPORT
 // group of c (SO_ATTACH_REUSEPORT_CBPF): for each datagram it returns the
 // index of the group's socket to deliver to (sockets are numbered in the
@@ -536,9 +547,11 @@ func (c *Conn) writeChunk(msgs []Message) (int, error) {
 	return k, nil
 }
 
-// send runs doWrite, waiting for writability when the socket buffer is full.
+// send runs doWrite, waiting for writability when the socket buffer is
+// full (Close or Interrupt ends the wait).
 func (c *Conn) send() error {
 	for !c.doWrite(uintptr(c.fd)) {
+		c.sendWaits.Add(1)
 		if err := c.wait("send batch", unix.POLLOUT, false); err != nil {
 			return err
 		}

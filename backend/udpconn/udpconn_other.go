@@ -34,3 +34,6 @@ func (c *Conn) TryReadBatch(msgs []Message) (int, error) { return c.ReadBatch(ms
 
 // Fd is only implemented on Linux.
 func (c *Conn) Fd() int { return -1 }
+
+// Interrupt is only implemented on Linux.
+func (c *Conn) Interrupt() {}

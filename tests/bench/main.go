@@ -40,12 +40,13 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 // Mode names, in the default measuring order.
@@ -249,9 +250,9 @@ func checkPrerequisites() error {
 	if os.Geteuid() != 0 {
 		return errors.New("needs root (network namespaces, veth, VXLAN and TUN devices): sudo go run ./tests/bench")
 	}
-	for _, tool := range []struct{ bin, pkg string }{{"ip", "iproute2"}, {"bridge", "iproute2"}, {"ss", "iproute2"}, {"iperf3", "iperf3"}, {"ping", "iputils-ping"}} {
-		if _, err := exec.LookPath(tool.bin); err != nil {
-			return fmt.Errorf("needs the %s program (apt-get install -y %s; or make deps): %w", tool.bin, tool.pkg, err)
+	for _, tool := range []string{"ip", "bridge", "ss", "iperf3", "ping"} {
+		if _, err := tools.LookPath(tool); err != nil {
+			return fmt.Errorf("needs the %s program (or run make deps): %w", tool, err)
 		}
 	}
 	if _, err := os.Stat("/dev/net/tun"); err != nil {

@@ -7,13 +7,13 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/tulle-net/tulle/tests/testbed"
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 // debianCNIDir holds the bridge, host-local, loopback and portmap plugins of
@@ -73,7 +73,7 @@ func stageCNIConf(t *testing.T, h *testbed.Host, src string) cniHost {
 // would run the plugins, with our tulle-cni and Debian's plugins.
 func (c cniHost) cnitool(ctx context.Context, t *testing.T, tool, cniPath, verb, netns string) (string, error) {
 	t.Helper()
-	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", c.h.NS, tool, verb, "tulle", netns)
+	cmd := tools.Command(ctx, "ip", "netns", "exec", c.h.NS, tool, verb, "tulle", netns)
 	cmd.Env = append(os.Environ(), "NETCONFPATH="+c.confDir, "CNI_PATH="+cniPath, "CNI_IFNAME=eth0")
 	out, err := cmd.CombinedOutput()
 	return string(out), err
@@ -84,11 +84,11 @@ func (c cniHost) cnitool(ctx context.Context, t *testing.T, tool, cniPath, verb,
 func addNetns(ctx context.Context, t *testing.T, b *testbed.Bed, suffix string) string {
 	t.Helper()
 	name := b.Prefix + "-" + suffix
-	if out, err := exec.CommandContext(ctx, "ip", "netns", "add", name).CombinedOutput(); err != nil {
+	if out, err := tools.Command(ctx, "ip", "netns", "add", name).CombinedOutput(); err != nil {
 		t.Fatalf("ip netns add %s: %v\n%s", name, err, out)
 	}
 	t.Cleanup(func() {
-		if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
+		if out, err := tools.Command(context.Background(), "ip", "netns", "del", name).CombinedOutput(); err != nil {
 			t.Errorf("ip netns del %s: %v\n%s", name, err, out)
 		}
 	})
@@ -117,9 +117,7 @@ func cnitoolCacheFile(netnsPath string) string {
 func TestCNIPluginConnectsContainersOnTwoHostsAndDelLeavesNothing(t *testing.T) {
 	testbed.RequireRoot(t)
 	for _, p := range []string{"bridge", "host-local", "loopback", "portmap"} {
-		if _, err := os.Stat(filepath.Join(debianCNIDir, p)); err != nil {
-			requireTool(t, filepath.Join(debianCNIDir, p), "containernetworking-plugins")
-		}
+		requireTool(t, filepath.Join(debianCNIDir, p))
 	}
 	cnitool := buildTool(t, "github.com/containernetworking/cni/cnitool")
 	binDir := t.TempDir()
