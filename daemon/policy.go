@@ -17,6 +17,7 @@ import (
 
 	"github.com/tulle-net/tulle/policy"
 	"github.com/tulle-net/tulle/subnet"
+	etcdreg "github.com/tulle-net/tulle/subnet/etcd"
 )
 
 // Where policies and netsets live below the etcd prefix.
@@ -28,16 +29,10 @@ const (
 // policyRetry: a ruleset the kernel refused is tried again this often.
 const policyRetry = 5 * time.Second
 
-// docEvent is one key of policies/ or netsets/ as the watch reports it.
-type docEvent struct {
-	Name    string // the key after policies/ or netsets/
-	Value   []byte
-	Deleted bool
-}
-
 // docWatch sends the keys below <prefix>/<suffix>: a snapshot of all of
-// them first, then every change, until ctx is done.
-type docWatch func(ctx context.Context, suffix string, out chan<- []docEvent) error
+// them first, then every change, until ctx is done: the registry's
+// WatchPrefix, the same resumable, compaction-safe watch as the leases'.
+type docWatch func(ctx context.Context, suffix string, out chan<- []etcdreg.KeyEvent) error
 
 // policyRunner enforces network policy on this host: it follows the
 // policies and netsets in etcd and the leases (for host: matches), and
@@ -99,6 +94,34 @@ func newPolicyRunner(local []netip.Prefix, enf *policy.Enforcer, log *slog.Logge
 	return p
 }
 
+// startPolicy starts enforcing network policy, once the lease says which
+// workloads are this host's.
+func (d *daemon) startPolicy() {
+	local := []netip.Prefix{d.lease.Subnet}
+	if d.lease.IPv6Subnet.IsValid() {
+		local = append(local, d.lease.IPv6Subnet)
+	}
+	d.pol = newPolicyRunner(local, policy.NewEnforcer(0), d.log.With("component", "policy"))
+	if err := d.metrics.Register(d.pol); err != nil {
+		d.log.Warn("policy metrics not registered", "error", err)
+	}
+	d.wg.Go(func() { d.pol.run(d.runCtx, d.reg.WatchPrefix) })
+}
+
+// policyLeases hands the policy runner the leases after a lease batch
+// (for host: matches); our own is not among d.peers.
+func (d *daemon) policyLeases() {
+	if d.pol == nil {
+		return
+	}
+	leases := make([]subnet.Lease, 0, len(d.peers)+1)
+	leases = append(leases, d.lease)
+	for _, l := range d.peers {
+		leases = append(leases, l)
+	}
+	d.pol.setLeases(leases)
+}
+
 // setLeases hands the runner the current leases; it never blocks.
 func (p *policyRunner) setLeases(leases []subnet.Lease) {
 	p.leasesMu.Lock()
@@ -119,12 +142,12 @@ func (p *policyRunner) leaseSnapshot() ([]subnet.Lease, bool) {
 // run watches policies and netsets with watch and applies until ctx is
 // done. The watches are its goroutines; it waits for them.
 func (p *policyRunner) run(ctx context.Context, watch docWatch) {
-	polCh, netCh := make(chan []docEvent), make(chan []docEvent)
+	polCh, netCh := make(chan []etcdreg.KeyEvent), make(chan []etcdreg.KeyEvent)
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	for _, w := range []struct {
 		suffix string
-		ch     chan []docEvent
+		ch     chan []etcdreg.KeyEvent
 	}{{policiesSuffix, polCh}, {netsetsSuffix, netCh}} {
 		wg.Go(func() {
 			if err := watch(ctx, w.suffix, w.ch); err != nil {
@@ -292,15 +315,15 @@ func newPolicyDocs() policyDocs {
 }
 
 // update takes in one batch of kind ("policy" or "netset").
-func (d *policyDocs) update(p *policyRunner, kind string, evs []docEvent) {
+func (d *policyDocs) update(p *policyRunner, kind string, evs []etcdreg.KeyEvent) {
 	for _, ev := range evs {
-		id := kind + " " + ev.Name
+		id := kind + " " + ev.Key
 		if ev.Deleted {
 			if kind == "netset" {
-				delete(d.netsets, ev.Name)
+				delete(d.netsets, ev.Key)
 			}
 			if kind == "policy" {
-				delete(d.policies, ev.Name)
+				delete(d.policies, ev.Key)
 			}
 			if _, was := d.invalid[id]; was {
 				p.log.Info("refused policy document deleted", "document", id)
@@ -313,16 +336,16 @@ func (d *policyDocs) update(p *policyRunner, kind string, evs []docEvent) {
 		var known bool
 		if kind == "policy" {
 			var pol *policy.Policy
-			if pol, err = policy.ParsePolicy(ev.Name, ev.Value); err == nil {
-				d.policies[ev.Name] = pol
+			if pol, err = policy.ParsePolicy(ev.Key, ev.Value); err == nil {
+				d.policies[ev.Key] = pol
 			}
-			_, known = d.policies[ev.Name]
+			_, known = d.policies[ev.Key]
 		} else {
 			var n *policy.Netset
-			if n, err = policy.ParseNetset(ev.Name, ev.Value); err == nil {
-				d.netsets[ev.Name] = n
+			if n, err = policy.ParseNetset(ev.Key, ev.Value); err == nil {
+				d.netsets[ev.Key] = n
 			}
-			_, known = d.netsets[ev.Name]
+			_, known = d.netsets[ev.Key]
 		}
 		if err == nil {
 			if _, was := d.invalid[id]; was {

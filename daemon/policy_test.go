@@ -15,6 +15,7 @@ import (
 
 	"github.com/tulle-net/tulle/policy"
 	"github.com/tulle-net/tulle/subnet"
+	etcdreg "github.com/tulle-net/tulle/subnet/etcd"
 	"github.com/tulle-net/tulle/tests/nstest"
 )
 
@@ -24,8 +25,8 @@ type runnerBed struct {
 	t      *testing.T
 	enf    *policy.Enforcer
 	r      *policyRunner
-	pol    chan []docEvent
-	net    chan []docEvent
+	pol    chan []etcdreg.KeyEvent
+	net    chan []etcdreg.KeyEvent
 	cancel context.CancelFunc
 	done   chan struct{}
 }
@@ -37,7 +38,7 @@ var hostLeases = []subnet.Lease{
 
 func newRunnerBed(t *testing.T) *runnerBed {
 	ns := nstest.NewAnonNetns(t)
-	b := &runnerBed{t: t, enf: policy.NewEnforcer(int(ns)), pol: make(chan []docEvent), net: make(chan []docEvent), done: make(chan struct{})}
+	b := &runnerBed{t: t, enf: policy.NewEnforcer(int(ns)), pol: make(chan []etcdreg.KeyEvent), net: make(chan []etcdreg.KeyEvent), done: make(chan struct{})}
 	b.r = newPolicyRunner([]netip.Prefix{netip.MustParsePrefix("198.18.2.0/24")}, b.enf, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	b.r.ensureBridge = func() (changed []string, err error) {
 		err = nstest.In(ns, func() error { changed, err = policy.EnsureBridgeFiltering(); return err })
@@ -49,7 +50,7 @@ func newRunnerBed(t *testing.T) *runnerBed {
 func (b *runnerBed) start() {
 	ctx, cancel := context.WithCancel(context.Background())
 	b.cancel = cancel
-	watch := func(ctx context.Context, suffix string, out chan<- []docEvent) error {
+	watch := func(ctx context.Context, suffix string, out chan<- []etcdreg.KeyEvent) error {
 		in := b.pol
 		if suffix == netsetsSuffix {
 			in = b.net
@@ -124,10 +125,10 @@ func (b *runnerBed) has(comment string) func() bool {
 // it: one more netset change is the marker.
 func (b *runnerBed) settle(marker string) {
 	b.t.Helper()
-	b.pol <- []docEvent{{Name: "marker", Value: []byte(`{"Selector":["198.18.2.99"],"Ingress":[{"Action":"Allow","Source":["set:` + marker + `"]}]}`)}}
-	b.net <- []docEvent{{Name: marker, Value: []byte(`{"Nets":["198.18.9.9"]}`)}}
+	b.pol <- []etcdreg.KeyEvent{{Key: "marker", Value: []byte(`{"Selector":["198.18.2.99"],"Ingress":[{"Action":"Allow","Source":["set:` + marker + `"]}]}`)}}
+	b.net <- []etcdreg.KeyEvent{{Key: marker, Value: []byte(`{"Nets":["198.18.9.9"]}`)}}
 	b.waitFor("marker "+marker, b.has("marker ingress rule 1 allow ip"))
-	b.pol <- []docEvent{{Name: "marker", Deleted: true}}
+	b.pol <- []etcdreg.KeyEvent{{Key: "marker", Deleted: true}}
 	b.waitFor("marker gone", func() bool { return !slices.Contains(b.comments(), "marker ingress rule 1 allow ip") })
 }
 
@@ -144,7 +145,7 @@ func TestPolicyRunnerReplacesRulesOnlyOnceEverythingIsRead(t *testing.T) {
 	}
 	before := b.comments()
 	b.start()
-	b.pol <- []docEvent{{Name: "web", Value: []byte(webPolicy)}}
+	b.pol <- []etcdreg.KeyEvent{{Key: "web", Value: []byte(webPolicy)}}
 	b.waitTurns(1)
 	b.r.setLeases(hostLeases)
 	b.waitTurns(2)
@@ -152,7 +153,7 @@ func TestPolicyRunnerReplacesRulesOnlyOnceEverythingIsRead(t *testing.T) {
 	if got := b.comments(); !slices.Equal(got, before) {
 		t.Fatalf("rules changed before the netsets were read: %q", got)
 	}
-	b.net <- []docEvent{}
+	b.net <- []etcdreg.KeyEvent{}
 	b.waitFor("web's rule", b.has("web ingress rule 1 allow ip"))
 	if slices.Contains(b.comments(), "old ingress rule 1 allow ip") {
 		t.Error("old rules left")
@@ -165,20 +166,20 @@ func TestPolicyRunnerReplacesRulesOnlyOnceEverythingIsRead(t *testing.T) {
 func TestInvalidPolicyLeavesThePreviousRulesInForce(t *testing.T) {
 	b := newRunnerBed(t)
 	b.start()
-	b.pol <- []docEvent{{Name: "web", Value: []byte(webPolicy)}}
-	b.net <- []docEvent{}
+	b.pol <- []etcdreg.KeyEvent{{Key: "web", Value: []byte(webPolicy)}}
+	b.net <- []etcdreg.KeyEvent{}
 	b.r.setLeases(hostLeases)
 	b.waitFor("web's rule", b.has("web ingress rule 1 allow ip"))
 
 	// web gets an unknown field: its previous version stays, other changes go on
-	b.pol <- []docEvent{{Name: "web", Value: []byte(`{"Selector":["198.18.2.2"],"Ingress":[],"Colour":"red"}`)}}
+	b.pol <- []etcdreg.KeyEvent{{Key: "web", Value: []byte(`{"Selector":["198.18.2.2"],"Ingress":[],"Colour":"red"}`)}}
 	b.settle("m1")
 	if !slices.Contains(b.comments(), "web ingress rule 1 allow ip") {
 		t.Fatalf("web's previous version left: %q", b.comments())
 	}
 	// a new document that is invalid (ports without a protocol): nothing changes
-	b.pol <- []docEvent{{Name: "db", Value: []byte(`{"Selector":["198.18.2.3"],"Ingress":[{"Action":"Allow","Ports":["5432"]}]}`)}}
-	b.pol <- []docEvent{{Name: "other", Value: []byte(`{"Selector":["198.18.2.4"],"Ingress":[{"Action":"Allow"}]}`)}}
+	b.pol <- []etcdreg.KeyEvent{{Key: "db", Value: []byte(`{"Selector":["198.18.2.3"],"Ingress":[{"Action":"Allow","Ports":["5432"]}]}`)}}
+	b.pol <- []etcdreg.KeyEvent{{Key: "other", Value: []byte(`{"Selector":["198.18.2.4"],"Ingress":[{"Action":"Allow"}]}`)}}
 	// stats are published at the end of a turn: other is in, and reconciled
 	b.waitFor("db refused and other read", func() bool { s := b.r.stats.Load(); return s.invalid == 2 && s.policies == 2 })
 	if slices.Contains(b.comments(), "other ingress rule 1 allow ip") {
@@ -190,7 +191,7 @@ func TestInvalidPolicyLeavesThePreviousRulesInForce(t *testing.T) {
 		t.Errorf("tulle_policy_invalid_documents = %v, want 2", got)
 	}
 	// fixing db applies everything waiting
-	b.pol <- []docEvent{{Name: "db", Value: []byte(`{"Selector":["198.18.2.3"],"Ingress":[{"Action":"Allow","Protocol":"TCP","Ports":["5432"]}]}`)}}
+	b.pol <- []etcdreg.KeyEvent{{Key: "db", Value: []byte(`{"Selector":["198.18.2.3"],"Ingress":[{"Action":"Allow","Protocol":"TCP","Ports":["5432"]}]}`)}}
 	b.waitFor("db's rule", b.has("db ingress rule 1 allow ip"))
 	if !slices.Contains(b.comments(), "other ingress rule 1 allow ip") {
 		t.Errorf("other's rule not applied with db's fix: %q", b.comments())
@@ -211,8 +212,8 @@ func TestInvalidPolicyLeavesThePreviousRulesInForce(t *testing.T) {
 func TestPolicyRunnerFollowsLeasesAndNetsets(t *testing.T) {
 	b := newRunnerBed(t)
 	b.start()
-	b.pol <- []docEvent{{Name: "web", Value: []byte(`{"Selector":["set:mine"],"Ingress":[{"Action":"Allow","Source":["host:192.0.2.1"]}]}`)}}
-	b.net <- []docEvent{{Name: "mine", Value: []byte(`{"Nets":["198.18.2.2"]}`)}}
+	b.pol <- []etcdreg.KeyEvent{{Key: "web", Value: []byte(`{"Selector":["set:mine"],"Ingress":[{"Action":"Allow","Source":["host:192.0.2.1"]}]}`)}}
+	b.net <- []etcdreg.KeyEvent{{Key: "mine", Value: []byte(`{"Nets":["198.18.2.2"]}`)}}
 	b.r.setLeases(hostLeases)
 	set := func(name string) func() []string {
 		return func() []string {
@@ -233,7 +234,7 @@ func TestPolicyRunnerFollowsLeasesAndNetsets(t *testing.T) {
 	moved[0].Subnet = netip.MustParsePrefix("198.18.7.0/24")
 	b.r.setLeases(moved)
 	waitSet("peer-web-in1-ip", "198.18.7.0-198.18.7.255")
-	b.net <- []docEvent{{Name: "mine", Value: []byte(`{"Nets":["198.18.2.5","198.18.3.0/24"]}`)}}
+	b.net <- []etcdreg.KeyEvent{{Key: "mine", Value: []byte(`{"Nets":["198.18.2.5","198.18.3.0/24"]}`)}}
 	waitSet("sel-web-ip", "198.18.2.5-198.18.2.5")
 }
 
@@ -269,18 +270,18 @@ func gathered(t *testing.T, reg *prometheus.Registry, name string) float64 {
 func TestNoPolicyInstallsNothing(t *testing.T) {
 	b := newRunnerBed(t)
 	b.start()
-	b.pol <- []docEvent{}
+	b.pol <- []etcdreg.KeyEvent{}
 	b.waitTurns(1)
-	b.net <- []docEvent{}
+	b.net <- []etcdreg.KeyEvent{}
 	b.waitTurns(2)
 	b.r.setLeases(hostLeases)
 	b.waitTurns(3)
 	if got := b.comments(); got != nil {
 		t.Fatalf("a table without any policy: %q", got)
 	}
-	b.pol <- []docEvent{{Name: "web", Value: []byte(webPolicy)}}
+	b.pol <- []etcdreg.KeyEvent{{Key: "web", Value: []byte(webPolicy)}}
 	b.waitFor("web's rule", b.has("web ingress rule 1 allow ip"))
-	b.pol <- []docEvent{{Name: "web", Deleted: true}}
+	b.pol <- []etcdreg.KeyEvent{{Key: "web", Deleted: true}}
 	b.waitFor("no rules of web", func() bool {
 		c := b.comments()
 		return c != nil && !slices.ContainsFunc(c, func(s string) bool { return strings.HasPrefix(s, "web ") })
