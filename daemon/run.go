@@ -225,6 +225,7 @@ func (d *daemon) setup() error {
 	d.mgr = subnet.NewManager(d.reg, subnet.ManagerOptions{
 		PublicIP:       sel.PublicIP,
 		BackendData:    backendData(d.cfg.PartialChecksums),
+		BackendDataFor: d.leaseBackendData, // direct.go: features the network config turns on
 		PreviousSubnet: previous,
 		LeaseTTL:       d.cfg.LeaseTTL,
 		RenewMargin:    d.cfg.RenewMargin,
@@ -345,6 +346,9 @@ func (d *daemon) startDataPlane(cfg *subnet.Config, lease subnet.Lease) error {
 		SubnetLen: cfg.SubnetLen,
 		Lease:     lease,
 		Logger:    d.log.With("component", "dataplane"),
+
+		DirectRouting: cfg.DirectRouting,
+		Underlay:      d.sel.Index,
 	})
 	if err != nil {
 		return fmt.Errorf("data plane: %w", err)

@@ -53,6 +53,7 @@ func (b *Backend) Apply(events []subnet.Event) {
 	c := &b.ctl
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	defer b.applyDirect(events) // direct.go: kernel routes to on-link peers follow the leases
 	var (
 		e              *tableEdit // nil until the first change
 		added, removed int

@@ -68,6 +68,11 @@ type Options struct {
 	SubnetLen int          // length of every lease in Network
 	Lease     subnet.Lease // our own lease (its BackendData tells which features peers see us offer)
 	Logger    *slog.Logger // nil = slog.Default()
+	// DirectRouting routes on-link peers that advertise FeatureDirect
+	// through the kernel, via Underlay (the underlay interface's index;
+	// see direct.go). Off, New removes direct routes an earlier run left.
+	DirectRouting bool
+	Underlay      int
 }
 
 // Defaults and limits.
@@ -99,6 +104,7 @@ type Backend struct {
 	stats      []*loopStats // every loop's counters (TX and RX of each worker)
 
 	prober *mtuProber
+	direct *directRouter // kernel routes to on-link peers (direct.go)
 
 	running  atomic.Bool
 	stopping atomic.Bool
@@ -176,6 +182,9 @@ func New(opts Options) (*Backend, error) {
 	}
 	if len(b.workers) > 1 {
 		b.steer(b.workers[0].conn)
+	}
+	if b.direct, err = newDirectRouter(opts); err != nil {
+		return nil, err
 	}
 	b.log.Info("data plane ready", "device", dev.Name(), "driver", dev.Driver(), "offload", dev.Offload(),
 		"udp_offload", dev.UDPOffload(), "workers", len(b.workers), "mtu", opts.MTU,
@@ -376,12 +385,12 @@ func (b *Backend) closeIO() {
 	})
 }
 
-// Close stops the data plane's I/O and removes the TUN device (with its
-// address and route). Safe to call more than once, before or after Run.
+// Close stops the data plane's I/O, removes the direct routes and the TUN
+// device (with its address and route). Safe to call more than once, before or after Run.
 func (b *Backend) Close() error {
 	b.closeOnce.Do(func() {
 		b.closeIO()
-		b.closeErr = b.removeDevice()
+		b.closeErr = errors.Join(b.direct.close(), b.removeDevice())
 		if b.closeErr == nil && b.dev != nil {
 			b.log.Info("data plane closed", "device", b.dev.Name())
 		}
