@@ -301,7 +301,7 @@ func TestTLSWithClientCertificates(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := r.AcquireLease(ctx(t), cfg, attrs("192.0.2.1"), netip.Prefix{}, time.Minute); err != nil {
+	if _, err := r.AcquireLease(ctx(t), cfg, attrs("192.0.2.1"), subnet.Allocation{}, time.Minute); err != nil {
 		t.Fatal(err)
 	}
 	// Without a client certificate the server refuses, and the error says so.
@@ -355,7 +355,7 @@ func TestUsernameAndPassword(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := r.AcquireLease(cx, cfg, attrs("192.0.2.1"), netip.Prefix{}, time.Minute); err != nil {
+	if _, err := r.AcquireLease(cx, cfg, attrs("192.0.2.1"), subnet.Allocation{}, time.Minute); err != nil {
 		t.Fatal(err)
 	}
 	bad, err := New(Config{Endpoints: []string{s.Endpoint()}, Prefix: prefix, Username: "root", Password: "wrong", DialTimeout: 10 * time.Second}, lg)
