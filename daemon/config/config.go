@@ -332,9 +332,9 @@ func parseEndpoint(ep string) (string, error) {
 // Config.
 type rawFlags struct {
 	endpoints, publicIP, publicIPv6, tunDriver, logLevel string
-	ifaceRegexes                             []string
-	renewMargin                              int
-	version                                  bool
+	ifaceRegexes                                         []string
+	renewMargin                                          int
+	version                                              bool
 }
 
 func daemonFlagSet(c *Config, r *rawFlags) *FlagSet {

@@ -58,8 +58,8 @@ type Selection struct {
 	// PublicIPv6 is what other hosts send to over an IPv6 underlay:
 	// Spec.PublicIPv6 or Addr6; zero if neither.
 	PublicIPv6 netip.Addr
-	MTU      int        // the interface's MTU
-	Up       bool       // the interface is administratively up
+	MTU        int  // the interface's MTU
+	Up         bool // the interface is administratively up
 	// How says how it was chosen, for the start-up log line:
 	// "--iface eth1", "--iface-regex ^eth", "default route".
 	How string
