@@ -2,6 +2,7 @@ package udp
 
 import (
 	"errors"
+	"net/netip"
 
 	"github.com/tulle-net/tulle/backend/tundev"
 	"github.com/tulle-net/tulle/backend/udpconn"
@@ -54,7 +55,7 @@ func (rx *rxLoop) deliver(t *table, n int) error {
 			rx.drops[dropTruncated]++
 			continue
 		}
-		src, _ := proto.AddrUint32(m.Addr.Addr())
+		src := m.Addr.Addr()
 		if m.N == 0 {
 			rx.reject(t, src, dropMalformed)
 			continue
@@ -87,7 +88,7 @@ func (rx *rxLoop) deliver(t *table, n int) error {
 // its TTL. It returns the peer it came from, or nil if it is dropped
 // (counted), and whether its transport checksum is partial (marked, and
 // both leases advertise partial checksums; the mark is then cleared here).
-func (rx *rxLoop) accept(t *table, src uint32, pkt []byte) (_ *peer, partial bool) {
+func (rx *rxLoop) accept(t *table, src netip.Addr, pkt []byte) (_ *peer, partial bool) {
 	total, err := proto.CheckIPv4(pkt)
 	if err != nil || total != len(pkt) || !proto.IPv4HeaderChecksumValid(pkt) {
 		reason := dropMalformed
@@ -98,7 +99,7 @@ func (rx *rxLoop) accept(t *table, src uint32, pkt []byte) (_ *peer, partial boo
 		return nil, false
 	}
 	p := t.lookup(proto.IPv4SrcUint32(pkt))
-	if p == nil || p.public != src {
+	if p == nil || !p.sentFrom(src) {
 		rx.reject(t, src, dropSpoofedSource)
 		return nil, false
 	}
@@ -123,7 +124,7 @@ func (rx *rxLoop) accept(t *table, src uint32, pkt []byte) (_ *peer, partial boo
 
 // reject counts a dropped datagram: as unknown_sender if src holds no
 // lease, whatever else is wrong with it, else for reason.
-func (rx *rxLoop) reject(t *table, src uint32, reason dropReason) {
+func (rx *rxLoop) reject(t *table, src netip.Addr, reason dropReason) {
 	if !t.isSender(src) {
 		reason = dropUnknownSender
 	}

@@ -58,16 +58,34 @@ import (
 
 // Options configure New.
 type Options struct {
-	TunName   string       // default "tulle0"
-	Driver    string       // "offload" (default) or "water"
-	Workers   int          // 0 = runtime.NumCPU()
-	Port      int          // UDP port to listen on and send to (Backend.Port); 0 = 8285
-	PublicIP  netip.Addr   // our underlay address (the lease's PublicIP); sockets bind 0.0.0.0:Port
-	MTU       int          // TUN MTU = underlay MTU - 28 (the daemon computes it)
+	TunName  string     // default "tulle0"
+	Driver   string     // "offload" (default) or "water"
+	Workers  int        // 0 = runtime.NumCPU()
+	Port     int        // UDP port to listen on and send to (Backend.Port); 0 = 8285
+	PublicIP netip.Addr // our underlay address (the lease's PublicIP); sockets bind 0.0.0.0:Port
+	// MTU is the TUN MTU the daemon computes: underlay MTU - 28, or - 48
+	// when IPv6Underlay is on and we have a PublicIPv6.
+	MTU       int
 	Network   netip.Prefix // overlay network: route "<Network> dev tun"
 	SubnetLen int          // length of every lease in Network
-	Lease     subnet.Lease // our own lease (its BackendData tells which features peers see us offer)
-	Logger    *slog.Logger // nil = slog.Default()
+	// Lease is our own lease: its IPv6Subnet is our IPv6 lease, its
+	// BackendData tells which features peers see us offer.
+	Lease  subnet.Lease
+	Logger *slog.Logger // nil = slog.Default()
+	// IPv6Network is the IPv6 overlay network (route "<IPv6Network> dev
+	// tun"); zero for an IPv4-only overlay. Inner IPv6 packets are then
+	// carried (dualstack.go), and Lease.IPv6Subnet must be a lease of it.
+	IPv6Network netip.Prefix
+	// IPv6SubnetLen is the length of every IPv6 lease (flannel's
+	// IPv6SubnetLen); 0 = 64.
+	IPv6SubnetLen int
+	// PublicIPv6 is our IPv6 underlay address (the lease's PublicIPv6);
+	// zero if none.
+	PublicIPv6 netip.Addr
+	// IPv6Underlay is the network config's Backend.IPv6Underlay: with a
+	// PublicIPv6, sockets are also bound to [::]:Port and peers whose
+	// leases offer it (FeatureIPv6Underlay) are talked to over IPv6.
+	IPv6Underlay bool
 	// DirectRouting routes on-link peers that advertise FeatureDirect
 	// through the kernel, via Underlay (the underlay interface's index;
 	// see direct.go). Off, New removes direct routes an earlier run left.
@@ -78,9 +96,11 @@ type Options struct {
 // Defaults and limits.
 const (
 	DefaultTunName = "tulle0"
-	// maxSubnets bounds the route table's top level (see table.go): a /8
-	// in /30s, 1,024 pointers copied per update.
-	maxSubnets = 1 << 22
+	// maxSubnetBits bounds the route tables' top levels (see table.go): a
+	// /8 in /30s, 1,024 pointers copied per update; an IPv6 network may
+	// hold as many leases (a /48 in /64s is 16 bits).
+	maxSubnetBits = 22
+	maxSubnets    = 1 << maxSubnetBits
 	// socketBuffer is the receive and send buffer of each socket.
 	socketBuffer = 8 << 20
 )
@@ -160,7 +180,7 @@ func New(opts Options) (*Backend, error) {
 	}
 
 	b.ctl.init()
-	b.table.Store(newTable(opts.Network, opts.SubnetLen, opts.Lease.Subnet))
+	b.table.Store(newTableFor(&opts))
 	for i, q := range dev.Queues() {
 		conn, err := udpconn.Listen(netip.AddrPortFrom(netip.IPv4Unspecified(), uint16(opts.Port)), udpconn.Options{
 			ReusePort:  true,
@@ -225,7 +245,7 @@ func checkOptions(o *Options) error {
 	if o.SubnetLen <= o.Network.Bits() || o.SubnetLen > 32 {
 		return fmt.Errorf("udp backend: SubnetLen %d: must be longer than the network's /%d and at most 32", o.SubnetLen, o.Network.Bits())
 	}
-	if n := 1 << (o.SubnetLen - o.Network.Bits()); o.SubnetLen-o.Network.Bits() > 22 {
+	if n := 1 << (o.SubnetLen - o.Network.Bits()); o.SubnetLen-o.Network.Bits() > maxSubnetBits {
 		return fmt.Errorf("udp backend: network %v in /%d subnets: more than %d subnets (%d) are not supported", o.Network, o.SubnetLen, maxSubnets, n)
 	}
 	l := o.Lease.Subnet
@@ -236,6 +256,35 @@ func checkOptions(o *Options) error {
 		return fmt.Errorf("udp backend: public IP %v: must be IPv4", o.PublicIP)
 	}
 	o.PublicIP = o.PublicIP.Unmap()
+	if o.PublicIPv6.IsValid() && !isPublicIPv6(o.PublicIPv6) {
+		return fmt.Errorf("udp backend: public IPv6 %v: must be an IPv6 unicast address", o.PublicIPv6)
+	}
+	return checkIPv6Options(o)
+}
+
+// checkIPv6Options validates the IPv6 network and our IPv6 lease.
+func checkIPv6Options(o *Options) error {
+	nw := o.IPv6Network
+	if !nw.IsValid() {
+		return nil
+	}
+	if !nw.Addr().Is6() || nw.Addr().Is4In6() || nw != nw.Masked() {
+		return fmt.Errorf("udp backend: IPv6 network %v: must be an IPv6 prefix with no host bits", nw)
+	}
+	if o.IPv6SubnetLen == 0 {
+		o.IPv6SubnetLen = 64
+	}
+	if o.IPv6SubnetLen <= nw.Bits() || o.IPv6SubnetLen > 128 {
+		return fmt.Errorf("udp backend: IPv6SubnetLen %d: must be longer than the IPv6 network's /%d and at most 128", o.IPv6SubnetLen, nw.Bits())
+	}
+	if o.IPv6SubnetLen-nw.Bits() > maxSubnetBits {
+		return fmt.Errorf("udp backend: IPv6 network %v in /%d subnets: more than %d subnets are not supported (use a longer IPv6Network or a shorter IPv6SubnetLen, e.g. a /48 in /64s)",
+			nw, o.IPv6SubnetLen, maxSubnets)
+	}
+	l := o.Lease.IPv6Subnet
+	if !l.IsValid() || !l.Addr().Is6() || l.Bits() != o.IPv6SubnetLen || l != l.Masked() || !nw.Contains(l.Addr()) {
+		return fmt.Errorf("udp backend: own IPv6 lease %v: must be a /%d subnet of %v", l, o.IPv6SubnetLen, nw)
+	}
 	return nil
 }
 
