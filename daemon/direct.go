@@ -14,14 +14,19 @@ import (
 // only while our own lease advertises it). It runs on the lease manager's
 // goroutine, before the lease is written; d.sel is set by then and not
 // changed afterwards.
+//
+// In a dual-stack network it also advertises the IPv6 features
+// (udp.IPv6Features: the IPv6 data plane, and the IPv6 underlay when the
+// config turns it on and this host has an IPv6 underlay address).
 func (d *daemon) leaseBackendData(cfg *subnet.Config) json.RawMessage {
+	ipv6 := udp.IPv6Features(cfg, d.sel.PublicIPv6)
 	if !cfg.DirectRouting {
-		return backendData(d.cfg.PartialChecksums)
+		return backendData(d.cfg.PartialChecksums, ipv6...)
 	}
 	if err := udp.CheckDirect(d.sel.Index, d.sel.PublicIP); err != nil {
 		d.log.Warn("DirectRouting is on in the network config, but this host cannot take direct traffic: every peer keeps the UDP path to and from it",
 			"error", err)
-		return backendData(d.cfg.PartialChecksums)
+		return backendData(d.cfg.PartialChecksums, ipv6...)
 	}
-	return backendData(d.cfg.PartialChecksums, udp.FeatureDirect)
+	return backendData(d.cfg.PartialChecksums, append([]string{udp.FeatureDirect}, ipv6...)...)
 }

@@ -96,10 +96,11 @@ type daemon struct {
 	mgr           *subnet.Manager
 	netCfg        *subnet.Config
 	lease         subnet.Lease
+	mtu           int // the TUN device's (tunMTU)
 	be            *udp.Backend
 	beRunning     bool
 	beDeadSince   time.Time
-	masq          *ipmasq.Rules
+	masq          []*ipmasq.Rules // IPv4, then IPv6 in a dual-stack network
 	masqInstalled bool
 	masqErr       error
 	pol           *policyRunner
@@ -192,7 +193,7 @@ func sameListener(a, b string) bool {
 // setup does the steps that can not wait: the interface, the previous
 // subnet, the registry and the lease manager.
 func (d *daemon) setup() error {
-	sel, err := netif.Select(nil, netif.Spec{Ifaces: d.cfg.Ifaces, Regexes: d.cfg.IfaceRegexes, PublicIP: d.cfg.PublicIP})
+	sel, err := netif.Select(nil, netif.Spec{Ifaces: d.cfg.Ifaces, Regexes: d.cfg.IfaceRegexes, PublicIP: d.cfg.PublicIP, PublicIPv6: d.cfg.PublicIPv6})
 	if err != nil {
 		err = fmt.Errorf("underlay interface: %w", err)
 		if len(d.cfg.Ifaces) > 0 || len(d.cfg.IfaceRegexes) > 0 {
@@ -202,16 +203,16 @@ func (d *daemon) setup() error {
 	}
 	d.sel = sel
 	d.log.Info("underlay interface", "iface", sel.Name, "addr", sel.Addr, "public_ip", sel.PublicIP,
-		"mtu", sel.MTU, "tun_mtu", sel.TunMTU(), "chosen_by", sel.How)
+		"addr6", sel.Addr6, "public_ipv6", sel.PublicIPv6, "mtu", sel.MTU, "chosen_by", sel.How)
 	if !sel.Up {
 		d.log.Warn("underlay interface is down; traffic will not flow until it is up", "iface", sel.Name)
 	}
 
-	var previous netip.Prefix
+	var previous, previous6 netip.Prefix
 	switch env, err := subnet.ReadEnv(d.cfg.SubnetFile); {
 	case err == nil:
-		previous = env.Subnet
-		d.log.Info("previous subnet found; asking for it again", "subnet", previous, "file", d.cfg.SubnetFile)
+		previous, previous6 = env.Subnet, env.IPv6Subnet
+		d.log.Info("previous subnet found; asking for it again", "subnet", previous, "ipv6_subnet", previous6, "file", d.cfg.SubnetFile)
 	case errors.Is(err, fs.ErrNotExist):
 		d.log.Debug("no previous subnet file", "file", d.cfg.SubnetFile)
 	default:
@@ -223,15 +224,17 @@ func (d *daemon) setup() error {
 		return asConfigError(fmt.Errorf("etcd: %w", err))
 	}
 	d.mgr = subnet.NewManager(d.reg, subnet.ManagerOptions{
-		PublicIP:       sel.PublicIP,
-		BackendData:    backendData(d.cfg.PartialChecksums),
-		BackendDataFor: d.leaseBackendData, // direct.go: features the network config turns on
-		PreviousSubnet: previous,
-		LeaseTTL:       d.cfg.LeaseTTL,
-		RenewMargin:    d.cfg.RenewMargin,
-		StartTimeout:   d.cfg.StartTimeout,
-		CheckConfig:    checkNetworkConfig,
-		Logger:         d.log.With("component", "lease"),
+		PublicIP:           sel.PublicIP,
+		PublicIPv6:         sel.PublicIPv6, // written only in a dual-stack network
+		BackendData:        backendData(d.cfg.PartialChecksums),
+		BackendDataFor:     d.leaseBackendData, // direct.go: features the network config turns on
+		PreviousSubnet:     previous,
+		PreviousIPv6Subnet: previous6,
+		LeaseTTL:           d.cfg.LeaseTTL,
+		RenewMargin:        d.cfg.RenewMargin,
+		StartTimeout:       d.cfg.StartTimeout,
+		CheckConfig:        checkNetworkConfig,
+		Logger:             d.log.With("component", "lease"),
 	})
 	return nil
 }
@@ -312,7 +315,7 @@ func checkNetworkConfig(cfg *subnet.Config) error {
 		return fmt.Errorf("Backend.Type is %q: tulled carries only flannel's udp backend", cfg.BackendType)
 	}
 	if !cfg.EnableIPv4 {
-		return errors.New("EnableIPv4 is false: tulled's udp backend carries IPv4 only")
+		return errIPv6Only
 	}
 	return nil
 }
@@ -320,28 +323,29 @@ func checkNetworkConfig(cfg *subnet.Config) error {
 // startDataPlane runs once the lease is held: TUN device, data plane,
 // lease manager.
 func (d *daemon) startDataPlane(cfg *subnet.Config, lease subnet.Lease) error {
-	d.netCfg, d.lease = cfg, lease
+	d.netCfg, d.lease, d.mtu = cfg, lease, tunMTU(d.sel, cfg)
 	exp := "never (reservation)"
 	if !lease.Reservation {
 		exp = lease.Expiration.UTC().Format(time.RFC3339)
 	}
 	d.log.Info("network config", "network", cfg.Network, "subnet_len", cfg.SubnetLen, "backend", cfg.BackendType, "port", cfg.Port,
-		"subnet", lease.Subnet, "lease_expires", exp)
+		"subnet", lease.Subnet, "lease_expires", exp,
+		"ipv6_network", cfg.IPv6Network, "ipv6_subnet", lease.IPv6Subnet, "ipv6_underlay", d.ipv6Underlay(cfg))
 	if !lease.Subnet.IsValid() {
-		return asConfigError(errors.New("lease has no IPv4 subnet: tulled's udp backend carries IPv4 only"))
+		return asConfigError(errors.New("lease has no IPv4 subnet: flannel's etcd layout keys every lease by its IPv4 subnet"))
 	}
-	if cfg.EnableIPv6 {
-		d.log.Warn("the network config enables IPv6, which the udp backend does not carry (as flannel's does not); serving IPv4 only", "ipv6_network", cfg.IPv6Network)
+	if err := checkDualStack(cfg, lease, d.mtu); err != nil {
+		return err
 	}
 
 	d.phase = "starting the data plane"
-	be, err := udp.New(udp.Options{
+	opts := udp.Options{
 		TunName:   d.cfg.TunName,
 		Driver:    d.cfg.TunDriver,
 		Workers:   d.cfg.Workers,
 		Port:      cfg.Port,
 		PublicIP:  d.sel.PublicIP,
-		MTU:       d.sel.TunMTU(),
+		MTU:       d.mtu,
 		Network:   cfg.Network,
 		SubnetLen: cfg.SubnetLen,
 		Lease:     lease,
@@ -349,7 +353,9 @@ func (d *daemon) startDataPlane(cfg *subnet.Config, lease subnet.Lease) error {
 
 		DirectRouting: cfg.DirectRouting,
 		Underlay:      d.sel.Index,
-	})
+	}
+	d.dualStackOptions(&opts, cfg) // dualstack.go
+	be, err := udp.New(opts)
 	if err != nil {
 		return fmt.Errorf("data plane: %w", err)
 	}
@@ -358,7 +364,7 @@ func (d *daemon) startDataPlane(cfg *subnet.Config, lease subnet.Lease) error {
 		d.log.Warn("data plane metrics not registered", "error", err)
 	}
 	d.log.Info("TUN device up", "device", d.cfg.TunName, "addr", netip.PrefixFrom(lease.Subnet.Addr(), 32),
-		"route", cfg.Network, "mtu", d.sel.TunMTU(), "port", cfg.Port)
+		"route", cfg.Network, "route6", opts.IPv6Network, "mtu", d.mtu, "port", cfg.Port)
 
 	d.beDone = make(chan error, 1)
 	d.beRunning = true
@@ -375,12 +381,15 @@ func (d *daemon) startDataPlane(cfg *subnet.Config, lease subnet.Lease) error {
 // finishStartup runs after the first batch of lease events is applied:
 // subnet.env, then ip-masq.
 func (d *daemon) finishStartup() error {
-	env := subnet.Env{Network: d.netCfg.Network, Subnet: d.lease.Subnet, MTU: d.sel.TunMTU(), IPMasq: d.cfg.IPMasq}
+	env := subnet.Env{Network: d.netCfg.Network, Subnet: d.lease.Subnet, MTU: d.mtu, IPMasq: d.cfg.IPMasq}
+	if d.netCfg.EnableIPv6 {
+		env.IPv6Network, env.IPv6Subnet = d.netCfg.IPv6Network, d.lease.IPv6Subnet
+	}
 	if err := subnet.WriteEnv(d.cfg.SubnetFile, env); err != nil {
 		return fmt.Errorf("subnet file: %w", err)
 	}
 	d.envWritten = true
-	d.log.Info("subnet file written", "file", d.cfg.SubnetFile, "subnet", dockerBIP(d.lease.Subnet), "mtu", env.MTU, "ip_masq", env.IPMasq)
+	d.log.Info("subnet file written", "file", d.cfg.SubnetFile, "subnet", dockerBIP(d.lease.Subnet), "ipv6_subnet", env.IPv6Subnet, "mtu", env.MTU, "ip_masq", env.IPMasq)
 	if d.cfg.IPMasq {
 		d.phase = "installing ip-masq rules"
 		d.tryMasq(time.Now())
@@ -392,21 +401,25 @@ func (d *daemon) finishStartup() error {
 // on failure the main loop tries again after masqEvery.
 func (d *daemon) tryMasq(now time.Time) {
 	if d.masq == nil {
-		m, err := ipmasq.New(d.netCfg.Network, d.lease.Subnet, d.log.With("component", "ip-masq"))
+		rules, err := d.newMasqRules() // dualstack.go
 		if err != nil {
 			d.masqFailed(now, err)
 			return
 		}
-		d.masq = m
+		d.masq = rules
 	}
-	if _, err := d.masq.Ensure(); err != nil {
-		d.masqFailed(now, err)
-		return
+	for _, m := range d.masq {
+		if _, err := m.Ensure(); err != nil {
+			d.masqFailed(now, err)
+			return
+		}
 	}
 	d.masqInstalled, d.masqErr = true, nil
-	d.log.Info("ip-masq rules installed", "chain", ipmasq.Chain, "network", d.netCfg.Network, "subnet", d.lease.Subnet)
-	m := d.masq
-	d.wg.Go(func() { m.Keep(d.runCtx, masqEvery) })
+	d.log.Info("ip-masq rules installed", "chain", ipmasq.Chain, "network", d.netCfg.Network, "subnet", d.lease.Subnet,
+		"ipv6_network", d.netCfg.IPv6Network, "ipv6_subnet", d.lease.IPv6Subnet)
+	for _, m := range d.masq {
+		d.wg.Go(func() { m.Keep(d.runCtx, masqEvery) })
+	}
 }
 
 func (d *daemon) masqFailed(now time.Time, err error) {
@@ -430,7 +443,8 @@ func (d *daemon) notePeers(batch []subnet.Event) {
 			d.peers[l.Subnet] = l
 			if !known || old.Attrs.PublicIP != l.Attrs.PublicIP {
 				kind, version := hostKind(l.Attrs)
-				d.log.Info("peer added", "subnet", l.Subnet, "public_ip", l.Attrs.PublicIP, "host", kind, "version", version)
+				d.log.Info("peer added", "subnet", l.Subnet, "ipv6_subnet", l.IPv6Subnet, "public_ip", l.Attrs.PublicIP,
+					"public_ipv6", l.Attrs.PublicIPv6, "host", kind, "version", version)
 			}
 		case subnet.EventRemoved:
 			if _, known := d.peers[l.Subnet]; known {
@@ -519,7 +533,7 @@ func (d *daemon) publish() {
 		d.ready = true
 		d.phase = "running"
 		line = d.statusLine(reason)
-		d.log.Info("ready", "subnet", d.lease.Subnet, "public_ip", d.sel.PublicIP, "peers", len(d.peers))
+		d.log.Info("ready", "subnet", d.lease.Subnet, "ipv6_subnet", d.lease.IPv6Subnet, "public_ip", d.sel.PublicIP, "peers", len(d.peers))
 		d.notify.Ready(line)
 	case reason == "" && d.lastReason != "":
 		d.log.Info("ready again")
@@ -538,7 +552,7 @@ func (d *daemon) statusLine(reason string) string {
 	case d.stopping:
 		return d.stopStatus
 	case reason == "":
-		return fmt.Sprintf("running: subnet %s, %d peers", d.lease.Subnet, len(d.peers))
+		return fmt.Sprintf("running: subnet %s, %d peers", subnetsText(d.lease), len(d.peers))
 	case !d.ready:
 		return "starting: " + reason
 	default:
@@ -567,11 +581,11 @@ func (d *daemon) shutdown(cause error) error {
 			d.log.Info("data plane stopped; TUN device removed", "device", d.cfg.TunName)
 		}
 	}
-	if d.masq != nil {
-		if err := d.masq.Remove(); err != nil {
-			d.log.Error("remove ip-masq rules", "error", err)
+	for _, m := range d.masq {
+		if err := m.Remove(); err != nil {
+			d.log.Error("remove ip-masq rules", "family", m.Family(), "error", err)
 		} else {
-			d.log.Info("ip-masq rules removed", "chain", ipmasq.Chain)
+			d.log.Info("ip-masq rules removed", "chain", ipmasq.Chain, "family", m.Family())
 		}
 	}
 	if d.reg != nil {
