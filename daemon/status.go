@@ -8,11 +8,13 @@ import (
 	"io"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"sort"
 	"strings"
 	"text/tabwriter"
 	"time"
 
+	"github.com/tulle-net/tulle/backend/udp"
 	"github.com/tulle-net/tulle/daemon/config"
 	"github.com/tulle-net/tulle/subnet"
 	etcdreg "github.com/tulle-net/tulle/subnet/etcd"
@@ -81,6 +83,11 @@ type statusLease struct {
 	Host        string     `json:"host"`       // "tulle" or "flannel" (or "flannel vxlan", ...)
 	Version     string     `json:"version,omitempty"`
 	BackendType string     `json:"backendType,omitempty"`
+	// Features are those a Tulle host advertises (udp.HostInfo); IPv6 says
+	// whether the host carries inner IPv6 (feature "ipv6"): in a
+	// dual-stack network only those are sent IPv6.
+	Features []string `json:"features,omitempty"`
+	IPv6     bool     `json:"ipv6"`
 }
 
 type statusMalformed struct {
@@ -126,6 +133,10 @@ func readStatus(ctx context.Context, e config.Etcd, timeout time.Duration) (*sta
 			BackendType: l.Attrs.BackendType,
 		}
 		sl.Host, sl.Version = hostKind(l.Attrs)
+		if info, ok := udp.ParseHostInfo(l.Attrs.BackendData); ok {
+			sl.Features = info.Features
+			sl.IPv6 = slices.Contains(info.Features, udp.FeatureIPv6)
+		}
 		if !l.Expiration.IsZero() {
 			exp := l.Expiration.UTC().Truncate(time.Second)
 			sl.Expiration = &exp
@@ -224,6 +235,9 @@ func (r *statusReport) writeTable(w io.Writer, now time.Time) error {
 			host := l.Host
 			if l.Version != "" {
 				host += " " + l.Version
+			}
+			if r.Config != nil && r.Config.IPv6Network != "" && !l.IPv6 {
+				host += " (IPv4 only)" // never sent IPv6, e.g. a flannel host
 			}
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", subnetText, ipText, expires, kind, host)
 		}

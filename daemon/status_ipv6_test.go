@@ -28,7 +28,7 @@ func TestStatusShowsBothFamilies(t *testing.T) {
 		t.Fatal(err)
 	}
 	for k, v := range map[string]string{
-		p + "/subnets/198.18.1.0-24&2001:db8:1:1::-64": `{"PublicIP":"192.0.2.1","PublicIPv6":"2001:db8:ffff::1","BackendData":{"tulle":{"version":"v0.1.0"}}}`,
+		p + "/subnets/198.18.1.0-24&2001:db8:1:1::-64": `{"PublicIP":"192.0.2.1","PublicIPv6":"2001:db8:ffff::1","BackendData":{"tulle":{"version":"v0.1.0","features":["ipv6"]}}}`,
 		p + "/subnets/198.18.2.0-24&2001:db8:1:2::-64": `{"PublicIP":"192.0.2.2","PublicIPv6":null}`,
 	} {
 		if _, err := cli.Put(ctx, k, v, clientv3.WithLease(grant.ID)); err != nil {
@@ -42,7 +42,7 @@ func TestStatusShowsBothFamilies(t *testing.T) {
 	for _, re := range []string{
 		`\nIPv6 network: +2001:db8:1::/48, subnets /64 from 2001:db8:1:1:: to 2001:db8:1:ffff::\n`,
 		`\n198\.18\.1\.0/24 2001:db8:1:1::/64 +192\.0\.2\.1 2001:db8:ffff::1 +20\d\d-.* +lease +tulle v0\.1\.0\n`,
-		`\n198\.18\.2\.0/24 2001:db8:1:2::/64 +192\.0\.2\.2 +20\d\d-.* +lease +flannel\n`,
+		`\n198\.18\.2\.0/24 2001:db8:1:2::/64 +192\.0\.2\.2 +20\d\d-.* +lease +flannel \(IPv4 only\)\n`,
 	} {
 		if !matches(re, out.String()) {
 			t.Errorf("output lacks /%s/:\n%s", re, out.String())
@@ -60,10 +60,10 @@ func TestStatusShowsBothFamilies(t *testing.T) {
 	if rep.Config == nil || rep.Config.IPv6Network != "2001:db8:1::/48" || rep.Config.IPv6SubnetLen != 64 || len(rep.Leases) != 2 {
 		t.Fatalf("--json: %s", out.String())
 	}
-	if l := rep.Leases[0]; l.IPv6Subnet != "2001:db8:1:1::/64" || l.PublicIPv6 != "2001:db8:ffff::1" {
+	if l := rep.Leases[0]; l.IPv6Subnet != "2001:db8:1:1::/64" || l.PublicIPv6 != "2001:db8:ffff::1" || !l.IPv6 || strings.Join(l.Features, ",") != "ipv6" {
 		t.Errorf("lease %+v", l)
 	}
-	if l := rep.Leases[1]; l.IPv6Subnet != "2001:db8:1:2::/64" || l.PublicIPv6 != "" || !strings.HasPrefix(l.Subnet, "198.18.2.") {
+	if l := rep.Leases[1]; l.IPv6Subnet != "2001:db8:1:2::/64" || l.PublicIPv6 != "" || l.IPv6 || !strings.HasPrefix(l.Subnet, "198.18.2.") {
 		t.Errorf("lease %+v", l)
 	}
 }
