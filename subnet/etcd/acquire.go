@@ -359,7 +359,12 @@ func (r *Registry) RenewLease(ctx context.Context, l subnet.Lease, ttl time.Dura
 	start := time.Now()
 	octx, cancel := r.op(ctx)
 	defer cancel()
+	used := r.tokenInUse()
 	ka, err := cli.KeepAliveOnce(octx, clientv3.LeaseID(l.LeaseID))
+	if err != nil && r.refreshAuth(ctx, cli.ActiveConnection(), used, err) {
+		start = time.Now()
+		ka, err = cli.KeepAliveOnce(octx, clientv3.LeaseID(l.LeaseID)) // a stream: made again with the new token
+	}
 	if errors.Is(err, rpctypes.ErrLeaseNotFound) {
 		return l, fmt.Errorf("renew lease %s: %w: etcd lease %x expired", l.Subnet, subnet.ErrLeaseGone, l.LeaseID)
 	}

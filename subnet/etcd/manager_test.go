@@ -364,10 +364,10 @@ func TestUsernameAndPassword(t *testing.T) {
 	}
 	defer bad.Close()
 	_, err = bad.GetNetworkConfig(cx)
-	if err == nil || !strings.Contains(err.Error(), "authentication failed") {
+	if err == nil || !strings.Contains(err.Error(), "etcd refused the password for user root") || !errors.Is(err, subnet.ErrRefused) {
 		t.Errorf("wrong password: %v", err)
 	}
-	if st := bad.Status(); st.Connected || !strings.Contains(st.Detail, "authentication failed") {
+	if st := bad.Status(); st.Connected || !strings.Contains(st.Detail, "etcd refused the password for user root") {
 		t.Errorf("status %+v", st)
 	}
 }

@@ -53,9 +53,10 @@ type Registry struct {
 	cfg           Config
 	log           *slog.Logger
 	tls           *tls.Config
-	configKey     string // <prefix>/config
-	subnetsPrefix string // <prefix>/subnets/
-	endpoints     string // for messages
+	configKey     string     // <prefix>/config
+	subnetsPrefix string     // <prefix>/subnets/
+	endpoints     string     // for messages
+	auth          *tokenAuth // nil without username
 
 	// Timing; New sets them from DialTimeout, tests in this package shorten them.
 	opTimeout     time.Duration // one RPC
@@ -72,7 +73,8 @@ type Registry struct {
 
 	watchRev   atomic.Int64 // of the lease watch
 	attempts   atomic.Uint64
-	leaseCount atomic.Int64 // leases the lease watch knows
+	leaseCount atomic.Int64  // leases the lease watch knows
+	sessions   atomic.Uint64 // watch sessions started, each on its own stream
 	malformed  atomic.Uint64
 	malMu      sync.Mutex
 	malSeen    map[string]int64 // key -> ModRevision already reported malformed
@@ -125,6 +127,9 @@ func New(cfg Config, logger *slog.Logger) (*Registry, error) {
 		backoffMax:    10 * time.Second,
 		acquireTries:  20,
 		malSeen:       map[string]int64{},
+	}
+	if cfg.Username != "" {
+		r.auth = &tokenAuth{user: cfg.Username, password: cfg.Password}
 	}
 	r.st.Detail = "not connected yet to etcd at " + r.endpoints
 	return r, nil
@@ -184,8 +189,8 @@ func dialTarget(ep string) (network, addr string, err error) {
 }
 
 // client returns the etcd client, creating it on first use. Creating it
-// does not wait for a connection unless username/password are set (etcd's
-// client then fetches a token, bounded by DialTimeout).
+// does not wait for a connection (the login, with username and password,
+// happens with the first request).
 func (r *Registry) client(ctx context.Context) (*clientv3.Client, error) {
 	r.mu.Lock()
 	cli, closed := r.cli, r.closed
@@ -213,13 +218,8 @@ func (r *Registry) client(ctx context.Context) (*clientv3.Client, error) {
 		DialKeepAliveTime:    10 * time.Second,
 		DialKeepAliveTimeout: r.cfg.DialTimeout,
 		TLS:                  r.tls,
-		Username:             r.cfg.Username,
-		Password:             r.cfg.Password,
 		Logger:               zap.NewNop(),
-		DialOptions: []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
-			Backoff:           grpcbackoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 5 * time.Second},
-			MinConnectTimeout: r.cfg.DialTimeout,
-		})},
+		DialOptions:          r.dialOptions(),
 	})
 	if err != nil {
 		return nil, r.fail(ctx, fmt.Errorf("connect: %w", err))
@@ -232,6 +232,20 @@ func (r *Registry) client(ctx context.Context) (*clientv3.Client, error) {
 	}
 	r.cli = cli
 	return cli, nil
+}
+
+func (r *Registry) dialOptions() []grpc.DialOption {
+	opts := []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
+		Backoff:           grpcbackoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 5 * time.Second},
+		MinConnectTimeout: r.cfg.DialTimeout,
+	})}
+	if r.auth != nil {
+		// Username and password are not given to clientv3: tokenAuth logs
+		// in and renews the token itself.
+		opts = append(opts, grpc.WithPerRPCCredentials(r.auth),
+			grpc.WithChainUnaryInterceptor(r.auth.unary), grpc.WithChainStreamInterceptor(r.auth.stream))
+	}
+	return opts
 }
 
 // op returns a context for one RPC, bounded by opTimeout.
@@ -325,6 +339,19 @@ func (e *UnreachableError) Error() string {
 }
 
 func (e *UnreachableError) Unwrap() error { return e.Err }
+
+// RefusedError says that etcd answered but refused us, and why: "etcd
+// refused the password for user tulle", "permission denied for user tulle
+// on /coreos.com/network/config", a TLS certificate that one side does not
+// accept. Retrying does not help. errors.Is(err, subnet.ErrRefused) holds.
+type RefusedError struct {
+	Reason string
+	Err    error // what etcd or the TLS handshake said
+}
+
+func (e *RefusedError) Error() string { return e.Reason }
+
+func (e *RefusedError) Unwrap() []error { return []error{subnet.ErrRefused, e.Err} }
 
 // unreachable reports whether err means that no etcd server answered.
 func unreachable(err error) bool {
