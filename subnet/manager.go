@@ -58,6 +58,9 @@ type ManagerStatus struct {
 	RenewFailures  uint64 // failed renewals and re-acquisitions since start
 	LastRenewError error  // nil after a success
 	Phase          string // one of the Phase* constants
+	// RenewAt is when the lease is due for renewal (RenewMargin before it
+	// expires); zero for a reservation or while no lease is held.
+	RenewAt time.Time
 }
 
 // Manager takes this host's lease from a Registry, keeps it, and forwards
@@ -370,6 +373,9 @@ func (m *Manager) setPhase(p string) {
 func (m *Manager) Status() ManagerStatus {
 	m.mu.Lock()
 	st := ManagerStatus{Lease: m.lease, LeaseHeld: m.held, RenewFailures: m.renewFailures, LastRenewError: m.lastRenewErr, Phase: m.phase}
+	if m.held && !m.lease.Reservation && !m.lease.Expiration.IsZero() {
+		st.RenewAt = m.lease.Expiration.Add(-m.opts.RenewMargin)
+	}
 	m.mu.Unlock()
 	st.Registry = m.reg.Status()
 	return st

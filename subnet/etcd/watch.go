@@ -112,6 +112,9 @@ func (w *prefixWatch) run(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
+		if w.leases {
+			r.watchUp(false)
+		}
 		if !connectedAt.IsZero() && time.Since(connectedAt) >= r.backoffMax {
 			bo.Reset()
 		}
@@ -203,6 +206,9 @@ func (w *prefixWatch) session(ctx context.Context) (connectedAt time.Time, err e
 			case resp.Created:
 				createTimer.Stop()
 				connectedAt = time.Now()
+				if w.leases {
+					r.watchUp(true)
+				}
 				w.okDetail()
 			case resp.IsProgressNotify():
 				r.ok()
