@@ -306,6 +306,9 @@ func (d *daemon) loop(ctx context.Context, httpDone <-chan error) error {
 				if errors.Is(r.err, subnet.ErrInvalidConfig) {
 					return asConfigError(fmt.Errorf("network config in etcd: %w", r.err))
 				}
+				if errors.Is(r.err, subnet.ErrRefused) {
+					return asConfigError(fmt.Errorf("etcd: %w", r.err))
+				}
 				return fmt.Errorf("take a subnet lease: %w", r.err)
 			}
 			if err := d.startDataPlane(r.cfg, r.lease); err != nil {

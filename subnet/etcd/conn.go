@@ -42,29 +42,41 @@ func (r *Registry) connectedLocked(detail string) {
 	r.st.Connected, r.st.LastError, r.st.Detail = true, nil, detail
 }
 
-// fail explains err (an unreachable etcd becomes "waiting for etcd at
-// <endpoints>: <cause>"), records it in the status, and returns it. An
-// error from the caller's own cancellation is returned as it is.
-func (r *Registry) fail(ctx context.Context, err error) error {
+// fail is failOn without a key.
+func (r *Registry) fail(ctx context.Context, err error) error { return r.failOn(ctx, "", err) }
+
+// failOn explains err from a request about key: an unreachable etcd
+// becomes "waiting for etcd at <endpoints>: <cause>" (*UnreachableError), a
+// refusal says what was refused and why (*RefusedError, e.g. "permission
+// denied for user tulle on <key>"). It records it in the status and
+// returns it. An error from the caller's own cancellation is returned as it
+// is.
+func (r *Registry) failOn(ctx context.Context, key string, err error) error {
 	if err == nil || ctx.Err() != nil {
 		return err
 	}
 	var ue *UnreachableError
-	if unreachable(err) && !errors.As(err, &ue) {
-		err = &UnreachableError{Endpoints: r.endpoints, Cause: r.diagnose(err), Err: err}
+	var re *RefusedError
+	if refused := r.refusal(err, key); refused != nil {
+		err = refused
+	} else if unreachable(err) && !errors.As(err, &ue) {
+		err = r.diagnose(ctx, err)
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.closed {
 		return err
 	}
-	if errors.As(err, &ue) {
+	switch {
+	case errors.As(err, &ue):
 		if r.st.Connected {
 			r.downSince = time.Now()
 			r.log.Warn("etcd unreachable", "endpoints", r.endpoints, "cause", ue.Cause)
 		}
 		r.st.Detail = ue.Error()
-	} else {
+	case errors.As(err, &re):
+		r.st.Detail = "etcd at " + r.endpoints + " refused: " + re.Reason
+	default:
 		r.st.Detail = "etcd at " + r.endpoints + ": " + err.Error()
 	}
 	r.st.Connected = false
@@ -115,45 +127,100 @@ func (r *Registry) precheck(ctx context.Context, cli *clientv3.Client) error {
 	if connected {
 		return nil
 	}
-	cause, reachable := r.dialEndpoints()
-	if reachable {
+	cause, reachable, certain := r.dialEndpoints(ctx)
+	switch {
+	case reachable:
+		// gRPC would wait for its whole timeout on a TLS handshake that
+		// fails; a refusal by every endpoint is told at once.
+		if re, all := r.tlsRefusal(ctx, errTLSRefused); all {
+			return r.fail(ctx, re)
+		}
 		if cli != nil {
 			cli.ActiveConnection().ResetConnectBackoff()
 		}
+		return nil
+	case !certain:
+		// A connect that timed out: the call itself will tell; meanwhile
+		// the status says what is known.
+		r.mu.Lock()
+		if !r.st.Connected && !r.closed {
+			r.st.Detail = (&UnreachableError{Endpoints: r.endpoints, Cause: cause}).Error()
+		}
+		r.mu.Unlock()
 		return nil
 	}
 	return r.fail(ctx, &UnreachableError{Endpoints: r.endpoints, Cause: cause, Err: errNoEndpoint})
 }
 
-var errNoEndpoint = errors.New("no etcd endpoint accepts connections")
+var (
+	errNoEndpoint = errors.New("no etcd endpoint accepts connections")
+	errTLSRefused = errors.New("every etcd endpoint refuses TLS with us")
+)
 
-// dialEndpoints dials each endpoint; reachable if one accepts. cause names
-// why the first failing one did not ("connection refused").
-func (r *Registry) dialEndpoints() (cause string, reachable bool) {
-	timeout := min(r.cfg.DialTimeout, 2*time.Second)
-	for _, ep := range r.cfg.Endpoints {
-		network, addr, perr := dialTarget(ep)
-		if perr != nil {
+// dialEndpoints dials every endpoint at once, each for at most DialTimeout
+// and never past ctx's deadline; reachable if one accepts. cause names why
+// the first failing one (in the order given) did not ("connection refused");
+// certain is true when every endpoint was refused outright (no timeout).
+func (r *Registry) dialEndpoints(ctx context.Context) (cause string, reachable, certain bool) {
+	dctx, cancel := context.WithTimeout(ctx, r.cfg.DialTimeout)
+	defer cancel()
+	timeout := r.cfg.DialTimeout
+	if dl, ok := dctx.Deadline(); ok {
+		timeout = time.Until(dl)
+	}
+	type result struct {
+		i   int
+		err error
+	}
+	results := make(chan result, len(r.cfg.Endpoints))
+	n := 0
+	for i, ep := range r.cfg.Endpoints {
+		network, addr, err := dialTarget(ep)
+		if err != nil {
 			continue
 		}
-		c, err := net.DialTimeout(network, addr, timeout)
-		if err == nil {
-			c.Close()
-			return "", true
+		n++
+		go func() {
+			var d net.Dialer
+			c, err := d.DialContext(dctx, network, addr)
+			if err == nil {
+				c.Close()
+			}
+			results <- result{i, err}
+		}()
+	}
+	causes := make([]string, len(r.cfg.Endpoints))
+	certain = true
+	for ; n > 0; n-- {
+		res := <-results
+		if res.err == nil && !reachable {
+			reachable = true
+			cancel() // the others need not finish; they are waited for
+			continue
 		}
-		if cause != "" {
+		if res.err == nil {
 			continue
 		}
 		var errno syscall.Errno
 		var ne net.Error
 		switch {
-		case errors.As(err, &errno):
-			cause = errno.Error()
-		case errors.As(err, &ne) && ne.Timeout():
-			cause = "no answer to TCP connect within " + timeout.String()
+		case errors.As(res.err, &errno):
+			causes[res.i] = errno.Error()
+		case errors.As(res.err, &ne) && ne.Timeout(), errors.Is(res.err, context.DeadlineExceeded):
+			causes[res.i] = "no answer to TCP connect within " + timeout.Round(time.Millisecond).String()
+			certain = false
 		default:
-			cause = err.Error()
+			causes[res.i] = res.err.Error()
+			certain = false
 		}
 	}
-	return cause, false
+	if reachable {
+		return "", true, false
+	}
+	for _, c := range causes {
+		if c != "" {
+			return c, false, certain
+		}
+	}
+	return "no usable endpoint", false, true
 }

@@ -113,6 +113,14 @@ func New(cfg Config, logger *slog.Logger) (*Registry, error) {
 	if err != nil {
 		return nil, err
 	}
+	if tc != nil {
+		// clientv3 would speak plain text to these and ignore the files.
+		for _, ep := range cfg.Endpoints {
+			if strings.HasPrefix(ep, "http://") || strings.HasPrefix(ep, "unix://") {
+				return nil, fmt.Errorf("etcd endpoint %s is plain text, but TLS files are given (CA, cert or key file): use https:// (or unixs://)", ep)
+			}
+		}
+	}
 	r := &Registry{
 		cfg:           cfg,
 		log:           logger,

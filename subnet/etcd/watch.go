@@ -129,7 +129,7 @@ func (w *prefixWatch) run(ctx context.Context) {
 		}
 		lastCompacted = errors.Is(err, rpctypes.ErrCompacted)
 		if !lastCompacted {
-			err = r.fail(ctx, err)
+			err = r.failOn(ctx, w.prefix, err)
 		}
 		d := bo.Next()
 		r.log.Warn("etcd watch interrupted; will resume", "prefix", w.prefix, "revision", w.rev, "error", err, "retry_in", d.Round(time.Millisecond))
@@ -274,7 +274,7 @@ func (w *prefixWatch) resync(ctx context.Context, cli *clientv3.Client) error {
 	resp, err := cli.Get(octx, w.prefix, clientv3.WithPrefix())
 	cancel()
 	if err != nil {
-		return fmt.Errorf("list %s: %w", w.prefix, r.fail(ctx, err))
+		return fmt.Errorf("list %s: %w", w.prefix, r.failOn(ctx, w.prefix, err))
 	}
 	r.ok()
 	rev := resp.Header.Revision
