@@ -146,6 +146,7 @@ type daemon struct {
 	masq          *ipmasq.Rules
 	masqInstalled bool
 	masqErr       error
+	pol           *policyRunner
 	nextMasqTry   time.Time
 	envWritten    bool
 	ready         bool
@@ -268,6 +269,7 @@ func (d *daemon) setup() error {
 	d.mgr = subnet.NewManager(d.reg, subnet.ManagerOptions{
 		PublicIP:       sel.PublicIP,
 		BackendData:    backendData(d.cfg.PartialChecksums),
+		BackendDataFor: d.leaseBackendData, // direct.go: features the network config turns on
 		PreviousSubnet: previous,
 		LeaseTTL:       d.cfg.LeaseTTL,
 		RenewMargin:    d.cfg.RenewMargin,
@@ -318,6 +320,7 @@ func (d *daemon) loop(ctx context.Context, httpDone <-chan error) error {
 		case batch := <-d.events:
 			d.be.Apply(batch)
 			d.notePeers(batch)
+			d.policyLeases()
 			if !d.envWritten {
 				if err := d.finishStartup(); err != nil {
 					return err
@@ -390,6 +393,9 @@ func (d *daemon) startDataPlane(cfg *subnet.Config, lease subnet.Lease) error {
 		SubnetLen: cfg.SubnetLen,
 		Lease:     lease,
 		Logger:    d.log.With("component", "dataplane"),
+
+		DirectRouting: cfg.DirectRouting,
+		Underlay:      d.sel.Index,
 	})
 	if err != nil {
 		return fmt.Errorf("data plane: %w", err)
@@ -409,6 +415,7 @@ func (d *daemon) startDataPlane(cfg *subnet.Config, lease subnet.Lease) error {
 	d.events = make(chan []subnet.Event, 1)
 	d.mgrDone = make(chan error, 1)
 	d.wg.Go(func() { d.mgrDone <- d.mgr.Run(d.runCtx, d.events) })
+	d.startPolicy()
 	return nil
 }
 
