@@ -6,9 +6,9 @@ REVISION  ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 LDFLAGS   := -s -w -X github.com/tulle-net/tulle/daemon/buildinfo.version=$(VERSION) -X github.com/tulle-net/tulle/daemon/buildinfo.revision=$(REVISION)
 # Unit tests of the control plane run with the race detector; the namespace
 # tests refuse to skip when TULLE_REQUIRE_ROOT_TESTS=1.
-UNIT_PKGS := ./subnet/... ./proto/... ./backend/... ./daemon/... ./cmd/...
+UNIT_PKGS := ./subnet/... ./proto/... ./backend/... ./daemon/... ./cmd/... ./policy/...
 
-.PHONY: all build deps vet test unit alloc e2e bench-smoke bench demo fuzz clean
+.PHONY: all build deps vet test unit alloc e2e bench-smoke bench scale demo fuzz clean
 
 all: build
 
@@ -48,6 +48,11 @@ test: deps build vet unit alloc e2e bench-smoke
 bench: deps
 	$(GO) run ./tests/bench
 
+# Many leases: start-up, churn, a burst of deletions, memory (~4 minutes;
+# `make test` runs a small version of it as a test in ./tests/scale).
+scale: deps
+	$(GO) run ./tests/scale
+
 demo: deps
 	$(GO) run ./tests/demo
 
@@ -61,4 +66,5 @@ fuzz:
 	for t in FuzzParseConfig FuzzParseLeaseKey FuzzLeaseAttrs; do $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./subnet/ || exit 1; done
 	for t in FuzzCheckIPv4 FuzzDecrementTTL FuzzICMPv4Error FuzzCheckIPv6; do $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./proto/ || exit 1; done
 	$(GO) test -run '^$$' -fuzz '^FuzzReceiveTrustBoundary$$' -fuzztime $(FUZZTIME) ./backend/udp/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseDocuments$$' -fuzztime $(FUZZTIME) ./policy/
 	for t in FuzzSplit FuzzCoalesce; do $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./backend/tundev/ || exit 1; done

@@ -11,12 +11,31 @@ import (
 )
 
 // control is the state behind the route table: the current peers by lease
-// subnet and the allocator of their counter indices. Only Apply touches it.
+// subnet and the allocator of their counter indices. Only Apply touches it
+// (scrapes take scrapes for reading).
 type control struct {
 	mu    sync.Mutex
 	peers map[netip.Prefix]*peer
-	free  []int // released counter indices, reused oldest first
-	next  int   // next never-used index
+	// Counter indices. A departed peer's index is retired, not freed: a
+	// loop still in a step that loaded an older table may add that peer's
+	// last packets to it, and they must not land in the series of a new
+	// peer given the same index. An index returns to free once every loop
+	// that was in a step when the peer left has ended that step.
+	free    []int            // indices nothing can still touch
+	retired []retiredIndices // in the order they were retired
+	next    int              // next never-used index
+	// scrapes is held for reading by every scrape of the collector, which
+	// reads counters by the indices of the table it loaded: retired indices
+	// are freed only when no scrape runs.
+	scrapes sync.RWMutex
+}
+
+// retiredIndices are the counter indices of peers that left in one Apply,
+// with every loop's step count read right after the table without them was
+// published.
+type retiredIndices struct {
+	indices []int
+	steps   []uint64
 }
 
 func (c *control) init() { c.peers = make(map[netip.Prefix]*peer) }
@@ -26,12 +45,26 @@ func (c *control) init() { c.peers = make(map[netip.Prefix]*peer) }
 // (wrong length, outside it, no IPv4 PublicIP) are logged and ignored; our
 // own lease and leases whose PublicIP is ours are not peers. A renewal
 // (same subnet, same PublicIP) keeps the peer, its counters and its learned
-// path MTU. Apply never waits for the data path.
+// path MTU. Apply never waits for the data path. Its cost follows the
+// changes in the batch, not the number of leases: the new table shares
+// everything the batch did not touch with the old one (see tableEdit), and
+// a batch is published as one table.
 func (b *Backend) Apply(events []subnet.Event) {
 	c := &b.ctl
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	var added, removed int
+	defer b.applyDirect(events) // direct.go: kernel routes to on-link peers follow the leases
+	var (
+		e              *tableEdit // nil until the first change
+		added, removed int
+		gone           []int // counter indices of the peers that left
+	)
+	edit := func() *tableEdit {
+		if e == nil {
+			e = b.table.Load().edit()
+		}
+		return e
+	}
 	for _, ev := range events {
 		l := ev.Lease
 		if !b.leaseFits(l) {
@@ -64,7 +97,8 @@ func (b *Backend) Apply(events []subnet.Event) {
 				continue
 			}
 			if old != nil {
-				c.release(old)
+				edit().remove(old)
+				gone = append(gone, old.index)
 				removed++
 				b.log.Info("peer changed public IP", "subnet", l.Subnet, "old_peer", old.addr.Addr(), "peer", public)
 			} else {
@@ -73,26 +107,27 @@ func (b *Backend) Apply(events []subnet.Event) {
 			p := b.newPeer(l.Subnet, public)
 			p.partialCsum.Store(hasFeature(l.Attrs.BackendData, FeaturePartialChecksum))
 			c.peers[l.Subnet] = p
+			edit().add(p)
 			added++
 		case subnet.EventRemoved:
 			if old == nil {
 				continue
 			}
-			c.release(old)
+			edit().remove(old)
+			gone = append(gone, old.index)
 			delete(c.peers, l.Subnet)
 			removed++
 			b.log.Debug("peer removed", "subnet", l.Subnet, "peer", old.addr.Addr())
 		}
 	}
-	if added == 0 && removed == 0 {
+	if e == nil {
 		return
 	}
-	peers := make([]*peer, 0, len(c.peers))
-	for _, p := range c.peers {
-		peers = append(peers, p)
+	b.table.Store(e.t)
+	if len(gone) > 0 {
+		c.retire(gone, b.stats)
 	}
-	b.table.Store(newTable(b.opts.Network, b.opts.SubnetLen, b.opts.Lease.Subnet, peers))
-	b.log.Info("route table updated", "peers", len(peers), "added", added, "removed", removed)
+	b.log.Info("route table updated", "peers", e.t.count, "added", added, "removed", removed)
 }
 
 // setOwnFeatures notes the features our own lease advertises (it may be
@@ -116,15 +151,7 @@ func (b *Backend) leaseFits(l subnet.Lease) bool {
 // newPeer makes the peer for lease subnet s held by public, with a counter
 // index whose counters exist and are zero in every loop.
 func (b *Backend) newPeer(s netip.Prefix, public netip.Addr) *peer {
-	c := &b.ctl
-	var index int
-	if len(c.free) > 0 {
-		index = c.free[0]
-		c.free = slices.Delete(c.free, 0, 1)
-	} else {
-		index = c.next
-		c.next++
-	}
+	index := b.ctl.allocIndex(b.stats)
 	for _, st := range b.stats {
 		st.prepare(index)
 	}
@@ -137,15 +164,66 @@ func (b *Backend) newPeer(s netip.Prefix, public netip.Addr) *peer {
 	}
 }
 
-// release returns p's counter index for reuse by a later peer.
-func (c *control) release(p *peer) { c.free = append(c.free, p.index) }
+// allocIndex returns a counter index no loop and no scrape can touch: a
+// free one if there is one, else a new one.
+func (c *control) allocIndex(loops []*loopStats) int {
+	if len(c.free) == 0 {
+		c.reclaim(loops)
+	}
+	if n := len(c.free); n > 0 {
+		i := c.free[n-1]
+		c.free = c.free[:n-1]
+		return i
+	}
+	c.next++
+	return c.next - 1
+}
+
+// retire records the indices of peers that left, after the table without
+// them was published: each loop's step count now tells when no step can
+// hold an older table any more.
+func (c *control) retire(indices []int, loops []*loopStats) {
+	steps := make([]uint64, len(loops))
+	for i, s := range loops {
+		steps[i] = s.steps.Load()
+	}
+	c.retired = append(c.retired, retiredIndices{indices: indices, steps: steps})
+}
+
+// released reports whether every loop that was in a step (odd count) when
+// r was retired has ended that step.
+func (r retiredIndices) released(loops []*loopStats) bool {
+	for i, s := range loops {
+		if r.steps[i]%2 == 1 && s.steps.Load() == r.steps[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// reclaim frees the retired indices that no loop and no scrape can still
+// touch: every loop that was in a step (odd count) when they were retired
+// has moved on since, and no scrape runs (a scrape started later loads a
+// table without their peers). The retired are in order, and a loop that
+// holds back one batch holds back every later one.
+func (c *control) reclaim(loops []*loopStats) {
+	if len(c.retired) == 0 || !c.scrapes.TryLock() {
+		return
+	}
+	defer c.scrapes.Unlock()
+	k := 0
+	for k < len(c.retired) && c.retired[k].released(loops) {
+		c.free = append(c.free, c.retired[k].indices...)
+		k++
+	}
+	c.retired = slices.Delete(c.retired, 0, k)
+}
 
 // FeaturePartialChecksum is the data-plane feature a Tulle host advertises
 // in its lease's BackendData as {"tulle":{"features":["partial-checksum"]}}:
-// it takes marked packets with partial checksums (see markBit) from peers
-// that advertise it, and sends such packets to them when its own lease
-// advertises it too. Flannel hosts advertise nothing and get complete
-// checksums.
+// two hosts whose leases both list it send each other packets with
+// partial checksums, marked (mark.go). Flannel hosts advertise nothing and
+// get complete checksums.
 const FeaturePartialChecksum = "partial-checksum"
 
 // HostInfo is what a Tulle host writes into its lease's BackendData, under

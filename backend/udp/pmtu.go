@@ -73,10 +73,7 @@ func (m *mtuProber) round(all bool) {
 	if m.fd < 0 {
 		return
 	}
-	for _, p := range m.b.table.Load().peers {
-		if p == nil {
-			continue
-		}
+	for p := range m.b.table.Load().all() {
 		suspect := p.suspect.Swap(false)
 		fresh := !p.probed.Load() && p.active.Load()
 		if suspect || fresh || (all && p.active.Swap(false)) {

@@ -25,12 +25,18 @@ const (
 	dropNoRoute                              // no lease holds the destination
 	dropOversize                             // larger than the path carries (DF: ICMP sent back)
 	dropSendError                            // the socket or TUN refused it
+	// dropSocket: the kernel dropped it at a data-plane socket before a
+	// loop read it (receive buffer full, or a failed UDP checksum). Read
+	// from the sockets at scrape time (udpconn.Conn.Drops), never counted
+	// by the loops.
+	dropSocket
 	numDropReasons
 )
 
 var dropReasonNames = [numDropReasons]string{
 	"unknown_sender", "spoofed_source", "foreign_destination", "malformed",
 	"truncated", "ttl_expired", "no_route", "oversize", "send_error",
+	"socket_drop",
 }
 
 func (r dropReason) String() string { return dropReasonNames[r] }
@@ -59,9 +65,10 @@ type peerCounters struct {
 	bytes   atomic.Uint64
 }
 
-// peerChunkSize peers share one lazily allocated chunk, so that a network of
-// 65,536 subnets with a dozen hosts costs a few KiB, and counters never move
-// once allocated (the control side may zero them while a loop adds).
+// peerChunkSize peers share one lazily allocated chunk, so that counters
+// cost memory in proportion to the peers (16 bytes per peer and loop), and
+// counters never move once allocated (the control side may zero them while
+// a loop adds).
 const peerChunkSize = 256
 
 type peerChunk [peerChunkSize]peerCounters
@@ -72,42 +79,59 @@ type loopStats struct {
 	// tun is the TUN read (TX) or write (RX) batch size; udp the send (TX)
 	// or receive (RX) batch size, in packets (GSO/GRO segments counted).
 	tun, udp histogram
-	// peers[i>>8][i&255] are the counters of the peer with index i. The
-	// control side allocates chunks before it publishes a table that uses
-	// them, so the data path never allocates.
-	peers []atomic.Pointer[peerChunk]
+	// chunks[i>>8][i&255] are the counters of the peer with index i. The
+	// control side allocates chunks (and grows the directory, copying it)
+	// before it publishes a table that uses them, so the data path never
+	// allocates.
+	chunks atomic.Pointer[[]*peerChunk]
+	// steps is odd while the loop runs a step (it may hold a route table
+	// and peers from it) and even between steps: the control side reuses a
+	// departed peer's counter index only after every loop that was in a
+	// step when the peer left has ended that step (see control.retire).
+	steps atomic.Uint64
 }
 
-func newLoopStats(maxPeers int) *loopStats {
-	return &loopStats{peers: make([]atomic.Pointer[peerChunk], (maxPeers+peerChunkSize-1)/peerChunkSize)}
+func newLoopStats() *loopStats {
+	s := &loopStats{}
+	s.chunks.Store(new([]*peerChunk))
+	return s
 }
+
+// enterStep and leaveStep bracket one step of the loop, everything it does
+// from loading the route table to adding the counters of its batch.
+func (s *loopStats) enterStep() { s.steps.Add(1) }
+func (s *loopStats) leaveStep() { s.steps.Add(1) }
 
 // peer returns the counters of peer index i; the chunk must exist.
 func (s *loopStats) peer(i int) *peerCounters {
-	return &s.peers[i/peerChunkSize].Load()[i%peerChunkSize]
+	return &(*s.chunks.Load())[i/peerChunkSize][i%peerChunkSize]
 }
 
 // peerOrNil is peer for readers that may run before the chunk exists.
 func (s *loopStats) peerOrNil(i int) *peerCounters {
-	c := s.peers[i/peerChunkSize].Load()
-	if c == nil {
+	dir := *s.chunks.Load()
+	if i/peerChunkSize >= len(dir) || dir[i/peerChunkSize] == nil {
 		return nil
 	}
-	return &c[i%peerChunkSize]
+	return &dir[i/peerChunkSize][i%peerChunkSize]
 }
 
 // prepare makes sure the counters of peer index i exist and are zero
 // (control side, before a table that uses index i is published).
 func (s *loopStats) prepare(i int) {
-	slot := &s.peers[i/peerChunkSize]
-	c := slot.Load()
-	if c == nil {
-		c = new(peerChunk)
-		slot.Store(c)
+	dir := *s.chunks.Load()
+	if c := i / peerChunkSize; c >= len(dir) {
+		grown := make([]*peerChunk, c+1)
+		copy(grown, dir)
+		for k := len(dir); k <= c; k++ {
+			grown[k] = new(peerChunk)
+		}
+		s.chunks.Store(&grown)
 		return
 	}
-	c[i%peerChunkSize].packets.Store(0)
-	c[i%peerChunkSize].bytes.Store(0)
+	c := &dir[i/peerChunkSize][i%peerChunkSize]
+	c.packets.Store(0)
+	c.bytes.Store(0)
 }
 
 // batchCounts accumulates a batch's drops locally; flush adds the non-zero

@@ -8,8 +8,11 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"strings"
 	"sync"
 	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tulle-net/tulle/proto"
 	"github.com/tulle-net/tulle/subnet"
@@ -35,12 +38,11 @@ func newPureBackend(t testing.TB, network string, subnetLen int, own string, wor
 	b.ownPartial.Store(true) // a Tulle host
 	b.prober = &mtuProber{b: b, fd: -1, wake: make(chan struct{}, 1)}
 	b.ctl.init()
-	b.table.Store(newTable(opts.Network, opts.SubnetLen, opts.Lease.Subnet, nil))
-	maxPeers := 1 << (opts.SubnetLen - opts.Network.Bits())
+	b.table.Store(newTable(opts.Network, opts.SubnetLen, opts.Lease.Subnet))
 	for i := range workers {
 		w := &worker{id: i, b: b}
-		w.tx.init(w, true, 64, maxPeers)
-		w.rx.init(w, true, true, maxPeers)
+		w.tx.init(w, true, 64)
+		w.rx.init(w, true, true)
 		b.workers = append(b.workers, w)
 		b.stats = append(b.stats, w.tx.stats, w.rx.stats)
 	}
@@ -190,18 +192,81 @@ func TestApplyIgnoresLeasesThatDoNotFit(t *testing.T) {
 	}
 }
 
-func TestCounterIndexIsReusedWithZeroedCounters(t *testing.T) {
+// txPackets is the transmit packet count the collector reports for a peer.
+func txPackets(t *testing.T, b *Backend, public, subnetStr string) string {
+	t.Helper()
+	prefix := fmt.Sprintf("tulle_peer_transmit_packets_total{peer=%q,subnet=%q} ", public, subnetStr)
+	for line := range strings.Lines(collectText(t, b)) {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), prefix); ok {
+			return v
+		}
+	}
+	return "absent"
+}
+
+// TestDepartedPeersLatePacketsNeverCountForANewPeer: a loop in the middle
+// of a step holds the table it loaded and may still count packets for a
+// peer that has just left. Those must not land in the series of a peer
+// that joins meanwhile, in the same Apply or a later one.
+func TestDepartedPeersLatePacketsNeverCountForANewPeer(t *testing.T) {
+	b := newPureBackend(t, "198.18.0.0/16", 24, "198.18.1.0/24", 1)
+	tx := &b.workers[0].tx
+	b.Apply([]subnet.Event{added("198.18.2.0/24", "192.0.2.2")})
+
+	tx.stats.enterStep()
+	x := b.table.Load().lookup(addr32("198.18.2.1"))
+	b.Apply([]subnet.Event{removed("198.18.2.0/24", "192.0.2.2"), added("198.18.3.0/24", "192.0.2.3")})
+	tx.run.add(tx.stats, x, 5, 500) // the loop ends its batch
+	tx.run.flush(tx.stats)
+	tx.stats.leaveStep()
+	if got := txPackets(t, b, "192.0.2.3", "198.18.3.0/24"); got != "0" {
+		t.Errorf("peer joining in the Apply that removed another: %s packets sent, want 0", got)
+	}
+
+	tx.stats.enterStep()
+	y := b.table.Load().lookup(addr32("198.18.3.1"))
+	b.Apply([]subnet.Event{removed("198.18.3.0/24", "192.0.2.3")})
+	b.Apply([]subnet.Event{added("198.18.4.0/24", "192.0.2.4")})
+	tx.run.add(tx.stats, y, 7, 700)
+	tx.run.flush(tx.stats)
+	tx.stats.leaveStep()
+	if got := txPackets(t, b, "192.0.2.4", "198.18.4.0/24"); got != "0" {
+		t.Errorf("peer joining in a later Apply, while a loop still counted for the departed: %s packets, want 0", got)
+	}
+
+	// Once no step holds a departed peer, its index is reused (counters
+	// stay as many as the peers), with zeroed counters: x's by the peer of
+	// 198.18.4.0 already (that step had ended), y's now.
+	b.Apply([]subnet.Event{added("198.18.5.0/24", "192.0.2.5")})
+	tb := b.table.Load()
+	if w := tb.lookup(addr32("198.18.4.1")); w.index != x.index {
+		t.Errorf("index %d of the first departed peer not reused once its step ended (got %d)", x.index, w.index)
+	}
+	if v := tb.lookup(addr32("198.18.5.1")); v.index != y.index {
+		t.Errorf("index %d of the second departed peer not reused once its step ended (got %d)", y.index, v.index)
+	}
+	if got := txPackets(t, b, "192.0.2.5", "198.18.5.0/24"); got != "0" {
+		t.Errorf("peer on a reused index starts at %s packets, want 0", got)
+	}
+}
+
+// TestCounterIndexIsNotReusedDuringAScrape: a scrape reads counters by the
+// indices of the table it loaded; an index reused meanwhile would show the
+// new peer's counters under the departed peer's labels.
+func TestCounterIndexIsNotReusedDuringAScrape(t *testing.T) {
 	b := newPureBackend(t, "198.18.0.0/16", 24, "198.18.1.0/24", 1)
 	b.Apply([]subnet.Event{added("198.18.2.0/24", "192.0.2.2")})
-	p := b.table.Load().lookup(addr32("198.18.2.1"))
-	b.workers[0].tx.stats.peer(p.index).packets.Add(5)
-	b.Apply([]subnet.Event{removed("198.18.2.0/24", "192.0.2.2"), added("198.18.3.0/24", "192.0.2.3")})
-	q := b.table.Load().lookup(addr32("198.18.3.1"))
-	if q.index != p.index {
-		t.Fatalf("index not reused: %d vs %d", q.index, p.index)
+	x := b.table.Load().lookup(addr32("198.18.2.1"))
+	b.ctl.scrapes.RLock() // a scrape in progress
+	b.Apply([]subnet.Event{removed("198.18.2.0/24", "192.0.2.2")})
+	b.Apply([]subnet.Event{added("198.18.3.0/24", "192.0.2.3")})
+	b.ctl.scrapes.RUnlock()
+	if y := b.table.Load().lookup(addr32("198.18.3.1")); y.index == x.index {
+		t.Errorf("index %d reused while a scrape ran", x.index)
 	}
-	if got := b.workers[0].tx.stats.peer(q.index).packets.Load(); got != 0 {
-		t.Fatalf("reused index starts at %d packets, want 0", got)
+	b.Apply([]subnet.Event{added("198.18.4.0/24", "192.0.2.4")})
+	if z := b.table.Load().lookup(addr32("198.18.4.1")); z.index != x.index {
+		t.Errorf("index %d not reused after the scrape (got %d)", x.index, z.index)
 	}
 }
 
@@ -230,17 +295,23 @@ func TestTableSwapUnderConcurrentApplyIsRaceFree(t *testing.T) {
 			}
 		})
 	}
-	go func() {
-		// A scraper, concurrently.
+	reg := prometheus.NewPedanticRegistry()
+	if err := reg.Register(b.Collector()); err != nil {
+		t.Fatal(err)
+	}
+	wg.Go(func() { // a scraper, concurrently
 		for {
 			select {
 			case <-stop:
 				return
 			default:
-				_ = collectText(t, b)
+			}
+			if _, err := reg.Gather(); err != nil {
+				t.Error(err)
+				return
 			}
 		}
-	}()
+	})
 	for i := 0; i < 300; i++ {
 		s := fmt.Sprintf("198.18.%d.0/24", 2+i%200)
 		pub := fmt.Sprintf("198.51.100.%d", 1+i%250)
