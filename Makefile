@@ -8,7 +8,7 @@ LDFLAGS   := -s -w -X github.com/tulle-net/tulle/daemon/buildinfo.version=$(VERS
 # tests refuse to skip when TULLE_REQUIRE_ROOT_TESTS=1.
 UNIT_PKGS := ./subnet/... ./proto/... ./backend/... ./daemon/... ./cmd/... ./policy/...
 
-.PHONY: all build deps vet test unit alloc e2e bench-smoke bench demo fuzz clean
+.PHONY: all build deps vet test unit alloc e2e bench-smoke bench scale demo fuzz clean
 
 all: build
 
@@ -16,13 +16,18 @@ build:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/tulled ./cmd/tulled
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/tulle-cni ./cmd/tulle-cni
 
-# Installs the test and demo tools from Debian's packages when they are missing.
+# Installs the programs of tests/tools/tools.list that are missing (Debian
+# packages, promtool out of Debian's prometheus package); quiet unless it
+# installs something or fails.
 deps:
 	@scripts/deps.sh
 
+# gofmt, go vet, and the check that every program the code runs goes
+# through tests/tools and is on its list (which deps.sh installs).
 vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
 	$(GO) vet ./...
+	$(GO) test -count=1 ./tests/tools
 
 unit:
 	TULLE_REQUIRE_ROOT_TESTS=1 $(GO) test -race -count=1 -timeout 15m $(UNIT_PKGS)
@@ -42,6 +47,11 @@ test: deps build vet unit alloc e2e bench-smoke
 
 bench: deps
 	$(GO) run ./tests/bench
+
+# Many leases: start-up, churn, a burst of deletions, memory (~4 minutes;
+# `make test` runs a small version of it as a test in ./tests/scale).
+scale: deps
+	$(GO) run ./tests/scale
 
 demo: deps
 	$(GO) run ./tests/demo

@@ -102,6 +102,7 @@ type daemon struct {
 	masq          *ipmasq.Rules
 	masqInstalled bool
 	masqErr       error
+	pol           *policyRunner
 	nextMasqTry   time.Time
 	envWritten    bool
 	ready         bool
@@ -272,6 +273,7 @@ func (d *daemon) loop(ctx context.Context, httpDone <-chan error) error {
 		case batch := <-d.events:
 			d.be.Apply(batch)
 			d.notePeers(batch)
+			d.policyLeases()
 			if !d.envWritten {
 				if err := d.finishStartup(); err != nil {
 					return err
@@ -366,6 +368,7 @@ func (d *daemon) startDataPlane(cfg *subnet.Config, lease subnet.Lease) error {
 	d.events = make(chan []subnet.Event, 1)
 	d.mgrDone = make(chan error, 1)
 	d.wg.Go(func() { d.mgrDone <- d.mgr.Run(d.runCtx, d.events) })
+	d.startPolicy()
 	return nil
 }
 

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"slices"
 	"strconv"
+	"strings"
 	"syscall"
 
 	"github.com/google/nftables"
@@ -31,11 +32,29 @@ type InstalledRule struct {
 }
 
 // Read returns the installed table; nil (and no error) when there is none.
+// The table is read in several netlink dumps; one that meets a table
+// replaced meanwhile (a set gone) is read again.
 func (e *Enforcer) Read() (*Installed, error) {
 	c, err := e.conn()
 	if err != nil {
 		return nil, err
 	}
+	for attempt := 1; ; attempt++ {
+		inst, err := read(c)
+		if err != nil && isNotExist(err) && attempt < 5 {
+			continue
+		}
+		return inst, err
+	}
+}
+
+// isNotExist says whether err is the kernel's ENOENT. The library wraps
+// some errors with %v, so the text is the only trace of it.
+func isNotExist(err error) bool {
+	return errors.Is(err, syscall.ENOENT) || strings.Contains(err.Error(), syscall.ENOENT.Error())
+}
+
+func read(c *nftables.Conn) (*Installed, error) {
 	rules, err := readRules(c)
 	if err != nil || rules == nil {
 		return nil, err
@@ -78,7 +97,7 @@ func (s *Set) Ranges() []string {
 // (and no error) when the table does not exist.
 func readRules(c *nftables.Conn) ([]InstalledRule, error) {
 	if _, err := c.ListTableOfFamily(TableName, nftables.TableFamilyINet); err != nil {
-		if errors.Is(err, syscall.ENOENT) {
+		if isNotExist(err) {
 			return nil, nil
 		}
 		return nil, fmt.Errorf("read table inet %s: %w", TableName, err)
@@ -87,7 +106,7 @@ func readRules(c *nftables.Conn) ([]InstalledRule, error) {
 	for _, ch := range []string{ChainForward, ChainEgress, ChainIngress} {
 		rules, err := c.GetRules(table, &nftables.Chain{Name: ch, Table: table})
 		if err != nil {
-			if errors.Is(err, syscall.ENOENT) {
+			if isNotExist(err) {
 				continue // a table of another layout
 			}
 			return nil, fmt.Errorf("read chain %s: %w", ch, err)

@@ -242,7 +242,10 @@ func innerUDPChecksummed(src, dst netip.AddrPort, payload []byte) []byte {
 }
 
 // udpInCsumErrors reads the kernel's Udp InCsumErrors counter of ns.
-func udpInCsumErrors(t testing.TB, ns netns.NsHandle) uint64 {
+func udpInCsumErrors(t testing.TB, ns netns.NsHandle) uint64 { return udpSNMP(t, ns, "InCsumErrors") }
+
+// udpSNMP reads the kernel's Udp counter name of ns (/proc/net/snmp).
+func udpSNMP(t testing.TB, ns netns.NsHandle, name string) uint64 {
 	t.Helper()
 	var v uint64
 	err := nstest.In(ns, func() error {
@@ -261,14 +264,14 @@ func udpInCsumErrors(t testing.TB, ns netns.NsHandle) uint64 {
 				names = fields
 				continue
 			}
-			for i, name := range names {
-				if name == "InCsumErrors" && i < len(fields) {
+			for i, n := range names {
+				if n == name && i < len(fields) {
 					v, err = strconv.ParseUint(fields[i], 10, 64)
 					return err
 				}
 			}
 		}
-		return fmt.Errorf("no Udp InCsumErrors in /proc/net/snmp")
+		return fmt.Errorf("no Udp %s in /proc/net/snmp", name)
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -38,6 +38,29 @@ func checkTable(t *testing.T, b *Backend, tb *table, model map[netip.Prefix]neti
 	if tb.count != len(model) || len(b.ctl.peers) != len(model) {
 		t.Fatalf("count %d, control %d, want %d", tb.count, len(b.ctl.peers), len(model))
 	}
+	// Every counter index is held by one live peer, or free, or retired:
+	// none shared, none lost.
+	owner := map[int]string{}
+	claim := func(i int, by string) {
+		if prev, dup := owner[i]; dup {
+			t.Fatalf("counter index %d held by %s and %s", i, prev, by)
+		}
+		owner[i] = by
+	}
+	for s, p := range b.ctl.peers {
+		claim(p.index, s.String())
+	}
+	for _, i := range b.ctl.free {
+		claim(i, "the free list")
+	}
+	for _, r := range b.ctl.retired {
+		for _, i := range r.indices {
+			claim(i, "the retired")
+		}
+	}
+	if len(owner) != b.ctl.next {
+		t.Fatalf("%d counter indices accounted for, %d handed out", len(owner), b.ctl.next)
+	}
 	holders := map[netip.Addr]bool{}
 	for s, pub := range model {
 		holders[pub] = true
@@ -98,6 +121,7 @@ func TestTableEqualsTheLeasesAfterRandomChurn(t *testing.T) {
 				return subnet.Event{Type: typ, Lease: subnet.Lease{Subnet: s, Attrs: subnet.LeaseAttrs{PublicIP: pub}}}
 			}
 			model := map[netip.Prefix]netip.Addr{}
+			maxPeers := 0
 			for round := range 150 {
 				before := b.table.Load()
 				beforeContents := contents(before)
@@ -129,9 +153,15 @@ func TestTableEqualsTheLeasesAfterRandomChurn(t *testing.T) {
 				}
 				b.Apply(batch)
 				checkTable(t, b, b.table.Load(), model, pool, publics)
+				maxPeers = max(maxPeers, len(model))
 				if !maps.Equal(contents(before), beforeContents) {
 					t.Fatalf("round %d: Apply changed the table published before it", round)
 				}
+			}
+			// Indices are reused: no more than the most peers at once, and
+			// the peers one batch replaced.
+			if b.ctl.next > maxPeers+len(pool)/2 {
+				t.Errorf("%d counter indices handed out for at most %d peers at once", b.ctl.next, maxPeers)
 			}
 			// Emptied, the table keeps no page or node: memory follows the
 			// leases.

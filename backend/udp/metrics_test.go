@@ -1,6 +1,8 @@
 package udp
 
 import (
+	"fmt"
+	"net"
 	"net/netip"
 	"strings"
 	"testing"
@@ -12,6 +14,7 @@ import (
 
 	"github.com/tulle-net/tulle/backend/udpconn"
 	"github.com/tulle-net/tulle/subnet"
+	"github.com/tulle-net/tulle/tests/nstest"
 )
 
 // collectText scrapes b's collector in the text exposition format.
@@ -172,4 +175,42 @@ func TestTunReadCountsTheSegmentsThatAreSent(t *testing.T) {
 	if t.Failed() {
 		t.Log(text)
 	}
+}
+
+// TestKernelDropsAtTheSocketAreCounted floods a data plane whose loops do
+// not run, so its socket's receive buffer overflows, and checks that
+// tulle_dropped_packets_total{direction="receive",reason="socket_drop"}
+// reports what the kernel dropped: its Udp InErrors in the namespace, which
+// counts a full receive buffer (RcvbufErrors) and UDP memory pressure
+// (MemErrors, global to the machine: other loads raise it).
+func TestKernelDropsAtTheSocketAreCounted(t *testing.T) {
+	h := newTwoHosts(t)
+	var b *Backend
+	err := nstest.In(h.a, func() error {
+		var err error
+		b, err = New(Options{TunName: h.tunName("a"), Workers: 1, PublicIP: hostA, MTU: 1472, Network: network,
+			SubnetLen: 24, Lease: subnet.Lease{Subnet: leaseA}, Logger: discardLogger()})
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	b.Apply([]subnet.Event{lease(leaseB, hostB)})
+	before := udpSNMP(t, h.a, "InErrors")
+	flood := listenUDP(t, h.b, netip.AddrPortFrom(hostB, 0))
+	to := net.UDPAddrFromAddrPort(netip.AddrPortFrom(hostA, subnet.DefaultPort))
+	payload := make([]byte, 1000)
+	for range 40000 { // about 40 MB of skbs: well over the 16 MiB receive buffer
+		if _, err := flood.WriteToUDP(payload, to); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := `tulle_dropped_packets_total{direction="receive",reason="socket_drop"} `
+	var kernel uint64
+	waitFor(t, 5*time.Second, "the scrape to report the kernel's receive-buffer drops", func() bool {
+		kernel = udpSNMP(t, h.a, "InErrors") - before
+		return kernel > 0 && strings.Contains(collectText(t, b), fmt.Sprintf("%s%d\n", want, kernel))
+	})
+	t.Logf("%d datagrams dropped by the kernel, reported as socket_drop", kernel)
 }

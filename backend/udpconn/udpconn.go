@@ -125,10 +125,11 @@ type Conn struct {
 	sendWaits    atomic.Uint64
 	readDeadline atomic.Int64 // UnixNano, 0 = none
 	closed       atomic.Bool
-	// closeMu: ReadBatch and WriteBatch hold it shared while they use fd;
-	// Close takes it exclusively after waking them, so fd is never used
-	// after it is closed.
+	// closeMu: ReadBatch, WriteBatch and Drops hold it shared while they
+	// use fd; Close takes it exclusively after waking them, so fd is never
+	// used after it is closed.
 	closeMu   sync.RWMutex
+	fdClosed  bool // under closeMu
 	closeOnce sync.Once
 	closeErr  error
 

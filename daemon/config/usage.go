@@ -20,6 +20,7 @@ Usage:
   tulled [flags]                 run the daemon
   tulled status [--json]         print the network config and every lease (from etcd)
   tulled docker-opts [flags]     print Docker options from subnet.env (as flannel's mk-docker-opts.sh)
+  tulled policy COMMAND          network policy: apply, check, list, delete, ruleset
   tulled <subcommand> --help     flags of a subcommand
 
 `)

@@ -20,15 +20,22 @@ func TestUsagePrintsEveryFlagWithItsRealDefault(t *testing.T) {
 	var s Status
 	var endpoints string
 	var d DockerOpts
-	for _, cmd := range []struct {
+	type command struct {
 		name  string
 		fs    *FlagSet
 		usage func(io.Writer)
-	}{
+	}
+	commands := []command{
 		{"tulled", daemonFlagSet(&c, &r), Usage},
 		{"tulled status", statusFlagSet(&s, &endpoints), StatusUsage},
 		{"tulled docker-opts", dockerOptsFlagSet(&d), DockerOptsUsage},
-	} {
+	}
+	for _, v := range PolicyVerbs {
+		var host string
+		commands = append(commands, command{"tulled policy " + v.Verb, policyFlagSet(&Policy{Verb: v.Verb}, &endpoints, &host),
+			func(w io.Writer) { PolicyUsage(w, v.Verb) }})
+	}
+	for _, cmd := range commands {
 		var b strings.Builder
 		cmd.usage(&b)
 		help := b.String()

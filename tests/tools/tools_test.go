@@ -165,3 +165,32 @@ func TestListedProgramsAreInstalled(t *testing.T) {
 		nstest.SkipMissing(t, "run scripts/deps.sh; missing:\n"+strings.Join(missing, "\n"))
 	}
 }
+
+// TestReadmeNamesWhatDepsInstalls: README's "The two commands" tells a new
+// user what make demo and make test install; it must name every package
+// on the list.
+func TestReadmeNamesWhatDepsInstalls(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join(repoRoot(t), "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(b), "\n## The two commands\n")
+	if !ok {
+		t.Fatal(`README.md has no "## The two commands" section`)
+	}
+	section, _, _ = strings.Cut(section, "\n## ")
+	for _, p := range tools.Programs() {
+		var want string
+		switch p.Source {
+		case tools.SourceDeb:
+			want = "`" + p.From[0] + "`"
+		case tools.SourceDebFile:
+			want = "`" + p.Name + "`"
+		default:
+			continue
+		}
+		if !strings.Contains(section, want) {
+			t.Errorf("README.md's \"The two commands\" does not name %s (for %s), which scripts/deps.sh installs", want, p.Name)
+		}
+	}
+}
