@@ -110,7 +110,7 @@ func (b *bench) failed() bool {
 }
 
 func (b *bench) hasTulle() bool {
-	return contains(b.cfg.Modes, modeTulleOffload) || contains(b.cfg.Modes, modeTulleWater)
+	return contains(b.cfg.Modes, modeTulleOffload) || contains(b.cfg.Modes, modeTulleWater) || contains(b.cfg.Modes, modeTulleDirect)
 }
 
 // run builds the testbed, measures every mode cfg.Reps times, then prints
@@ -127,7 +127,7 @@ func (b *bench) run(ctx context.Context) (err error) {
 		if len(b.report.Samples) > 0 {
 			b.report.Summary = summarizeModes(b.cfg, b.report.Samples)
 			if !b.cfg.Smoke {
-				b.report.Targets = evaluateTargets(b.report.Summary)
+				b.report.Targets = append(evaluateTargets(b.report.Summary), directTargets(b.report.Summary)...)
 			}
 			b.mu.Lock()
 			printTable(b.w, b.cfg, b.report)
@@ -319,11 +319,17 @@ func (b *bench) begin(ctx context.Context, mode string) (*session, error) {
 			server:       endpoint{x2.Container.Name, x2.Container.NS, x2.Container.Addr},
 			reachTimeout: 5 * time.Second,
 		}, nil
-	case modeTulleOffload, modeTulleWater:
-		driver := strings.TrimPrefix(mode, "tulle-")
+	case modeTulleOffload, modeTulleWater, modeTulleDirect:
+		driver, config := tulleMode(mode)
+		if err := b.bed.WriteNetworkConfig(ctx, config); err != nil {
+			return nil, err
+		}
 		args := append([]string{"--tun-driver", driver}, b.cfg.TulledArgs...)
 		sess := &session{reachTimeout: 15 * time.Second}
 		err := b.bed.StartAll(ctx, args...)
+		if err == nil && mode == modeTulleDirect {
+			err = waitDirectRoutes(ctx, h1, h2)
+		}
 		for _, h := range []*testbed.Host{h1, h2} {
 			if t := h.Tulled(); t != nil && !isExited(t) {
 				sess.daemons = append(sess.daemons, t)
