@@ -11,10 +11,32 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"testing"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+
+	"github.com/tulle-net/tulle/tests/nstest"
+	"github.com/tulle-net/tulle/tests/tools"
 )
+
+// Executable returns the etcd executable on PATH: Debian's etcd-server
+// (3.4, as the operators who found the token bugs ran it), which
+// scripts/deps.sh installs from tests/tools/tools.list. Without it the test
+// is skipped, which TULLE_REQUIRE_ROOT_TESTS=1 turns into a failure.
+func Executable(t testing.TB) string {
+	t.Helper()
+	p, err := tools.LookPath("etcd")
+	if err != nil {
+		nstest.SkipMissing(t, "needs the etcd executable: "+err.Error())
+	}
+	out, err := tools.Command(context.Background(), "etcd", "--version").Output()
+	if err != nil {
+		t.Fatalf("%s --version: %v", p, err)
+	}
+	t.Logf("%s: %s", p, strings.SplitN(string(out), "\n", 2)[0])
+	return p
+}
 
 // process is an etcd executable run for Options.Binary.
 type process struct {
@@ -58,7 +80,7 @@ func (s *Server) launchProcess() error {
 		return err
 	}
 	defer f.Close()
-	cmd := exec.Command(s.opts.Binary, args...)
+	cmd := tools.Command(context.Background(), s.opts.Binary, args...)
 	cmd.Stdout, cmd.Stderr = f, f
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start %s: %w", s.opts.Binary, err)
