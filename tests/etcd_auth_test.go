@@ -1,12 +1,10 @@
 package tests
 
 import (
-	"os/exec"
-	"strings"
 	"testing"
 	"time"
 
-	"github.com/tulle-net/tulle/tests/nstest"
+	"github.com/tulle-net/tulle/subnet/etcd/etcdtest"
 	"github.com/tulle-net/tulle/tests/testbed"
 )
 
@@ -14,22 +12,6 @@ const (
 	etcdUser     = "tulle"
 	etcdPassword = "tulle-secret"
 )
-
-// debianEtcd is the etcd executable on PATH (Debian's etcd-server 3.4, as
-// the operator who found the bug ran it; installed by scripts/deps.sh).
-func debianEtcd(t *testing.T) string {
-	t.Helper()
-	p, err := exec.LookPath("etcd")
-	if err != nil {
-		nstest.SkipMissing(t, "needs the etcd executable (Debian's etcd-server, installed by scripts/deps.sh): "+err.Error())
-	}
-	out, err := exec.Command(p, "--version").Output()
-	if err != nil {
-		t.Fatalf("%s --version: %v", p, err)
-	}
-	t.Logf("%s: %s", p, strings.SplitN(string(out), "\n", 2)[0])
-	return p
-}
 
 // authBed is a bed whose etcd has authentication on, with the user tulle
 // allowed to read and write flannel's prefix only.
@@ -45,7 +27,7 @@ func authBed(t *testing.T, opts testbed.Options) *testbed.Bed {
 // afterwards, without a restart of their own.
 func TestPasswordAuthSurvivesAnEtcdRestart(t *testing.T) {
 	const ttl = 20 * time.Second
-	b := authBed(t, testbed.Options{Hosts: 2, Etcd: testbed.EtcdOptions{Binary: debianEtcd(t)}})
+	b := authBed(t, testbed.Options{Hosts: 2, Etcd: testbed.EtcdOptions{Binary: etcdtest.DebianEtcd(t)}})
 	ctx := testCtx(t, 3*time.Minute)
 	if err := b.WriteNetworkConfig(ctx, testbed.DefaultNetworkConfig); err != nil {
 		t.Fatal(err)

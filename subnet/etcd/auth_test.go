@@ -1,14 +1,12 @@
 package etcd
 
 import (
-	"os/exec"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/tulle-net/tulle/subnet"
 	"github.com/tulle-net/tulle/subnet/etcd/etcdtest"
-	"github.com/tulle-net/tulle/tests/nstest"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -70,7 +68,7 @@ func TestAuthTokenLossIsRecoveredByTheRunningWatchAndRenewal(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			if tc.etcd34 {
-				tc.opts.Binary = etcdBinary(t)
+				tc.opts.Binary = etcdtest.DebianEtcd(t)
 			}
 			s, c, prefix := startAuthEtcd(t, tc.opts)
 			r := newAuthRegistry(t, Config{Endpoints: []string{s.Endpoint()}, Prefix: prefix})
@@ -120,22 +118,6 @@ func TestAuthTokenLossIsRecoveredByTheRunningWatchAndRenewal(t *testing.T) {
 			}
 		})
 	}
-}
-
-// etcdBinary is the etcd executable on PATH: Debian's etcd-server (3.4),
-// which scripts/deps.sh installs.
-func etcdBinary(t *testing.T) string {
-	t.Helper()
-	p, err := exec.LookPath("etcd")
-	if err != nil {
-		nstest.SkipMissing(t, "needs the etcd executable (Debian's etcd-server, installed by scripts/deps.sh): "+err.Error())
-	}
-	out, err := exec.Command(p, "--version").Output()
-	if err != nil {
-		t.Fatalf("%s --version: %v", p, err)
-	}
-	t.Logf("%s: %s", p, strings.SplitN(string(out), "\n", 2)[0])
-	return p
 }
 
 // TestWatchStartedAfterTheTokenExpiredGetsAFreshStream: clientv3 puts every

@@ -11,10 +11,31 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"testing"
 	"time"
 
+	"github.com/tulle-net/tulle/tests/nstest"
+	"github.com/tulle-net/tulle/tests/tools"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 )
+
+// DebianEtcd returns the path of the etcd executable on PATH (Debian's
+// etcd-server, 3.4, which scripts/deps.sh installs) for Options.Binary, and
+// logs its version. Without it, t is skipped (failed under
+// TULLE_REQUIRE_ROOT_TESTS=1).
+func DebianEtcd(t testing.TB) string {
+	t.Helper()
+	p, err := tools.LookPath("etcd")
+	if err != nil {
+		nstest.SkipMissing(t, "needs the etcd executable: "+err.Error())
+	}
+	out, err := tools.Command(context.Background(), p, "--version").Output()
+	if err != nil {
+		t.Fatalf("etcdtest: %s --version: %v", p, err)
+	}
+	t.Logf("etcdtest: %s: %s", p, strings.SplitN(string(out), "\n", 2)[0])
+	return p
+}
 
 // process is an etcd executable run for Options.Binary.
 type process struct {
@@ -58,7 +79,7 @@ func (s *Server) launchProcess() error {
 		return err
 	}
 	defer f.Close()
-	cmd := exec.Command(s.opts.Binary, args...)
+	cmd := tools.Command(context.Background(), s.opts.Binary, args...)
 	cmd.Stdout, cmd.Stderr = f, f
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start %s: %w", s.opts.Binary, err)
