@@ -6,7 +6,7 @@ REVISION  ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 LDFLAGS   := -s -w -X github.com/tulle-net/tulle/daemon/buildinfo.version=$(VERSION) -X github.com/tulle-net/tulle/daemon/buildinfo.revision=$(REVISION)
 # Unit tests of the control plane run with the race detector; the namespace
 # tests refuse to skip when TULLE_REQUIRE_ROOT_TESTS=1.
-UNIT_PKGS := ./subnet/... ./proto/... ./backend/... ./daemon/... ./cmd/...
+UNIT_PKGS := ./subnet/... ./proto/... ./backend/... ./daemon/... ./cmd/... ./policy/...
 
 .PHONY: all build deps vet test unit alloc e2e bench-smoke bench scale demo fuzz clean
 
@@ -16,13 +16,18 @@ build:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/tulled ./cmd/tulled
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/tulle-cni ./cmd/tulle-cni
 
-# Installs the test and demo tools from Debian's packages when they are missing.
+# Installs the programs of tests/tools/tools.list that are missing (Debian
+# packages, promtool out of Debian's prometheus package); quiet unless it
+# installs something or fails.
 deps:
 	@scripts/deps.sh
 
+# gofmt, go vet, and the check that every program the code runs goes
+# through tests/tools and is on its list (which deps.sh installs).
 vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
 	$(GO) vet ./...
+	$(GO) test -count=1 ./tests/tools
 
 unit:
 	TULLE_REQUIRE_ROOT_TESTS=1 $(GO) test -race -count=1 -timeout 15m $(UNIT_PKGS)
@@ -61,4 +66,5 @@ fuzz:
 	for t in FuzzParseConfig FuzzParseLeaseKey FuzzLeaseAttrs; do $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./subnet/ || exit 1; done
 	for t in FuzzCheckIPv4 FuzzDecrementTTL FuzzICMPv4Error FuzzCheckIPv6; do $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./proto/ || exit 1; done
 	$(GO) test -run '^$$' -fuzz '^FuzzReceiveTrustBoundary$$' -fuzztime $(FUZZTIME) ./backend/udp/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseDocuments$$' -fuzztime $(FUZZTIME) ./policy/
 	for t in FuzzSplit FuzzCoalesce; do $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./backend/tundev/ || exit 1; done

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"bytes"
+	"context"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,12 +13,13 @@ import (
 	"time"
 
 	"github.com/tulle-net/tulle/tests/nstest"
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 // The binary must stay lean: the etcd server (and its raft, bbolt, ...)
 // belongs in tests, never in tulled.
 func TestTulledDoesNotLinkTheEtcdServer(t *testing.T) {
-	out, err := exec.Command(goTool(), "list", "-deps", "github.com/tulle-net/tulle/cmd/tulled").CombinedOutput()
+	out, err := tools.Command(context.Background(), goTool(), "list", "-deps", "github.com/tulle-net/tulle/cmd/tulled").CombinedOutput()
 	if err != nil {
 		t.Fatalf("go list: %v\n%s", err, out)
 	}
@@ -32,7 +34,7 @@ func TestTulledDoesNotLinkTheEtcdServer(t *testing.T) {
 
 // goTool finds the go command: on PATH, else where the brief installs it.
 func goTool() string {
-	if p, err := exec.LookPath("go"); err == nil {
+	if p, err := tools.LookPath("go"); err == nil {
 		return p
 	}
 	return "/usr/local/go/bin/go"
@@ -56,7 +58,7 @@ func buildTulled(t *testing.T) string {
 		}
 		builtBin = filepath.Join(dir, "tulled")
 		ld := "-X github.com/tulle-net/tulle/daemon/buildinfo.version=v9.9.9-test -X github.com/tulle-net/tulle/daemon/buildinfo.revision=0123abcd"
-		out, err := exec.Command(goTool(), "build", "-ldflags", ld, "-o", builtBin, "github.com/tulle-net/tulle/cmd/tulled").CombinedOutput()
+		out, err := tools.Command(context.Background(), goTool(), "build", "-ldflags", ld, "-o", builtBin, "github.com/tulle-net/tulle/cmd/tulled").CombinedOutput()
 		if err != nil {
 			buildErr = err
 			builtBin = string(out)
@@ -81,11 +83,11 @@ func TestBinaryVersionComesFromLdflags(t *testing.T) {
 		t.Skip("builds the binary")
 	}
 	bin := buildTulled(t)
-	out, err := exec.Command(bin, "--version").Output()
+	out, err := tools.Command(context.Background(), bin, "--version").Output()
 	if err != nil || !strings.HasPrefix(string(out), "tulled v9.9.9-test (revision 0123abcd, go") {
 		t.Errorf("--version: %v %q", err, out)
 	}
-	err = exec.Command(bin, "--tun-driver=fast").Run()
+	err = tools.Command(context.Background(), bin, "--tun-driver=fast").Run()
 	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != ExitUsage {
 		t.Errorf("usage error: %v, want exit status 2", err)
 	}

@@ -11,7 +11,6 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -26,6 +25,7 @@ import (
 	"github.com/tulle-net/tulle/daemon/config"
 	"github.com/tulle-net/tulle/subnet"
 	"github.com/tulle-net/tulle/tests/nstest"
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 // These tests run the whole daemon in-process, inside a network namespace
@@ -417,14 +417,14 @@ func TestDaemonIPMasqRulesLiveAsLongAsTheDaemon(t *testing.T) {
 	if !env.IPMasq {
 		t.Errorf("FLANNEL_IPMASQ=false with --ip-masq")
 	}
-	out, err := exec.Command("iptables", "-w", "-t", "nat", "-S", "TULLE-POSTRTG").CombinedOutput()
+	out, err := tools.Command(context.Background(), "iptables", "-w", "-t", "nat", "-S", "TULLE-POSTRTG").CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "! -s 198.18.0.0/16 -d "+env.Subnet.String()+" -m comment --comment \"tulle masq\" -j RETURN") {
 		t.Errorf("rules after READY: %v\n%s", err, out)
 	}
 	if err := r.stop(t); err != nil {
 		t.Fatal(err)
 	}
-	if err := exec.Command("iptables", "-w", "-t", "nat", "-S", "TULLE-POSTRTG").Run(); err == nil {
+	if err := tools.Command(context.Background(), "iptables", "-w", "-t", "nat", "-S", "TULLE-POSTRTG").Run(); err == nil {
 		t.Errorf("chain TULLE-POSTRTG still there after the stop")
 	}
 }

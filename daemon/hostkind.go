@@ -10,12 +10,14 @@ import (
 
 // backendData is our lease's BackendData (udp.HostInfo):
 // {"tulle":{"version":"v0.1.0","features":["partial-checksum"]}}, without
-// "partial-checksum" when partialChecksums is false (--partial-checksums).
-func backendData(partialChecksums bool) json.RawMessage {
+// "partial-checksum" when partialChecksums is false (--partial-checksums),
+// with the features in more after it (udp.FeatureDirect).
+func backendData(partialChecksums bool, more ...string) json.RawMessage {
 	info := udp.HostInfo{Version: buildinfo.Get().Version}
 	if partialChecksums {
 		info.Features = []string{udp.FeaturePartialChecksum}
 	}
+	info.Features = append(info.Features, more...)
 	return info.BackendData()
 }
 

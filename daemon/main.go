@@ -74,6 +74,8 @@ func Main(args, env []string, stdout, stderr io.Writer) int {
 			return statusMain(args[1:], env, stdout, stderr)
 		case "docker-opts":
 			return dockerOptsMain(args[1:], env, stdout, stderr)
+		case "policy":
+			return policyMain(args[1:], env, os.Stdin, stdout, stderr)
 		case "version":
 			fmt.Fprintln(stdout, buildinfo.Get())
 			return ExitOK

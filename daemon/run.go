@@ -102,6 +102,7 @@ type daemon struct {
 	masq          *ipmasq.Rules
 	masqInstalled bool
 	masqErr       error
+	pol           *policyRunner
 	nextMasqTry   time.Time
 	envWritten    bool
 	ready         bool
@@ -224,6 +225,7 @@ func (d *daemon) setup() error {
 	d.mgr = subnet.NewManager(d.reg, subnet.ManagerOptions{
 		PublicIP:       sel.PublicIP,
 		BackendData:    backendData(d.cfg.PartialChecksums),
+		BackendDataFor: d.leaseBackendData, // direct.go: features the network config turns on
 		PreviousSubnet: previous,
 		LeaseTTL:       d.cfg.LeaseTTL,
 		RenewMargin:    d.cfg.RenewMargin,
@@ -271,6 +273,7 @@ func (d *daemon) loop(ctx context.Context, httpDone <-chan error) error {
 		case batch := <-d.events:
 			d.be.Apply(batch)
 			d.notePeers(batch)
+			d.policyLeases()
 			if !d.envWritten {
 				if err := d.finishStartup(); err != nil {
 					return err
@@ -343,6 +346,9 @@ func (d *daemon) startDataPlane(cfg *subnet.Config, lease subnet.Lease) error {
 		SubnetLen: cfg.SubnetLen,
 		Lease:     lease,
 		Logger:    d.log.With("component", "dataplane"),
+
+		DirectRouting: cfg.DirectRouting,
+		Underlay:      d.sel.Index,
 	})
 	if err != nil {
 		return fmt.Errorf("data plane: %w", err)
@@ -362,6 +368,7 @@ func (d *daemon) startDataPlane(cfg *subnet.Config, lease subnet.Lease) error {
 	d.events = make(chan []subnet.Event, 1)
 	d.mgrDone = make(chan error, 1)
 	d.wg.Go(func() { d.mgrDone <- d.mgr.Run(d.runCtx, d.events) })
+	d.startPolicy()
 	return nil
 }
 

@@ -1,36 +1,89 @@
 #!/usr/bin/env bash
-# Installs what the tests, the demo and the benchmark need, from Debian's
-# packages, only when something is missing. Needs root.
+# Installs the programs that the tests, the demo and the benchmark run, as
+# listed in tests/tools/tools.list (the one list; the Go code refuses to run
+# a program that is not on it), when they are missing: Debian packages with
+# apt-get, promtool out of Debian's prometheus package. Quiet unless it
+# installs something (one line) or fails (then it prints apt's log).
+#   scripts/deps.sh           install what is missing (needs root)
+#   scripts/deps.sh --print   print the list as this script reads it
 set -euo pipefail
-need=()
-command -v ip >/dev/null         || need+=(iproute2)
-command -v iperf3 >/dev/null     || need+=(iperf3)
-command -v iptables >/dev/null   || need+=(iptables)
-command -v nft >/dev/null        || need+=(nftables)
-command -v tcpdump >/dev/null    || need+=(tcpdump)
-command -v ethtool >/dev/null    || need+=(ethtool)
-command -v ping >/dev/null       || need+=(iputils-ping)
-command -v setpriv >/dev/null    || need+=(util-linux)
-command -v systemd-analyze >/dev/null || need+=(systemd)
-[ -x /usr/lib/cni/bridge ]       || need+=(containernetworking-plugins)
-if [ ${#need[@]} -gt 0 ]; then
-	if [ "$(id -u)" -ne 0 ]; then
-		echo "deps: missing ${need[*]}; run as root (or: apt-get install -y ${need[*]})" >&2
-		exit 1
+cd "$(dirname "$0")/.."
+list=tests/tools/tools.list
+
+missing() {
+	case "$1" in
+	/*) [ ! -x "$1" ] ;;
+	*) ! command -v "$1" >/dev/null ;;
+	esac
+}
+
+debs=() files=() absent=()
+while read -r name source rest; do
+	case "$name" in '' | '#'* | library | via) continue ;; esac
+	if [ "${1:-}" = --print ]; then
+		echo "$name $source $rest"
+		continue
 	fi
-	echo "deps: installing ${need[*]}"
-	export DEBIAN_FRONTEND=noninteractive
-	apt-get update -qq
-	apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+	missing "$name" || continue
+	read -r -a from <<<"$rest"
+	case "$source" in
+	deb)
+		for pkg in "${from[@]}"; do
+			[[ " ${debs[*]} " == *" $pkg "* ]] || debs+=("$pkg")
+		done
+		;;
+	deb-file) files+=("$name ${from[0]} ${from[1]}") ;;
+	essential) absent+=("$name (Debian's essential package ${from[0]})") ;;
+	toolchain) absent+=("$name (the Go toolchain: see README.md)") ;;
+	build) ;; # the tests build it
+	*) echo "deps: $list: $name: unknown source $source" >&2; exit 1 ;;
+	esac
+done <"$list"
+[ "${1:-}" = --print ] && exit 0
+
+if [ ${#absent[@]} -gt 0 ]; then
+	printf 'deps: missing, and not installed by this script: %s\n' "${absent[@]}" >&2
+	exit 1
 fi
-# promtool checks the alert rules; only that binary is taken from Debian's
-# prometheus package (installing the package would start a server).
-if ! command -v promtool >/dev/null; then
-	[ "$(id -u)" -eq 0 ] || { echo "deps: promtool missing; run as root" >&2; exit 1; }
-	echo "deps: installing promtool"
-	t=$(mktemp -d)
-	apt-get update -qq
-	(cd "$t" && apt-get download prometheus >/dev/null && dpkg-deb -x prometheus_*.deb x)
-	install -m 0755 "$t/x/usr/bin/promtool" /usr/local/bin/promtool
-	rm -rf "$t"
+[ ${#debs[@]} -eq 0 ] && [ ${#files[@]} -eq 0 ] && exit 0
+
+pkgs=("${debs[@]}")
+for f in "${files[@]}"; do
+	read -r name pkg _ <<<"$f"
+	pkgs+=("$name from $pkg")
+done
+if [ "$(id -u)" -ne 0 ]; then
+	echo "deps: missing ${pkgs[*]}; run as root (or: apt-get install -y ${debs[*]})" >&2
+	exit 1
 fi
+echo "deps: installing ${pkgs[*]} (Debian packages)"
+log=$(mktemp /tmp/tulle-deps.XXXXXX.log)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+fail() {
+	echo "deps: $1 failed; the log ($log):" >&2
+	cat "$log" >&2
+	exit 1
+}
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q >>"$log" 2>&1 || fail "apt-get update"
+if [ ${#debs[@]} -gt 0 ]; then
+	apt-get install -y -q --no-install-recommends "${debs[@]}" >>"$log" 2>&1 || fail "apt-get install ${debs[*]}"
+fi
+# A file out of a package without installing the package (installing
+# prometheus would start a server, for promtool alone).
+for f in "${files[@]}"; do
+	read -r name pkg path <<<"$f"
+	(cd "$work" && apt-get download "$pkg" && dpkg-deb -x "$pkg"_*.deb "x-$pkg") >>"$log" 2>&1 || fail "apt-get download $pkg"
+	install -m 0755 "$work/x-$pkg$path" "/usr/local/bin/$name" >>"$log" 2>&1 || fail "install $path from $pkg"
+done
+still=()
+while read -r name source _; do
+	case "$name" in '' | '#'* | library | via) continue ;; esac
+	[ "$source" = build ] && continue
+	missing "$name" && still+=("$name")
+done <"$list"
+if [ ${#still[@]} -gt 0 ]; then
+	fail "installing (still missing: ${still[*]})"
+fi
+rm -f "$log"

@@ -40,7 +40,7 @@ type rawConfig struct {
 //   - IPv6: IPv6SubnetLen 64 when IPv6Network is /62 or larger, else its
 //     length + 2 (smaller than /124 rejected), limits as for IPv4;
 //   - Backend absent (or without Type): type "udp"; Backend.Port absent or 0:
-//     DefaultPort.
+//     DefaultPort; Backend.DirectRouting absent: false.
 //
 // Network and IPv6Network are masked as flannel does. Every rejection is a
 // *ConfigError naming the field, the value and the rule, and wraps
@@ -246,8 +246,9 @@ func parseBackend(cfg *Config, raw json.RawMessage) error {
 		return nil
 	}
 	var be struct {
-		Type json.RawMessage
-		Port json.RawMessage
+		Type          json.RawMessage
+		Port          json.RawMessage
+		DirectRouting json.RawMessage
 	}
 	if err := json.Unmarshal(raw, &be); err != nil {
 		return &ConfigError{Field: "Backend", Value: quote(raw), Rule: "must be a JSON object"}
@@ -270,6 +271,9 @@ func parseBackend(cfg *Config, raw json.RawMessage) error {
 	}
 	if port != 0 {
 		cfg.Port = port
+	}
+	if cfg.DirectRouting, err = boolField("Backend.DirectRouting", be.DirectRouting, false); err != nil {
+		return err
 	}
 	var c bytes.Buffer
 	if err := json.Compact(&c, raw); err == nil {

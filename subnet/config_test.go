@@ -50,6 +50,28 @@ func TestParseConfigAppliesFlannelDefaults(t *testing.T) {
 	}
 }
 
+func TestParseConfigDirectRouting(t *testing.T) {
+	for _, tc := range []struct {
+		json string
+		want bool
+	}{
+		{`{"Network":"198.18.0.0/16"}`, false},
+		{`{"Network":"198.18.0.0/16","Backend":{"Type":"udp"}}`, false},
+		{`{"Network":"198.18.0.0/16","Backend":{"Type":"udp","DirectRouting":null}}`, false},
+		{`{"Network":"198.18.0.0/16","Backend":{"Type":"udp","DirectRouting":false}}`, false},
+		{`{"Network":"198.18.0.0/16","Backend":{"Type":"udp","DirectRouting":true}}`, true},
+		{`{"Network":"198.18.0.0/16","backend":{"type":"udp","directrouting":true}}`, true}, // flannel's reader ignores case
+	} {
+		c, err := ParseConfig([]byte(tc.json))
+		if err != nil {
+			t.Fatalf("ParseConfig(%s): %v", tc.json, err)
+		}
+		if c.DirectRouting != tc.want {
+			t.Errorf("ParseConfig(%s): DirectRouting %v, want %v", tc.json, c.DirectRouting, tc.want)
+		}
+	}
+}
+
 func TestParseConfigIPv6Defaults(t *testing.T) {
 	c, err := ParseConfig([]byte(`{"Network":"198.18.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8::/48"}`))
 	if err != nil {
@@ -108,6 +130,7 @@ func TestParseConfigRejectionsNameFieldValueAndRule(t *testing.T) {
 		{`{"Network":"198.18.0.0/16","Backend":{"Type":7}}`, "Backend.Type 7: must be a string"},
 		{`{"Network":"198.18.0.0/16","Backend":{"Port":70000}}`, "Backend.Port 70000: must be between 1 and 65535"},
 		{`{"Network":"198.18.0.0/16","Backend":{"Port":-5}}`, "Backend.Port -5: must be between 1 and 65535"},
+		{`{"Network":"198.18.0.0/16","Backend":{"DirectRouting":"yes"}}`, `Backend.DirectRouting "yes": must be true or false`},
 		{`{"Networks":["198.18.0.0/16","198.19.0.0/16"]}`, `Networks ["198.18.0.0/16","198.19.0.0/16"]: several networks are not supported: use Network / IPv6Network`},
 	} {
 		t.Run(tc.want, func(t *testing.T) {

@@ -47,7 +47,11 @@ type ManagerOptions struct {
 	// taken (e.g. the backend type the caller carries); its error ends
 	// Start, wrapped in ErrInvalidConfig.
 	CheckConfig func(*Config) error
-	Logger      *slog.Logger
+	// BackendDataFor, if set, gives the lease's BackendData for the
+	// network config (features that depend on it, e.g. DirectRouting) in
+	// place of BackendData.
+	BackendDataFor func(*Config) json.RawMessage
+	Logger         *slog.Logger
 }
 
 // ManagerStatus is what the daemon shows in logs, /readyz and metrics.
@@ -124,6 +128,9 @@ func (m *Manager) Start(ctx context.Context) (*Config, Lease, error) {
 		}
 		if err == nil {
 			m.setPhase(PhaseAcquiring)
+			if m.opts.BackendDataFor != nil {
+				attrs.BackendData = m.opts.BackendDataFor(cfg)
+			}
 			var l Lease
 			l, err = m.reg.AcquireLease(sctx, cfg, attrs, m.opts.PreviousSubnet, m.opts.LeaseTTL)
 			if err == nil {

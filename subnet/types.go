@@ -37,6 +37,11 @@ type Config struct {
 	BackendType string          // "udp" when absent
 	Port        int             // Backend.Port, DefaultPort when absent
 	Backend     json.RawMessage // the raw Backend object, for fields Tulle ignores
+
+	// DirectRouting is Backend.DirectRouting (flannel's vxlan option name;
+	// false when absent): on-link Tulle peers are reached by a kernel route
+	// instead of the UDP overlay (backend/udp, direct.go).
+	DirectRouting bool
 }
 
 // LeaseAttrs is the JSON value of a lease key, byte-compatible with flannel:

@@ -7,6 +7,9 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"regexp"
+	"strings"
 	"testing"
 	"time"
 
@@ -216,5 +219,28 @@ func TestWaterDriverCarriesTraffic(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Logf("%s -> %s: %d bytes in %v (%s)", p[0].Name, p[1].Name, tr.Bytes, tr.Elapsed, testbed.FormatBits(tr.BitsPerSecond()))
+	}
+
+	// The driver that ran, not only the flag given: the data plane logs
+	// the driver it opened, and the device shows it. The water driver opens
+	// the TUN device without the virtio header (so without offloads), the
+	// offload driver with it.
+	for i, driver := range map[int]string{1: "water", 2: "water", 3: "offload"} {
+		h := b.Host(i)
+		log, err := os.ReadFile(h.LogFile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ready := regexp.MustCompile(`msg="data plane ready" .*`).Find(log)
+		if want := fmt.Sprintf(" driver=%s offload=%v ", driver, driver == "offload"); !strings.Contains(string(ready), want) {
+			t.Errorf("host %s: data plane log %q, want %q", h.Name, ready, want)
+		}
+		dev, err := h.Exec(ctx, "ip", "-d", "link", "show", "tulle0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if vnet := strings.Contains(dev, " vnet_hdr on "); vnet != (driver == "offload") {
+			t.Errorf("host %s (%s driver): TUN device with vnet_hdr %v:\n%s", h.Name, driver, vnet, dev)
+		}
 	}
 }

@@ -1,6 +1,7 @@
 package tests
 
 import (
+	"context"
 	"fmt"
 	"strings"
 	"testing"
@@ -24,6 +25,13 @@ func TestStoppedHostDisappearsFromPeersWhenItsLeaseExpires(t *testing.T) {
 	c1, c3 := container(t, b, 1), container(t, b, 3)
 	reach(t, ctx, c1, c3, 1)
 	key3 := leaseKey(t, h3)
+	// Host 3's series are there while it is a peer (so their absence
+	// below is not a wrong label).
+	for _, h := range []*testbed.Host{h1, h2} {
+		if got := peerSeries(t, ctx, h, h3); len(got) != len(peerMetrics) {
+			t.Fatalf("host %s exposes %v for peer %s, want all of %v", h.Name, got, h3.Addr, peerMetrics)
+		}
+	}
 
 	// The live hosts renew their short leases (at TTL/2) and keep them.
 	time.Sleep(ttl + 2*time.Second)
@@ -66,9 +74,35 @@ func TestStoppedHostDisappearsFromPeersWhenItsLeaseExpires(t *testing.T) {
 	if after < before+2 {
 		t.Errorf("host 1 no_route drops %v -> %v for 2 pings into the expired subnet, want +2", before, after)
 	}
-	if v := metric(t, ctx, h1, "tulle_peer_transmit_packets_total", "peer", h3.Addr.String()); v != 0 {
-		t.Logf("note: host 1 still exposes a transmit series for the departed peer %s (%v)", h3.Addr, v)
+	// A departed peer's series go with it.
+	for _, h := range []*testbed.Host{h1, h2} {
+		if got := peerSeries(t, ctx, h, h3); len(got) != 0 {
+			t.Errorf("host %s still exposes %v for the departed peer %s", h.Name, got, h3.Addr)
+		}
 	}
+}
+
+// peerMetrics are the series tulled keeps per peer.
+var peerMetrics = []string{
+	"tulle_peer_transmit_packets_total", "tulle_peer_transmit_bytes_total",
+	"tulle_peer_receive_packets_total", "tulle_peer_receive_bytes_total",
+}
+
+// peerSeries returns the names of the per-peer metrics that host h exposes
+// for peer p.
+func peerSeries(t *testing.T, ctx context.Context, h, p *testbed.Host) []string {
+	t.Helper()
+	m, err := h.Scrape(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, name := range peerMetrics {
+		if len(m.Samples(name, "peer", p.Addr.String())) > 0 {
+			out = append(out, name)
+		}
+	}
+	return out
 }
 
 func TestNewHostIsReachableWithin5sOfJoining(t *testing.T) {
@@ -94,6 +128,9 @@ func TestNewHostIsReachableWithin5sOfJoining(t *testing.T) {
 		t.Fatalf("container 3 not reachable from container 1 within 5 s of host 3 joining: %v", err)
 	}
 	took := time.Since(joined)
+	if took > 5*time.Second {
+		t.Fatalf("container 1 reached container 3 %v after host 3 joined, want within 5 s", took.Round(time.Millisecond))
+	}
 	if _, err := c3.WaitReachable(ctx, container(t, b, 2).Addr, 5*time.Second); err != nil {
 		t.Fatal(err)
 	}

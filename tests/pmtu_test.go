@@ -31,6 +31,10 @@ func TestOversizeDFPacketGetsFragNeeded(t *testing.T) {
 	// kernel has learned the path MTU, refuses locally ("message too long,
 	// mtu=1172"). tulled learns the path MTU on its slow path, so the first
 	// echoes may be dropped.
+	oversize := func() float64 {
+		return metric(t, ctx, h1, "tulle_dropped_packets_total", "direction", "transmit", "reason", "oversize")
+	}
+	before := oversize()
 	var out string
 	deadline := time.Now().Add(15 * time.Second)
 	for {
@@ -44,6 +48,10 @@ func TestOversizeDFPacketGetsFragNeeded(t *testing.T) {
 		time.Sleep(200 * time.Millisecond)
 	}
 	t.Logf("ping -M do -s 1300: %s", strings.TrimSpace(out))
+	// tulled dropped (and counted) the packet it answered with the ICMP.
+	if after := oversize(); after <= before {
+		t.Errorf("host 1 transmit oversize drops %v -> %v, though it answered an oversize DF packet", before, after)
+	}
 
 	// What fits the path passes, DF and all.
 	if _, err := c1.Ping(ctx, c3.Addr, 2, "-M", "do", "-s", strconv.Itoa(pathMTU-28)); err != nil {
@@ -56,8 +64,7 @@ func TestOversizeDFPacketGetsFragNeeded(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("TCP c1 -> c3 over the %d-byte path: %d bytes in %v; host 1 oversize drops: %v", routeMTU, tr.Bytes, tr.Elapsed,
-		metric(t, ctx, h1, "tulle_dropped_packets_total", "reason", "oversize"))
+	t.Logf("TCP c1 -> c3 over the %d-byte path: %d bytes in %v; host 1 oversize drops: %v", routeMTU, tr.Bytes, tr.Elapsed, oversize())
 }
 
 func TestTCPCompletesWithSmallerUnderlayMTUOnOneHost(t *testing.T) {

@@ -27,17 +27,21 @@ func TestWaterReadWriteAllocateNothing(t *testing.T) {
 
 // forwardLoop writes a batch of 4 flows of 8 UDP or TCP segments each from
 // 198.18.0.2 to 198.18.0.3 into the TUN; the namespace forwards them back
-// out of the TUN (both addresses are routed there), and Read returns them.
-// With offloads the Write coalesces each flow and the Read splits it again.
+// out of the TUN (both addresses are routed there), and reads return them.
+// It drives the queue as the data plane does (the writer and reader of
+// helpers_test.go): with offloads a Coalescer merges each flow into one
+// WritePacket and Split cuts the superpacket ReadPacket returns.
 type forwardLoop struct {
 	dev       *tundev.Device
 	q         tundev.Queue
+	w         *writer
+	r         *reader
 	proto     byte
 	templates [][]byte
 	wbufs     [][]byte
 	rbufs     [][]byte
 	sizes     []int
-	maxBatch  int  // most packets one Read returned
+	maxBatch  int  // most packets one read held
 	check     bool // verify every forwarded packet (allocates on failure only)
 	err       error
 }
@@ -51,43 +55,44 @@ func newForwardLoop(tb testing.TB, driver string, proto byte) *forwardLoop {
 	writeSysctl(tb, "net/ipv4/conf/all/send_redirects", "0")
 	dev := openTUN(tb, tundev.Options{Driver: driver})
 	writeSysctl(tb, "net/ipv4/conf/"+dev.Name()+"/send_redirects", "0")
-	l := &forwardLoop{dev: dev, q: dev.Queues()[0], proto: proto}
+	q := dev.Queues()[0]
+	l := &forwardLoop{dev: dev, q: q, w: newWriter(dev, q), r: newReader(q), proto: proto}
 	dst := netip.AddrPortFrom(farAddr, 6000)
 	for i := range loopBatch {
 		src := netip.AddrPortFrom(peerAddr, uint16(5000+i/loopSegs))
 		payload := bytes.Repeat([]byte{byte(i)}, loopSize)
-		buf := make([]byte, tundev.Headroom+40+loopSize)
+		buf := make([]byte, 40+loopSize)
 		var p []byte
 		if proto == 17 {
-			p = buildUDP(buf, tundev.Headroom, src, dst, payload, uint16(i))
+			p = buildUDP(buf, 0, src, dst, payload, uint16(i))
 		} else {
-			p = buildTCP(buf, tundev.Headroom, src, dst, uint32(1+(i%loopSegs)*loopSize), 1, tcpACK, nil, payload)
+			p = buildTCP(buf, 0, src, dst, uint32(1+(i%loopSegs)*loopSize), 1, tcpACK, nil, payload)
 		}
 		l.templates = append(l.templates, p)
-		l.wbufs = append(l.wbufs, make([]byte, len(p), tundev.Headroom+65535))
+		l.wbufs = append(l.wbufs, make([]byte, len(p)))
 	}
-	l.rbufs, l.sizes = makeBufs(l.q.BatchSize(), tundev.Headroom+dev.MTU())
+	l.rbufs, l.sizes = makeBufs(128, dev.MTU())
 	return l
 }
 
 // round writes the batch and reads until all of it came back.
 func (l *forwardLoop) round() {
 	for i := range l.wbufs {
-		copy(l.wbufs[i], l.templates[i]) // Write rewrote the coalesced headers
+		copy(l.wbufs[i], l.templates[i]) // the Coalescer rewrote the merged headers
 	}
-	if _, err := l.q.Write(l.wbufs, tundev.Headroom); err != nil {
+	if err := l.w.write(l.wbufs...); err != nil {
 		l.err = err
 		return
 	}
 	for got := 0; got < loopBatch; {
-		n, err := l.q.Read(l.rbufs, l.sizes, tundev.Headroom)
+		n, err := l.r.read(l.rbufs, l.sizes)
 		if err != nil {
 			l.err = err
 			return
 		}
 		l.maxBatch = max(l.maxBatch, n)
 		for i := range n {
-			p := l.rbufs[i][tundev.Headroom : tundev.Headroom+l.sizes[i]]
+			p := l.rbufs[i][:l.sizes[i]]
 			if len(p) < 28 || p[0]>>4 != 4 || p[9] != l.proto || p[19] != 3 {
 				continue // not the forwarded flow
 			}
@@ -99,11 +104,11 @@ func (l *forwardLoop) round() {
 	}
 }
 
-// testForwardingLoopAllocs proves that one round (Write + Reads until the
-// batch is back) allocates nothing.
+// testForwardingLoopAllocs proves that one round (the writes of the batch,
+// then reads until it is back) allocates nothing.
 func testForwardingLoopAllocs(t *testing.T, driver string, proto byte) {
 	l := newForwardLoop(t, driver, proto)
-	// A lost packet would block Read forever: closing the device ends it.
+	// A lost packet would block a read forever: closing the device ends it.
 	watchdog := time.AfterFunc(30*time.Second, func() { l.dev.Close() })
 	defer watchdog.Stop()
 
@@ -117,13 +122,13 @@ func testForwardingLoopAllocs(t *testing.T, driver string, proto byte) {
 	if l.err != nil {
 		t.Fatal(l.err)
 	}
-	t.Logf("%s, protocol %d: %d packets per round, up to %d per Read, %.2f allocations per round",
+	t.Logf("%s, protocol %d: %d packets per round, up to %d per read, %.2f allocations per round",
 		driver, proto, loopBatch, l.maxBatch, allocs)
 	if allocs != 0 {
-		t.Errorf("%s: Write+Read of %d packets allocate %.2f times per round, want 0", driver, loopBatch, allocs)
+		t.Errorf("%s: writing and reading %d packets allocates %.2f times per round, want 0", driver, loopBatch, allocs)
 	}
 	if l.dev.Offload() && (proto == 6 || l.dev.UDPOffload()) && l.maxBatch < loopSegs {
-		t.Errorf("offload: at most %d packets per Read, want a coalesced flow of %d split again", l.maxBatch, loopSegs)
+		t.Errorf("offload: at most %d packets per read, want a coalesced flow of %d split again", l.maxBatch, loopSegs)
 	}
 }
 
@@ -141,8 +146,9 @@ func checkForwarded(p []byte, i int) error {
 }
 
 // BenchmarkForwardLoop measures one round trip of 32 packets (4 flows of 8
-// segments of 1000 bytes) through the TUN: Write, kernel forwarding, Read.
-// It includes the kernel's forwarding, so compare drivers, not absolutes.
+// segments of 1000 bytes) through the TUN: coalesced writes, the kernel's
+// forwarding, split reads. It includes the kernel's forwarding, so compare
+// drivers, not absolutes.
 func BenchmarkForwardLoop(b *testing.B) {
 	for _, bc := range []struct {
 		name   string

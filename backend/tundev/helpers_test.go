@@ -9,11 +9,14 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/tulle-net/tulle/backend/internal/fdpoll"
 	"github.com/tulle-net/tulle/backend/tundev"
 )
 
@@ -77,9 +80,110 @@ func rxPackets(t *testing.T, dev *tundev.Device) uint64 {
 // packet is a copy of one packet read from a queue.
 type packet struct {
 	queue     int
-	batch     int // packets returned by the Read that returned this one
+	batch     int // packets cut from the read that returned this one
 	data      []byte
 	readError error
+}
+
+// reader reads a queue as the data plane's TX loop does: one ReadPacket
+// into one buffer, a superpacket cut by Split. Here each segment is
+// assembled into a buffer of the caller's with a complete checksum, as
+// the peer receives it (the TX loop gathers the same headers and payload
+// slices into a GSO send instead).
+type reader struct {
+	q     tundev.Queue
+	buf   []byte
+	split tundev.Split
+}
+
+func newReader(q tundev.Queue) *reader {
+	return &reader{q: q, buf: make([]byte, tundev.ReadBufferSize)}
+}
+
+var errTooFewBuffers = errors.New("superpacket has more segments than buffers given")
+
+// read waits for one read and puts the packets it holds into out[i][:sizes[i]],
+// every out[i] at least MTU bytes. It allocates nothing.
+func (r *reader) read(out [][]byte, sizes []int) (int, error) {
+	n, err := r.q.ReadPacket(r.buf, true)
+	if err != nil {
+		return 0, err
+	}
+	if !r.q.VirtioHeader() {
+		sizes[0] = copy(out[0], r.buf[:n])
+		return 1, nil
+	}
+	h := tundev.DecodeVirtioHdr(r.buf)
+	pkt := r.buf[tundev.VirtioHdrLen:n]
+	if h.GSOType == tundev.GSONone {
+		if h.Flags&tundev.VirtioNeedsCsum != 0 {
+			if err := tundev.CompleteChecksum(pkt, int(h.CsumStart), int(h.CsumOffset)); err != nil {
+				return 0, err
+			}
+		}
+		sizes[0] = copy(out[0], pkt)
+		return 1, nil
+	}
+	s := &r.split
+	if err := s.Init(h, pkt); err != nil {
+		return 0, err
+	}
+	if s.Segments() > len(out) {
+		return 0, errTooFewBuffers
+	}
+	for i := range s.Segments() {
+		payload := s.Segment(i, out[i], false)
+		sizes[i] = s.HeaderLen() + copy(out[i][s.HeaderLen():], payload)
+	}
+	return s.Segments(), nil
+}
+
+// writer writes packets to a queue as the data plane's RX loop does: with
+// a virtio header through a Coalescer, which merges the segments of a
+// flow into one WritePacket, else one WritePacket per packet. It allocates
+// nothing.
+type writer struct {
+	q   tundev.Queue
+	co  *tundev.Coalescer
+	one [1][]byte
+}
+
+func newWriter(dev *tundev.Device, q tundev.Queue) *writer {
+	return &writer{q: q, co: tundev.NewCoalescer(dev.UDPOffload())}
+}
+
+// write writes pkts (bare IPv4 packets with complete checksums, the
+// caller's buffers: a coalesced group's first packet gets its headers
+// patched in place).
+func (w *writer) write(pkts ...[]byte) error {
+	for _, p := range pkts {
+		if !w.q.VirtioHeader() {
+			w.one[0] = p
+			err := w.q.WritePacket(w.one[:])
+			w.one[0] = nil
+			if err != nil {
+				return err
+			}
+			continue
+		}
+		if w.co.Add(p, false) {
+			continue
+		}
+		if err := w.flush(); err != nil {
+			return err
+		}
+		w.co.Add(p, false)
+	}
+	return w.flush()
+}
+
+func (w *writer) flush() error {
+	if !w.co.Pending() {
+		return nil
+	}
+	err := w.q.WritePacket(w.co.Group())
+	w.co.Reset()
+	return err
 }
 
 // startReaders reads every queue of dev in its own goroutine and delivers
@@ -90,12 +194,11 @@ func startReaders(t *testing.T, dev *tundev.Device) <-chan packet {
 	out := make(chan packet, 4096)
 	var wg sync.WaitGroup
 	for qi, q := range dev.Queues() {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			bufs, sizes := makeBufs(q.BatchSize(), tundev.Headroom+dev.MTU())
+		wg.Go(func() {
+			r := newReader(q)
+			bufs, sizes := makeBufs(128, dev.MTU())
 			for {
-				n, err := q.Read(bufs, sizes, tundev.Headroom)
+				n, err := r.read(bufs, sizes)
 				if err != nil {
 					if !errors.Is(err, os.ErrClosed) {
 						out <- packet{queue: qi, readError: err}
@@ -103,17 +206,45 @@ func startReaders(t *testing.T, dev *tundev.Device) <-chan packet {
 					return
 				}
 				for i := range n {
-					d := append([]byte(nil), bufs[i][tundev.Headroom:tundev.Headroom+sizes[i]]...)
-					out <- packet{queue: qi, batch: n, data: d}
+					out <- packet{queue: qi, batch: n, data: append([]byte(nil), bufs[i][:sizes[i]]...)}
 				}
 			}
-		}()
+		})
 	}
 	t.Cleanup(func() {
 		dev.Close()
 		wg.Wait()
 	})
 	return out
+}
+
+// readersBlocked starts one ReadPacket per queue of dev on its own thread
+// and returns, once every one of them is blocked waiting for a packet, the
+// channel their errors arrive on.
+func readersBlocked(t *testing.T, dev *tundev.Device) <-chan error {
+	t.Helper()
+	before, err := fdpoll.Waiting()
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, len(dev.Queues()))
+	for _, q := range dev.Queues() {
+		go func() {
+			runtime.LockOSThread()
+			defer runtime.UnlockOSThread()
+			buf := make([]byte, tundev.ReadBufferSize)
+			for {
+				if _, err := q.ReadPacket(buf, true); err != nil {
+					done <- err
+					return
+				}
+			}
+		}()
+	}
+	if err := fdpoll.AwaitWaiting(before+len(dev.Queues()), 5*time.Second); err != nil {
+		t.Fatalf("readers of %s not blocked: %v", dev.Name(), err)
+	}
+	return done
 }
 
 func makeBufs(n, size int) ([][]byte, []int) {

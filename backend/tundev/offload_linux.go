@@ -12,10 +12,6 @@ const (
 	tunTCPOffloads = unix.TUN_F_CSUM | unix.TUN_F_TSO4
 	// UDP segmentation offload (Linux 6.2); optional, takes both families.
 	tunUDPOffloads = unix.TUN_F_USO4 | unix.TUN_F_USO6
-
-	// offloadBatch is BatchSize of an offload queue: the most segments
-	// Read splits a superpacket into.
-	offloadBatch = 128
 )
 
 // openOffload opens opts.Queues queues with IFF_VNET_HDR and the offloads.

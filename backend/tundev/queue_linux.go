@@ -25,20 +25,12 @@ type queue struct {
 	index int
 	fd    int
 	vnet  bool
-	mtu   int
-	batch int
 	stop  *fdpoll.Stop
 	// closeMu: every I/O call holds it shared while it uses fd; close takes
 	// it exclusively (after stop wakes the waiters), so fd is never used
 	// after it is closed or reused.
 	closeMu sync.RWMutex
 	closeFd func() error
-
-	// Read (one reader at a time)
-	rbuf  []byte
-	split Split
-	// Write (one writer at a time)
-	co *Coalescer
 }
 
 func newQueue(d *Device, index, fd int, vnet bool, closeFd func() error) (*queue, error) {
@@ -46,11 +38,7 @@ func newQueue(d *Device, index, fd int, vnet bool, closeFd func() error) (*queue
 	if err != nil {
 		return nil, err
 	}
-	q := &queue{d: d, index: index, fd: fd, vnet: vnet, mtu: d.mtu, stop: stop, closeFd: closeFd, batch: 1}
-	if vnet {
-		q.batch = offloadBatch
-	}
-	return q, nil
+	return &queue{d: d, index: index, fd: fd, vnet: vnet, stop: stop, closeFd: closeFd}, nil
 }
 
 // close stops every call in progress and closes the descriptor.
@@ -63,7 +51,9 @@ func (q *queue) close() error {
 	return err
 }
 
-func (q *queue) BatchSize() int     { return q.batch }
+// interrupt wakes the calls waiting on the queue (Device.Interrupt).
+func (q *queue) interrupt() { q.stop.Signal() }
+
 func (q *queue) VirtioHeader() bool { return q.vnet }
 func (q *queue) Fd() int            { return q.fd }
 func (q *queue) errClosed(op string) error {
@@ -73,7 +63,7 @@ func (q *queue) errClosed(op string) error {
 // ioErr maps a system call error of op to the error the caller sees.
 func (q *queue) ioErr(op string, e error) error {
 	if errors.Is(e, unix.EBADFD) || errors.Is(e, unix.EBADF) {
-		if q.d.closed.Load() {
+		if q.d.stopped.Load() {
 			return q.errClosed(op)
 		}
 		return fmt.Errorf("%s tun %s queue %d: %w", op, q.d.name, q.index, ErrDeviceGone)
@@ -85,7 +75,7 @@ func (q *queue) ReadPacket(buf []byte, wait bool) (int, error) {
 	q.closeMu.RLock()
 	defer q.closeMu.RUnlock()
 	for {
-		if q.d.closed.Load() {
+		if q.d.stopped.Load() {
 			return 0, q.errClosed("read")
 		}
 		n, err := unix.Read(q.fd, buf)
@@ -133,7 +123,7 @@ func (q *queue) WritePacket(iov [][]byte) error {
 	q.closeMu.RLock()
 	defer q.closeMu.RUnlock()
 	for {
-		if q.d.closed.Load() {
+		if q.d.stopped.Load() {
 			return q.errClosed("write")
 		}
 		_, _, e := unix.Syscall(unix.SYS_WRITEV, uintptr(q.fd), uintptr(unsafe.Pointer(&vecs[0])), uintptr(n))
@@ -155,132 +145,4 @@ func (q *queue) WritePacket(iov [][]byte) error {
 			return nil
 		}
 	}
-}
-
-// Read implements the batch API on top of ReadPacket: a superpacket is
-// split (and copied) into bufs with complete checksums.
-func (q *queue) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
-	if err := checkReadArgs(bufs, sizes, offset, q.mtu); err != nil {
-		return 0, err
-	}
-	if q.rbuf == nil {
-		q.rbuf = make([]byte, ReadBufferSize)
-	}
-	for {
-		n, err := q.ReadPacket(q.rbuf, true)
-		if err != nil {
-			return 0, err
-		}
-		k, err := q.splitInto(q.rbuf[:n], bufs, sizes, offset)
-		if err != nil {
-			q.d.dropRead(q.index, err)
-		}
-		if k > 0 {
-			return k, nil
-		}
-	}
-}
-
-// errSegmentOverflow: a packet or segment is larger than the caller's buffer.
-var errSegmentOverflow = errors.New("packet larger than its buffer (MTU raised after Open?)")
-
-// errTooManySegments: a superpacket had more segments than buffers given.
-var errTooManySegments = errors.New("superpacket has more segments than buffers given")
-
-// splitInto copies the packet read (virtio header first on an offload
-// queue) into bufs. It returns how many buffers it filled and, if some or
-// all of the packet was dropped, why.
-func (q *queue) splitInto(raw []byte, bufs [][]byte, sizes []int, offset int) (int, error) {
-	if !q.vnet {
-		if len(raw) > len(bufs[0])-offset {
-			return 0, errSegmentOverflow
-		}
-		sizes[0] = copy(bufs[0][offset:], raw)
-		return 1, nil
-	}
-	if len(raw) <= VirtioHdrLen {
-		return 0, errEmptyPacket
-	}
-	h := DecodeVirtioHdr(raw)
-	pkt := raw[VirtioHdrLen:]
-	if h.GSOType == GSONone {
-		if h.Flags&VirtioNeedsCsum != 0 {
-			if err := CompleteChecksum(pkt, int(h.CsumStart), int(h.CsumOffset)); err != nil {
-				return 0, err
-			}
-		}
-		if len(pkt) > len(bufs[0])-offset {
-			return 0, errSegmentOverflow
-		}
-		sizes[0] = copy(bufs[0][offset:], pkt)
-		return 1, nil
-	}
-	s := &q.split
-	if err := s.Init(h, pkt); err != nil {
-		return 0, err
-	}
-	k := min(s.Segments(), len(bufs))
-	for i := 0; i < k; i++ {
-		out := bufs[i][offset:]
-		if len(out) < s.SegmentSize() {
-			return 0, errSegmentOverflow
-		}
-		payload := s.Segment(i, out, false)
-		sizes[i] = s.HeaderLen() + copy(out[s.HeaderLen():], payload)
-	}
-	if k < s.Segments() {
-		return k, errTooManySegments
-	}
-	return k, nil
-}
-
-// Write implements the batch API on top of WritePacket: on an offload
-// queue, segments are coalesced (GRO) first.
-func (q *queue) Write(bufs [][]byte, offset int) (int, error) {
-	if offset < Headroom {
-		return 0, errBadOffset
-	}
-	if !q.vnet {
-		for i, b := range bufs {
-			if len(b) <= offset {
-				q.d.writeFailed(q.index, 1, errEmptyPacket)
-				continue
-			}
-			if err := q.WritePacket([][]byte{b[offset:]}); err != nil {
-				return i, err
-			}
-		}
-		return len(bufs), nil
-	}
-	if q.co == nil {
-		q.co = NewCoalescer(q.d.udpOffload)
-	}
-	co := q.co
-	done := 0
-	flush := func() error {
-		if !co.Pending() {
-			return nil
-		}
-		err := q.WritePacket(co.Group())
-		co.Reset()
-		return err
-	}
-	for i, b := range bufs {
-		if len(b) <= offset {
-			q.d.writeFailed(q.index, 1, errEmptyPacket)
-			continue
-		}
-		pkt := b[offset:]
-		if !co.Add(pkt, false) {
-			if err := flush(); err != nil {
-				return done, err
-			}
-			done = i
-			co.Add(pkt, false)
-		}
-	}
-	if err := flush(); err != nil {
-		return done, err
-	}
-	return len(bufs), nil
 }

@@ -19,9 +19,9 @@ import (
 
 // TestOffloadCarriesTCPStream runs a real kernel TCP client against a TCP
 // "server" played by the test through the TUN: the client's TSO
-// superpackets must come out of Read split into MTU-sized segments with
-// valid checksums, and same-flow segments written in one Write must reach
-// the client as one coalesced packet.
+// superpackets must come out of a read cut by Split into MTU-sized
+// segments with valid checksums, and same-flow segments written through a
+// Coalescer must reach the client as one coalesced packet.
 func TestOffloadCarriesTCPStream(t *testing.T) {
 	nstest.EnterNewNetns(t)
 	const mtu, mss = 1400, 1360
@@ -40,7 +40,7 @@ func TestOffloadCarriesTCPStream(t *testing.T) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		results <- playServer(ctx, q, packets, server, mtu, mss, len(upload))
+		results <- playServer(ctx, newWriter(dev, q), packets, server, mtu, mss, len(upload))
 	}()
 	t.Cleanup(func() { cancel(); wg.Wait() })
 
@@ -65,12 +65,12 @@ func TestOffloadCarriesTCPStream(t *testing.T) {
 	if !bytes.Equal(res.received, upload) {
 		t.Fatal("bytes read from the tun differ from the client's stream")
 	}
-	t.Logf("upload of %d bytes: %d segments, up to %d per Read", len(upload), res.segments, res.maxBatch)
+	t.Logf("upload of %d bytes: %d segments, up to %d per read", len(upload), res.segments, res.maxBatch)
 	if res.maxBatch < 2 {
-		t.Errorf("every Read returned one segment: no TSO superpacket was split")
+		t.Errorf("every read held one segment: no TSO superpacket was split")
 	}
 
-	// Download: 8 full segments of one flow in one Write.
+	// Download: 8 full segments of one flow, coalesced into one write.
 	const segs = 8
 	download := bytes.Repeat([]byte("tulle-download-"), segs*mss/15+1)[:segs*mss]
 	bufs := make([][]byte, segs)
@@ -79,13 +79,12 @@ func TestOffloadCarriesTCPStream(t *testing.T) {
 		if i == segs-1 {
 			flags |= tcpPSH
 		}
-		buf := make([]byte, tundev.Headroom+40+mss, tundev.Headroom+65535)
-		bufs[i] = buildTCP(buf, tundev.Headroom, server, res.client, serverISN+1+uint32(i*mss), res.clientNext,
+		bufs[i] = buildTCP(make([]byte, 40+mss), 0, server, res.client, serverISN+1+uint32(i*mss), res.clientNext,
 			flags, nil, download[i*mss:(i+1)*mss])
 	}
 	before := rxPackets(t, dev)
-	if n, err := q.Write(bufs, tundev.Headroom); n != segs || err != nil {
-		t.Fatalf("Write = %d, %v", n, err)
+	if err := newWriter(dev, q).write(bufs...); err != nil {
+		t.Fatalf("write: %v", err)
 	}
 	if delta := rxPackets(t, dev) - before; delta != 1 {
 		t.Errorf("the kernel received %d packets for %d in-order segments, want 1 (coalesced)", delta, segs)
@@ -112,9 +111,9 @@ type serverResult struct {
 
 // playServer answers the client's SYN and acknowledges its data until want
 // bytes arrived in order, checking every segment.
-func playServer(ctx context.Context, q tundev.Queue, packets <-chan packet, server netip.AddrPort, mtu, mss, want int) serverResult {
+func playServer(ctx context.Context, w *writer, packets <-chan packet, server netip.AddrPort, mtu, mss, want int) serverResult {
 	var r serverResult
-	buf := make([]byte, tundev.Headroom+128)
+	buf := make([]byte, 128)
 	next := func() (packet, ipv4, error) {
 		for {
 			select {
@@ -138,12 +137,11 @@ func playServer(ctx context.Context, q tundev.Queue, packets <-chan packet, serv
 		}
 	}
 	send := func(flags byte, opts []byte) error {
-		pkt := buildTCP(buf, tundev.Headroom, server, r.client, serverISN+1, r.clientNext, flags, opts, nil)
+		pkt := buildTCP(buf, 0, server, r.client, serverISN+1, r.clientNext, flags, opts, nil)
 		if flags&tcpSYN != 0 {
-			pkt = buildTCP(buf, tundev.Headroom, server, r.client, serverISN, r.clientNext, flags, opts, nil)
+			pkt = buildTCP(buf, 0, server, r.client, serverISN, r.clientNext, flags, opts, nil)
 		}
-		_, err := q.Write([][]byte{pkt}, tundev.Headroom)
-		return err
+		return w.write(pkt)
 	}
 	for {
 		_, ip, err := next()

@@ -9,7 +9,7 @@
 //     (up to 64 KiB) and one write hands the kernel a whole coalesced one.
 //     Split cuts a superpacket into segments without copying the payload;
 //     Coalescer merges segments of a flow into one write (GRO) without
-//     copying either. The batch API (Read, Write) is built on them.
+//     copying either.
 //   - "water": github.com/songgao/water opens the device: no virtio header,
 //     one packet per system call. The portable baseline for benchmarks and
 //     the fallback where offloads misbehave.
@@ -20,7 +20,7 @@
 // Every call blocks its OS thread in ppoll(2) (package fdpoll), not the Go
 // netpoller: the data plane runs each loop on a goroutine locked to its
 // thread, and a packet then wakes exactly the thread that handles it.
-// Device.Close wakes every waiting call.
+// Device.Close and Device.Interrupt wake every waiting call.
 //
 // Open creates the device and sets its MTU only; addresses, routes and the
 // link state belong to the caller (netlink).
@@ -34,11 +34,10 @@ import (
 	"sync/atomic"
 )
 
-// Headroom is the number of bytes callers must leave in front of each packet
-// in the buffers passed to Queue.Read and Queue.Write (the offload driver puts
-// the 10-byte virtio-net header there). Use offset >= Headroom with every
-// driver; Read and Write reject a smaller offset.
-const Headroom = 10
+// Headroom is the room a caller leaves in front of a packet it builds for
+// WritePacket as one piece: the offload driver wants the virtio-net header
+// there (a zero one for a packet with complete checksums and no GSO).
+const Headroom = VirtioHdrLen
 
 // MaxQueues is the kernel's limit on queues of one multi-queue TUN device.
 const MaxQueues = 256
@@ -54,8 +53,7 @@ type Options struct {
 	// Name of the device, at most 15 bytes, e.g. "tulle0". Empty lets the
 	// kernel choose ("tun%d"); Device.Name reports the result.
 	Name string
-	// MTU of the device, 68..65535. Every buffer passed to Read must hold
-	// offset+MTU bytes.
+	// MTU of the device, 68..65535.
 	MTU int
 	// Queues is the number of device queues (0 means 1). With more than one
 	// the device is opened with IFF_MULTI_QUEUE, one file descriptor per
@@ -64,49 +62,15 @@ type Options struct {
 	Queues int
 	// Driver is DriverOffload (default when empty) or DriverWater.
 	Driver string
-	// Logger receives the rare driver warnings (first dropped read, first
-	// refused write). Nil means slog.Default().
+	// Logger receives the rare driver warnings (first refused write). Nil
+	// means slog.Default().
 	Logger *slog.Logger
 }
 
-// Queue is one queue of a TUN device. A Queue's reads may run concurrently
-// with its writes; Read and ReadPacket must not run concurrently with
-// themselves or each other (one reader), nor Write with itself. WritePacket
-// is safe for concurrent use.
+// Queue is one queue of a TUN device. Its reads may run concurrently with
+// its writes; ReadPacket must not run concurrently with itself (one
+// reader). WritePacket is safe for concurrent use.
 type Queue interface {
-	// Read reads one or more packets into bufs: packet i is
-	// bufs[i][offset:offset+sizes[i]]. It blocks until at least one packet
-	// is available. len(sizes) must be >= len(bufs), offset >= Headroom and
-	// every len(bufs[i]) >= offset+MTU. The offload driver splits a TSO/USO
-	// superpacket into MTU-sized packets with completed checksums, at most
-	// len(bufs) of them (pass BatchSize buffers).
-	//
-	// Read returns an error only when the device is closed (errors.Is(err,
-	// os.ErrClosed)), was removed (ErrDeviceGone) or the arguments are
-	// invalid. Packets the driver cannot deliver (a superpacket with more
-	// segments than bufs: the excess; a malformed virtio header; a packet
-	// larger than the buffer) are dropped, counted in Device.Stats and the
-	// read goes on.
-	Read(bufs [][]byte, sizes []int, offset int) (int, error)
-
-	// Write writes each bufs[i][offset:] as one packet and returns the number
-	// of bufs consumed (len(bufs) unless the error is fatal). offset must be
-	// >= Headroom. The offload driver coalesces TCP and UDP segments of a
-	// flow (GRO, see Coalescer) and then patches the first packet's headers
-	// in place. Write never changes the slice headers in bufs, only the
-	// bytes they point to.
-	//
-	// A packet the kernel refuses (EIO while the link is down, EINVAL for a
-	// non-IP packet) is counted in Device.Stats and the others are still
-	// written; Write returns an error only when the device is closed
-	// (os.ErrClosed), was removed (ErrDeviceGone) or offset is invalid.
-	Write(bufs [][]byte, offset int) (int, error)
-
-	// BatchSize is the maximum number of packets one Read returns (and the
-	// number of buffers to pass to it): 128 for the offload driver, 1 for
-	// water.
-	BatchSize() int
-
 	// VirtioHeader reports whether ReadPacket and WritePacket carry the
 	// virtio-net header (the offload driver).
 	VirtioHeader() bool
@@ -116,10 +80,12 @@ type Queue interface {
 	// (DecodeVirtioHdr) and a packet or TSO/USO superpacket follows; pass
 	// ReadBufferSize bytes. Without, pass at least MTU bytes. If wait is
 	// false and no packet is queued it returns ErrWouldBlock at once, else
-	// it waits. Errors as for Read (closed, gone). A packet larger than buf
-	// comes truncated to len(buf) (the kernel's TUN does that silently);
-	// ReadBufferSize holds any packet of a device with the default 64 KiB
-	// gso_max_size, and the IPv4 total length tells a truncated one.
+	// it waits. It returns an error only when the device is closed or
+	// interrupted (errors.Is(err, os.ErrClosed)) or was removed
+	// (ErrDeviceGone). A packet larger than buf comes truncated to len(buf)
+	// (the kernel's TUN does that silently); ReadBufferSize holds any
+	// packet of a device with the default 64 KiB gso_max_size, and the IPv4
+	// total length tells a truncated one.
 	ReadPacket(buf []byte, wait bool) (int, error)
 
 	// WritePacket writes one packet gathered from the pieces in iov (at
@@ -141,21 +107,13 @@ var ErrWouldBlock = errors.New("no packet queued")
 
 // Stats are counters of a Device summed over its queues.
 type Stats struct {
-	// ReadDrops counts reads whose packet(s) the driver dropped: a
-	// superpacket with more segments than the buffers given (counted once
-	// per superpacket), a malformed virtio header, a packet larger than the
-	// buffer.
-	ReadDrops uint64
 	// WriteErrors counts packets the kernel refused on write.
 	WriteErrors uint64
 }
 
-// ErrDeviceGone is returned by Read and Write when the kernel detached the
+// ErrDeviceGone is returned by ReadPacket and WritePacket when the kernel detached the
 // queue without Close being called (the interface was deleted under us).
 var ErrDeviceGone = errors.New("tun device was removed")
-
-// errBadOffset is returned for offset < Headroom.
-var errBadOffset = fmt.Errorf("offset must be at least tundev.Headroom (%d)", Headroom)
 
 // Device is an open TUN device with one or more queues.
 type Device struct {
@@ -169,12 +127,11 @@ type Device struct {
 	logger     *slog.Logger
 
 	closed    atomic.Bool
+	stopped   atomic.Bool // Interrupt or Close: every call returns os.ErrClosed
 	closeOnce sync.Once
 	closeErr  error
 
-	readDrops   atomic.Uint64
 	writeErrors atomic.Uint64
-	warnedRead  atomic.Bool
 	warnedWrite atomic.Bool
 }
 
@@ -194,22 +151,41 @@ func (d *Device) Queues() []Queue { return d.queues }
 func (d *Device) Offload() bool { return d.offload }
 
 // UDPOffload reports whether the kernel accepted USO (UDP segmentation
-// offload, Linux >= 6.2): UDP superpackets are then split on Read and UDP
-// segments coalesced on Write.
+// offload, Linux >= 6.2): ReadPacket then returns UDP superpackets too
+// (for Split), and a Coalescer may merge UDP segments for WritePacket.
 func (d *Device) UDPOffload() bool { return d.udpOffload }
 
 // Stats returns the device's counters.
 func (d *Device) Stats() Stats {
-	return Stats{ReadDrops: d.readDrops.Load(), WriteErrors: d.writeErrors.Load()}
+	return Stats{WriteErrors: d.writeErrors.Load()}
 }
+
+// Interrupt wakes every ReadPacket and WritePacket waiting on a queue and
+// makes them, and every later call, return an error satisfying
+// errors.Is(err, os.ErrClosed), without closing the queues: for an owner
+// that stops its users, waits for them to return, and only then calls
+// Close (which it still must). Idempotent; safe to call concurrently with
+// any method.
+func (d *Device) Interrupt() {
+	d.stopped.Store(true)
+	for _, q := range d.queues {
+		if q, ok := q.(interruptible); ok {
+			q.interrupt()
+		}
+	}
+}
+
+// interruptible is a queue that Interrupt can wake.
+type interruptible interface{ interrupt() }
 
 // Close closes every queue; the kernel removes the device when its last
 // queue is closed (unless it was made persistent by someone else). Blocked
-// Read and Write calls return an error satisfying errors.Is(err,
+// ReadPacket and WritePacket calls return an error satisfying errors.Is(err,
 // os.ErrClosed). Close is idempotent.
 func (d *Device) Close() error {
 	d.closeOnce.Do(func() {
 		d.closed.Store(true)
+		d.stopped.Store(true)
 		var errs []error
 		for i, c := range d.closers {
 			if err := c(); err != nil {
@@ -219,15 +195,6 @@ func (d *Device) Close() error {
 		d.closeErr = errors.Join(errs...)
 	})
 	return d.closeErr
-}
-
-// dropRead counts a dropped read and logs the first one.
-func (d *Device) dropRead(queue int, err error) {
-	d.readDrops.Add(1)
-	if !d.warnedRead.Swap(true) {
-		d.logger.Warn("tun read dropped a packet (further drops are only counted)",
-			"device", d.name, "queue", queue, "error", err)
-	}
 }
 
 // writeFailed counts n refused packets and logs the first failure.

@@ -81,21 +81,6 @@ func setMTU(name string, mtu int) error {
 	return nil
 }
 
-// checkReadArgs validates the arguments of Queue.Read.
-func checkReadArgs(bufs [][]byte, sizes []int, offset, mtu int) error {
-	if offset < Headroom {
-		return errBadOffset
-	}
-	if len(bufs) == 0 || len(sizes) < len(bufs) {
-		return fmt.Errorf("tun read: %d bufs and %d sizes: need at least one buffer and as many sizes", len(bufs), len(sizes))
-	}
-	for i := range bufs {
-		if len(bufs[i]) < offset+mtu {
-			return fmt.Errorf("tun read: buffer %d holds %d bytes: need offset+MTU = %d", i, len(bufs[i]), offset+mtu)
-		}
-	}
-	return nil
-}
-
-// errEmptyPacket is counted for a buffer with nothing after the offset.
-var errEmptyPacket = errors.New("empty packet: nothing after the offset")
+// errEmptyPacket is counted for a write of no packet (nothing, or only a
+// virtio header).
+var errEmptyPacket = errors.New("empty packet")

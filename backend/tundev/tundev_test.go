@@ -58,12 +58,8 @@ func testCarriesUDPBothWays(t *testing.T, driver string) {
 	if dev.Offload() != wantOffload || dev.Driver() != driver || len(dev.Queues()) != 1 {
 		t.Fatalf("driver %s: Offload()=%v Driver()=%q queues=%d", driver, dev.Offload(), dev.Driver(), len(dev.Queues()))
 	}
-	wantBatch := 1
-	if wantOffload {
-		wantBatch = 128
-	}
-	if b := dev.Queues()[0].BatchSize(); b != wantBatch {
-		t.Fatalf("BatchSize() = %d, want %d", b, wantBatch)
+	if dev.Queues()[0].VirtioHeader() != wantOffload {
+		t.Fatalf("driver %s: VirtioHeader() = %v", driver, !wantOffload)
 	}
 	t.Logf("driver %s: offload=%v udp_offload=%v", driver, dev.Offload(), dev.UDPOffload())
 	packets := startReaders(t, dev)
@@ -76,7 +72,7 @@ func testCarriesUDPBothWays(t *testing.T, driver string) {
 	local := sock.LocalAddr().(*net.UDPAddr).AddrPort()
 	peer := netip.AddrPortFrom(peerAddr, 9999)
 
-	// Out: a local datagram routed into the TUN comes out of Read.
+	// Out: a local datagram routed into the TUN comes out of a read.
 	if _, err := sock.WriteToUDPAddrPort([]byte("hello through the tun"), peer); err != nil {
 		t.Fatal(err)
 	}
@@ -87,10 +83,9 @@ func testCarriesUDPBothWays(t *testing.T, driver string) {
 
 	// In: a packet written to the TUN is delivered to the local socket.
 	from := netip.AddrPortFrom(peerAddr, 7777)
-	buf := make([]byte, tundev.Headroom+2048)
-	pkt := buildUDP(buf, tundev.Headroom, from, local, []byte("hello from the peer"), 1)
-	if n, err := dev.Queues()[0].Write([][]byte{pkt}, tundev.Headroom); n != 1 || err != nil {
-		t.Fatalf("Write = %d, %v", n, err)
+	pkt := buildUDP(make([]byte, 2048), 0, from, local, []byte("hello from the peer"), 1)
+	if err := newWriter(dev, dev.Queues()[0]).write(pkt); err != nil {
+		t.Fatalf("write: %v", err)
 	}
 	sock.SetReadDeadline(time.Now().Add(5 * time.Second))
 	rb := make([]byte, 2048)
@@ -132,7 +127,7 @@ func TestOffloadReadSplitsUDPSuperpacket(t *testing.T) {
 	for i := 0; i < segs; i++ {
 		p, ip := waitPacket(t, packets, func(ip ipv4) bool { return ip.dst == peer })
 		if p.batch != segs {
-			t.Errorf("segment %d came in a Read of %d packets, want all %d in one (USO split)", i, p.batch, segs)
+			t.Errorf("segment %d came in a read of %d packets, want all %d in one (USO split)", i, p.batch, segs)
 		}
 		if len(ip.payload) != seg {
 			t.Fatalf("segment %d: %d bytes, want %d", i, len(ip.payload), seg)
@@ -160,12 +155,11 @@ func TestOffloadWriteCoalescesUDPSegments(t *testing.T) {
 	const n = 8
 	bufs := make([][]byte, n)
 	for i := range bufs {
-		buf := make([]byte, tundev.Headroom+1028, tundev.Headroom+65535)
-		bufs[i] = buildUDP(buf, tundev.Headroom, from, local, bytes.Repeat([]byte{byte('a' + i)}, 1000), uint16(i))
+		bufs[i] = buildUDP(make([]byte, 1028), 0, from, local, bytes.Repeat([]byte{byte('a' + i)}, 1000), uint16(i))
 	}
 	before := rxPackets(t, dev)
-	if w, err := dev.Queues()[0].Write(bufs, tundev.Headroom); w != n || err != nil {
-		t.Fatalf("Write = %d, %v", w, err)
+	if err := newWriter(dev, dev.Queues()[0]).write(bufs...); err != nil {
+		t.Fatalf("write: %v", err)
 	}
 	if delta := rxPackets(t, dev) - before; delta != 1 {
 		t.Errorf("the kernel received %d packets for %d same-flow UDP segments, want 1 (coalesced)", delta, n)
@@ -179,11 +173,6 @@ func TestOffloadWriteCoalescesUDPSegments(t *testing.T) {
 		}
 		if src != from || k != 1000 || rb[0] != byte('a'+i) || rb[999] != byte('a'+i) {
 			t.Fatalf("datagram %d: %d bytes from %v starting %q", i, k, src, rb[0])
-		}
-	}
-	for i := range bufs {
-		if len(bufs[i]) != tundev.Headroom+1028 {
-			t.Fatalf("Write changed the caller's slice header %d (len %d)", i, len(bufs[i]))
 		}
 	}
 }
@@ -233,9 +222,8 @@ func testMultiQueue(t *testing.T, driver string) {
 		t.Fatal(err)
 	}
 	defer sock.Close()
-	buf := make([]byte, tundev.Headroom+100)
-	pkt := buildUDP(buf, tundev.Headroom, netip.AddrPortFrom(peerAddr, 1), sock.LocalAddr().(*net.UDPAddr).AddrPort(), []byte("via queue 1"), 9)
-	if _, err := dev.Queues()[1].Write([][]byte{pkt}, tundev.Headroom); err != nil {
+	pkt := buildUDP(make([]byte, 100), 0, netip.AddrPortFrom(peerAddr, 1), sock.LocalAddr().(*net.UDPAddr).AddrPort(), []byte("via queue 1"), 9)
+	if err := newWriter(dev, dev.Queues()[1]).write(pkt); err != nil {
 		t.Fatal(err)
 	}
 	sock.SetReadDeadline(time.Now().Add(5 * time.Second))
@@ -248,15 +236,7 @@ func testMultiQueue(t *testing.T, driver string) {
 func TestCloseUnblocksRead(t *testing.T) {
 	nstest.EnterNewNetns(t)
 	dev := openTUN(t, tundev.Options{Queues: 2})
-	done := make(chan error, 2)
-	for _, q := range dev.Queues() {
-		go func() {
-			bufs, sizes := makeBufs(q.BatchSize(), tundev.Headroom+dev.MTU())
-			_, err := q.Read(bufs, sizes, tundev.Headroom)
-			done <- err
-		}()
-	}
-	time.Sleep(50 * time.Millisecond)
+	done := readersBlocked(t, dev)
 	if err := dev.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -264,10 +244,10 @@ func TestCloseUnblocksRead(t *testing.T) {
 		select {
 		case err := <-done:
 			if !errors.Is(err, os.ErrClosed) {
-				t.Fatalf("Read after Close: %v, want os.ErrClosed", err)
+				t.Fatalf("ReadPacket after Close: %v, want os.ErrClosed", err)
 			}
 		case <-time.After(5 * time.Second):
-			t.Fatal("Read still blocked 5 s after Close")
+			t.Fatal("ReadPacket still blocked 5 s after Close")
 		}
 	}
 	if _, err := netlink.LinkByName(dev.Name()); err == nil {
@@ -275,6 +255,39 @@ func TestCloseUnblocksRead(t *testing.T) {
 	}
 	if err := dev.Close(); err != nil {
 		t.Errorf("second Close: %v", err)
+	}
+}
+
+// TestInterruptEndsReadsButKeepsTheDevice: Interrupt wakes blocked reads
+// and later calls fail too, but the queues stay open and the device stays
+// (the owner closes it once its loops have returned).
+func TestInterruptEndsReadsButKeepsTheDevice(t *testing.T) {
+	nstest.EnterNewNetns(t)
+	dev := openTUN(t, tundev.Options{Queues: 2})
+	done := readersBlocked(t, dev)
+	dev.Interrupt()
+	for range 2 {
+		select {
+		case err := <-done:
+			if !errors.Is(err, os.ErrClosed) {
+				t.Fatalf("ReadPacket after Interrupt: %v, want os.ErrClosed", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("ReadPacket still blocked 5 s after Interrupt")
+		}
+	}
+	pkt := buildUDP(make([]byte, 100), 0, netip.AddrPortFrom(peerAddr, 1), netip.AddrPortFrom(tunAddr, 9), []byte("x"), 1)
+	if err := newWriter(dev, dev.Queues()[0]).write(pkt); !errors.Is(err, os.ErrClosed) {
+		t.Fatalf("write after Interrupt: %v, want os.ErrClosed", err)
+	}
+	if _, err := netlink.LinkByName(dev.Name()); err != nil {
+		t.Fatalf("device gone after Interrupt: %v", err)
+	}
+	if err := dev.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := netlink.LinkByName(dev.Name()); err == nil {
+		t.Error("device still exists after Close")
 	}
 }
 
@@ -289,18 +302,7 @@ func TestDeletedWaterDeviceFailsRead(t *testing.T) {
 func testDeletedDeviceFailsRead(t *testing.T, driver string) {
 	nstest.EnterNewNetns(t)
 	dev := openTUN(t, tundev.Options{Driver: driver})
-	done := make(chan error, 1)
-	go func() {
-		q := dev.Queues()[0]
-		bufs, sizes := makeBufs(q.BatchSize(), tundev.Headroom+dev.MTU())
-		for {
-			if _, err := q.Read(bufs, sizes, tundev.Headroom); err != nil {
-				done <- err
-				return
-			}
-		}
-	}()
-	time.Sleep(50 * time.Millisecond)
+	done := readersBlocked(t, dev)
 	link, err := netlink.LinkByName(dev.Name())
 	if err != nil {
 		t.Fatal(err)
@@ -311,12 +313,12 @@ func testDeletedDeviceFailsRead(t *testing.T, driver string) {
 	select {
 	case err := <-done:
 		if !errors.Is(err, tundev.ErrDeviceGone) {
-			t.Fatalf("Read after the link was deleted: %v, want ErrDeviceGone", err)
+			t.Fatalf("ReadPacket after the link was deleted: %v, want ErrDeviceGone", err)
 		}
 	case <-time.After(5 * time.Second):
 		dev.Close()
 		<-done
-		t.Fatal("Read still blocked 5 s after the link was deleted")
+		t.Fatal("ReadPacket still blocked 5 s after the link was deleted")
 	}
 }
 
@@ -334,68 +336,6 @@ func TestOpenRejectsBadOptions(t *testing.T) {
 	}
 }
 
-func TestReadAndWriteRejectSmallOffset(t *testing.T) {
-	nstest.EnterNewNetns(t)
-	dev := openTUN(t, tundev.Options{})
-	q := dev.Queues()[0]
-	bufs, sizes := makeBufs(1, 2048)
-	if _, err := q.Read(bufs, sizes, 0); err == nil {
-		t.Error("Read with offset 0 succeeded")
-	}
-	if _, err := q.Write(bufs, 4); err == nil {
-		t.Error("Write with offset 4 succeeded")
-	}
-	short, sizes := makeBufs(1, 100)
-	if _, err := q.Read(short, sizes, tundev.Headroom); err == nil {
-		t.Error("Read with a buffer smaller than offset+MTU succeeded")
-	}
-}
-
-func TestReadWithTooFewBuffersDeliversWhatFitsAndCountsTheDrop(t *testing.T) {
-	nstest.EnterNewNetns(t)
-	dev := openTUN(t, tundev.Options{})
-	if !dev.UDPOffload() {
-		nstest.SkipMissing(t, "kernel did not accept USO (needs Linux >= 6.2)")
-	}
-	conn, err := udpconn.Listen(netip.AddrPortFrom(tunAddr, 0), udpconn.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	peer := netip.AddrPortFrom(peerAddr, 9999)
-	msgs := []udpconn.Message{
-		{Buf: make([]byte, 11*1000), SegSize: 1000, Addr: peer}, // one superpacket of 11
-		{Buf: []byte("after"), Addr: peer},
-	}
-	if _, err := conn.WriteBatch(msgs); err != nil || msgs[0].Err != 0 || msgs[1].Err != 0 {
-		t.Fatalf("WriteBatch: %v, %v, %v", err, msgs[0].Err, msgs[1].Err)
-	}
-	watchdog := time.AfterFunc(5*time.Second, func() { dev.Close() })
-	defer watchdog.Stop()
-	q := dev.Queues()[0]
-	bufs, sizes := makeBufs(4, tundev.Headroom+dev.MTU())
-	n, err := q.Read(bufs, sizes, tundev.Headroom)
-	if err != nil || n < 1 || n > 4 {
-		t.Fatalf("Read with 4 buffers of an 11-segment superpacket = %d, %v", n, err)
-	}
-	for i := range n {
-		if _, err := parseIPv4(bufs[i][tundev.Headroom : tundev.Headroom+sizes[i]]); err != nil {
-			t.Errorf("delivered segment %d: %v", i, err)
-		}
-	}
-	if d := dev.Stats().ReadDrops; d != 1 {
-		t.Errorf("ReadDrops = %d, want 1", d)
-	}
-	t.Logf("4 buffers for 11 segments: %d delivered, the rest dropped and counted", n)
-	n, err = q.Read(bufs, sizes, tundev.Headroom)
-	if err != nil || n != 1 {
-		t.Fatalf("next Read = %d, %v", n, err)
-	}
-	if ip, err := parseIPv4(bufs[0][tundev.Headroom : tundev.Headroom+sizes[0]]); err != nil || string(ip.payload) != "after" {
-		t.Fatalf("next packet: %q, %v", ip.payload, err)
-	}
-}
-
 func TestWriteRefusedByKernelIsCountedNotFatal(t *testing.T) {
 	for _, driver := range []string{tundev.DriverOffload, tundev.DriverWater} {
 		testWriteRefused(t, driver)
@@ -403,17 +343,16 @@ func TestWriteRefusedByKernelIsCountedNotFatal(t *testing.T) {
 }
 
 // testWriteRefused writes a non-IP packet and a packet to a device that is
-// down: the kernel refuses both, Write counts them and goes on.
+// down: the kernel refuses both, WritePacket counts them and goes on.
 func testWriteRefused(t *testing.T, driver string) {
 	nstest.EnterNewNetns(t)
 	dev := openTUN(t, tundev.Options{Driver: driver})
-	q := dev.Queues()[0]
-	garbage := make([]byte, tundev.Headroom+40)
-	garbage[tundev.Headroom] = 0x10 // IP version 1
-	ok := buildUDP(make([]byte, tundev.Headroom+100), tundev.Headroom,
-		netip.AddrPortFrom(peerAddr, 1), netip.AddrPortFrom(tunAddr, 9), []byte("x"), 1)
-	if n, err := q.Write([][]byte{garbage, ok}, tundev.Headroom); n != 2 || err != nil {
-		t.Fatalf("%s: Write(non-IP, valid) = %d, %v; want 2, nil", driver, n, err)
+	w := newWriter(dev, dev.Queues()[0])
+	garbage := make([]byte, 40)
+	garbage[0] = 0x10 // IP version 1
+	ok := buildUDP(make([]byte, 100), 0, netip.AddrPortFrom(peerAddr, 1), netip.AddrPortFrom(tunAddr, 9), []byte("x"), 1)
+	if err := w.write(garbage, ok); err != nil {
+		t.Fatalf("%s: write(non-IP, valid) = %v, want nil", driver, err)
 	}
 	if s := dev.Stats(); s.WriteErrors != 1 {
 		t.Fatalf("%s: WriteErrors = %d after a non-IP packet, want 1", driver, s.WriteErrors)
@@ -425,8 +364,8 @@ func testWriteRefused(t *testing.T, driver string) {
 	if err := netlink.LinkSetDown(link); err != nil {
 		t.Fatal(err)
 	}
-	if n, err := q.Write([][]byte{ok}, tundev.Headroom); n != 1 || err != nil {
-		t.Fatalf("%s: Write to a down device = %d, %v; want 1, nil", driver, n, err)
+	if err := w.write(ok); err != nil {
+		t.Fatalf("%s: write to a down device = %v, want nil", driver, err)
 	}
 	if s := dev.Stats(); s.WriteErrors != 2 {
 		t.Fatalf("%s: WriteErrors = %d after a write to a down device, want 2", driver, s.WriteErrors)

@@ -2,22 +2,27 @@ package udp
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
+	"github.com/tulle-net/tulle/proto"
 	"github.com/tulle-net/tulle/subnet"
 	"github.com/tulle-net/tulle/tests/nstest"
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 // TestTCPThroughPeersIsIntactWithPartialAndCompleteChecksums carries TCP
@@ -88,7 +93,7 @@ func (h *twoHosts) container(t *testing.T, host netns.NsHandle, addr netip.Addr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command("nsenter", fmt.Sprintf("--net=/proc/%d/fd/%d", os.Getpid(), int(host)),
+	out, err := tools.Command(context.Background(), "nsenter", fmt.Sprintf("--net=/proc/%d/fd/%d", os.Getpid(), int(host)),
 		"ethtool", "-K", hostEnd, "tx", "off").CombinedOutput()
 	if err != nil {
 		nstest.SkipMissing(t, fmt.Sprintf("cannot turn checksum offload off with ethtool (%v: %s)", err, out))
@@ -160,4 +165,116 @@ func transferBothWays(t *testing.T, nsClient, nsServer netns.NsHandle, src, dst 
 	if !bytes.Equal(back, data) {
 		t.Fatal("data came back changed")
 	}
+}
+
+// TestMarkedPacketWithCorruptChecksumIsDroppedUnlessBothLeasesAdvertise
+// injects, from host A's underlay address (as any host on the underlay
+// could), a marked inner UDP packet whose checksum is wrong into host B's
+// data plane, with one of the two hosts on partial checksums and the
+// other off. B must not take the mark: the packet reaches B's kernel with
+// its checksum to verify, and the kernel drops it (counted in its
+// Udp InCsumErrors; Tulle counts it as received from A, as it accepted
+// the datagram). A correct marked packet goes through unchanged, so the
+// path itself works.
+func TestMarkedPacketWithCorruptChecksumIsDroppedUnlessBothLeasesAdvertise(t *testing.T) {
+	for _, c := range []struct {
+		name             string
+		senderOn, recvOn bool
+	}{
+		{"sender-on-receiver-off", true, false},
+		{"sender-off-receiver-on", false, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			h := newTwoHosts(t)
+			leaseOf := func(on bool, s netip.Prefix, pub netip.Addr) subnet.Event {
+				if on {
+					return tulleLease(s, pub)
+				}
+				return lease(s, pub)
+			}
+			b := startBackendLease(t, h.b, h.tunName("b"), leaseOf(c.recvOn, leaseB, hostB).Lease, "offload", 1, leaseOf(c.senderOn, leaseA, hostA))
+			local := netip.AddrPortFrom(leaseB.Addr(), 9999)
+			app := listenUDP(t, h.b, local)
+			injector := listenUDP(t, h.a, netip.AddrPortFrom(hostA, 0))
+			to := net.UDPAddrFromAddrPort(netip.AddrPortFrom(hostB, subnet.DefaultPort))
+			from := netip.MustParseAddrPort("198.18.1.5:4444")
+
+			good := innerUDPChecksummed(from, local, []byte("intact"))
+			setMark(good)
+			if _, err := injector.WriteToUDP(good, to); err != nil {
+				t.Fatal(err)
+			}
+			if got, _ := readUDP(t, app, 5*time.Second); string(got) != "intact" {
+				t.Fatalf("the correct marked packet arrived as %q", got)
+			}
+
+			before := udpInCsumErrors(t, h.b)
+			bad := innerUDPChecksummed(from, local, []byte("corrupt"))
+			binary.BigEndian.PutUint16(bad[26:], binary.BigEndian.Uint16(bad[26:])^0x5a5a) // wrong, not zero
+			setMark(bad)
+			if _, err := injector.WriteToUDP(bad, to); err != nil {
+				t.Fatal(err)
+			}
+			waitFor(t, 5*time.Second, "B's kernel to drop the packet with the corrupt checksum (Udp InCsumErrors +1)", func() bool {
+				return udpInCsumErrors(t, h.b) == before+1
+			})
+			app.SetReadDeadline(time.Now())
+			if n, _, err := app.ReadFromUDPAddrPort(make([]byte, 100)); err == nil {
+				t.Fatalf("the application received %d bytes of the packet with the corrupt checksum", n)
+			}
+			if got := strings.Count(collectText(t, b), `tulle_peer_receive_packets_total{peer="192.0.2.1",subnet="198.18.1.0/24"} 2`+"\n"); got != 1 {
+				t.Errorf("B did not count both datagrams as received from A (accepted, for the kernel to verify):\n%s", collectText(t, b))
+			}
+		})
+	}
+}
+
+// innerUDPChecksummed is innerUDP with a correct UDP checksum.
+func innerUDPChecksummed(src, dst netip.AddrPort, payload []byte) []byte {
+	p := innerUDP(src, dst, payload)
+	s, d := src.Addr().As4(), dst.Addr().As4()
+	c := proto.Checksum(p[20:], uint64(proto.PseudoHeaderSum(s, d, proto.ProtoUDP, len(p)-20)))
+	if c == 0 {
+		c = 0xffff
+	}
+	binary.BigEndian.PutUint16(p[26:], c)
+	return p
+}
+
+// udpInCsumErrors reads the kernel's Udp InCsumErrors counter of ns.
+func udpInCsumErrors(t testing.TB, ns netns.NsHandle) uint64 { return udpSNMP(t, ns, "InCsumErrors") }
+
+// udpSNMP reads the kernel's Udp counter name of ns (/proc/net/snmp).
+func udpSNMP(t testing.TB, ns netns.NsHandle, name string) uint64 {
+	t.Helper()
+	var v uint64
+	err := nstest.In(ns, func() error {
+		// thread-self: /proc/self/net is the netns of the main thread.
+		data, err := os.ReadFile("/proc/thread-self/net/snmp")
+		if err != nil {
+			return err
+		}
+		var names []string
+		for line := range strings.Lines(string(data)) {
+			fields := strings.Fields(line)
+			if len(fields) == 0 || fields[0] != "Udp:" {
+				continue
+			}
+			if names == nil {
+				names = fields
+				continue
+			}
+			for i, n := range names {
+				if n == name && i < len(fields) {
+					v, err = strconv.ParseUint(fields[i], 10, 64)
+					return err
+				}
+			}
+		}
+		return fmt.Errorf("no Udp %s in /proc/net/snmp", name)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
 }

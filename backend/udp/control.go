@@ -53,6 +53,7 @@ func (b *Backend) Apply(events []subnet.Event) {
 	c := &b.ctl
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	defer b.applyDirect(events) // direct.go: kernel routes to on-link peers follow the leases
 	var (
 		e              *tableEdit // nil until the first change
 		added, removed int
@@ -220,10 +221,9 @@ func (c *control) reclaim(loops []*loopStats) {
 
 // FeaturePartialChecksum is the data-plane feature a Tulle host advertises
 // in its lease's BackendData as {"tulle":{"features":["partial-checksum"]}}:
-// it takes marked packets with partial checksums (see markBit) from peers
-// that advertise it, and sends such packets to them when its own lease
-// advertises it too. Flannel hosts advertise nothing and get complete
-// checksums.
+// two hosts whose leases both list it send each other packets with
+// partial checksums, marked (mark.go). Flannel hosts advertise nothing and
+// get complete checksums.
 const FeaturePartialChecksum = "partial-checksum"
 
 // HostInfo is what a Tulle host writes into its lease's BackendData, under

@@ -14,6 +14,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/tulle-net/tulle/backend/internal/fdpoll"
 	"github.com/tulle-net/tulle/proto"
 	"github.com/tulle-net/tulle/subnet"
 	"github.com/tulle-net/tulle/tests/nstest"
@@ -343,9 +344,7 @@ func TestRunReturnsNilWhenClosedAndAliveStaysTrue(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan error, 1)
-	go func() { done <- b.Run(t.Context()) }()
-	time.Sleep(50 * time.Millisecond)
+	done := runBlocked(t, b)
 	if err := b.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -379,9 +378,7 @@ func TestDeletedDeviceFailsRunAndAlive(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer b.Close()
-	done := make(chan error, 1)
-	go func() { done <- b.Run(t.Context()) }()
-	time.Sleep(50 * time.Millisecond)
+	done := runBlocked(t, b)
 	if !b.Alive() {
 		t.Fatal("not alive while running")
 	}
@@ -406,4 +403,20 @@ func TestDeletedDeviceFailsRunAndAlive(t *testing.T) {
 	if b.Alive() {
 		t.Error("Alive() = true after a worker failed")
 	}
+}
+
+// runBlocked runs b and returns, once every loop waits for traffic (blocked
+// in ppoll), the channel Run's result arrives on.
+func runBlocked(t *testing.T, b *Backend) <-chan error {
+	t.Helper()
+	before, err := fdpoll.Waiting()
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- b.Run(t.Context()) }()
+	if err := fdpoll.AwaitWaiting(before+2*len(b.workers), 5*time.Second); err != nil {
+		t.Fatalf("the data plane's loops do not wait for traffic: %v", err)
+	}
+	return done
 }

@@ -18,10 +18,10 @@ var (
 		"Bytes of inner IPv4 packets received from the peer and accepted (without outer headers).",
 		[]string{"peer", "subnet"}, nil)
 	descDropped = prometheus.NewDesc("tulle_dropped_packets_total",
-		"Packets the data plane dropped, by direction (transmit: TUN to UDP; receive: UDP to TUN) and reason.",
+		"Packets the data plane dropped, by direction (transmit: TUN to UDP; receive: UDP to TUN) and reason (socket_drop: the kernel dropped the datagram at a data-plane socket before it was read, as its receive buffer was full or its UDP checksum failed).",
 		[]string{"direction", "reason"}, nil)
 	descTunRead = prometheus.NewDesc("tulle_tun_read_batch_size",
-		"Packets returned by one TUN read (a TSO superpacket split into segments counts each segment).",
+		"Packets returned by the TUN reads of one batch (a TSO/USO superpacket counts the segments it is cut into).",
 		nil, nil)
 	descTunWrite = prometheus.NewDesc("tulle_tun_write_batch_size",
 		"Packets handed to one TUN write, before the driver coalesces them.",
@@ -40,9 +40,9 @@ var (
 // Collector returns a prometheus.Collector of the data plane's metrics. It
 // reads the per-loop counters at scrape time; the data path never touches a
 // Prometheus object. Counters of a peer start at 0 when it joins and
-// disappear when its lease goes. TUN driver drops are included: reads it
-// could not deliver as transmit/malformed, packets the kernel refused on
-// write as receive/send_error.
+// disappear when its lease goes. Packets the kernel refused on a TUN write
+// are included as receive/send_error, and datagrams the kernel dropped at
+// the data-plane sockets before they were read as receive/socket_drop.
 func (b *Backend) Collector() prometheus.Collector { return collector{b} }
 
 type collector struct{ b *Backend }
@@ -81,9 +81,15 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 
 	txDrops, rxDrops := sumDrops(txLoops), sumDrops(rxLoops)
 	if b.dev != nil {
-		s := b.dev.Stats()
-		txDrops[dropMalformed] += s.ReadDrops
-		rxDrops[dropSendError] += s.WriteErrors
+		rxDrops[dropSendError] += b.dev.Stats().WriteErrors
+	}
+	for _, w := range b.workers {
+		if w.conn == nil {
+			continue
+		}
+		if n, err := w.conn.Drops(); err == nil { // fails only once closed
+			rxDrops[dropSocket] += n
+		}
 	}
 	for r := range numDropReasons {
 		ch <- prometheus.MustNewConstMetric(descDropped, prometheus.CounterValue, float64(txDrops[r]), "transmit", r.String())

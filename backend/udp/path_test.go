@@ -213,18 +213,46 @@ func TestPartialChecksumOfSinglePacketIsCompletedOrMarkedByPeer(t *testing.T) {
 	}
 }
 
+// TestReservedBitFromTheApplicationIsNotTakenForTheMark: a sender clears
+// a reserved bit it did not set itself, whether or not the peer takes
+// partial checksums (a peer whose own setting differs from its lease, or
+// one that changes its mind, must never see an application's bit as our
+// mark).
 func TestReservedBitFromTheApplicationIsNotTakenForTheMark(t *testing.T) {
-	b := twoPeers(t)
-	tx := &b.workers[0].tx
-	tb := b.table.Load()
-	tb.lookup(addr32("198.18.2.1")).partialCsum.Store(true)
-	pkt := ipv4("198.18.1.5", "198.18.2.7", 200, 64, false)
-	setMark(pkt) // as a raw socket could send it, checksum complete (none)
-	txReads(t, tx, tb, pkt)
-	seg := datagrams(tx, 0)[0]
-	if marked(seg) || !proto.IPv4HeaderChecksumValid(seg) {
-		t.Fatalf("complete-checksum packet reaches a partial-checksum peer marked %v, header checksum valid %v",
-			marked(seg), proto.IPv4HeaderChecksumValid(seg))
+	for _, peerPartial := range []bool{true, false} {
+		b := twoPeers(t)
+		tx := &b.workers[0].tx
+		tb := b.table.Load()
+		tb.lookup(addr32("198.18.2.1")).partialCsum.Store(peerPartial)
+		pkt := ipv4("198.18.1.5", "198.18.2.7", 200, 64, false)
+		setMark(pkt) // as a raw socket could send it, checksum complete (none)
+		h, super := tcpSuper("198.18.1.5", "198.18.2.7", 3*1400, 1400, 1)
+		setMark(super) // a superpacket from a raw socket
+		tcp := ipv4("198.18.1.5", "198.18.2.7", 300, 64, false)
+		tcp[9] = proto.ProtoTCP
+		binary.BigEndian.PutUint16(tcp[10:], 0)
+		binary.BigEndian.PutUint16(tcp[10:], proto.IPv4HeaderChecksum(tcp[:20]))
+		setMark(tcp)
+		txReads(t, tx, tb, pkt, tcp)
+		txRead(t, tx, tb, 2, h, super)
+		var all [][]byte
+		for k := range tx.msgs {
+			all = append(all, datagrams(tx, k)...)
+		}
+		if len(all) != 5 {
+			t.Fatalf("peer partial %v: %d datagrams, want 5", peerPartial, len(all))
+		}
+		for i, seg := range all[:2] {
+			if marked(seg) || !proto.IPv4HeaderChecksumValid(seg) {
+				t.Errorf("peer partial %v: complete-checksum packet %d reaches the peer marked %v, header checksum valid %v",
+					peerPartial, i, marked(seg), proto.IPv4HeaderChecksumValid(seg))
+			}
+		}
+		for i, seg := range all[2:] {
+			if marked(seg) != peerPartial || !proto.IPv4HeaderChecksumValid(seg) {
+				t.Errorf("peer partial %v: segment %d marked %v, header checksum valid %v", peerPartial, i, marked(seg), proto.IPv4HeaderChecksumValid(seg))
+			}
+		}
 	}
 }
 
@@ -412,7 +440,7 @@ func TestReceiveChecksTrustAndCountsByReason(t *testing.T) {
 	}
 }
 
-func TestMarkIsHonouredOnlyFromPeersThatAdvertiseIt(t *testing.T) {
+func TestMarkIsHonouredOnlyWhenBothLeasesAdvertiseIt(t *testing.T) {
 	b := twoPeers(t)
 	rx := &b.workers[0].rx
 	tb := b.table.Load()
@@ -444,6 +472,16 @@ func TestMarkIsHonouredOnlyFromPeersThatAdvertiseIt(t *testing.T) {
 	p, partial = rx.accept(tb, addr32("192.0.2.2"), pkt)
 	if p == nil || partial || !marked(pkt) {
 		t.Errorf("from a peer without the feature: accepted %v, partial %v, mark cleared %v", p != nil, partial, !marked(pkt))
+	}
+
+	// Our own lease without the feature (--partial-checksums=false): a
+	// peer that advertises it is not believed either.
+	pa.partialCsum.Store(true)
+	b.ownPartial.Store(false)
+	pkt = markedTCP()
+	p, partial = rx.accept(tb, addr32("192.0.2.2"), pkt)
+	if p == nil || partial || !marked(pkt) {
+		t.Errorf("with our own lease without the feature: accepted %v, partial %v, mark cleared %v", p != nil, partial, !marked(pkt))
 	}
 }
 

@@ -85,8 +85,8 @@ func (rx *rxLoop) deliver(t *table, n int) error {
 
 // accept applies the trust checks to one datagram from src and decrements
 // its TTL. It returns the peer it came from, or nil if it is dropped
-// (counted), and whether its transport checksum is partial (marked by a
-// peer that sends them; the mark is cleared here).
+// (counted), and whether its transport checksum is partial (marked, and
+// both leases advertise partial checksums; the mark is then cleared here).
 func (rx *rxLoop) accept(t *table, src uint32, pkt []byte) (_ *peer, partial bool) {
 	total, err := proto.CheckIPv4(pkt)
 	if err != nil || total != len(pkt) || !proto.IPv4HeaderChecksumValid(pkt) {
@@ -110,7 +110,7 @@ func (rx *rxLoop) accept(t *table, src uint32, pkt []byte) (_ *peer, partial boo
 		rx.drops[dropTTLExpired]++
 		return nil, false
 	}
-	if marked(pkt) && p.partialCsum.Load() {
+	if marked(pkt) && rx.w.b.partialWith(p) {
 		if !partialTransport(pkt) {
 			rx.drops[dropMalformed]++ // only TCP and UDP are ever marked
 			return nil, false

@@ -25,12 +25,18 @@ const (
 	dropNoRoute                              // no lease holds the destination
 	dropOversize                             // larger than the path carries (DF: ICMP sent back)
 	dropSendError                            // the socket or TUN refused it
+	// dropSocket: the kernel dropped it at a data-plane socket before a
+	// loop read it (receive buffer full, or a failed UDP checksum). Read
+	// from the sockets at scrape time (udpconn.Conn.Drops), never counted
+	// by the loops.
+	dropSocket
 	numDropReasons
 )
 
 var dropReasonNames = [numDropReasons]string{
 	"unknown_sender", "spoofed_source", "foreign_destination", "malformed",
 	"truncated", "ttl_expired", "no_route", "oversize", "send_error",
+	"socket_drop",
 }
 
 func (r dropReason) String() string { return dropReasonNames[r] }

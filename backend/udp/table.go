@@ -30,9 +30,9 @@ type peer struct {
 	// suspect is set by the TX path when a send to the peer failed in a way
 	// that says the path MTU shrank (EMSGSIZE, EINVAL from GSO).
 	suspect atomic.Bool
-	// partialCsum: the peer advertises FeaturePartialChecksum in its lease,
-	// so packets with a partial checksum are sent to it marked, and its
-	// marked packets are taken as partial (see markBit).
+	// partialCsum: the peer advertises FeaturePartialChecksum in its lease;
+	// with our own lease advertising it too, partial checksums travel
+	// marked both ways (Backend.partialWith, mark.go).
 	partialCsum atomic.Bool
 }
 

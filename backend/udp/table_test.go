@@ -12,6 +12,8 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/tulle-net/tulle/proto"
 	"github.com/tulle-net/tulle/subnet"
 )
@@ -293,14 +295,20 @@ func TestTableSwapUnderConcurrentApplyIsRaceFree(t *testing.T) {
 			}
 		})
 	}
-	wg.Go(func() {
-		// A scraper, concurrently.
+	reg := prometheus.NewPedanticRegistry()
+	if err := reg.Register(b.Collector()); err != nil {
+		t.Fatal(err)
+	}
+	wg.Go(func() { // a scraper, concurrently
 		for {
 			select {
 			case <-stop:
 				return
 			default:
-				_ = collectText(t, b)
+			}
+			if _, err := reg.Gather(); err != nil {
+				t.Error(err)
+				return
 			}
 		}
 	})

@@ -61,7 +61,7 @@ type txLoop struct {
 
 	maxSegs int
 	bytes   int // bytes read in this batch
-	packets int // packets read in this batch
+	packets int // packets read in this batch, a superpacket's segments counted
 
 	icmp      [][]byte // ICMP errors to write back into the TUN (headroom + icmpBufLen each; the headroom is a zero virtio header)
 	icmpOut   [][]byte // views of the filled ones
@@ -126,25 +126,32 @@ func (tx *txLoop) handle(t *table, raw []byte) error {
 		pkt = raw[tundev.VirtioHdrLen:]
 	}
 	tx.bytes += len(pkt)
-	n := 1 // packets this read stands for, for the counters
-	if h.GSOType != tundev.GSONone && h.GSOSize > 0 {
-		n = max(1, (len(pkt)+int(h.GSOSize)-1)/int(h.GSOSize))
+	// n is what this read stands for in the counters: the packets that
+	// would go out, a superpacket's segments as Split cuts them.
+	n, gso := 1, h.GSOType != tundev.GSONone
+	splitErr := error(nil)
+	if gso {
+		if splitErr = tx.split.Init(h, pkt); splitErr == nil {
+			n = tx.split.Segments()
+		}
 	}
 	tx.packets += n
 	p, pkt := tx.route(t, pkt, n)
 	if p == nil {
 		return nil
 	}
-	if tx.sendsPartial(p) {
-		// A reserved bit set by the sender's application (RFC 791: must
-		// be zero) is cleared, so the peer cannot take it for our mark and
-		// trust a checksum nobody checked.
-		clearMark(pkt)
-	}
-	if h.GSOType == tundev.GSONone {
+	// A reserved bit that we did not set (an application's or a raw
+	// socket's; RFC 791: must be zero) is cleared, so that no peer takes
+	// it for our mark and trusts a checksum nobody checked (mark.go).
+	clearMark(pkt)
+	if !gso {
 		return tx.single(p, pkt, h)
 	}
-	return tx.segments(p, pkt, h, n)
+	if splitErr != nil {
+		tx.drops[dropMalformed]++
+		return nil
+	}
+	return tx.segments(p, pkt)
 }
 
 // route checks pkt, decrements its TTL and finds the peer it goes to. It
@@ -211,7 +218,7 @@ func (tx *txLoop) single(p *peer, pkt []byte, h tundev.VirtioHdr) error {
 		return nil
 	}
 	if h.Flags&tundev.VirtioNeedsCsum != 0 {
-		if tx.sendsPartial(p) && partialTransport(pkt) && int(h.CsumStart) == proto.IPv4HeaderLength(pkt) &&
+		if tx.w.b.partialWith(p) && partialTransport(pkt) && int(h.CsumStart) == proto.IPv4HeaderLength(pkt) &&
 			int(h.CsumOffset) == proto.TransportChecksumOffset(proto.IPv4Protocol(pkt)) {
 			setMark(pkt)
 		} else if err := tundev.CompleteChecksum(pkt, int(h.CsumStart), int(h.CsumOffset)); err != nil {
@@ -226,24 +233,16 @@ func (tx *txLoop) single(p *peer, pkt []byte, h tundev.VirtioHdr) error {
 	return nil
 }
 
-// sendsPartial reports whether packets to p may carry partial checksums:
-// both p and we (as p sees our lease) advertise FeaturePartialChecksum.
-func (tx *txLoop) sendsPartial(p *peer) bool {
-	return p.partialCsum.Load() && tx.w.b.ownPartial.Load()
-}
-
-// segments forwards the n segments of a superpacket.
-func (tx *txLoop) segments(p *peer, pkt []byte, h tundev.VirtioHdr, n int) error {
+// segments forwards the segments of the superpacket pkt, which handle
+// gave to tx.split (route trims nothing from a superpacket: Init checked
+// that it is exactly its IP length).
+func (tx *txLoop) segments(p *peer, pkt []byte) error {
 	s := &tx.split
-	if err := s.Init(h, pkt); err != nil {
-		tx.drops[dropMalformed] += uint32(n)
-		return nil
-	}
 	ok, alone := tx.fits(p, pkt, s.SegmentSize(), s.Segments())
 	if !ok {
 		return nil
 	}
-	partial := tx.sendsPartial(p)
+	partial := tx.w.b.partialWith(p)
 	if partial {
 		setMark(s.Header())
 	}
@@ -338,9 +337,10 @@ func (tx *txLoop) send() error {
 	return err
 }
 
-// flush ends a batch: sends it, adds its drops to the counters and writes
-// its ICMP errors into the TUN.
+// flush ends a batch: counts what it read, sends it, adds its drops to
+// the counters and writes its ICMP errors into the TUN.
 func (tx *txLoop) flush() error {
+	tx.stats.tun.observe(tx.packets)
 	err := tx.send()
 	tx.drops.flush(tx.stats)
 	tx.writeICMP()

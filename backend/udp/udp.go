@@ -24,10 +24,12 @@
 //     as a UDP GSO train gathered from its own bytes and per-segment
 //     headers; a GRO train received is written to the TUN as coalesced
 //     superpackets gathered from the receive buffer.
-//   - Checksums: between Tulle hosts that advertise FeaturePartialChecksum,
-//     TCP and UDP checksums the kernel left partial travel partial (see
-//     markBit) and no host sums the payload; a flannel host gets and sends
-//     complete checksums, which are verified before segments are merged.
+//   - Checksums: between Tulle hosts whose leases both advertise
+//     FeaturePartialChecksum, TCP and UDP checksums the kernel left partial
+//     travel partial (marked, see mark.go) and no host sums the payload; a
+//     mark is honoured only then, and a reserved bit we did not set is
+//     cleared on send. A flannel host gets and sends complete checksums,
+//     which are verified before segments are merged.
 //
 // Each worker owns one TUN queue and one UDP socket (SO_REUSEPORT, bound to
 // 0.0.0.0:Port; a BPF program spreads received flows over the sockets by
@@ -66,6 +68,11 @@ type Options struct {
 	SubnetLen int          // length of every lease in Network
 	Lease     subnet.Lease // our own lease (its BackendData tells which features peers see us offer)
 	Logger    *slog.Logger // nil = slog.Default()
+	// DirectRouting routes on-link peers that advertise FeatureDirect
+	// through the kernel, via Underlay (the underlay interface's index;
+	// see direct.go). Off, New removes direct routes an earlier run left.
+	DirectRouting bool
+	Underlay      int
 }
 
 // Defaults and limits.
@@ -97,6 +104,7 @@ type Backend struct {
 	stats      []*loopStats // every loop's counters (TX and RX of each worker)
 
 	prober *mtuProber
+	direct *directRouter // kernel routes to on-link peers (direct.go)
 
 	running  atomic.Bool
 	stopping atomic.Bool
@@ -174,6 +182,9 @@ func New(opts Options) (*Backend, error) {
 	}
 	if len(b.workers) > 1 {
 		b.steer(b.workers[0].conn)
+	}
+	if b.direct, err = newDirectRouter(opts); err != nil {
+		return nil, err
 	}
 	b.log.Info("data plane ready", "device", dev.Name(), "driver", dev.Driver(), "offload", dev.Offload(),
 		"udp_offload", dev.UDPOffload(), "workers", len(b.workers), "mtu", opts.MTU,
@@ -328,12 +339,21 @@ func (b *Backend) steer(c *udpconn.Conn) {
 // once one has failed. For the daemon's watchdog and /healthz.
 func (b *Backend) Alive() bool { return !b.dead.Load() }
 
-// stopLoops makes every loop return nil: it sets stopping and wakes the
-// loops that wait.
+// stopLoops makes every loop return nil promptly, whatever it waits for:
+// it sets stopping and wakes every wait a loop can block in. A loop
+// idles in ppoll on its worker's stop event; inside a send it may wait for
+// room in a full socket buffer (the underlay does not drain it) or in a
+// full TUN queue, and those waits end on the socket's and the device's own
+// stop events, which Interrupt signals (closing the descriptors must wait
+// until the loops have returned, see closeIO).
 func (b *Backend) stopLoops() {
 	b.stopping.Store(true)
 	for _, w := range b.workers {
 		w.stop.Signal()
+		w.conn.Interrupt()
+	}
+	if b.dev != nil {
+		b.dev.Interrupt()
 	}
 }
 
@@ -365,12 +385,12 @@ func (b *Backend) closeIO() {
 	})
 }
 
-// Close stops the data plane's I/O and removes the TUN device (with its
-// address and route). Safe to call more than once, before or after Run.
+// Close stops the data plane's I/O, removes the direct routes and the TUN
+// device (with its address and route). Safe to call more than once, before or after Run.
 func (b *Backend) Close() error {
 	b.closeOnce.Do(func() {
 		b.closeIO()
-		b.closeErr = b.removeDevice()
+		b.closeErr = errors.Join(b.direct.close(), b.removeDevice())
 		if b.closeErr == nil && b.dev != nil {
 			b.log.Info("data plane closed", "device", b.dev.Name())
 		}

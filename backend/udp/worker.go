@@ -11,7 +11,6 @@ import (
 	"github.com/tulle-net/tulle/backend/internal/fdpoll"
 	"github.com/tulle-net/tulle/backend/tundev"
 	"github.com/tulle-net/tulle/backend/udpconn"
-	"github.com/tulle-net/tulle/proto"
 )
 
 // worker owns one TUN queue and one UDP socket and runs two loops on them,
@@ -122,7 +121,6 @@ func (w *worker) transmit() (bool, error) {
 	if reads == 0 {
 		return false, nil
 	}
-	tx.stats.tun.observe(tx.packets)
 	if err := tx.flush(); err != nil {
 		return false, w.loopErr("udp send", err)
 	}
@@ -142,57 +140,4 @@ func (w *worker) receive() (bool, error) {
 		return false, w.loopErr("tun write", err)
 	}
 	return true, nil
-}
-
-// Partial-checksum mark. Between two Tulle hosts that both advertise
-// FeaturePartialChecksum, a TCP or UDP packet whose transport checksum the
-// sender's kernel left partial (CHECKSUM_PARTIAL: the field holds the
-// pseudo-header sum) is sent as it is, with the reserved bit of the inner
-// IPv4 flags set (RFC 791: must be zero, so it is free inside the tunnel).
-// The receiver clears the bit and hands the packet to its kernel as
-// partial (virtio NEEDS_CSUM), which completes or trusts it as it would a
-// local packet: neither host sums the payload, and the outer UDP checksum
-// covers the packet on the wire. A packet whose checksum is complete is
-// sent unmarked and verified as always, so nothing that was corrupt before
-// it reached the sender is ever made to look valid.
-const markBit = 0x80 // in IPv4 header byte 6 (flags)
-
-// setMark sets the mark on the IPv4 header h and fixes its checksum.
-func setMark(h []byte) {
-	if !marked(h) {
-		toggleMark(h)
-	}
-}
-
-// clearMark clears the mark and fixes the checksum.
-func clearMark(h []byte) {
-	if marked(h) {
-		toggleMark(h)
-	}
-}
-
-func toggleMark(h []byte) {
-	old := uint16(h[6])<<8 | uint16(h[7])
-	h[6] ^= markBit
-	proto.UpdateChecksumWord(h[10:12], old, uint16(h[6])<<8|uint16(h[7]))
-}
-
-// marked reports whether the IPv4 header h carries the mark.
-func marked(h []byte) bool { return h[6]&markBit != 0 }
-
-// partialTransport reports whether the IPv4 packet pkt (checked, exactly
-// its total length) may carry a partial transport checksum: unfragmented
-// TCP or UDP with room for the transport header.
-func partialTransport(pkt []byte) bool {
-	ihl := proto.IPv4HeaderLength(pkt)
-	if proto.IPv4IsFragment(pkt) {
-		return false
-	}
-	switch proto.IPv4Protocol(pkt) {
-	case proto.ProtoTCP:
-		return len(pkt) >= ihl+proto.TCPHeaderLen
-	case proto.ProtoUDP:
-		return len(pkt) >= ihl+proto.UDPHeaderLen
-	}
-	return false
 }

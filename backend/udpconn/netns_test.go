@@ -46,7 +46,7 @@ func TestGSOThroughDeviceWithoutChecksumOffloadDelivers(t *testing.T) {
 	}
 	defer c.Close()
 	if !c.GSO() {
-		t.Skip("no UDP GSO")
+		nstest.SkipMissing(t, "no UDP GSO (Linux >= 4.18)")
 	}
 	const seg, segs = 1000, 10
 	peer := netip.MustParseAddrPort("198.18.0.2:9999")
@@ -55,20 +55,18 @@ func TestGSOThroughDeviceWithoutChecksumOffloadDelivers(t *testing.T) {
 		t.Fatalf("WriteBatch: %v, Err %v", err, msgs[0].Err)
 	}
 	q := dev.Queues()[0]
-	bufs := [][]byte{make([]byte, tundev.Headroom+1400)}
-	sizes := []int{0}
+	buf := make([]byte, 1400)
 	watchdog := time.AfterFunc(5*time.Second, func() { dev.Close() })
 	defer watchdog.Stop()
 	for got := 0; got < segs; {
-		n, err := q.Read(bufs, sizes, tundev.Headroom)
+		n, err := q.ReadPacket(buf, true)
 		if errors.Is(err, os.ErrClosed) {
 			t.Fatalf("only %d of %d segments came out of the device within 5 s", got, segs)
 		}
 		if err != nil {
 			t.Fatal(err)
 		}
-		p := bufs[0][tundev.Headroom : tundev.Headroom+sizes[0]]
-		if n == 1 && len(p) == 28+seg && p[0]>>4 == 4 && p[9] == 17 {
+		if p := buf[:n]; len(p) == 28+seg && p[0]>>4 == 4 && p[9] == 17 {
 			got++
 		}
 	}

@@ -7,7 +7,8 @@
 // non-blocking; when a call has to wait it blocks its OS thread in ppoll(2)
 // (package fdpoll) rather than the Go netpoller, so that a datagram wakes
 // exactly the thread that handles it (the data plane runs each loop on a
-// goroutine locked to its thread). Close wakes every waiting call.
+// goroutine locked to its thread). Close and Interrupt wake every waiting
+// call.
 package udpconn
 
 import (
@@ -95,6 +96,10 @@ type Stats struct {
 	// than MaxMessageBytes; EIO: no GSO on the route) that were then sent
 	// one datagram per segment.
 	SplitSends uint64
+	// SendWaits counts the times a WriteBatch found the socket's send
+	// buffer full and waited for room (the underlay or its queue does not
+	// take the datagrams as fast as they are sent).
+	SendWaits uint64
 }
 
 // ErrWouldBlock is returned by TryReadBatch when no datagram is queued.
@@ -117,12 +122,14 @@ type Conn struct {
 
 	gso          atomic.Bool
 	splitSends   atomic.Uint64
+	sendWaits    atomic.Uint64
 	readDeadline atomic.Int64 // UnixNano, 0 = none
 	closed       atomic.Bool
-	// closeMu: ReadBatch and WriteBatch hold it shared while they use fd;
-	// Close takes it exclusively after waking them, so fd is never used
-	// after it is closed.
+	// closeMu: ReadBatch, WriteBatch and Drops hold it shared while they
+	// use fd; Close takes it exclusively after waking them, so fd is never
+	// used after it is closed.
 	closeMu   sync.RWMutex
+	fdClosed  bool // under closeMu
 	closeOnce sync.Once
 	closeErr  error
 
@@ -154,7 +161,9 @@ func (c *Conn) BatchSize() int { return c.batch }
 func (c *Conn) LocalAddr() netip.AddrPort { return c.laddr }
 
 // Stats returns the Conn's counters.
-func (c *Conn) Stats() Stats { return Stats{SplitSends: c.splitSends.Load()} }
+func (c *Conn) Stats() Stats {
+	return Stats{SplitSends: c.splitSends.Load(), SendWaits: c.sendWaits.Load()}
+}
 
 // SetReadDeadline makes a ReadBatch waiting past t return an error
 // satisfying errors.Is(err, os.ErrDeadlineExceeded); the zero time clears

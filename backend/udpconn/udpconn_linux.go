@@ -158,9 +158,45 @@ func (c *Conn) Close() error {
 		c.closeMu.Lock()
 		defer c.closeMu.Unlock()
 		c.closeErr = unix.Close(c.fd)
+		c.fdClosed = true
 		c.stop.Close()
 	})
 	return c.closeErr
+}
+
+// Drops returns how many datagrams for this socket the kernel dropped
+// before they were read: its receive buffer was full (the reader fell
+// behind), or a datagram failed its UDP checksum (sk_drops, read with
+// SO_MEMINFO; a 32-bit counter in the kernel). It is for scrapes, not for
+// the data path, and fails once the socket is closed.
+func (c *Conn) Drops() (uint64, error) {
+	c.closeMu.RLock()
+	defer c.closeMu.RUnlock()
+	if c.fdClosed {
+		return 0, c.errClosed("read drop count")
+	}
+	var info [unix.SK_MEMINFO_VARS]uint32
+	size := uint32(unsafe.Sizeof(info))
+	_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(c.fd), unix.SOL_SOCKET, unix.SO_MEMINFO,
+		uintptr(unsafe.Pointer(&info)), uintptr(unsafe.Pointer(&size)), 0)
+	if e != 0 {
+		return 0, fmt.Errorf("udp socket %s: getsockopt SO_MEMINFO: %w", c.laddr, e)
+	}
+	if size <= unix.SK_MEMINFO_DROPS*4 {
+		return 0, fmt.Errorf("udp socket %s: SO_MEMINFO returned %d bytes, no drop count", c.laddr, size)
+	}
+	return uint64(info[unix.SK_MEMINFO_DROPS]), nil
+}
+
+// Interrupt wakes every ReadBatch and WriteBatch waiting on the socket
+// (for data, or for room in a full send buffer) and makes them, and every
+// later call, return an error satisfying errors.Is(err, net.ErrClosed),
+// without closing the socket: for an owner that stops its users, waits
+// for them to return, and only then calls Close (which it still must).
+// Idempotent; safe to call concurrently with any method.
+func (c *Conn) Interrupt() {
+	c.closed.Store(true)
+	c.stop.Signal()
 }
 
 // AttachReusePortFilter attaches a classic BPF program to the SO_REUSEPORT
@@ -536,9 +572,11 @@ func (c *Conn) writeChunk(msgs []Message) (int, error) {
 	return k, nil
 }
 
-// send runs doWrite, waiting for writability when the socket buffer is full.
+// send runs doWrite, waiting for writability when the socket buffer is
+// full (Close or Interrupt ends the wait).
 func (c *Conn) send() error {
 	for !c.doWrite(uintptr(c.fd)) {
+		c.sendWaits.Add(1)
 		if err := c.wait("send batch", unix.POLLOUT, false); err != nil {
 			return err
 		}

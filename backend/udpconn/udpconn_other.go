@@ -34,3 +34,11 @@ func (c *Conn) TryReadBatch(msgs []Message) (int, error) { return c.ReadBatch(ms
 
 // Fd is only implemented on Linux.
 func (c *Conn) Fd() int { return -1 }
+
+// Interrupt is only implemented on Linux.
+func (c *Conn) Interrupt() {}
+
+// Drops is only implemented on Linux.
+func (c *Conn) Drops() (uint64, error) {
+	return 0, fmt.Errorf("udp drop count: not supported on %s", runtime.GOOS)
+}

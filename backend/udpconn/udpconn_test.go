@@ -13,6 +13,9 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
+	"github.com/tulle-net/tulle/backend/internal/fdpoll"
 	"github.com/tulle-net/tulle/backend/udpconn"
 	"github.com/tulle-net/tulle/tests/nstest"
 )
@@ -343,13 +346,19 @@ func TestCloseUnblocksReadBatch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	before, err := fdpoll.Waiting()
+	if err != nil {
+		t.Fatal(err)
+	}
 	done := make(chan error, 1)
 	go func() {
 		msgs := []udpconn.Message{{Buf: make([]byte, 2048)}}
 		_, err := c.ReadBatch(msgs)
 		done <- err
 	}()
-	time.Sleep(50 * time.Millisecond) // let it block in the netpoller
+	if err := fdpoll.AwaitWaiting(before+1, 5*time.Second); err != nil {
+		t.Fatalf("ReadBatch does not wait: %v", err)
+	}
 	if err := c.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -479,5 +488,46 @@ func TestMessageWithMorePiecesThanTheKernelTakesFailsAlone(t *testing.T) {
 	}
 	if got := readDatagrams(t, b, 1, 100); string(got[0].data) != "ok" {
 		t.Fatalf("got %q", got[0].data)
+	}
+}
+
+// TestInterruptEndsCallsButKeepsTheSocket: Interrupt wakes a waiting
+// ReadBatch, and later calls fail too, but the descriptor stays open (the
+// owner closes it once its loops have returned).
+func TestInterruptEndsCallsButKeepsTheSocket(t *testing.T) {
+	c, err := udpconn.Listen(loopback, udpconn.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	before, err := fdpoll.Waiting()
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.ReadBatch([]udpconn.Message{{Buf: make([]byte, 2048)}})
+		done <- err
+	}()
+	if err := fdpoll.AwaitWaiting(before+1, 5*time.Second); err != nil {
+		t.Fatalf("ReadBatch does not wait: %v", err)
+	}
+	c.Interrupt()
+	select {
+	case err := <-done:
+		if !errors.Is(err, net.ErrClosed) {
+			t.Fatalf("ReadBatch after Interrupt: %v, want net.ErrClosed", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("ReadBatch still blocked 5 s after Interrupt")
+	}
+	if _, err := c.WriteBatch([]udpconn.Message{{Buf: []byte{1}, Addr: c.LocalAddr()}}); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("WriteBatch after Interrupt: %v, want net.ErrClosed", err)
+	}
+	if _, err := unix.GetsockoptInt(c.Fd(), unix.SOL_SOCKET, unix.SO_TYPE); err != nil {
+		t.Fatalf("the socket was closed by Interrupt: %v", err)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatalf("Close after Interrupt: %v", err)
 	}
 }

@@ -20,6 +20,7 @@ Usage:
   tulled [flags]                 run the daemon
   tulled status [--json]         print the network config and every lease (from etcd)
   tulled docker-opts [flags]     print Docker options from subnet.env (as flannel's mk-docker-opts.sh)
+  tulled policy COMMAND          network policy: apply, check, list, delete, ruleset
   tulled <subcommand> --help     flags of a subcommand
 
 `)
@@ -72,15 +73,24 @@ func defaultText(f *flag.Flag) string {
 	case "", "0", "false", "0s":
 		return ""
 	}
-	if _, err := time.ParseDuration(f.DefValue); err == nil {
-		d := strings.TrimSuffix(f.DefValue, "0s")
-		if strings.HasSuffix(d, "h0m") {
-			d = strings.TrimSuffix(d, "0m")
-		}
-		return d
+	if d, err := time.ParseDuration(f.DefValue); err == nil {
+		return durationText(d)
 	}
 	if strings.ContainsAny(f.DefValue, " ") {
 		return fmt.Sprintf("%q", f.DefValue)
 	}
 	return f.DefValue
+}
+
+// durationText is d as time.Duration.String spells it without the zero
+// units it appends to whole minutes and hours: 24h, 10m, 1h30m, 10s, 1m30s.
+func durationText(d time.Duration) string {
+	s := d.String()
+	if t, ok := strings.CutSuffix(s, "m0s"); ok {
+		s = t + "m"
+	}
+	if t, ok := strings.CutSuffix(s, "h0m"); ok {
+		s = t + "h"
+	}
+	return s
 }

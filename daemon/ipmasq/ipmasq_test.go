@@ -3,13 +3,13 @@ package ipmasq
 import (
 	"context"
 	"net/netip"
-	"os/exec"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/tulle-net/tulle/tests/nstest"
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 var (
@@ -32,7 +32,7 @@ func inNetns(t *testing.T) bool {
 
 func iptablesS(t *testing.T, chain string) string {
 	t.Helper()
-	out, err := exec.Command("iptables", "-w", "-t", "nat", "-S", chain).CombinedOutput()
+	out, err := tools.Command(context.Background(), "iptables", "-w", "-t", "nat", "-S", chain).CombinedOutput()
 	if err != nil {
 		t.Fatalf("iptables -t nat -S %s: %v\n%s", chain, err, out)
 	}
@@ -41,7 +41,7 @@ func iptablesS(t *testing.T, chain string) string {
 
 func chainExists(t *testing.T) bool {
 	t.Helper()
-	return exec.Command("iptables", "-w", "-t", "nat", "-S", Chain).Run() == nil
+	return tools.Command(context.Background(), "iptables", "-w", "-t", "nat", "-S", Chain).Run() == nil
 }
 
 func mustEnsure(t *testing.T, r *Rules, wantChanged bool) {
@@ -87,7 +87,7 @@ func TestEnsureInstallsFlannelRulesAndRemoveDeletesThem(t *testing.T) {
 		return
 	}
 	// Someone else's rule in POSTROUTING must stay, and ours must go first.
-	if out, err := exec.Command("iptables", "-w", "-t", "nat", "-A", "POSTROUTING", "-s", "198.51.100.0/24", "-j", "RETURN").CombinedOutput(); err != nil {
+	if out, err := tools.Command(context.Background(), "iptables", "-w", "-t", "nat", "-A", "POSTROUTING", "-s", "198.51.100.0/24", "-j", "RETURN").CombinedOutput(); err != nil {
 		t.Fatalf("%v: %s", err, out)
 	}
 	r, err := New(network, lease, nil)
@@ -130,7 +130,7 @@ func TestEnsurePutsBackDeletedRules(t *testing.T) {
 		{"-A", Chain, "-j", "RETURN"},                                             // a stranger's rule added
 		{"-F", Chain},                                                             // flushed
 	} {
-		if out, err := exec.Command("iptables", append([]string{"-w", "-t", "nat"}, damage...)...).CombinedOutput(); err != nil {
+		if out, err := tools.Command(context.Background(), "iptables", append([]string{"-w", "-t", "nat"}, damage...)...).CombinedOutput(); err != nil {
 			t.Fatalf("iptables %v: %v: %s", damage, err, out)
 		}
 		mustEnsure(t, r, true)

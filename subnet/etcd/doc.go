@@ -14,7 +14,8 @@
 // applies from the next start, when a reused key is moved to a new etcd lease
 // of the current TTL (and the old lease revoked).
 //
-// Watch: snapshot at revision R, then every change after R
+// Watch (WatchPrefix, for any key family below the prefix; WatchLeases
+// parses <prefix>/subnets/ on top of it): snapshot at revision R, then every change after R
 // (WithRequireLeader, progress notifications; the watch itself starts at R
 // and drops R's events again, so that etcd answers progress requests at
 // once); resume from the last applied revision after any error,
@@ -23,6 +24,9 @@
 // silent for DialTimeout is asked for progress and abandoned if etcd does
 // not answer within DialTimeout more. While no endpoint accepts connections
 // every call fails at once with the cause, instead of waiting its timeout.
+//
+// PutKey, DeleteKey, GetKey and ListPrefix read and write other key
+// families (e.g. <prefix>/policies/) with the same connection.
 //
 // New does not contact etcd; the client is created on first use (with
 // username/password etcd's client fetches a token then). TLS: CAFile,

@@ -70,11 +70,12 @@ type Registry struct {
 	closed bool
 	st     subnet.RegistryStatus
 
-	watchRev  atomic.Int64
-	attempts  atomic.Uint64
-	malformed atomic.Uint64
-	malMu     sync.Mutex
-	malSeen   map[string]int64 // key -> ModRevision already reported malformed
+	watchRev   atomic.Int64 // of the lease watch
+	attempts   atomic.Uint64
+	leaseCount atomic.Int64 // leases the lease watch knows
+	malformed  atomic.Uint64
+	malMu      sync.Mutex
+	malSeen    map[string]int64 // key -> ModRevision already reported malformed
 }
 
 var _ subnet.Registry = (*Registry)(nil)

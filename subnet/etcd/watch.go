@@ -1,56 +1,117 @@
 package etcd
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"sort"
+	"strings"
 	"sync/atomic"
 	"time"
 
-	"github.com/tulle-net/tulle/subnet"
 	"github.com/tulle-net/tulle/subnet/internal/backoff"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
-// watcher is the state of one WatchLeases call.
-type watcher struct {
-	r            *Registry
-	out          chan<- []subnet.Event
-	known        map[string]subnet.Lease // etcd key -> lease, as last sent
-	rev          int64                   // every change up to rev has been applied
-	relist       bool                    // the next session must re-list (compaction)
+// KeyEvent is one key below a watched prefix: its value after a change, or
+// its deletion.
+type KeyEvent struct {
+	// Key is the part of the etcd key after the watched prefix: "web" for
+	// <prefix>/policies/web watched as "policies/".
+	Key   string
+	Value []byte // nil when Deleted
+	// Deleted: the key was deleted (or expired with its etcd lease).
+	Deleted bool
+	// Revision is the etcd revision of the change; for a change found by a
+	// re-list after compaction, the revision of that listing.
+	Revision int64
+	// Lease is the etcd lease attached to the key, 0 for none.
+	Lease int64
+}
+
+// keyState is a key as last delivered.
+type keyState struct {
+	value []byte
+	lease int64
+}
+
+// prefixWatch is the state of one watch of a prefix: WatchPrefix, and
+// WatchLeases on top of it.
+type prefixWatch struct {
+	r      *Registry
+	prefix string // the whole etcd prefix, e.g. /coreos.com/network/policies/
+	// deliver hands a batch to the consumer; snapshot is true for the first
+	// one. It returns an error only when ctx is done.
+	deliver func(ctx context.Context, batch []KeyEvent, snapshot bool) error
+	// leases: this is the lease watch, whose state Status reports
+	// (revision, attempts, "watching N leases").
+	leases       bool
+	known        map[string]keyState // key below prefix -> as last delivered
+	rev          int64               // every change up to rev has been delivered
+	relist       bool                // the next session must re-list (compaction)
 	snapshotSent bool
 }
 
-// WatchLeases implements subnet.Registry. It lists <prefix>/subnets/ at
-// revision R, sends that snapshot, then sends every change after R. After any error
-// it resumes from the last revision applied, after a capped, jittered
-// backoff (100ms to 10s); after a compaction past that revision it lists
-// again and sends exactly the difference. Events below the applied revision
-// are dropped, so nothing is sent twice. A watch that stays silent is asked
-// for progress (RequestProgress) and abandoned if etcd does not answer, so
-// an outage is noticed even though the etcd client would wait quietly.
-// Malformed keys and values are skipped (logged, counted); a lease that
-// becomes malformed is sent as removed.
-func (r *Registry) WatchLeases(ctx context.Context, events chan<- []subnet.Event) error {
-	w := &watcher{r: r, out: events, known: map[string]subnet.Lease{}}
+// WatchPrefix watches every key below <prefix>/<suffix> (suffix e.g.
+// "policies/") and sends the keys to out until ctx is done: first one batch
+// with every key there now (possibly empty), then every change, in
+// revision order, one batch per etcd watch response. After any error it
+// resumes from the last revision delivered (capped, jittered backoff:
+// 100ms to 10s); after a compaction past that revision it lists again and
+// sends exactly the difference to what it sent before. Nothing is sent
+// twice: a put that leaves value and etcd lease as they were is not sent. A
+// watch that stays silent is asked for progress and abandoned if etcd does
+// not answer, so an outage is noticed although the etcd client would wait
+// quietly; an expired or invalid auth token is renewed. It returns nil when
+// ctx is done, an error only for an unusable suffix.
+func (r *Registry) WatchPrefix(ctx context.Context, suffix string, out chan<- []KeyEvent) error {
+	prefix, err := r.key(suffix)
+	if err != nil {
+		return fmt.Errorf("watch: %w", err)
+	}
+	w := &prefixWatch{r: r, prefix: prefix, known: map[string]keyState{},
+		deliver: func(ctx context.Context, batch []KeyEvent, _ bool) error {
+			select {
+			case out <- batch:
+				return nil
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}}
+	w.run(ctx)
+	return nil
+}
+
+// key returns the etcd key <prefix>/<suffix>.
+func (r *Registry) key(suffix string) (string, error) {
+	if suffix == "" || strings.HasPrefix(suffix, "/") {
+		return "", fmt.Errorf("key %q below %s: want a relative, non-empty key such as \"policies/\"", suffix, r.cfg.Prefix)
+	}
+	return r.cfg.Prefix + "/" + suffix, nil
+}
+
+// run watches until ctx is done.
+func (w *prefixWatch) run(ctx context.Context) {
+	r := w.r
 	bo := backoff.Backoff{Min: r.backoffMin, Max: r.backoffMax}
 	lastCompacted := false
 	for {
-		r.attempts.Add(1)
+		if w.leases {
+			r.attempts.Add(1)
+		}
 		connectedAt, err := w.session(ctx)
 		if ctx.Err() != nil {
-			return nil
+			return
 		}
 		if !connectedAt.IsZero() && time.Since(connectedAt) >= r.backoffMax {
 			bo.Reset()
 		}
 		if errors.Is(err, rpctypes.ErrCompacted) && !lastCompacted {
 			lastCompacted = true
-			r.log.Info("etcd compacted past the watch; listing leases again", "revision", w.rev, "error", err)
+			r.log.Info("etcd compacted past the watch; listing again", "prefix", w.prefix, "revision", w.rev, "error", err)
 			continue
 		}
 		lastCompacted = errors.Is(err, rpctypes.ErrCompacted)
@@ -58,16 +119,16 @@ func (r *Registry) WatchLeases(ctx context.Context, events chan<- []subnet.Event
 			err = r.fail(ctx, err)
 		}
 		d := bo.Next()
-		r.log.Warn("etcd watch interrupted; will resume", "revision", w.rev, "error", err, "retry_in", d.Round(time.Millisecond))
+		r.log.Warn("etcd watch interrupted; will resume", "prefix", w.prefix, "revision", w.rev, "error", err, "retry_in", d.Round(time.Millisecond))
 		if !backoff.Sleep(ctx, d) {
-			return nil
+			return
 		}
 	}
 }
 
 // session lists if needed, then watches until an error or ctx is done. It
 // returns when the watch was created (zero if it never was).
-func (w *watcher) session(ctx context.Context) (connectedAt time.Time, err error) {
+func (w *prefixWatch) session(ctx context.Context) (connectedAt time.Time, err error) {
 	r := w.r
 	cli, err := r.client(ctx)
 	if err != nil {
@@ -90,7 +151,7 @@ func (w *watcher) session(ctx context.Context) (connectedAt time.Time, err error
 	// progress request only once the store has reached the watch's start
 	// revision: a watch from w.rev+1 with no write since could not be probed.
 	from := w.rev
-	wch := cli.Watch(wctx, r.subnetsPrefix, clientv3.WithPrefix(), clientv3.WithRev(from),
+	wch := cli.Watch(wctx, w.prefix, clientv3.WithPrefix(), clientv3.WithRev(from),
 		clientv3.WithProgressNotify(), clientv3.WithCreatedNotify())
 
 	tick := time.NewTicker(max(r.probeInterval/4, 10*time.Millisecond))
@@ -107,31 +168,31 @@ func (w *watcher) session(ctx context.Context) (connectedAt time.Time, err error
 					return connectedAt, nil
 				}
 				if createTimedOut.Load() {
-					return connectedAt, fmt.Errorf("watch %s from revision %d: etcd did not confirm within %s: %w", r.subnetsPrefix, from, r.opTimeout, context.DeadlineExceeded)
+					return connectedAt, fmt.Errorf("watch %s from revision %d: etcd did not confirm within %s: %w", w.prefix, from, r.opTimeout, context.DeadlineExceeded)
 				}
-				return connectedAt, fmt.Errorf("watch %s from revision %d: closed by the etcd client", r.subnetsPrefix, from)
+				return connectedAt, fmt.Errorf("watch %s from revision %d: closed by the etcd client", w.prefix, from)
 			}
 			lastRecv, probeSent = time.Now(), time.Time{}
 			if err := resp.Err(); err != nil {
 				if errors.Is(err, rpctypes.ErrCompacted) {
 					w.relist = true
-					return connectedAt, fmt.Errorf("watch %s from revision %d: %w (compacted up to %d)", r.subnetsPrefix, from, err, resp.CompactRevision)
+					return connectedAt, fmt.Errorf("watch %s from revision %d: %w (compacted up to %d)", w.prefix, from, err, resp.CompactRevision)
 				}
-				return connectedAt, fmt.Errorf("watch %s from revision %d: %w", r.subnetsPrefix, from, err)
+				return connectedAt, fmt.Errorf("watch %s from revision %d: %w", w.prefix, from, err)
 			}
 			switch {
 			case resp.Created:
 				createTimer.Stop()
 				connectedAt = time.Now()
-				r.okDetail(fmt.Sprintf("watching %d leases at revision %d", len(w.known), w.rev))
+				w.okDetail()
 			case resp.IsProgressNotify():
 				r.ok()
 				w.noteRevision(resp.Header.Revision)
 			default:
 				if err := w.apply(ctx, resp.Events); err != nil {
-					return connectedAt, nil // ctx done while sending
+					return connectedAt, nil // ctx done while delivering
 				}
-				r.okDetail(fmt.Sprintf("watching %d leases at revision %d", len(w.known), w.rev))
+				w.okDetail()
 			}
 		case <-tick.C:
 			if connectedAt.IsZero() || time.Since(lastRecv) < r.probeInterval {
@@ -149,15 +210,28 @@ func (w *watcher) session(ctx context.Context) (connectedAt time.Time, err error
 				continue
 			}
 			return connectedAt, fmt.Errorf("watch %s at revision %d: no answer from etcd for %s: %w",
-				r.subnetsPrefix, w.rev, time.Since(lastRecv).Round(time.Millisecond), context.DeadlineExceeded)
+				w.prefix, w.rev, time.Since(lastRecv).Round(time.Millisecond), context.DeadlineExceeded)
 		}
 	}
 }
 
-// noteRevision records a revision the watch has seen for Status. A progress
-// notification does not move w.rev: resuming always starts after the last
-// event applied.
-func (w *watcher) noteRevision(rev int64) {
+// okDetail records a working watch; the lease watch also says what it
+// watches.
+func (w *prefixWatch) okDetail() {
+	if !w.leases {
+		w.r.ok()
+		return
+	}
+	w.r.okDetail(fmt.Sprintf("watching %d leases at revision %d", w.r.leaseCount.Load(), w.rev))
+}
+
+// noteRevision records a revision the lease watch has seen for Status. A
+// progress notification does not move w.rev: resuming always starts after
+// the last event applied.
+func (w *prefixWatch) noteRevision(rev int64) {
+	if !w.leases {
+		return
+	}
 	for {
 		cur := w.r.watchRev.Load()
 		if rev <= cur || w.r.watchRev.CompareAndSwap(cur, rev) {
@@ -166,54 +240,68 @@ func (w *watcher) noteRevision(rev int64) {
 	}
 }
 
-// resync lists all leases at the current revision. The first time it sends
-// them all as EventAdded; later (after a compaction) it sends the exact
-// difference to what was sent before.
-func (w *watcher) resync(ctx context.Context, cli *clientv3.Client) error {
-	entries, _, rev, err := w.r.list(ctx, cli)
+// resync lists every key at the current revision. The first time it
+// delivers them all; later (after a compaction) it delivers exactly the
+// difference to what was delivered before.
+func (w *prefixWatch) resync(ctx context.Context, cli *clientv3.Client) error {
+	r := w.r
+	octx, cancel := r.op(ctx)
+	resp, err := cli.Get(octx, w.prefix, clientv3.WithPrefix())
+	cancel()
 	if err != nil {
-		return err
+		return fmt.Errorf("list %s: %w", w.prefix, r.fail(ctx, err))
 	}
-	now := make(map[string]subnet.Lease, len(entries))
-	for _, e := range entries {
-		if e.valueOK {
-			now[string(e.kv.Key)] = e.lease
+	r.ok()
+	rev := resp.Header.Revision
+	now := make(map[string]keyState, len(resp.Kvs))
+	var batch []KeyEvent
+	for _, kv := range resp.Kvs {
+		k := strings.TrimPrefix(string(kv.Key), w.prefix)
+		st := keyState{value: kv.Value, lease: kv.Lease}
+		now[k] = st
+		if old, ok := w.known[k]; !ok || !old.equal(st) {
+			batch = append(batch, KeyEvent{Key: k, Value: kv.Value, Revision: kv.ModRevision, Lease: kv.Lease})
 		}
 	}
-	var batch []subnet.Event
 	if w.snapshotSent {
 		for _, k := range sortedKeys(w.known) {
 			if _, ok := now[k]; !ok {
-				batch = append(batch, subnet.Event{Type: subnet.EventRemoved, Lease: w.known[k]})
+				batch = append(batch, KeyEvent{Key: k, Deleted: true, Revision: rev})
 			}
 		}
 	}
-	for _, k := range sortedKeys(now) {
-		if old, ok := w.known[k]; !ok || !old.Equal(now[k]) {
-			batch = append(batch, subnet.Event{Type: subnet.EventAdded, Lease: now[k]})
+	// Deletions first, then puts, each in key order: the order a consumer
+	// would see from the changes themselves does not exist after a
+	// compaction, so make it deterministic.
+	sort.SliceStable(batch, func(i, j int) bool {
+		if batch[i].Deleted != batch[j].Deleted {
+			return batch[i].Deleted
 		}
-	}
+		return batch[i].Key < batch[j].Key
+	})
 	w.known, w.rev, w.relist = now, rev, false
-	w.r.watchRev.Store(rev)
+	if w.leases {
+		r.watchRev.Store(rev)
+	}
 	if w.snapshotSent && len(batch) == 0 {
 		return nil
 	}
 	if batch == nil {
-		batch = []subnet.Event{}
+		batch = []KeyEvent{}
 	}
-	if err := w.send(ctx, batch); err != nil {
+	if err := w.deliver(ctx, batch, !w.snapshotSent); err != nil {
 		return err
 	}
 	w.snapshotSent = true
-	w.r.okDetail(fmt.Sprintf("watching %d leases at revision %d", len(w.known), w.rev))
+	w.okDetail()
 	return nil
 }
 
-// apply turns watch events into lease events and sends them as one batch.
-// Events at or below w.rev were applied already (by the snapshot or before
-// a resume) and are dropped.
-func (w *watcher) apply(ctx context.Context, evs []*clientv3.Event) error {
-	var batch []subnet.Event
+// apply turns watch events into key events and delivers them as one batch.
+// Events at or below w.rev were delivered already (by the snapshot or
+// before a resume) and are dropped, as are puts that change nothing.
+func (w *prefixWatch) apply(ctx context.Context, evs []*clientv3.Event) error {
+	var batch []KeyEvent
 	last := w.rev
 	for _, ev := range evs {
 		rev := ev.Kv.ModRevision
@@ -221,28 +309,20 @@ func (w *watcher) apply(ctx context.Context, evs []*clientv3.Event) error {
 			continue
 		}
 		last = max(last, rev)
-		key := string(ev.Kv.Key)
-		old, had := w.known[key]
+		k := strings.TrimPrefix(string(ev.Kv.Key), w.prefix)
+		old, had := w.known[k]
 		switch ev.Type {
 		case mvccpb.PUT:
-			l, _, err := w.r.parseKV(ev.Kv)
-			if err != nil {
-				w.r.noteMalformed(key, rev, err)
-				if had {
-					delete(w.known, key)
-					batch = append(batch, subnet.Event{Type: subnet.EventRemoved, Lease: old})
-				}
+			st := keyState{value: ev.Kv.Value, lease: ev.Kv.Lease}
+			if had && old.equal(st) {
 				continue
 			}
-			if had && old.Equal(l) {
-				continue
-			}
-			w.known[key] = l
-			batch = append(batch, subnet.Event{Type: subnet.EventAdded, Lease: l})
+			w.known[k] = st
+			batch = append(batch, KeyEvent{Key: k, Value: ev.Kv.Value, Revision: rev, Lease: ev.Kv.Lease})
 		case mvccpb.DELETE:
 			if had {
-				delete(w.known, key)
-				batch = append(batch, subnet.Event{Type: subnet.EventRemoved, Lease: old})
+				delete(w.known, k)
+				batch = append(batch, KeyEvent{Key: k, Deleted: true, Revision: rev})
 			}
 		}
 	}
@@ -251,19 +331,14 @@ func (w *watcher) apply(ctx context.Context, evs []*clientv3.Event) error {
 	if len(batch) == 0 {
 		return nil
 	}
-	return w.send(ctx, batch)
+	return w.deliver(ctx, batch, false)
 }
 
-func (w *watcher) send(ctx context.Context, batch []subnet.Event) error {
-	select {
-	case w.out <- batch:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
+func (s keyState) equal(o keyState) bool {
+	return s.lease == o.lease && bytes.Equal(s.value, o.value)
 }
 
-func sortedKeys(m map[string]subnet.Lease) []string {
+func sortedKeys[V any](m map[string]V) []string {
 	keys := make([]string, 0, len(m))
 	for k := range m {
 		keys = append(keys, k)

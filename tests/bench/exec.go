@@ -8,6 +8,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 // nsCommand returns a command that runs args inside network namespace ns
@@ -16,7 +18,7 @@ import (
 // reaches only the benchmark, which then stops it in order, and it is killed
 // if the benchmark dies.
 func nsCommand(ctx context.Context, ns string, args ...string) *exec.Cmd {
-	cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", ns}, args...)...)
+	cmd := tools.Command(ctx, "ip", append([]string{"netns", "exec", ns}, args...)...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	cmd.WaitDelay = 5 * time.Second
 	return cmd
@@ -41,7 +43,7 @@ func ip(ctx context.Context, args ...string) error {
 	if len(args) > 0 && args[0] == "bridge" {
 		bin, args = "bridge", args[1:]
 	}
-	cmd := exec.CommandContext(ctx, bin, args...)
+	cmd := tools.Command(ctx, bin, args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	out, err := cmd.CombinedOutput()
 	if err != nil {

@@ -12,6 +12,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 // iperfPort is the iperf3 server port in the server namespace (each
@@ -233,7 +235,7 @@ func runIperf(ctx context.Context, spec iperfSpec) (iperfResult, []byte, error) 
 
 // iperfVersion returns the first line of `iperf3 --version`.
 func iperfVersion() string {
-	out, err := exec.Command("iperf3", "--version").CombinedOutput()
+	out, err := tools.Command(context.Background(), "iperf3", "--version").CombinedOutput()
 	if err != nil && len(out) == 0 {
 		return "unknown: " + err.Error()
 	}

@@ -40,12 +40,13 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 // Mode names, in the default measuring order.
@@ -103,7 +104,8 @@ func parseFlags(args []string, stderr io.Writer) (Config, error) {
 	fs.IntVar(&c.Streams, "streams", 4, "TCP streams of the multi-stream test (iperf3 -P)")
 	fs.IntVar(&c.Pings, "pings", 50, "echo requests per RTT measurement")
 	fs.DurationVar(&c.PingInterval, "ping-interval", 10*time.Millisecond, "interval between echo requests (>= 2ms)")
-	fs.StringVar(&modes, "modes", strings.Join(allModes, ","), "comma-separated modes to measure: "+strings.Join(allModes, ", "))
+	fs.StringVar(&modes, "modes", strings.Join(allModes, ","), "comma-separated modes to measure: "+strings.Join(append(allModes, policyModes...), ", ")+
+		" (the policy modes are judged against tulle-offload)")
 	fs.StringVar(&c.Path, "path", pathContainer, "overlay traffic path: container (container to container, as workloads) or host (host namespace to host namespace)")
 	fs.StringVar(&c.Out, "out", "", "results folder (default ./results/<timestamp>)")
 	fs.Var(&tulledArgs, "tulled-arg", "extra argument for tulled, repeatable (e.g. -tulled-arg=--workers=1)")
@@ -133,8 +135,8 @@ func parseFlags(args []string, stderr io.Writer) (Config, error) {
 		if m == "" || seen[m] {
 			continue
 		}
-		if !contains(allModes, m) {
-			return c, fmt.Errorf("-modes: unknown mode %q (want some of %s)", m, strings.Join(allModes, ","))
+		if !contains(allModes, m) && !contains(policyModes, m) {
+			return c, fmt.Errorf("-modes: unknown mode %q (want some of %s)", m, strings.Join(append(allModes, policyModes...), ","))
 		}
 		seen[m] = true
 		c.Modes = append(c.Modes, m)
@@ -249,9 +251,9 @@ func checkPrerequisites() error {
 	if os.Geteuid() != 0 {
 		return errors.New("needs root (network namespaces, veth, VXLAN and TUN devices): sudo go run ./tests/bench")
 	}
-	for _, tool := range []struct{ bin, pkg string }{{"ip", "iproute2"}, {"bridge", "iproute2"}, {"ss", "iproute2"}, {"iperf3", "iperf3"}, {"ping", "iputils-ping"}} {
-		if _, err := exec.LookPath(tool.bin); err != nil {
-			return fmt.Errorf("needs the %s program (apt-get install -y %s; or make deps): %w", tool.bin, tool.pkg, err)
+	for _, tool := range []string{"ip", "bridge", "ss", "iperf3", "ping"} {
+		if _, err := tools.LookPath(tool); err != nil {
+			return fmt.Errorf("needs the %s program (or run make deps): %w", tool, err)
 		}
 	}
 	if _, err := os.Stat("/dev/net/tun"); err != nil {

@@ -7,7 +7,6 @@ import (
 	"io"
 	"math"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -15,6 +14,7 @@ import (
 	"time"
 
 	"github.com/tulle-net/tulle/tests/testbed"
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 // Report is the content of results.json.
@@ -333,7 +333,7 @@ func collectEnv(ctx context.Context) Env {
 	if root, err := testbed.RepoRoot(); err == nil {
 		ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		defer cancel()
-		if out, err := exec.CommandContext(ctx, "git", "-C", root, "describe", "--always", "--dirty", "--tags").Output(); err == nil {
+		if out, err := tools.Command(ctx, "git", "-C", root, "describe", "--always", "--dirty", "--tags").Output(); err == nil {
 			e.Revision = strings.TrimSpace(string(out))
 		}
 	}
@@ -344,7 +344,7 @@ func collectEnv(ctx context.Context) Env {
 func tulledVersion(ctx context.Context, bin string) string {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, bin, "--version").CombinedOutput()
+	out, err := tools.Command(ctx, bin, "--version").CombinedOutput()
 	if err != nil {
 		return "unknown (" + firstLines(err.Error()+": "+string(out), 1) + ")"
 	}

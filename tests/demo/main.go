@@ -18,7 +18,6 @@ import (
 	"io"
 	"net/netip"
 	"os"
-	"os/exec"
 	"os/signal"
 	"sort"
 	"strings"
@@ -27,6 +26,7 @@ import (
 	"time"
 
 	"github.com/tulle-net/tulle/tests/testbed"
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 const (
@@ -215,7 +215,7 @@ func (d *demo) transfer(ctx context.Context) error {
 		return err
 	}
 	d.detail("%d bytes in %v: %s, checksum %x... matches", tr.Bytes, tr.Elapsed.Round(time.Millisecond), testbed.FormatBits(tr.BitsPerSecond()), tr.SHA256[:6])
-	if _, err := exec.LookPath("iperf3"); err != nil {
+	if _, err := tools.LookPath("iperf3"); err != nil {
 		d.detail("(iperf3 is not installed: no %d s iperf3 run; apt-get install iperf3)", iperfSeconds)
 		return nil
 	}

@@ -7,37 +7,39 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/tulle-net/tulle/tests/testbed"
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 // debianCNIDir holds the bridge, host-local, loopback and portmap plugins of
 // Debian's containernetworking-plugins.
 const debianCNIDir = "/usr/lib/cni"
 
-// cniHost is one testbed host set up as a CNI runtime would be: a network
-// config directory for cnitool and private state directories.
+// cniHost is one network config staged on a testbed host as a CNI
+// runtime would have it: its own config directory for cnitool and the
+// host's state directories.
 type cniHost struct {
 	h          *testbed.Host
 	confDir    string // NETCONFPATH
 	dataDir    string // tulle-cni's saved delegate configs
-	ipamDir    string // host-local's reservations
+	ipamDir    string // host-local's reservations, one directory per network name
 	subnetFile string
 }
 
 // stageCNIConf writes the shipped network config src (deploy/cni/...) for
-// host h, with the host's subnet.env and private state directories (the
-// hosts of a testbed share one file system).
-func stageCNIConf(t *testing.T, h *testbed.Host, src string) cniHost {
+// host h into a config directory of its own under root, with the host's
+// subnet.env and the state directories moved under root (the hosts of a
+// testbed share one file system): tulle-cni's dataDir keeps its base name,
+// so configs that keep their saved configs apart still do, and host-local's
+// directory is root/networks, shared by the configs of a host as
+// /var/lib/cni/networks is. edit, if not nil, changes the config first.
+func stageCNIConf(t *testing.T, h *testbed.Host, root, src string, edit func(conf, plugin map[string]any)) cniHost {
 	t.Helper()
-	dir := filepath.Join(t.TempDir(), h.Name)
-	c := cniHost{h: h, confDir: filepath.Join(dir, "net.d"), dataDir: filepath.Join(dir, "tulle"),
-		ipamDir: filepath.Join(dir, "ipam"), subnetFile: h.SubnetFile}
 	b, err := os.ReadFile(deployFile(t, src))
 	if err != nil {
 		t.Fatal(err)
@@ -53,6 +55,18 @@ func stageCNIConf(t *testing.T, h *testbed.Host, src string) cniHost {
 	if plugin["type"] != "tulle-cni" {
 		t.Fatalf("%s: first plugin is %v, want tulle-cni", src, plugin["type"])
 	}
+	if edit != nil {
+		edit(conf, plugin)
+	}
+	dataDir, _ := plugin["dataDir"].(string)
+	if dataDir == "" {
+		dataDir = "/var/lib/cni/tulle" // tulle-cni's default
+	}
+	if _, ok := plugin["ipam"]; ok {
+		t.Fatalf("%s: sets ipam; the test expects host-local's default directory", src)
+	}
+	c := cniHost{h: h, confDir: filepath.Join(root, strings.TrimSuffix(filepath.Base(src), filepath.Ext(src))+".d"),
+		dataDir: filepath.Join(root, filepath.Base(dataDir)), ipamDir: filepath.Join(root, "networks"), subnetFile: h.SubnetFile}
 	plugin["subnetFile"] = c.subnetFile
 	plugin["dataDir"] = c.dataDir
 	plugin["ipam"] = map[string]any{"dataDir": c.ipamDir}
@@ -73,7 +87,7 @@ func stageCNIConf(t *testing.T, h *testbed.Host, src string) cniHost {
 // would run the plugins, with our tulle-cni and Debian's plugins.
 func (c cniHost) cnitool(ctx context.Context, t *testing.T, tool, cniPath, verb, netns string) (string, error) {
 	t.Helper()
-	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", c.h.NS, tool, verb, "tulle", netns)
+	cmd := tools.Command(ctx, "ip", "netns", "exec", c.h.NS, tool, verb, "tulle", netns)
 	cmd.Env = append(os.Environ(), "NETCONFPATH="+c.confDir, "CNI_PATH="+cniPath, "CNI_IFNAME=eth0")
 	out, err := cmd.CombinedOutput()
 	return string(out), err
@@ -84,11 +98,14 @@ func (c cniHost) cnitool(ctx context.Context, t *testing.T, tool, cniPath, verb,
 func addNetns(ctx context.Context, t *testing.T, b *testbed.Bed, suffix string) string {
 	t.Helper()
 	name := b.Prefix + "-" + suffix
-	if out, err := exec.CommandContext(ctx, "ip", "netns", "add", name).CombinedOutput(); err != nil {
+	if out, err := tools.Command(ctx, "ip", "netns", "add", name).CombinedOutput(); err != nil {
 		t.Fatalf("ip netns add %s: %v\n%s", name, err, out)
 	}
 	t.Cleanup(func() {
-		if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
+		if _, err := os.Stat("/run/netns/" + name); err != nil {
+			return // the test deleted it (a container that is gone)
+		}
+		if out, err := tools.Command(context.Background(), "ip", "netns", "del", name).CombinedOutput(); err != nil {
 			t.Errorf("ip netns del %s: %v\n%s", name, err, out)
 		}
 	})
@@ -117,9 +134,7 @@ func cnitoolCacheFile(netnsPath string) string {
 func TestCNIPluginConnectsContainersOnTwoHostsAndDelLeavesNothing(t *testing.T) {
 	testbed.RequireRoot(t)
 	for _, p := range []string{"bridge", "host-local", "loopback", "portmap"} {
-		if _, err := os.Stat(filepath.Join(debianCNIDir, p)); err != nil {
-			requireTool(t, filepath.Join(debianCNIDir, p), "containernetworking-plugins")
-		}
+		requireTool(t, filepath.Join(debianCNIDir, p))
 	}
 	cnitool := buildTool(t, "github.com/containernetworking/cni/cnitool")
 	binDir := t.TempDir()
@@ -140,9 +155,10 @@ func TestCNIPluginConnectsContainersOnTwoHostsAndDelLeavesNothing(t *testing.T) 
 	if _, err := b.Host(2).StartTulled(ctx); err != nil {
 		t.Fatal(err)
 	}
+	root := t.TempDir()
 	hosts := []cniHost{
-		stageCNIConf(t, b.Host(1), "cni/10-tulle.conflist"),
-		stageCNIConf(t, b.Host(2), "cni/tulle-mesos.conf"),
+		stageCNIConf(t, b.Host(1), filepath.Join(root, "h1"), "cni/10-tulle.conflist", nil),
+		stageCNIConf(t, b.Host(2), filepath.Join(root, "h2"), "cni/tulle-mesos.conf", nil),
 	}
 
 	var addrs []netip.Addr
@@ -269,5 +285,173 @@ func assertNothingLeft(ctx context.Context, t *testing.T, c cniHost, ctrNS, netn
 	}
 	if out, _ := c.h.Exec(ctx, "iptables", "-t", "nat", "-S"); strings.Contains(out, "CNI-") {
 		t.Errorf("host %s: CNI chains left in the nat table after DEL:\n%s", c.h.Name, out)
+	}
+}
+
+// cniAdd runs cnitool add for a new container namespace (named with the
+// bed's prefix and suffix) and returns the namespace's node, its path and
+// the address the plugins gave it, checked to be in the host's lease.
+func (c cniHost) cniAdd(ctx context.Context, t *testing.T, b *testbed.Bed, cnitool, cniPath, suffix string) (*testbed.Node, string, netip.Addr) {
+	t.Helper()
+	env, err := c.h.SubnetEnv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns := addNetns(ctx, t, b, suffix)
+	path := "/run/netns/" + ns
+	out, err := c.cnitool(ctx, t, cnitool, cniPath, "add", path)
+	if err != nil {
+		t.Fatalf("host %s: cnitool add (%s): %v\n%s", c.h.Name, c.confDir, err, out)
+	}
+	var res struct {
+		CNIVersion string                     `json:"cniVersion"`
+		IPs        []struct{ Address string } `json:"ips"`
+	}
+	if err := json.Unmarshal([]byte(out), &res); err != nil || len(res.IPs) != 1 {
+		t.Fatalf("host %s: cnitool add printed %q: %v", c.h.Name, out, err)
+	}
+	p, err := netip.ParsePrefix(res.IPs[0].Address)
+	if err != nil || !env.Lease().Contains(p.Addr()) {
+		t.Fatalf("host %s: container address %s is not in the lease %s", c.h.Name, res.IPs[0].Address, env.Lease())
+	}
+	return &testbed.Node{Name: suffix, NS: ns, Addr: p.Addr()}, path, p.Addr()
+}
+
+// cniTestSetup builds the plugins directory (our tulle-cni, Debian's
+// plugins) and cnitool, and returns cnitool's path and CNI_PATH.
+func cniTestSetup(t *testing.T) (cnitool, cniPath string) {
+	t.Helper()
+	testbed.RequireRoot(t)
+	for _, p := range []string{"bridge", "host-local", "loopback", "portmap"} {
+		requireTool(t, filepath.Join(debianCNIDir, p))
+	}
+	cnitool = buildTool(t, "github.com/containernetworking/cni/cnitool")
+	binDir := t.TempDir()
+	if err := os.Symlink(buildTool(t, "./cmd/tulle-cni"), filepath.Join(binDir, "tulle-cni")); err != nil {
+		t.Fatal(err)
+	}
+	return cnitool, binDir + ":" + debianCNIDir
+}
+
+// TestKubernetesAndMesosContainersShareTheLeaseOnOneHost: both shipped
+// configs on one host, as README says they may be. A lease is one /24
+// behind one bridge: with a bridge each, both bridges would claim the
+// lease's first address and containers behind one of them would be
+// unreachable. Both use cni0 and one host-local pool (both networks are
+// named tulle), so their containers get distinct addresses and are
+// reachable from another host and from each other.
+func TestKubernetesAndMesosContainersShareTheLeaseOnOneHost(t *testing.T) {
+	cnitool, cniPath := cniTestSetup(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	b := testbed.NewT(t, testbed.Options{Hosts: 2})
+	if err := b.WriteNetworkConfig(ctx, testbed.DefaultNetworkConfig); err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range b.Hosts {
+		if _, err := h.StartTulled(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := b.Host(2).SetupContainer(ctx); err != nil {
+		t.Fatal(err)
+	}
+	root := filepath.Join(t.TempDir(), "h1")
+	k8s := stageCNIConf(t, b.Host(1), root, "cni/10-tulle.conflist", nil)
+	mesos := stageCNIConf(t, b.Host(1), root, "cni/tulle-mesos.conf", nil)
+	if k8s.dataDir == mesos.dataDir {
+		t.Errorf("both configs keep tulle-cni's saved configs in %s: Kubernetes' GC would delete Mesos' attachments", k8s.dataDir)
+	}
+	k, kPath, _ := k8s.cniAdd(ctx, t, b, cnitool, cniPath, "k8s")
+	m, mPath, _ := mesos.cniAdd(ctx, t, b, cnitool, cniPath, "mesos")
+	if k.Addr == m.Addr {
+		t.Fatalf("both containers got %s", k.Addr)
+	}
+	remote := &b.Host(2).Container().Node
+	for _, dst := range []*testbed.Node{k, m} {
+		if _, err := remote.WaitReachable(ctx, dst.Addr, 10*time.Second); err != nil {
+			t.Errorf("%s container %s from host 2's container: %v", dst.Name, dst.Addr, err)
+		}
+	}
+	if _, err := k.Ping(ctx, m.Addr, 2); err != nil {
+		t.Errorf("Kubernetes container to Mesos container: %v", err)
+	}
+	for _, c := range []struct {
+		h    cniHost
+		path string
+	}{{k8s, kPath}, {mesos, mPath}} {
+		if out, err := c.h.cnitool(ctx, t, cnitool, cniPath, "del", c.path); err != nil {
+			t.Errorf("cnitool del (%s): %v\n%s", c.h.confDir, err, out)
+		}
+	}
+}
+
+// TestCNI110StatusAddAndGCWithDebianPlugins runs a network at CNI 1.1.0
+// (the shipped conflist at cniVersion 1.1.0, without portmap, which
+// Debian 12's v1.1.1 does not speak at 1.1.0) through the real cnitool:
+// STATUS fails with "plugin not available" until tulled writes
+// subnet.env, ADD works although Debian's bridge and host-local speak at
+// most 1.0.0 (tulle-cni talks to them at that), and GC deletes a gone
+// container's attachment that the runtime no longer knows: the address
+// is free again and the saved config is gone. (tulled masquerades here:
+// the bridge plugin, told to masquerade, can remove its rule only through
+// the container's namespace, on GC as on any DEL after the namespace went.)
+func TestCNI110StatusAddAndGCWithDebianPlugins(t *testing.T) {
+	cnitool, cniPath := cniTestSetup(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	b := testbed.NewT(t, testbed.Options{Hosts: 1})
+	if err := b.WriteNetworkConfig(ctx, testbed.DefaultNetworkConfig); err != nil {
+		t.Fatal(err)
+	}
+	c := stageCNIConf(t, b.Host(1), filepath.Join(t.TempDir(), "h1"), "cni/10-tulle.conflist", func(conf, plugin map[string]any) {
+		conf["cniVersion"] = "1.1.0"
+		conf["plugins"] = []any{plugin}
+	})
+
+	out, err := c.cnitool(ctx, t, cnitool, cniPath, "status", "/run/netns/none")
+	if err == nil || !strings.Contains(out, "tulle-cni: read "+c.subnetFile+": no such file; is tulled running?") {
+		t.Errorf("cnitool status before tulled ran: %v\n%s", err, out)
+	}
+	if _, err := b.Host(1).StartTulled(ctx, "--ip-masq"); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := c.cnitool(ctx, t, cnitool, cniPath, "status", "/run/netns/none"); err != nil {
+		t.Errorf("cnitool status with tulled running: %v\n%s", err, out)
+	}
+
+	ctr, path, addr := c.cniAdd(ctx, t, b, cnitool, cniPath, "gone")
+	env, err := c.h.SubnetEnv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ctr.Ping(ctx, env.Subnet.Addr(), 1); err != nil {
+		t.Errorf("container to its gateway on cni0: %v", err)
+	}
+	reservation := filepath.Join(c.ipamDir, "tulle", addr.String())
+	saved := filepath.Join(c.dataDir, cnitoolContainerID(path)+"@eth0.json")
+	for _, f := range []string{reservation, saved} {
+		if _, err := os.Stat(f); err != nil {
+			t.Fatalf("after ADD: %v", err)
+		}
+	}
+	// The container goes without a DEL, and the runtime forgets it (here:
+	// libcni's cache of it goes), so only tulle-cni's GC can clean up.
+	if out, err := tools.Command(ctx, "ip", "netns", "del", ctr.NS).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns del: %v\n%s", err, out)
+	}
+	if err := os.Remove(cnitoolCacheFile(path)); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := c.cnitool(ctx, t, cnitool, cniPath, "gc", "/run/netns/none"); err != nil {
+		t.Fatalf("cnitool gc: %v\n%s", err, out)
+	}
+	for _, f := range []string{reservation, saved} {
+		if _, err := os.Stat(f); err == nil {
+			t.Errorf("after GC: %s is still there", f)
+		}
+	}
+	if out, _ := c.h.Exec(ctx, "ip", "-o", "link", "show", "type", "veth"); strings.Contains(out, "master") {
+		t.Errorf("a container veth is left on the bridge after GC:\n%s", out)
 	}
 }

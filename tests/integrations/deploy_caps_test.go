@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/tulle-net/tulle/tests/testbed"
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 // linuxCaps are the capability numbers the unit may name.
@@ -55,7 +56,7 @@ func unitCaps(t *testing.T, u unitFile) ([]string, uint64) {
 // is not emulated: the testbed's files live in /tmp.
 func capWrapper(t *testing.T, setpriv, tulled, writable string, caps []string, noNewPrivs bool, env ...string) string {
 	t.Helper()
-	unshare := requireTool(t, "unshare", "util-linux")
+	unshare := requireTool(t, "unshare")
 	set := "-all"
 	for _, c := range caps {
 		set += ",+" + c
@@ -90,6 +91,9 @@ exec %s --bounding-set=%s --inh-caps=%s --ambient-caps=%s%s -- %s "$@"
 `, unshare, setpriv, set, set, set, nnp, tulled, writable)
 	path := filepath.Join(t.TempDir(), "tulled-as-unit")
 	if err := os.WriteFile(path, []byte(sb.String()), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := tools.AllowScript(path, "sh", "unshare", "awk", "sort", "mount", "touch", "rm", "setpriv", tulled); err != nil {
 		t.Fatal(err)
 	}
 	return path
@@ -194,8 +198,8 @@ func (n *notifyListener) count(msg string) (int, time.Time) {
 // stops it cleanly, rules removed.
 func TestTulledWorksWithOnlyTheUnitsCapabilities(t *testing.T) {
 	testbed.RequireRoot(t)
-	setpriv := requireTool(t, "setpriv", "util-linux")
-	requireTool(t, "iptables", "iptables")
+	setpriv := requireTool(t, "setpriv")
+	requireTool(t, "iptables")
 	unit := parseUnit(t, deployFile(t, "systemd/tulled.service"))
 	if u := unit.Value("Service", "User"); u != "root" {
 		t.Fatalf("tulled.service: User=%s; this test emulates root with reduced capabilities", u)

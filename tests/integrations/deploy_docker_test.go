@@ -2,13 +2,15 @@ package integrations
 
 import (
 	"bufio"
+	"context"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 // readEnvironmentFile parses a file as systemd's EnvironmentFile= does for
@@ -81,6 +83,11 @@ func TestDockerDropInGivesDockerdTheLease(t *testing.T) {
 	if len(pre) != 1 {
 		t.Fatalf("drop-in: ExecStartPre = %q, want one command", pre)
 	}
+	// docker-opts puts DOCKER_NETWORK_OPTIONS from its environment first;
+	// on a restart that is the previous run's file, so it runs without it.
+	if f := strings.Fields(pre[0]); len(f) < 3 || f[0] != "/usr/bin/env" || f[1] != "-u" || f[2] != "DOCKER_NETWORK_OPTIONS" {
+		t.Errorf("drop-in: ExecStartPre = %q, want it under /usr/bin/env -u DOCKER_NETWORK_OPTIONS", pre[0])
+	}
 	envFiles := dropIn.Values("Service", "EnvironmentFile")
 	if !slices.Contains(envFiles, "-/run/flannel/docker") {
 		t.Fatalf("drop-in: EnvironmentFile = %q, want -/run/flannel/docker", envFiles)
@@ -93,7 +100,7 @@ func TestDockerDropInGivesDockerdTheLease(t *testing.T) {
 
 	runPre := func() (string, error) {
 		argv := strings.Fields(r.Replace(pre[0]))
-		cmd := exec.Command(argv[0], argv[1:]...)
+		cmd := tools.Command(context.Background(), argv[0], argv[1:]...)
 		// systemd's environment for the command: the files of the unit,
 		// read before it runs ("-": optional), so on a restart the
 		// previous run's options are in it.

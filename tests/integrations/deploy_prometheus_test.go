@@ -41,7 +41,7 @@ func readRules(t *testing.T) ruleFile {
 }
 
 func TestAlertRulesPassPromtoolCheckAndTheirUnitTests(t *testing.T) {
-	promtool := requireTool(t, "promtool", "prometheus")
+	promtool := requireTool(t, "promtool")
 	dir := deployFile(t, "prometheus")
 	out := run(t, promtool, "check", "rules", filepath.Join(dir, "tulle-alerts.yml"))
 	if !strings.Contains(out, "SUCCESS") {
@@ -246,7 +246,7 @@ func TestDashboardQueriesUseOnlyMetricsTulledExports(t *testing.T) {
 // TestDashboardQueriesParseAsPromQL hands every query, as a recording rule,
 // to promtool: Prometheus' own parser.
 func TestDashboardQueriesParseAsPromQL(t *testing.T) {
-	promtool := requireTool(t, "promtool", "prometheus")
+	promtool := requireTool(t, "promtool")
 	d := readDashboard(t)
 	r := strings.NewReplacer(`$__rate_interval`, `5m`, `"$job"`, `".*"`, `"$instance"`, `".*"`)
 	var sb strings.Builder

@@ -2,14 +2,16 @@ package integrations
 
 import (
 	"bufio"
+	"context"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 // Where the shipped files expect the binaries.
@@ -77,9 +79,9 @@ func copyFile(t *testing.T, src, dst string, mode os.FileMode) {
 // tulled.service and on docker.service with our drop-in. verify exits 0 even
 // for unknown keys or bad values (it only warns), so any output fails.
 func TestUnitsPassSystemdAnalyzeVerify(t *testing.T) {
-	sa := requireTool(t, "systemd-analyze", "systemd")
+	sa := requireTool(t, "systemd-analyze")
 	dir := stageUnits(t, buildTulled(t))
-	cmd := exec.Command(sa, "verify", "--man=no",
+	cmd := tools.Command(context.Background(), sa, "verify", "--man=no",
 		filepath.Join(dir, "tulled.service"), filepath.Join(dir, "docker.service"))
 	out, err := cmd.CombinedOutput()
 	if err != nil || len(strings.TrimSpace(string(out))) != 0 {
@@ -91,7 +93,7 @@ func TestUnitsPassSystemdAnalyzeVerify(t *testing.T) {
 	if err := os.WriteFile(bad, []byte(strings.Replace(string(b), "WatchdogSec=", "WatchdogSecs=", 1)), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	out, _ = exec.Command(sa, "verify", "--man=no", bad).CombinedOutput()
+	out, _ = tools.Command(context.Background(), sa, "verify", "--man=no", bad).CombinedOutput()
 	if !strings.Contains(string(out), "Unknown key") {
 		t.Errorf("systemd-analyze verify did not report a misspelt key:\n%s", out)
 	}
@@ -103,9 +105,9 @@ func TestUnitsPassSystemdAnalyzeVerify(t *testing.T) {
 // root UID, CAP_NET_ADMIN and the host network, which an overlay needs). A
 // change that weakens the sandbox above 3.0 fails here.
 func TestUnitExposureStaysLow(t *testing.T) {
-	sa := requireTool(t, "systemd-analyze", "systemd")
+	sa := requireTool(t, "systemd-analyze")
 	dir := stageUnits(t, buildTulled(t))
-	out, err := exec.Command(sa, "security", "--offline=true", "--threshold=30", "--no-pager",
+	out, err := tools.Command(context.Background(), sa, "security", "--offline=true", "--threshold=30", "--no-pager",
 		filepath.Join(dir, "tulled.service")).CombinedOutput()
 	if err != nil {
 		t.Errorf("systemd-analyze security: %v (exposure above 3.0?)\n%s", err, out)
@@ -212,10 +214,11 @@ func envFileDefault(t *testing.T, name string) string {
 
 var helpFlag = regexp.MustCompile(`(?m)^\s+(?:-[a-z], )?--([a-z][a-z0-9-]+)`)
 
-// TestEnvFileDocumentsEveryTulledFlag compares the example env file with the
-// flags the built tulled accepts (its --help).
-func TestEnvFileDocumentsEveryTulledFlag(t *testing.T) {
-	out, err := exec.Command(buildTulled(t), "--help").CombinedOutput()
+// tulledFlags returns the flags the built tulled shows in its --help
+// (without --help and --version).
+func tulledFlags(t *testing.T) []string {
+	t.Helper()
+	out, err := tools.Command(context.Background(), buildTulled(t), "--help").CombinedOutput()
 	if err != nil {
 		t.Fatalf("tulled --help: %v\n%s", err, out)
 	}
@@ -228,6 +231,13 @@ func TestEnvFileDocumentsEveryTulledFlag(t *testing.T) {
 	if len(flags) < 15 {
 		t.Fatalf("found only %d flags in tulled --help; has its format changed?\n%s", len(flags), out)
 	}
+	return flags
+}
+
+// TestEnvFileDocumentsEveryTulledFlag compares the example env file with the
+// flags the built tulled accepts (its --help).
+func TestEnvFileDocumentsEveryTulledFlag(t *testing.T) {
+	flags := tulledFlags(t)
 	vars := envFile(t)
 	for _, f := range flags {
 		name := "TULLED_" + strings.ToUpper(strings.ReplaceAll(f, "-", "_"))
@@ -238,5 +248,38 @@ func TestEnvFileDocumentsEveryTulledFlag(t *testing.T) {
 	}
 	for name := range vars {
 		t.Errorf("tulled.env documents %s, but tulled has no such flag", name)
+	}
+}
+
+// TestReadmeFlagTableListsEveryTulledFlag compares README.md's flags table
+// (the first column of the table under "### Flags") with tulled --help.
+func TestReadmeFlagTableListsEveryTulledFlag(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join(repoRoot(t), "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(b), "\n### Flags\n")
+	if !ok {
+		t.Fatal("README.md has no \"### Flags\" section")
+	}
+	section, _, _ = strings.Cut(section, "\n#")
+	documented := map[string]bool{}
+	for _, line := range strings.Split(section, "\n") {
+		if !strings.HasPrefix(line, "| `--") {
+			continue
+		}
+		first, _, _ := strings.Cut(strings.TrimPrefix(line, "|"), "|")
+		for _, m := range regexp.MustCompile("`--([a-z0-9-]+)`").FindAllStringSubmatch(first, -1) {
+			documented[m[1]] = true
+		}
+	}
+	for _, f := range tulledFlags(t) {
+		if !documented[f] {
+			t.Errorf("README.md's flags table lacks --%s (tulled --help shows it)", f)
+		}
+		delete(documented, f)
+	}
+	for f := range documented {
+		t.Errorf("README.md's flags table has --%s, which tulled --help does not show", f)
 	}
 }

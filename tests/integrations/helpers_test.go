@@ -8,9 +8,7 @@ package integrations
 import (
 	"bufio"
 	"context"
-	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -18,7 +16,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tulle-net/tulle/tests/nstest"
 	"github.com/tulle-net/tulle/tests/testbed"
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 // repoRoot is the Tulle source tree (deploy/ files are read from there).
@@ -36,21 +36,17 @@ func deployFile(t testing.TB, rel string) string {
 	return filepath.Join(repoRoot(t), "deploy", rel)
 }
 
-// requireTool returns the path of an external program the test needs. A
-// missing one skips the test with the package to install, unless
-// TULLE_REQUIRE_ROOT_TESTS=1 (CI), where it fails: CI must run every test.
-func requireTool(t testing.TB, name, debianPackage string) string {
+// requireTool returns the path of an external program the test needs (it
+// must be on tests/tools' list). A missing one skips the test with where
+// it comes from, unless TULLE_REQUIRE_ROOT_TESTS=1 (CI), where it fails:
+// CI must run every test.
+func requireTool(t testing.TB, name string) string {
 	t.Helper()
-	p, err := exec.LookPath(name)
-	if err == nil {
-		return p
+	p, err := tools.LookPath(name)
+	if err != nil {
+		nstest.SkipMissing(t, err.Error())
 	}
-	msg := fmt.Sprintf("%s not found in PATH (Debian package %s; `make deps` installs it)", name, debianPackage)
-	if os.Getenv(testbed.EnvRequireRoot) == "1" {
-		t.Fatalf("%s, and %s=1 forbids skipping", msg, testbed.EnvRequireRoot)
-	}
-	t.Skip(msg)
-	return ""
+	return p
 }
 
 // buildTulled builds cmd/tulled once per test process.
@@ -80,7 +76,7 @@ func buildTool(t testing.TB, pkg string) string {
 
 func run(t testing.TB, name string, args ...string) string {
 	t.Helper()
-	out, err := exec.Command(name, args...).CombinedOutput()
+	out, err := tools.Command(context.Background(), name, args...).CombinedOutput()
 	if err != nil {
 		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
 	}

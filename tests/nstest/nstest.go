@@ -5,6 +5,7 @@
 package nstest
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -17,6 +18,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 // EnvRequireRoot, set to 1 (as CI does), turns RequireRoot's skip into a
@@ -221,7 +224,7 @@ func (n *Netns) Run(t testing.TB, name string, args ...string) string {
 
 // Command is an exec.Cmd running inside the namespace.
 func (n *Netns) Command(name string, args ...string) *exec.Cmd {
-	return exec.Command("ip", append([]string{"netns", "exec", n.Name, name}, args...)...)
+	return tools.Command(context.Background(), "ip", append([]string{"netns", "exec", n.Name, name}, args...)...)
 }
 
 // childEnv marks a test binary re-executed inside a namespace.

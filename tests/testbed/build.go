@@ -7,12 +7,13 @@ import (
 	"fmt"
 	"go/build"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
 	"sync"
+
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 // Module is the Go module path of Tulle.
@@ -107,7 +108,7 @@ func isTulleRoot(dir string) bool {
 }
 
 func goCommand() string {
-	if p, err := exec.LookPath("go"); err == nil {
+	if p, err := tools.LookPath("go"); err == nil {
 		return p
 	}
 	return filepath.Join(build.Default.GOROOT, "bin", "go")
@@ -161,7 +162,7 @@ func buildOnce(ctx context.Context, pkg, name, env string) (string, error) {
 		// tulled ran (this machine's GOFLAGS may turn -buildvcs off).
 		args = append(args, "-ldflags=-X github.com/tulle-net/tulle/daemon/buildinfo.revision="+rev)
 	}
-	cmd := exec.CommandContext(ctx, goCommand(), append(args, pkg)...)
+	cmd := tools.Command(ctx, goCommand(), append(args, pkg)...)
 	cmd.Dir = root
 	if msg, err := cmd.CombinedOutput(); err != nil {
 		if errors.Is(ctx.Err(), context.Canceled) {
@@ -176,12 +177,12 @@ func buildOnce(ctx context.Context, pkg, name, env string) (string, error) {
 // gitRevision is the short commit of the checkout at root, with "-dirty"
 // when tracked files differ from it, or "" when git cannot tell.
 func gitRevision(ctx context.Context, root string) string {
-	out, err := exec.CommandContext(ctx, "git", "-C", root, "rev-parse", "--short", "HEAD").Output()
+	out, err := tools.Command(ctx, "git", "-C", root, "rev-parse", "--short", "HEAD").Output()
 	if err != nil {
 		return ""
 	}
 	rev := strings.TrimSpace(string(out))
-	if exec.CommandContext(ctx, "git", "-C", root, "diff", "--quiet", "HEAD").Run() != nil {
+	if tools.Command(ctx, "git", "-C", root, "diff", "--quiet", "HEAD").Run() != nil {
 		rev += "-dirty"
 	}
 	return rev

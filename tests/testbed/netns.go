@@ -8,11 +8,11 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"os/exec"
 	"strings"
 	"time"
 
 	"github.com/tulle-net/tulle/tests/nstest"
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 // InNetns runs fn on an OS thread that is inside the named network namespace
@@ -114,7 +114,7 @@ func HTTPGet(ctx context.Context, ns, url string) (int, []byte, error) {
 // output.
 func Exec(ctx context.Context, ns string, args ...string) (string, error) {
 	full := append([]string{"netns", "exec", ns}, args...)
-	out, err := exec.CommandContext(ctx, "ip", full...).CombinedOutput()
+	out, err := tools.Command(ctx, "ip", full...).CombinedOutput()
 	if err != nil {
 		return string(out), fmt.Errorf("netns %s: %s: %w: %s", ns, strings.Join(args, " "), err, strings.TrimSpace(string(out)))
 	}
@@ -124,7 +124,7 @@ func Exec(ctx context.Context, ns string, args ...string) (string, error) {
 // ipCmd runs `ip args...` (in the root namespace, or in one with "-n ns"
 // among args) and returns an error with the output.
 func ipCmd(ctx context.Context, args ...string) error {
-	out, err := exec.CommandContext(ctx, "ip", args...).CombinedOutput()
+	out, err := tools.Command(ctx, "ip", args...).CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("ip %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
 	}

@@ -2,6 +2,7 @@ package testbed
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -9,6 +10,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 // proc is a long-running process the bed started inside a namespace
@@ -33,7 +36,7 @@ func (b *Bed) startProc(name, ns, logPath, bin string, args ...string) (*proc, e
 	}
 	defer logf.Close() // the child has its own copy
 	fmt.Fprintf(logf, "=== %s: %s %s\n", time.Now().Format(time.RFC3339Nano), bin, strings.Join(args, " "))
-	cmd := exec.Command("ip", append([]string{"netns", "exec", ns, bin}, args...)...)
+	cmd := tools.Command(context.Background(), "ip", append([]string{"netns", "exec", ns, bin}, args...)...)
 	cmd.Stdout = logf
 	cmd.Stderr = logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}

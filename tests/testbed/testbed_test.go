@@ -4,16 +4,17 @@ import (
 	"context"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 func netnsList(t *testing.T) map[string]bool {
 	t.Helper()
-	out, err := exec.Command("ip", "netns", "list").CombinedOutput()
+	out, err := tools.Command(context.Background(), "ip", "netns", "list").CombinedOutput()
 	if err != nil {
 		t.Fatalf("ip netns list: %v: %s", err, out)
 	}
@@ -275,8 +276,42 @@ func TestBuiltTulledNamesItsRevision(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command(bin, "--version").Output()
+	out, err := tools.Command(context.Background(), bin, "--version").Output()
 	if err != nil || !strings.Contains(string(out), "(revision "+rev+",") {
 		t.Errorf("tulled --version: %q (%v), want revision %s", out, err, rev)
+	}
+}
+
+// TestWaitReachableCountsOnlyAnswersWithinTheTimeout: ping's own deadline
+// is whole seconds, so an answer 0.8 s into a 0.4 s wait must still fail.
+func TestWaitReachableCountsOnlyAnswersWithinTheTimeout(t *testing.T) {
+	b := NewT(t, Options{Hosts: 2, NoEtcd: true})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	h1, h2 := b.Host(1), b.Host(2)
+	if _, err := h1.WaitReachable(ctx, h2.Addr, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	const silence = 800 * time.Millisecond
+	if err := setSysctl(ctx, h2.NS, "net/ipv4/icmp_echo_ignore_all", "1"); err != nil {
+		t.Fatal(err)
+	}
+	answering := make(chan error, 1)
+	go func() {
+		time.Sleep(silence) // the condition under test is the wait's length
+		answering <- setSysctl(ctx, h2.NS, "net/ipv4/icmp_echo_ignore_all", "0")
+	}()
+	took, err := h1.WaitReachable(ctx, h2.Addr, silence/2)
+	if err == nil {
+		t.Errorf("WaitReachable(%v) succeeded after %v while echo was off for %v", silence/2, took, silence)
+	}
+	if err := <-answering; err != nil {
+		t.Fatal(err)
+	}
+	if took > silence/2+500*time.Millisecond {
+		t.Errorf("WaitReachable(%v) returned after %v", silence/2, took)
+	}
+	if _, err := h1.WaitReachable(ctx, h2.Addr, 5*time.Second); err != nil {
+		t.Errorf("after echo is back on: %v", err)
 	}
 }

@@ -4,12 +4,12 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"os/exec"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/tulle-net/tulle/tests/nstest"
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 // EnvRequireRoot, set to 1 (as CI does), turns RequireRoot's skip into a
@@ -22,8 +22,8 @@ const EnvRequireRoot = nstest.EnvRequireRoot
 func RequireRoot(t testing.TB) {
 	t.Helper()
 	nstest.RequireRoot(t)
-	if _, err := exec.LookPath("ip"); err != nil {
-		nstest.SkipMissing(t, "needs the ip program (Debian package iproute2)")
+	if _, err := tools.LookPath("ip"); err != nil {
+		nstest.SkipMissing(t, "needs the ip program: "+err.Error())
 	}
 }
 

@@ -18,6 +18,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/tulle-net/tulle/tests/tools"
 )
 
 // Exec runs a command inside the node's namespace and returns its combined
@@ -29,7 +31,7 @@ func (n *Node) Exec(ctx context.Context, args ...string) (string, error) {
 // Command returns a command that runs args inside the node's namespace, for
 // processes the caller manages itself (the caller waits for it).
 func (n *Node) Command(ctx context.Context, args ...string) *exec.Cmd {
-	return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", n.NS}, args...)...)
+	return tools.Command(ctx, "ip", append([]string{"netns", "exec", n.NS}, args...)...)
 }
 
 // Dial connects from inside the node's namespace.
@@ -90,7 +92,9 @@ func (n *Node) Ping(ctx context.Context, dst netip.Addr, count int, extra ...str
 }
 
 // WaitReachable pings dst from the node every 0.1 s until one echo is
-// answered or timeout passes, and returns how long it took.
+// answered or timeout passes, and returns how long it took. An answer
+// counts only within timeout: ping's own deadline is whole seconds, so
+// ping is killed at the deadline and a late answer is an error.
 func (n *Node) WaitReachable(ctx context.Context, dst netip.Addr, timeout time.Duration) (time.Duration, error) {
 	start := time.Now()
 	deadline := start.Add(timeout)
@@ -101,9 +105,13 @@ func (n *Node) WaitReachable(ctx context.Context, dst netip.Addr, timeout time.D
 			return time.Since(start), fmt.Errorf("%s -> %s: no echo reply within %v: %w", n.Name, dst, timeout, last)
 		}
 		secs := strconv.Itoa(int(math.Max(1, math.Ceil(left.Seconds()))))
-		_, err := n.Exec(ctx, "ping", "-n", "-q", "-c", "1", "-i", "0.1", "-w", secs, dst.String())
-		if err == nil {
-			return time.Since(start), nil
+		pctx, cancel := context.WithDeadline(ctx, deadline)
+		_, err := n.Exec(pctx, "ping", "-n", "-q", "-c", "1", "-i", "0.1", "-w", secs, dst.String())
+		cancel()
+		if took := time.Since(start); err == nil && took <= timeout {
+			return took, nil
+		} else if err == nil {
+			return took, fmt.Errorf("%s -> %s: first echo reply after %v, later than %v", n.Name, dst, took.Round(time.Millisecond), timeout)
 		}
 		last = err
 		if ctx.Err() != nil {
@@ -233,7 +241,7 @@ type IPerfResult struct {
 // client to server (at server.Addr) and returns the receiver's goodput.
 // It needs the iperf3 program (Debian package iperf3).
 func IPerf3(ctx context.Context, client, server *Node, seconds, streams int) (IPerfResult, error) {
-	if _, err := exec.LookPath("iperf3"); err != nil {
+	if _, err := tools.LookPath("iperf3"); err != nil {
 		return IPerfResult{}, fmt.Errorf("iperf3: %w (apt-get install iperf3)", err)
 	}
 	if seconds < 1 || seconds > 60 || streams < 1 || streams > 16 {

@@ -22,3 +22,9 @@ func (s *Stop) Signal()                          {}
 func (s *Stop) Signalled() bool                  { return true }
 func (s *Stop) Close() error                     { return nil }
 func (s *Stop) Wait(int, int16, time.Time) error { return ErrStopped }
+
+// Waiting is only implemented on Linux.
+func Waiting() (int, error) { return 0, fmt.Errorf("fdpoll: not supported on %s", runtime.GOOS) }
+
+// AwaitWaiting is only implemented on Linux.
+func AwaitWaiting(int, time.Duration) error { _, err := Waiting(); return err }

@@ -35,12 +35,18 @@ func newStop(t *testing.T) *Stop {
 func TestWaitReturnsWhenTheDescriptorIsReady(t *testing.T) {
 	s := newStop(t)
 	r, w := pipe(t)
-	go func() {
-		time.Sleep(20 * time.Millisecond)
+	before := waiting(t)
+	wrote := make(chan error, 1)
+	go func() { // once the Wait below blocks
+		err := AwaitWaiting(before+1, 5*time.Second)
 		unix.Write(w, []byte{1})
+		wrote <- err
 	}()
 	if err := s.Wait(r, unix.POLLIN, time.Now().Add(5*time.Second)); err != nil {
 		t.Fatalf("Wait on a pipe that became readable: %v", err)
+	}
+	if err := <-wrote; err != nil {
+		t.Fatalf("the Wait did not block before the write: %v", err)
 	}
 }
 
@@ -48,10 +54,17 @@ func TestSignalWakesEveryWaitNowAndLater(t *testing.T) {
 	s := newStop(t)
 	r, _ := pipe(t)
 	done := make(chan error, 2)
+	before := waiting(t)
 	for range 2 {
-		go func() { done <- s.Wait(r, unix.POLLIN, time.Time{}) }()
+		go func() {
+			runtime.LockOSThread() // two waits, two threads
+			defer runtime.UnlockOSThread()
+			done <- s.Wait(r, unix.POLLIN, time.Time{})
+		}()
 	}
-	time.Sleep(20 * time.Millisecond)
+	if err := AwaitWaiting(before+2, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
 	s.Signal()
 	s.Signal() // idempotent
 	for range 2 {
@@ -66,6 +79,34 @@ func TestSignalWakesEveryWaitNowAndLater(t *testing.T) {
 	}
 	if err := s.Wait(r, unix.POLLIN, time.Time{}); !errors.Is(err, ErrStopped) || !s.Signalled() {
 		t.Fatalf("Wait after Signal: %v", err)
+	}
+}
+
+// waiting returns how many threads wait in ppoll now.
+func waiting(t *testing.T) int {
+	t.Helper()
+	n, err := Waiting()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func TestWaitingCountsThreadsBlockedInWait(t *testing.T) {
+	s := newStop(t)
+	r, _ := pipe(t)
+	before := waiting(t)
+	done := make(chan error, 1)
+	go func() { done <- s.Wait(r, unix.POLLIN, time.Time{}) }()
+	if err := AwaitWaiting(before+1, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	s.Signal()
+	if err := <-done; !errors.Is(err, ErrStopped) {
+		t.Fatalf("Wait: %v", err)
+	}
+	if n := waiting(t); n != before {
+		t.Fatalf("%d threads counted in ppoll after the Wait returned, want %d", n, before)
 	}
 }
 

@@ -92,12 +92,18 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 	if err != nil {
 		return fmt.Errorf("encode delegate config: %w", err)
 	}
+	ctx := context.Background()
+	// Saved as the delegate will get it (at the version it speaks), so
+	// DEL and GC repeat exactly that.
+	conf, typ, err := p.prepare(ctx, conf, nil, "")
+	if err != nil {
+		return err
+	}
 	store := Store{Dir: n.DataDir}
 	if err := store.Save(Attachment{Network: n.Name, ContainerID: args.ContainerID, IfName: args.IfName, Delegate: conf}); err != nil {
 		return err
 	}
-	typ := n.DelegateType()
-	result, err := invoke.DelegateAdd(context.Background(), typ, conf, p.Exec)
+	result, err := invoke.DelegateAdd(ctx, typ, conf, p.Exec)
 	if err != nil {
 		return fmt.Errorf("delegate ADD to %s: %w", typ, err)
 	}
@@ -140,11 +146,12 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 	default:
 		return err
 	}
-	conf, typ, err := withPrevResult(conf, n.RawPrevResult)
+	ctx := context.Background()
+	conf, typ, err := p.prepare(ctx, conf, n.RawPrevResult, n.CNIVersion)
 	if err != nil {
 		return err
 	}
-	if err := invoke.DelegateDel(context.Background(), typ, conf, p.Exec); err != nil {
+	if err := invoke.DelegateDel(ctx, typ, conf, p.Exec); err != nil {
 		// The saved config stays, so the runtime's retry can finish the job.
 		return fmt.Errorf("delegate DEL to %s: %w", typ, err)
 	}
@@ -173,11 +180,12 @@ func (p *Plugin) Check(args *skel.CmdArgs) error {
 	if err := checkLease(a.Delegate, env, n.SubnetFile); err != nil {
 		return err
 	}
-	conf, typ, err := withPrevResult(a.Delegate, n.RawPrevResult)
+	ctx := context.Background()
+	conf, typ, err := p.prepare(ctx, a.Delegate, n.RawPrevResult, n.CNIVersion)
 	if err != nil {
 		return err
 	}
-	if err := invoke.DelegateCheck(context.Background(), typ, conf, p.Exec); err != nil {
+	if err := invoke.DelegateCheck(ctx, typ, conf, p.Exec); err != nil {
 		return fmt.Errorf("delegate CHECK to %s: %w", typ, err)
 	}
 	return nil
@@ -243,7 +251,8 @@ func (p *Plugin) GC(args *skel.CmdArgs) error {
 // delStale runs the delegate's DEL for an attachment other than the one
 // in this process's CNI_ environment (GC carries no container).
 func (p *Plugin) delStale(a Attachment) error {
-	conf, typ, err := withPrevResult(a.Delegate, nil)
+	ctx := context.Background()
+	conf, typ, err := p.prepare(ctx, a.Delegate, nil, "")
 	if err != nil {
 		return err
 	}
@@ -252,7 +261,7 @@ func (p *Plugin) delStale(a Attachment) error {
 		return err
 	}
 	args := &invoke.Args{Command: "DEL", ContainerID: a.ContainerID, IfName: a.IfName, Path: os.Getenv("CNI_PATH")}
-	if err := invoke.ExecPluginWithoutResult(context.Background(), path, conf, args, p.Exec); err != nil {
+	if err := invoke.ExecPluginWithoutResult(ctx, path, conf, args, p.Exec); err != nil {
 		return fmt.Errorf("gc container %s interface %s: delegate DEL to %s: %w", a.ContainerID, a.IfName, typ, err)
 	}
 	return nil
@@ -271,28 +280,6 @@ func (p *Plugin) find(plugin string) (string, error) {
 		return "", fmt.Errorf("plugin %q not found in CNI_PATH %q: %w", plugin, os.Getenv("CNI_PATH"), err)
 	}
 	return path, nil
-}
-
-// withPrevResult returns the delegate config with prevResult set (when
-// given) and the delegate's type.
-func withPrevResult(conf []byte, prev map[string]any) ([]byte, string, error) {
-	var d map[string]any
-	if err := json.Unmarshal(conf, &d); err != nil {
-		return nil, "", fmt.Errorf("decode saved delegate config: %w", err)
-	}
-	typ, _ := d["type"].(string)
-	if typ == "" {
-		return nil, "", fmt.Errorf("saved delegate config has no type")
-	}
-	if prev == nil {
-		return conf, typ, nil
-	}
-	d["prevResult"] = prev
-	out, err := json.Marshal(d)
-	if err != nil {
-		return nil, "", fmt.Errorf("encode delegate config: %w", err)
-	}
-	return out, typ, nil
 }
 
 // checkLease compares the ranges the attachment was given with the lease in

@@ -23,8 +23,10 @@ import (
 // of tulle-cni's own logic; tests/integrations runs the real bridge and
 // host-local plugins through cnitool.
 type recordingExec struct {
-	calls []execCall
+	calls []execCall // every call but VERSION
 	fail  error
+	// versions answers VERSION; nil: those of Debian 12's plugins.
+	versions []string
 }
 
 type execCall struct {
@@ -44,6 +46,13 @@ func (r *recordingExec) ExecPlugin(_ context.Context, _ string, stdin []byte, en
 			c.command = v
 		}
 	}
+	if c.command == "VERSION" {
+		vs := r.versions
+		if vs == nil {
+			vs = []string{"0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0"}
+		}
+		return json.Marshal(map[string]any{"cniVersion": "1.0.0", "supportedVersions": vs})
+	}
 	r.calls = append(r.calls, c)
 	if r.fail != nil {
 		return nil, r.fail
@@ -60,7 +69,7 @@ func (r *recordingExec) FindInPath(plugin string, _ []string) (string, error) {
 }
 
 func (r *recordingExec) Decode(b []byte) (version.PluginInfo, error) {
-	return version.PluginSupports("1.0.0"), nil
+	return (&version.PluginDecoder{}).Decode(b)
 }
 
 type fixture struct {
@@ -316,5 +325,49 @@ func TestAddWithACorruptSubnetEnvNamesFileAndLine(t *testing.T) {
 	err := f.p.Funcs().Add(f.args(""))
 	if err == nil || !strings.HasPrefix(err.Error(), "tulle-cni: read "+f.subnetFile+": line 2") {
 		t.Errorf("Add with a corrupt subnet.env: %v", err)
+	}
+}
+
+// A network at CNI 1.1.0 (for STATUS and GC) works with a delegate that
+// speaks at most 1.0.0, as Debian 12's bridge: tulle-cni speaks 1.0.0 to
+// it, saves that, answers the runtime at 1.1.0 and hands DEL the
+// runtime's prevResult converted to 1.0.0.
+func TestDelegateGetsTheNewestVersionItSpeaks(t *testing.T) {
+	f := newFixture(t)
+	f.writeEnv(t, testEnv())
+	args := f.args("")
+	args.StdinData = bytes.Replace(args.StdinData, []byte(`"cniVersion":"1.0.0"`), []byte(`"cniVersion":"1.1.0"`), 1)
+	if err := f.p.Funcs().Add(args); err != nil {
+		t.Fatal(err)
+	}
+	if v := f.exec.calls[0].conf["cniVersion"]; v != "1.0.0" {
+		t.Errorf("delegate ADD at version %v, want 1.0.0", v)
+	}
+	var res map[string]any
+	if err := json.Unmarshal(f.out.Bytes(), &res); err != nil || res["cniVersion"] != "1.1.0" {
+		t.Errorf("ADD printed %s (%v), want a 1.1.0 result", f.out.Bytes(), err)
+	}
+	a, err := Store{Dir: f.dataDir}.Load("c1", "eth0")
+	if err != nil || !bytes.Contains(a.Delegate, []byte(`"cniVersion":"1.0.0"`)) {
+		t.Errorf("saved delegate config %s (%v), want version 1.0.0", a.Delegate, err)
+	}
+
+	del := f.args(`,"prevResult":` + f.out.String())
+	del.StdinData = bytes.Replace(del.StdinData, []byte(`"cniVersion":"1.0.0"`), []byte(`"cniVersion":"1.1.0"`), 1)
+	if err := f.p.Funcs().Del(del); err != nil {
+		t.Fatal(err)
+	}
+	c := f.exec.calls[len(f.exec.calls)-1]
+	prev, _ := c.conf["prevResult"].(map[string]any)
+	if c.command != "DEL" || c.conf["cniVersion"] != "1.0.0" || prev["cniVersion"] != "1.0.0" {
+		t.Errorf("delegate DEL got version %v, prevResult version %v; want both 1.0.0", c.conf["cniVersion"], prev["cniVersion"])
+	}
+
+	// A delegate that speaks no version at or below the network's fails
+	// ADD with both named.
+	f.exec.versions = []string{"2.0.0"}
+	err = f.p.Funcs().Add(args)
+	if err == nil || !strings.Contains(err.Error(), "bridge speaks CNI [2.0.0], none of them 1.1.0 or older") {
+		t.Errorf("ADD with a delegate too new: %v", err)
 	}
 }
