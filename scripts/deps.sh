@@ -19,7 +19,7 @@ missing() {
 
 debs=() files=() absent=()
 while read -r name source rest; do
-	case "$name" in '' | '#'* | library) continue ;; esac
+	case "$name" in '' | '#'* | library | via) continue ;; esac
 	if [ "${1:-}" = --print ]; then
 		echo "$name $source $rest"
 		continue
@@ -27,7 +27,11 @@ while read -r name source rest; do
 	missing "$name" || continue
 	read -r -a from <<<"$rest"
 	case "$source" in
-	deb) [[ " ${debs[*]} " == *" ${from[0]} "* ]] || debs+=("${from[0]}") ;;
+	deb)
+		for pkg in "${from[@]}"; do
+			[[ " ${debs[*]} " == *" $pkg "* ]] || debs+=("$pkg")
+		done
+		;;
 	deb-file) files+=("$name ${from[0]} ${from[1]}") ;;
 	essential) absent+=("$name (Debian's essential package ${from[0]})") ;;
 	toolchain) absent+=("$name (the Go toolchain: see README.md)") ;;
@@ -75,7 +79,7 @@ for f in "${files[@]}"; do
 done
 still=()
 while read -r name source _; do
-	case "$name" in '' | '#'* | library) continue ;; esac
+	case "$name" in '' | '#'* | library | via) continue ;; esac
 	[ "$source" = build ] && continue
 	missing "$name" && still+=("$name")
 done <"$list"

@@ -43,6 +43,10 @@ type Sample struct {
 	Daemons []daemonStat  `json:"daemons,omitempty"`
 	Elapsed time.Duration `json:"elapsed_ns"`
 	Errors  []string      `json:"errors,omitempty"`
+	// PolicyApplySeconds and PolicyRules: a policy mode's apply at
+	// tulled's start on the server's host, and the rules it installed.
+	PolicyApplySeconds float64 `json:"policy_apply_seconds,omitempty"`
+	PolicyRules        int     `json:"policy_rules,omitempty"`
 }
 
 // tcpRun is one iperf3 run with the daemons' CPU time during it.
@@ -110,7 +114,8 @@ func (b *bench) failed() bool {
 }
 
 func (b *bench) hasTulle() bool {
-	return contains(b.cfg.Modes, modeTulleOffload) || contains(b.cfg.Modes, modeTulleWater) || contains(b.cfg.Modes, modeTulleDirect)
+	return contains(b.cfg.Modes, modeTulleOffload) || contains(b.cfg.Modes, modeTulleWater) || contains(b.cfg.Modes, modeTulleDirect) ||
+		contains(b.cfg.Modes, modePolicyOne) || contains(b.cfg.Modes, modePolicyLarge)
 }
 
 // run builds the testbed, measures every mode cfg.Reps times, then prints
@@ -127,7 +132,8 @@ func (b *bench) run(ctx context.Context) (err error) {
 		if len(b.report.Samples) > 0 {
 			b.report.Summary = summarizeModes(b.cfg, b.report.Samples)
 			if !b.cfg.Smoke {
-				b.report.Targets = append(evaluateTargets(b.report.Summary), directTargets(b.report.Summary)...)
+				b.report.Targets = append(evaluateTargets(b.report.Summary), policyTargets(b.report.Summary, b.report.Samples)...)
+				b.report.Targets = append(b.report.Targets, directTargets(b.report.Summary)...)
 			}
 			b.mu.Lock()
 			printTable(b.w, b.cfg, b.report)
@@ -208,9 +214,26 @@ func (b *bench) measureMode(ctx context.Context, mode string, rep, order int) Sa
 	s := Sample{Mode: mode, Rep: rep, Order: order, Start: time.Now()}
 	fail := func(err error) { s.Errors = append(s.Errors, err.Error()) }
 
-	sess, err := b.begin(ctx, mode)
+	var sess *session
+	var err error
+	if contains(policyModes, mode) {
+		sess, err = b.beginPolicy(ctx, mode, &s)
+		if err != nil && sess != nil {
+			err = errors.Join(err, b.stopDaemons(sess))
+		}
+	} else {
+		sess, err = b.begin(ctx, mode)
+	}
+	endPolicy := func() {
+		if contains(policyModes, mode) {
+			if err := b.endPolicy(ctx, mode); err != nil {
+				fail(err)
+			}
+		}
+	}
 	if err != nil {
 		fail(err)
+		endPolicy()
 		s.Elapsed = time.Since(s.Start)
 		b.logf("rep %d/%d %-13s set-up failed: %v", rep, b.cfg.Reps, mode, err)
 		return s
@@ -221,6 +244,7 @@ func (b *bench) measureMode(ctx context.Context, mode string, rep, order int) Sa
 		fail(err)
 		b.logf("rep %d/%d %-13s tear-down: %v", rep, b.cfg.Reps, mode, err)
 	}
+	endPolicy()
 	s.Elapsed = time.Since(s.Start)
 	b.logf("rep %d/%d %-13s %s", rep, b.cfg.Reps, mode, progressLine(s))
 	return s
@@ -485,6 +509,9 @@ func progressLine(s Sample) string {
 			p += fmt.Sprintf(" (%.2f CPU s/GB)", r.CPUSecondsPerGB)
 		}
 		parts = append(parts, p)
+	}
+	if s.PolicyRules > 0 {
+		parts = append(parts, fmt.Sprintf("%d policy rules applied in %.0f ms", s.PolicyRules, s.PolicyApplySeconds*1e3))
 	}
 	for _, d := range s.Daemons {
 		p := fmt.Sprintf("%s peak RSS %.1f MiB", d.Host, float64(d.PeakRSSBytes)/(1<<20))

@@ -106,7 +106,8 @@ func parseFlags(args []string, stderr io.Writer) (Config, error) {
 	fs.IntVar(&c.Streams, "streams", 4, "TCP streams of the multi-stream test (iperf3 -P)")
 	fs.IntVar(&c.Pings, "pings", 50, "echo requests per RTT measurement")
 	fs.DurationVar(&c.PingInterval, "ping-interval", 10*time.Millisecond, "interval between echo requests (>= 2ms)")
-	fs.StringVar(&modes, "modes", strings.Join(allModes, ","), "comma-separated modes to measure: "+strings.Join(allModes, ", "))
+	fs.StringVar(&modes, "modes", strings.Join(allModes, ","), "comma-separated modes to measure: "+strings.Join(append(allModes, policyModes...), ", ")+
+		" (the policy modes are judged against tulle-offload)")
 	fs.StringVar(&c.Path, "path", pathContainer, "overlay traffic path: container (container to container, as workloads) or host (host namespace to host namespace)")
 	fs.StringVar(&c.Out, "out", "", "results folder (default ./results/<timestamp>)")
 	fs.Var(&tulledArgs, "tulled-arg", "extra argument for tulled, repeatable (e.g. -tulled-arg=--workers=1)")
@@ -136,8 +137,8 @@ func parseFlags(args []string, stderr io.Writer) (Config, error) {
 		if m == "" || seen[m] {
 			continue
 		}
-		if !contains(allModes, m) {
-			return c, fmt.Errorf("-modes: unknown mode %q (want some of %s)", m, strings.Join(allModes, ","))
+		if !contains(allModes, m) && !contains(policyModes, m) {
+			return c, fmt.Errorf("-modes: unknown mode %q (want some of %s)", m, strings.Join(append(allModes, policyModes...), ","))
 		}
 		seen[m] = true
 		c.Modes = append(c.Modes, m)

@@ -205,8 +205,9 @@ func stringLiterals(t *testing.T) map[string]bool {
 
 // TestEveryListedProgramIsUsed keeps the list honest the other way: a
 // program nothing runs any more comes off it (and out of deps.sh). A
-// program counts as used when its name (or, for a path, its base name or
-// its directory) is a string in the code, or a listed library runs it.
+// program counts as used when its name (or, for a path, its base name) is
+// a string in the code, or a listed library runs it, or a used program
+// runs it for us (a "via" line).
 func TestEveryListedProgramIsUsed(t *testing.T) {
 	lits := stringLiterals(t)
 	byLib := map[string]bool{}
@@ -215,8 +216,22 @@ func TestEveryListedProgramIsUsed(t *testing.T) {
 			byLib[r] = true
 		}
 	}
+	via := map[string]string{}
+	for _, v := range tools.Vias() {
+		for _, r := range v.Runs {
+			via[r] = v.Program
+		}
+	}
+	var used func(name string, depth int) bool
+	used = func(name string, depth int) bool {
+		if lits[name] || lits[filepath.Base(name)] || byLib[name] {
+			return true
+		}
+		runner, ok := via[name]
+		return ok && depth < 10 && used(runner, depth+1) // go runs gcc, which runs as
+	}
 	for _, p := range tools.Programs() {
-		if lits[p.Name] || lits[filepath.Base(p.Name)] || byLib[p.Name] {
+		if used(p.Name, 0) {
 			continue
 		}
 		if p.Source == tools.SourceBuild && (lits[p.From[0]] || lits["./"+strings.TrimPrefix(p.From[0], "./")]) {

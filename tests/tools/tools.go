@@ -53,24 +53,36 @@ type Library struct {
 	Runs    []string
 }
 
+// Via is a listed program that runs other listed programs for us (go runs
+// the C compiler for cgo).
+type Via struct {
+	Program string
+	Runs    []string
+}
+
+// List is a parsed tools.list.
+type List struct {
+	Programs  []Program
+	Libraries []Library
+	Vias      []Via
+}
+
 var (
 	parseOnce sync.Once
-	programs  []Program
-	libraries []Library
+	list      List
 	parseErr  error
 )
 
-func parsed() ([]Program, []Library, error) {
+func parsed() (List, error) {
 	parseOnce.Do(func() {
-		programs, libraries, parseErr = Parse(listText)
+		list, parseErr = Parse(listText)
 	})
-	return programs, libraries, parseErr
+	return list, parseErr
 }
 
 // Parse reads a list in the format of tools.list.
-func Parse(text string) ([]Program, []Library, error) {
-	var progs []Program
-	var libs []Library
+func Parse(text string) (List, error) {
+	var l List
 	seen := map[string]bool{}
 	sc := bufio.NewScanner(strings.NewReader(text))
 	for n := 1; sc.Scan(); n++ {
@@ -78,66 +90,69 @@ func Parse(text string) ([]Program, []Library, error) {
 		if len(f) == 0 || strings.HasPrefix(f[0], "#") {
 			continue
 		}
-		if f[0] == "library" {
+		if f[0] == "library" || f[0] == "via" {
 			if len(f) < 3 {
-				return nil, nil, fmt.Errorf("%s:%d: want \"library GO-PACKAGE PROGRAM...\"", ListFile, n)
+				return List{}, fmt.Errorf("%s:%d: want \"%s %s PROGRAM...\"", ListFile, n, f[0], map[string]string{"library": "GO-PACKAGE", "via": "PROGRAM"}[f[0]])
 			}
 			for _, r := range f[2:] {
 				if !seen[r] {
-					return nil, nil, fmt.Errorf("%s:%d: library %s runs %s, which is not listed above it", ListFile, n, f[1], r)
+					return List{}, fmt.Errorf("%s:%d: %s %s runs %s, which is not listed above it", ListFile, n, f[0], f[1], r)
 				}
 			}
-			libs = append(libs, Library{Package: f[1], Runs: f[2:]})
+			if f[0] == "library" {
+				l.Libraries = append(l.Libraries, Library{Package: f[1], Runs: f[2:]})
+			} else if !seen[f[1]] {
+				return List{}, fmt.Errorf("%s:%d: via %s: %s is not listed above it", ListFile, n, f[1], f[1])
+			} else {
+				l.Vias = append(l.Vias, Via{Program: f[1], Runs: f[2:]})
+			}
 			continue
 		}
 		if len(f) < 2 {
-			return nil, nil, fmt.Errorf("%s:%d: %q has no source", ListFile, n, f[0])
+			return List{}, fmt.Errorf("%s:%d: %q has no source", ListFile, n, f[0])
 		}
 		p := Program{Name: f[0], Source: f[1], From: f[2:]}
-		want := map[string]int{SourceDeb: 1, SourceDebFile: 2, SourceEssential: 1, SourceToolchain: 0, SourceBuild: 1}
-		k, ok := want[p.Source]
+		args := map[string][2]int{SourceDeb: {1, 9}, SourceDebFile: {2, 2}, SourceEssential: {1, 1}, SourceToolchain: {0, 0}, SourceBuild: {1, 1}}
+		k, ok := args[p.Source]
 		if !ok {
-			return nil, nil, fmt.Errorf("%s:%d: %s: unknown source %q", ListFile, n, p.Name, p.Source)
+			return List{}, fmt.Errorf("%s:%d: %s: unknown source %q", ListFile, n, p.Name, p.Source)
 		}
-		if len(p.From) != k {
-			return nil, nil, fmt.Errorf("%s:%d: %s: source %s takes %d argument(s), got %q", ListFile, n, p.Name, p.Source, k, p.From)
+		if len(p.From) < k[0] || len(p.From) > k[1] {
+			return List{}, fmt.Errorf("%s:%d: %s: source %s takes %d to %d argument(s), got %q", ListFile, n, p.Name, p.Source, k[0], k[1], p.From)
 		}
 		if strings.Contains(p.Name, "/") && !filepath.IsAbs(p.Name) {
-			return nil, nil, fmt.Errorf("%s:%d: %s: a path must be absolute", ListFile, n, p.Name)
+			return List{}, fmt.Errorf("%s:%d: %s: a path must be absolute", ListFile, n, p.Name)
 		}
 		if seen[p.Name] {
-			return nil, nil, fmt.Errorf("%s:%d: %s is listed twice", ListFile, n, p.Name)
+			return List{}, fmt.Errorf("%s:%d: %s is listed twice", ListFile, n, p.Name)
 		}
 		seen[p.Name] = true
-		progs = append(progs, p)
+		l.Programs = append(l.Programs, p)
 	}
-	return progs, libs, sc.Err()
+	return l, sc.Err()
 }
 
-func mustParsed() ([]Program, []Library) {
-	p, l, err := parsed()
+func mustParsed() List {
+	l, err := parsed()
 	if err != nil {
 		panic(err) // the embedded list is broken: its test says where
 	}
-	return p, l
+	return l
 }
 
 // Programs returns the program lines of the list, in order.
-func Programs() []Program {
-	p, _ := mustParsed()
-	return slices.Clone(p)
-}
+func Programs() []Program { return slices.Clone(mustParsed().Programs) }
 
 // Libraries returns the library lines of the list, in order.
-func Libraries() []Library {
-	_, l := mustParsed()
-	return slices.Clone(l)
-}
+func Libraries() []Library { return slices.Clone(mustParsed().Libraries) }
+
+// Vias returns the via lines of the list, in order.
+func Vias() []Via { return slices.Clone(mustParsed().Vias) }
 
 // Lookup returns the list's line for name (a name or an absolute path as
 // written in the list).
 func Lookup(name string) (Program, bool) {
-	progs, _ := mustParsed()
+	progs := mustParsed().Programs
 	i := slices.IndexFunc(progs, func(p Program) bool { return p.Name == name })
 	if i < 0 {
 		return Program{}, false
@@ -148,8 +163,10 @@ func Lookup(name string) (Program, bool) {
 // Hint says how a listed program is obtained, for error messages.
 func (p Program) Hint() string {
 	switch p.Source {
-	case SourceDeb, SourceEssential:
-		return "Debian package " + p.From[0] + "; scripts/deps.sh installs it"
+	case SourceDeb:
+		return "Debian package " + strings.Join(p.From, " ") + "; scripts/deps.sh installs it"
+	case SourceEssential:
+		return "Debian's essential package " + p.From[0]
 	case SourceDebFile:
 		return p.From[1] + " from Debian package " + p.From[0] + "; scripts/deps.sh installs it"
 	case SourceToolchain:
