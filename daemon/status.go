@@ -34,7 +34,7 @@ func statusMain(args, env []string, stdout, stderr io.Writer) int {
 	rep, err := readStatus(context.Background(), s.Etcd, s.Timeout)
 	if err != nil {
 		fmt.Fprintf(stderr, "tulled status: %v\n", err)
-		return ExitFailure
+		return ExitCode(err) // 2 for a refusal or a bad TLS setup, as for the daemon
 	}
 	if s.JSON {
 		enc := json.NewEncoder(stdout)
@@ -96,20 +96,28 @@ type statusMalformed struct {
 }
 
 // readStatus reads the config and every lease (with the expiration of its
-// etcd lease) under e.Prefix; one etcd call waits at most timeout.
+// etcd lease) under e.Prefix. timeout bounds all of it: connecting, TLS,
+// the login, every call.
 func readStatus(ctx context.Context, e config.Etcd, timeout time.Duration) (*statusReport, error) {
-	reg, err := newRegistry(e, timeout/2, slog.New(slog.DiscardHandler)) // one call waits at most twice the dial timeout
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	reg, err := newRegistry(e, timeout, slog.New(slog.DiscardHandler))
 	if err != nil {
-		return nil, fmt.Errorf("etcd: %w", err)
+		return nil, asConfigError(fmt.Errorf("etcd: %w", err))
 	}
 	defer reg.Close()
 	c, err := reg.Contents(ctx)
+	eps := strings.Join(e.Endpoints, ",")
 	var ue *etcdreg.UnreachableError
 	switch {
+	case errors.Is(err, subnet.ErrRefused):
+		return nil, asConfigError(fmt.Errorf("etcd at %s: %w", eps, err))
 	case errors.As(err, &ue):
 		return nil, fmt.Errorf("etcd at %s did not answer in time: %s", ue.Endpoints, ue.Cause)
+	case ctx.Err() != nil:
+		return nil, fmt.Errorf("etcd at %s did not answer within %s (--timeout); %s", eps, timeout, reg.Status().Detail)
 	case err != nil:
-		return nil, fmt.Errorf("etcd at %s: %w", strings.Join(e.Endpoints, ","), err)
+		return nil, fmt.Errorf("etcd at %s: %w", eps, err)
 	}
 
 	rep := &statusReport{Endpoints: e.Endpoints, ConfigKey: c.ConfigKey, Leases: []statusLease{}}

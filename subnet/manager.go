@@ -13,6 +13,9 @@ import (
 	"github.com/tulle-net/tulle/subnet/internal/backoff"
 )
 
+// startRefusals is how many refusals in a row end Start.
+const startRefusals = 3
+
 // Defaults of ManagerOptions.
 const (
 	DefaultLeaseTTL     = 24 * time.Hour
@@ -63,6 +66,9 @@ type ManagerStatus struct {
 	RenewFailures  uint64 // failed renewals and re-acquisitions since start
 	LastRenewError error  // nil after a success
 	Phase          string // one of the Phase* constants
+	// RenewAt is when the lease is due for renewal (RenewMargin before it
+	// expires); zero for a reservation or while no lease is held.
+	RenewAt time.Time
 }
 
 // Manager takes this host's lease from a Registry, keeps it, and forwards
@@ -105,7 +111,8 @@ func NewManager(reg Registry, opts ManagerOptions) *Manager {
 // its cause and shown in Status), reads the config, acquires the lease.
 // It waits while etcd is unreachable or the config is missing, for at most
 // StartTimeout, then fails with the last cause. An invalid config or a
-// network without a free subnet fails at once.
+// network without a free subnet fails at once; a refusal (ErrRefused: a
+// wrong password, no permission, a certificate refused) after 3 attempts.
 func (m *Manager) Start(ctx context.Context) (*Config, Lease, error) {
 	if !m.opts.PublicIP.Is4() {
 		return nil, Lease{}, fmt.Errorf("start: public IP %v: must be an IPv4 address", m.opts.PublicIP)
@@ -119,6 +126,7 @@ func (m *Manager) Start(ctx context.Context) (*Config, Lease, error) {
 	defer cancel()
 	bo := backoff.Backoff{Min: 100 * time.Millisecond, Max: 10 * time.Second}
 	var lastErr error
+	refusals := 0
 	for attempt := 1; ; attempt++ {
 		m.setPhase(PhaseWaitingEtcd)
 		cfg, err := m.reg.GetNetworkConfig(sctx)
@@ -152,6 +160,16 @@ func (m *Manager) Start(ctx context.Context) (*Config, Lease, error) {
 		if errors.Is(err, ErrInvalidConfig) || errors.Is(err, ErrNoFreeSubnet) {
 			m.setPhase(PhaseStartFailed)
 			return nil, Lease{}, fmt.Errorf("start: %w", err)
+		}
+		// A refusal (password, permission, certificates) is retried a few
+		// times only, in case it was being fixed as we started.
+		if errors.Is(err, ErrRefused) {
+			if refusals++; refusals >= startRefusals {
+				m.setPhase(PhaseStartFailed)
+				return nil, Lease{}, fmt.Errorf("start: refused %d times: %w", refusals, err)
+			}
+		} else {
+			refusals = 0
 		}
 		if ctx.Err() != nil {
 			m.setPhase(PhaseStopped)
@@ -384,6 +402,9 @@ func (m *Manager) setPhase(p string) {
 func (m *Manager) Status() ManagerStatus {
 	m.mu.Lock()
 	st := ManagerStatus{Lease: m.lease, LeaseHeld: m.held, RenewFailures: m.renewFailures, LastRenewError: m.lastRenewErr, Phase: m.phase}
+	if m.held && !m.lease.Reservation && !m.lease.Expiration.IsZero() {
+		st.RenewAt = m.lease.Expiration.Add(-m.opts.RenewMargin)
+	}
 	m.mu.Unlock()
 	st.Registry = m.reg.Status()
 	return st

@@ -145,4 +145,7 @@ type RegistryStatus struct {
 	// WatchAttempts counts how often the watch was started or restarted
 	// (first start included); it grows slowly while etcd is down.
 	WatchAttempts uint64
+	// WatchDownSince is when the lease watch stopped working (or was
+	// started and has not yet been confirmed by etcd); zero while it works.
+	WatchDownSince time.Time
 }

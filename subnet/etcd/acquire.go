@@ -54,7 +54,7 @@ func (r *Registry) getConfig(ctx context.Context, cli *clientv3.Client) ([]byte,
 	defer cancel()
 	resp, err := cli.Get(octx, r.configKey)
 	if err != nil {
-		return nil, fmt.Errorf("read network config %s: %w", r.configKey, r.fail(ctx, err))
+		return nil, fmt.Errorf("read network config %s: %w", r.configKey, r.failOn(ctx, r.configKey, err))
 	}
 	r.ok()
 	if len(resp.Kvs) == 0 {
@@ -99,7 +99,7 @@ func (r *Registry) list(ctx context.Context, cli *clientv3.Client) (entries []en
 	defer cancel()
 	resp, err := cli.Get(octx, r.subnetsPrefix, clientv3.WithPrefix())
 	if err != nil {
-		return nil, nil, 0, fmt.Errorf("list %s: %w", r.subnetsPrefix, r.fail(ctx, err))
+		return nil, nil, 0, fmt.Errorf("list %s: %w", r.subnetsPrefix, r.failOn(ctx, r.subnetsPrefix, err))
 	}
 	r.ok()
 	entries = make([]entry, 0, len(resp.Kvs))
@@ -268,7 +268,7 @@ func (r *Registry) deleteUnfit(ctx context.Context, cli *clientv3.Client, e entr
 		Then(clientv3.OpDelete(key)).
 		Commit()
 	if err != nil {
-		return fmt.Errorf("delete lease %s (no longer fits network %s): %w", e.lease.Subnet, cfg.Network, r.fail(ctx, err))
+		return fmt.Errorf("delete lease %s (no longer fits network %s): %w", e.lease.Subnet, cfg.Network, r.failOn(ctx, key, err))
 	}
 	if resp.Succeeded {
 		r.log.Info("deleted our lease that no longer fits the network config", "subnet", e.lease, "network", cfg.Network)
@@ -294,7 +294,7 @@ func (r *Registry) putOnNewLease(ctx context.Context, cli *clientv3.Client, key 
 	if err != nil || !resp.Succeeded {
 		r.revoke(ctx, cli, id, what)
 		if err != nil {
-			return 0, 0, time.Time{}, fmt.Errorf("txn: %w", r.fail(ctx, err))
+			return 0, 0, time.Time{}, fmt.Errorf("txn: %w", r.failOn(ctx, key, err))
 		}
 		return 0, 0, time.Time{}, errConflict
 	}
@@ -360,7 +360,12 @@ func (r *Registry) RenewLease(ctx context.Context, l subnet.Lease, ttl time.Dura
 	start := time.Now()
 	octx, cancel := r.op(ctx)
 	defer cancel()
+	used := r.tokenInUse()
 	ka, err := cli.KeepAliveOnce(octx, clientv3.LeaseID(l.LeaseID))
+	if err != nil && r.refreshAuth(ctx, cli.ActiveConnection(), used, err) {
+		start = time.Now()
+		ka, err = cli.KeepAliveOnce(octx, clientv3.LeaseID(l.LeaseID)) // a stream: made again with the new token
+	}
 	if errors.Is(err, rpctypes.ErrLeaseNotFound) {
 		return l, fmt.Errorf("renew lease %s: %w: etcd lease %x expired", l.Subnet, subnet.ErrLeaseGone, l.LeaseID)
 	}
@@ -380,7 +385,7 @@ func (r *Registry) checkHeld(ctx context.Context, cli *clientv3.Client, l subnet
 	defer cancel()
 	resp, err := cli.Get(octx, r.subnetsPrefix+l.Key())
 	if err != nil {
-		return r.fail(ctx, err)
+		return r.failOn(ctx, r.subnetsPrefix+l.Key(), err)
 	}
 	r.ok()
 	if len(resp.Kvs) == 0 {

@@ -78,6 +78,9 @@ type Options struct {
 	HostMTU map[int]int
 	// NoEtcd leaves out the etcd namespace and server.
 	NoEtcd bool
+	// Etcd shapes the etcd server: another executable (Debian's etcd),
+	// authentication (see EtcdOptions in etcd.go).
+	Etcd EtcdOptions
 	// Logf receives progress lines ("etcd ready on ..."); nil is silent.
 	Logf func(format string, args ...any)
 }
@@ -125,7 +128,9 @@ type Bed struct {
 	cleanups  []cleanup // run in reverse order by Close
 	procs     map[*proc]struct{}
 	extra     int // extra nodes added so far
+	etcdOpts  EtcdOptions
 	etcdProc  *proc
+	etcdAuth  bool // authentication is on (the client logs in as root)
 	client    *clientv3.Client
 	closed    bool
 	closeErr  error
@@ -183,9 +188,10 @@ func New(ctx context.Context, opts Options) (*Bed, error) {
 		return nil, err
 	}
 	b := &Bed{
-		Prefix: newPrefix(),
-		logf:   opts.Logf,
-		procs:  map[*proc]struct{}{},
+		Prefix:   newPrefix(),
+		logf:     opts.Logf,
+		procs:    map[*proc]struct{}{},
+		etcdOpts: opts.Etcd,
 	}
 	if b.logf == nil {
 		b.logf = func(string, ...any) {}
