@@ -43,6 +43,50 @@ const (
 	stopTimeout = 10 * time.Second
 )
 
+// watchDownBound: a lease watch down this long makes tulled not ready. It
+// rides out an etcd restart or a leader election (seconds) without a flap,
+// and flags a host that no longer sees other hosts' leases long before the
+// TulleNotReady alert (5 minutes). A variable so that tests can shorten it.
+var watchDownBound = 30 * time.Second
+
+// renewGrace is how long a renewal may be overdue (it failed, or etcd has
+// not answered it) before tulled is not ready: a quarter of the renewal
+// margin, at most 10s, so a renewal that succeeds on its first retry does
+// not flap readiness.
+func renewGrace(margin time.Duration) time.Duration { return min(margin/4, 10*time.Second) }
+
+// leaseProblem says why the held lease can not be trusted, "" if it can.
+func leaseProblem(ms subnet.ManagerStatus, now time.Time) string {
+	l := ms.Lease
+	if !ms.LeaseHeld || l.Reservation || l.Expiration.IsZero() || ms.RenewAt.IsZero() {
+		return ""
+	}
+	cause := ""
+	if ms.LastRenewError != nil {
+		cause = ": " + ms.LastRenewError.Error()
+	}
+	switch {
+	case !now.Before(l.Expiration):
+		return fmt.Sprintf("lease %s expired in etcd at %s, not renewed%s", l.Subnet, l.Expiration.UTC().Format(time.RFC3339), cause)
+	case now.Sub(ms.RenewAt) > renewGrace(l.Expiration.Sub(ms.RenewAt)):
+		return fmt.Sprintf("lease %s not renewed since it was due at %s; it expires at %s%s", l.Subnet,
+			ms.RenewAt.UTC().Format(time.RFC3339), l.Expiration.UTC().Format(time.RFC3339), cause)
+	}
+	return ""
+}
+
+// watchProblem says that the lease watch has been down longer than
+// watchDownBound, "" otherwise.
+func watchProblem(rs subnet.RegistryStatus, now time.Time) string {
+	if rs.WatchDownSince.IsZero() || now.Sub(rs.WatchDownSince) < watchDownBound {
+		return ""
+	}
+	// The reason names the time, not the duration, so it stays the same
+	// from tick to tick and "not ready" is logged once.
+	return fmt.Sprintf("lease watch down since %s, over %s: other hosts' lease changes are not seen (%s)",
+		rs.WatchDownSince.UTC().Format(time.RFC3339), watchDownBound, rs.Detail)
+}
+
 // Run runs the daemon until ctx is done (a clean stop; it returns nil) or a
 // failure (it returns the cause; see ExitCode). Either way it first takes
 // down what it set up: data plane and TUN device, ip-masq rules, the etcd
@@ -264,6 +308,9 @@ func (d *daemon) loop(ctx context.Context, httpDone <-chan error) error {
 				if errors.Is(r.err, subnet.ErrInvalidConfig) {
 					return asConfigError(fmt.Errorf("network config in etcd: %w", r.err))
 				}
+				if errors.Is(r.err, subnet.ErrRefused) {
+					return asConfigError(fmt.Errorf("etcd: %w", r.err))
+				}
 				return fmt.Errorf("take a subnet lease: %w", r.err)
 			}
 			if err := d.startDataPlane(r.cfg, r.lease); err != nil {
@@ -326,7 +373,7 @@ func (d *daemon) startDataPlane(cfg *subnet.Config, lease subnet.Lease) error {
 		exp = lease.Expiration.UTC().Format(time.RFC3339)
 	}
 	d.log.Info("network config", "network", cfg.Network, "subnet_len", cfg.SubnetLen, "backend", cfg.BackendType, "port", cfg.Port,
-		"subnet", lease.Subnet, "lease_expires", exp)
+		"direct_routing", cfg.DirectRouting, "subnet", lease.Subnet, "lease_expires", exp)
 	if !lease.Subnet.IsValid() {
 		return asConfigError(errors.New("lease has no IPv4 subnet: tulled's udp backend carries IPv4 only"))
 	}
@@ -497,6 +544,11 @@ func (d *daemon) publish() {
 		st.LeaseHeld = ms.LeaseHeld
 		if !ms.LeaseHeld && ms.Phase != subnet.PhaseNew {
 			st.LeasePhase = ms.Phase
+		}
+		now := time.Now()
+		st.LeaseProblem = leaseProblem(ms, now)
+		if d.envWritten { // the watch runs from the first lease list on
+			st.WatchProblem = watchProblem(ms.Registry, now)
 		}
 		snap = metrics.Snapshot{
 			LeaseHeld:       ms.LeaseHeld,

@@ -32,7 +32,7 @@ func statusMain(args, env []string, stdout, stderr io.Writer) int {
 	rep, err := readStatus(context.Background(), s.Etcd, s.Timeout)
 	if err != nil {
 		fmt.Fprintf(stderr, "tulled status: %v\n", err)
-		return ExitFailure
+		return ExitCode(err) // 2 for a refusal or a bad TLS setup, as for the daemon
 	}
 	if s.JSON {
 		enc := json.NewEncoder(stdout)
@@ -65,6 +65,8 @@ type statusConfig struct {
 	SubnetMax     string `json:"subnetMax,omitempty"`
 	IPv6Network   string `json:"ipv6Network,omitempty"`
 	IPv6SubnetLen int    `json:"ipv6SubnetLen,omitempty"`
+	IPv6SubnetMin string `json:"ipv6SubnetMin,omitempty"`
+	IPv6SubnetMax string `json:"ipv6SubnetMax,omitempty"`
 	BackendType   string `json:"backendType"`
 	Port          int    `json:"port"`
 }
@@ -87,20 +89,28 @@ type statusMalformed struct {
 }
 
 // readStatus reads the config and every lease (with the expiration of its
-// etcd lease) under e.Prefix; one etcd call waits at most timeout.
+// etcd lease) under e.Prefix. timeout bounds all of it: connecting, TLS,
+// the login, every call.
 func readStatus(ctx context.Context, e config.Etcd, timeout time.Duration) (*statusReport, error) {
-	reg, err := newRegistry(e, timeout/2, slog.New(slog.DiscardHandler)) // one call waits at most twice the dial timeout
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	reg, err := newRegistry(e, timeout, slog.New(slog.DiscardHandler))
 	if err != nil {
-		return nil, fmt.Errorf("etcd: %w", err)
+		return nil, asConfigError(fmt.Errorf("etcd: %w", err))
 	}
 	defer reg.Close()
 	c, err := reg.Contents(ctx)
+	eps := strings.Join(e.Endpoints, ",")
 	var ue *etcdreg.UnreachableError
 	switch {
+	case errors.Is(err, subnet.ErrRefused):
+		return nil, asConfigError(fmt.Errorf("etcd at %s: %w", eps, err))
 	case errors.As(err, &ue):
 		return nil, fmt.Errorf("etcd at %s did not answer in time: %s", ue.Endpoints, ue.Cause)
+	case ctx.Err() != nil:
+		return nil, fmt.Errorf("etcd at %s did not answer within %s (--timeout); %s", eps, timeout, reg.Status().Detail)
 	case err != nil:
-		return nil, fmt.Errorf("etcd at %s: %w", strings.Join(e.Endpoints, ","), err)
+		return nil, fmt.Errorf("etcd at %s: %w", eps, err)
 	}
 
 	rep := &statusReport{Endpoints: e.Endpoints, ConfigKey: c.ConfigKey, Leases: []statusLease{}}
@@ -152,6 +162,8 @@ func newStatusConfig(c *subnet.Config) *statusConfig {
 	if c.EnableIPv6 && c.IPv6Network.IsValid() {
 		sc.IPv6Network = c.IPv6Network.String()
 		sc.IPv6SubnetLen = c.IPv6SubnetLen
+		sc.IPv6SubnetMin = c.IPv6SubnetMin.String()
+		sc.IPv6SubnetMax = c.IPv6SubnetMax.String()
 	}
 	return sc
 }
@@ -182,7 +194,7 @@ func (r *statusReport) writeTable(w io.Writer, now time.Time) error {
 			fmt.Fprintf(tw, "network:\t%s, subnets /%d from %s to %s\n", c.Network, c.SubnetLen, c.SubnetMin, c.SubnetMax)
 		}
 		if c.IPv6Network != "" {
-			fmt.Fprintf(tw, "IPv6 network:\t%s, subnets /%d\n", c.IPv6Network, c.IPv6SubnetLen)
+			fmt.Fprintf(tw, "IPv6 network:\t%s, subnets /%d from %s to %s\n", c.IPv6Network, c.IPv6SubnetLen, c.IPv6SubnetMin, c.IPv6SubnetMax)
 		}
 		fmt.Fprintf(tw, "backend:\t%s, port %d\n", c.BackendType, c.Port)
 	}

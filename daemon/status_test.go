@@ -159,3 +159,36 @@ func TestHostKindTellsTulleFromFlannel(t *testing.T) {
 func matches(re, s string) bool { return regexp.MustCompile(re).MatchString(s) }
 
 func netipMust(s string) netip.Addr { return netip.MustParseAddr(s) }
+
+// TestStatusTimeoutBoundsEverythingIncludingTheConnect: --timeout is the
+// one bound (it once capped the TCP connect at half of it, and said "within
+// 1s" for --timeout=2s).
+func TestStatusTimeoutBoundsEverythingIncludingTheConnect(t *testing.T) {
+	if !inDaemonNetns(t) {
+		return
+	}
+	// 192.0.2.77 is on the underlay but nobody answers its ARP: the
+	// connect hangs (until the kernel gives up after about 3s).
+	silent := "http://192.0.2.77:2379"
+	var out, errOut bytes.Buffer
+	t0 := time.Now()
+	code := Main([]string{"status", "--timeout=2s", "--etcd-endpoints=" + silent}, nil, &out, &errOut)
+	took := time.Since(t0)
+	if code != ExitFailure || !strings.Contains(errOut.String(), "etcd at "+silent) || !strings.Contains(errOut.String(), "2s") || strings.Contains(errOut.String(), "1s") {
+		t.Errorf("exit %d: %q", code, errOut.String())
+	}
+	if took < 1900*time.Millisecond || took > 3*time.Second {
+		t.Errorf("status --timeout=2s took %s", took.Round(time.Millisecond))
+	}
+	t.Logf("after %s: %s", took.Round(time.Millisecond), strings.TrimSpace(errOut.String()))
+}
+
+func TestStatusRefusedIsAConfigurationError(t *testing.T) {
+	s := etcdtest.New(t, etcdtest.Options{Auth: &etcdtest.Auth{Users: []etcdtest.User{{Name: "tulle", Password: "tulle-secret", ReadWrite: []string{"/coreos.com/network/"}}}}})
+	s.Start()
+	var out, errOut bytes.Buffer
+	code := Main([]string{"status", "--etcd-endpoints=" + s.Endpoint(), "--etcd-username=tulle"}, []string{"TULLED_ETCD_PASSWORD=wrong"}, &out, &errOut)
+	if code != ExitUsage || !strings.Contains(errOut.String(), "etcd refused the password for user tulle") {
+		t.Errorf("exit %d: %q", code, errOut.String())
+	}
+}

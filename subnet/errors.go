@@ -41,3 +41,9 @@ func (e *ConfigError) Error() string {
 
 // Unwrap makes errors.Is(err, ErrInvalidConfig) hold.
 func (e *ConfigError) Unwrap() error { return ErrInvalidConfig }
+
+// ErrRefused means that the registry answered but refused us: a wrong
+// password, a user without permission, a TLS certificate one side does not
+// accept. Retrying does not help; the configuration must change, so the
+// daemon exits with status 2 when it meets this at start.
+var ErrRefused = errors.New("refused by the registry")

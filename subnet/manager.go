@@ -13,6 +13,9 @@ import (
 	"github.com/tulle-net/tulle/subnet/internal/backoff"
 )
 
+// startRefusals is how many refusals in a row end Start.
+const startRefusals = 3
+
 // Defaults of ManagerOptions.
 const (
 	DefaultLeaseTTL     = 24 * time.Hour
@@ -40,6 +43,7 @@ type ManagerOptions struct {
 	BackendType          string
 	BackendData          json.RawMessage
 	PreviousSubnet       netip.Prefix  // from subnet.env, zero if none
+	PreviousIPv6Subnet   netip.Prefix  // FLANNEL_IPV6_SUBNET from subnet.env, zero if none
 	LeaseTTL             time.Duration // default 24h
 	RenewMargin          time.Duration // default 60m; if >= LeaseTTL/2 renew at LeaseTTL/2
 	StartTimeout         time.Duration // give up waiting for etcd at start (default 10m)
@@ -62,6 +66,9 @@ type ManagerStatus struct {
 	RenewFailures  uint64 // failed renewals and re-acquisitions since start
 	LastRenewError error  // nil after a success
 	Phase          string // one of the Phase* constants
+	// RenewAt is when the lease is due for renewal (RenewMargin before it
+	// expires); zero for a reservation or while no lease is held.
+	RenewAt time.Time
 }
 
 // Manager takes this host's lease from a Registry, keeps it, and forwards
@@ -104,7 +111,8 @@ func NewManager(reg Registry, opts ManagerOptions) *Manager {
 // its cause and shown in Status), reads the config, acquires the lease.
 // It waits while etcd is unreachable or the config is missing, for at most
 // StartTimeout, then fails with the last cause. An invalid config or a
-// network without a free subnet fails at once.
+// network without a free subnet fails at once; a refusal (ErrRefused: a
+// wrong password, no permission, a certificate refused) after 3 attempts.
 func (m *Manager) Start(ctx context.Context) (*Config, Lease, error) {
 	if !m.opts.PublicIP.Is4() {
 		return nil, Lease{}, fmt.Errorf("start: public IP %v: must be an IPv4 address", m.opts.PublicIP)
@@ -118,6 +126,7 @@ func (m *Manager) Start(ctx context.Context) (*Config, Lease, error) {
 	defer cancel()
 	bo := backoff.Backoff{Min: 100 * time.Millisecond, Max: 10 * time.Second}
 	var lastErr error
+	refusals := 0
 	for attempt := 1; ; attempt++ {
 		m.setPhase(PhaseWaitingEtcd)
 		cfg, err := m.reg.GetNetworkConfig(sctx)
@@ -131,8 +140,14 @@ func (m *Manager) Start(ctx context.Context) (*Config, Lease, error) {
 			if m.opts.BackendDataFor != nil {
 				attrs.BackendData = m.opts.BackendDataFor(cfg)
 			}
+			// PublicIPv6 only in a dual-stack network, as flannel writes it.
+			attrs.PublicIPv6 = netip.Addr{}
+			if cfg.EnableIPv6 {
+				attrs.PublicIPv6 = m.opts.PublicIPv6
+			}
+			prev := Allocation{Subnet: m.opts.PreviousSubnet, IPv6Subnet: m.opts.PreviousIPv6Subnet}
 			var l Lease
-			l, err = m.reg.AcquireLease(sctx, cfg, attrs, m.opts.PreviousSubnet, m.opts.LeaseTTL)
+			l, err = m.reg.AcquireLease(sctx, cfg, attrs, prev, m.opts.LeaseTTL)
 			if err == nil {
 				m.mu.Lock()
 				m.cfg, m.lease, m.held, m.phase = cfg, l, true, PhaseHolding
@@ -145,6 +160,16 @@ func (m *Manager) Start(ctx context.Context) (*Config, Lease, error) {
 		if errors.Is(err, ErrInvalidConfig) || errors.Is(err, ErrNoFreeSubnet) {
 			m.setPhase(PhaseStartFailed)
 			return nil, Lease{}, fmt.Errorf("start: %w", err)
+		}
+		// A refusal (password, permission, certificates) is retried a few
+		// times only, in case it was being fixed as we started.
+		if errors.Is(err, ErrRefused) {
+			if refusals++; refusals >= startRefusals {
+				m.setPhase(PhaseStartFailed)
+				return nil, Lease{}, fmt.Errorf("start: refused %d times: %w", refusals, err)
+			}
+		} else {
+			refusals = 0
 		}
 		if ctx.Err() != nil {
 			m.setPhase(PhaseStopped)
@@ -377,6 +402,9 @@ func (m *Manager) setPhase(p string) {
 func (m *Manager) Status() ManagerStatus {
 	m.mu.Lock()
 	st := ManagerStatus{Lease: m.lease, LeaseHeld: m.held, RenewFailures: m.renewFailures, LastRenewError: m.lastRenewErr, Phase: m.phase}
+	if m.held && !m.lease.Reservation && !m.lease.Expiration.IsZero() {
+		st.RenewAt = m.lease.Expiration.Add(-m.opts.RenewMargin)
+	}
 	m.mu.Unlock()
 	st.Registry = m.reg.Status()
 	return st

@@ -37,6 +37,12 @@ type Status struct {
 	// LeasePhase is the lease manager's phase while no lease is held,
 	// e.g. "waiting for network config"; it is appended to "no lease yet".
 	LeasePhase string
+	// LeaseProblem says why the held lease can not be trusted: expired in
+	// etcd, or due for renewal and not renewed ("" when it is fine).
+	LeaseProblem string
+	// WatchProblem says that the lease watch has been down too long, so
+	// changes of other hosts' leases are not seen ("" when it is fine).
+	WatchProblem string
 	// DataPlaneRunning: the TUN device is up and every worker runs.
 	DataPlaneRunning bool
 	SubnetEnvWritten bool
@@ -80,13 +86,17 @@ func (s Status) checks() []check {
 		{"data-plane", s.DataPlaneRunning, "data plane not running"},
 		{"subnet-env", s.SubnetEnvWritten, envReason},
 		{"ip-masq", !s.IPMasqWanted || s.IPMasqInstalled, masqReason},
+		{"lease-renewal", s.LeaseProblem == "", s.LeaseProblem},
+		{"lease-watch", s.WatchProblem == "", s.WatchProblem},
 	}
 }
 
 // NotReadyReason is why tulled is not ready, or "" when it is: lease held,
 // data plane running, subnet.env written, ip-masq rules in place (when
-// wanted), and not shutting down. While the lease is not held and etcd is
-// not reachable, the reason is the registry's own detail.
+// wanted), the lease renewed in time and the lease watch working (or down
+// only briefly), and not shutting down. While the lease is not held and
+// etcd is not reachable, the reason is the registry's own detail. Not
+// ready is a report, not a switch: the data plane keeps forwarding.
 func (s Status) NotReadyReason() string {
 	for _, c := range s.checks() {
 		if !c.ok {

@@ -34,6 +34,9 @@ func TestReadinessReasonsFollowStartUpOrder(t *testing.T) {
 		{"etcd lost after the lease: still ready", Status{EtcdDetail: etcd, LeaseHeld: true, DataPlaneRunning: true, SubnetEnvWritten: true}, ""},
 		{"data plane died", Status{EtcdConnected: true, LeaseHeld: true, SubnetEnvWritten: true}, "data plane not running"},
 		{"stopping", Status{EtcdConnected: true, LeaseHeld: true, DataPlaneRunning: true, SubnetEnvWritten: true, Stopping: true}, "shutting down"},
+		{"renewal overdue", Status{LeaseHeld: true, DataPlaneRunning: true, SubnetEnvWritten: true, LeaseProblem: "lease 198.18.3.0/24 not renewed", WatchProblem: "watch down"},
+			"lease 198.18.3.0/24 not renewed"},
+		{"watch down too long", Status{LeaseHeld: true, DataPlaneRunning: true, SubnetEnvWritten: true, WatchProblem: "lease watch down since"}, "lease watch down since"},
 	} {
 		if got := tc.st.NotReadyReason(); got != tc.want {
 			t.Errorf("%s: reason %q, want %q", tc.name, got, tc.want)

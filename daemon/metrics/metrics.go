@@ -40,7 +40,7 @@ var (
 	descMalformed = prometheus.NewDesc("tulle_malformed_leases_total",
 		"Lease keys or values in etcd that could not be parsed and were skipped.", nil, nil)
 	descReady = prometheus.NewDesc("tulle_ready",
-		"1 when tulled is ready (lease held, data plane running, subnet.env written), else 0; as /readyz.", nil, nil)
+		"1 when tulled is ready (lease held and renewed in time, lease watch working, data plane running, subnet.env written), else 0; as /readyz.", nil, nil)
 	descBuildInfo = prometheus.NewDesc("tulle_build_info",
 		"Always 1; the labels say which tulled runs.", []string{"version", "revision", "goversion"}, nil)
 )

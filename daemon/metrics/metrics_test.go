@@ -66,7 +66,7 @@ tulle_lease_renewal_failures_total 3
 # HELP tulle_malformed_leases_total Lease keys or values in etcd that could not be parsed and were skipped.
 # TYPE tulle_malformed_leases_total counter
 tulle_malformed_leases_total 2
-# HELP tulle_ready 1 when tulled is ready (lease held, data plane running, subnet.env written), else 0; as /readyz.
+# HELP tulle_ready 1 when tulled is ready (lease held and renewed in time, lease watch working, data plane running, subnet.env written), else 0; as /readyz.
 # TYPE tulle_ready gauge
 tulle_ready 1
 `

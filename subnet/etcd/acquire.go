@@ -54,7 +54,7 @@ func (r *Registry) getConfig(ctx context.Context, cli *clientv3.Client) ([]byte,
 	defer cancel()
 	resp, err := cli.Get(octx, r.configKey)
 	if err != nil {
-		return nil, fmt.Errorf("read network config %s: %w", r.configKey, r.fail(ctx, err))
+		return nil, fmt.Errorf("read network config %s: %w", r.configKey, r.failOn(ctx, r.configKey, err))
 	}
 	r.ok()
 	if len(resp.Kvs) == 0 {
@@ -99,7 +99,7 @@ func (r *Registry) list(ctx context.Context, cli *clientv3.Client) (entries []en
 	defer cancel()
 	resp, err := cli.Get(octx, r.subnetsPrefix, clientv3.WithPrefix())
 	if err != nil {
-		return nil, nil, 0, fmt.Errorf("list %s: %w", r.subnetsPrefix, r.fail(ctx, err))
+		return nil, nil, 0, fmt.Errorf("list %s: %w", r.subnetsPrefix, r.failOn(ctx, r.subnetsPrefix, err))
 	}
 	r.ok()
 	entries = make([]entry, 0, len(resp.Kvs))
@@ -127,13 +127,14 @@ func ttlSeconds(ttl time.Duration) int64 {
 //     current value) and the old etcd lease is revoked. A leased key of ours
 //     that no longer fits is deleted (a reservation that does not fit is
 //     left alone);
-//  2. else previous, if it fits cfg and no key holds or overlaps it;
+//  2. else previous (its IPv6 subnet too, see Config.PreviousAllocation),
+//     if it fits cfg and no key holds or overlaps it;
 //  3. else a random pick among the first 100 free subnets from SubnetMin.
 //
 // A new key is created by Txn If Version(key)==0; a lost race revokes the
 // etcd lease it granted and retries (bounded). No free subnet: an error
 // wrapping subnet.ErrNoFreeSubnet that names the network.
-func (r *Registry) AcquireLease(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs, previous netip.Prefix, ttl time.Duration) (subnet.Lease, error) {
+func (r *Registry) AcquireLease(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs, previous subnet.Allocation, ttl time.Duration) (subnet.Lease, error) {
 	if cfg == nil || !cfg.EnableIPv4 {
 		return subnet.Lease{}, fmt.Errorf("acquire lease: %w", &subnet.ConfigError{Field: "EnableIPv4", Value: "false", Rule: "Tulle leases need an IPv4 network"})
 	}
@@ -170,7 +171,7 @@ func (r *Registry) retryConflicts(ctx context.Context, try func(first bool) (sub
 	return subnet.Lease{}, err
 }
 
-func (r *Registry) tryAcquire(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs, value []byte, previous netip.Prefix, ttl time.Duration, first bool) (subnet.Lease, error) {
+func (r *Registry) tryAcquire(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs, value []byte, previous subnet.Allocation, ttl time.Duration, first bool) (subnet.Lease, error) {
 	cli, err := r.client(ctx)
 	if err != nil {
 		return subnet.Lease{}, fmt.Errorf("acquire lease in network %s: %w", cfg.Network, err)
@@ -198,8 +199,8 @@ func (r *Registry) tryAcquire(ctx context.Context, cfg *subnet.Config, attrs sub
 		}
 	}
 	occ := cfg.Occupancy(held)
-	if previous.IsValid() {
-		a, fits := cfg.AllocationOf(previous.Masked())
+	if previous.Subnet.IsValid() {
+		a, fits := cfg.PreviousAllocation(previous.Subnet.Masked(), previous.IPv6Subnet.Masked())
 		switch {
 		case fits && occ.Free(a):
 			if first {
@@ -267,7 +268,7 @@ func (r *Registry) deleteUnfit(ctx context.Context, cli *clientv3.Client, e entr
 		Then(clientv3.OpDelete(key)).
 		Commit()
 	if err != nil {
-		return fmt.Errorf("delete lease %s (no longer fits network %s): %w", e.lease.Subnet, cfg.Network, r.fail(ctx, err))
+		return fmt.Errorf("delete lease %s (no longer fits network %s): %w", e.lease.Subnet, cfg.Network, r.failOn(ctx, key, err))
 	}
 	if resp.Succeeded {
 		r.log.Info("deleted our lease that no longer fits the network config", "subnet", e.lease, "network", cfg.Network)
@@ -293,7 +294,7 @@ func (r *Registry) putOnNewLease(ctx context.Context, cli *clientv3.Client, key 
 	if err != nil || !resp.Succeeded {
 		r.revoke(ctx, cli, id, what)
 		if err != nil {
-			return 0, 0, time.Time{}, fmt.Errorf("txn: %w", r.fail(ctx, err))
+			return 0, 0, time.Time{}, fmt.Errorf("txn: %w", r.failOn(ctx, key, err))
 		}
 		return 0, 0, time.Time{}, errConflict
 	}
@@ -359,7 +360,12 @@ func (r *Registry) RenewLease(ctx context.Context, l subnet.Lease, ttl time.Dura
 	start := time.Now()
 	octx, cancel := r.op(ctx)
 	defer cancel()
+	used := r.tokenInUse()
 	ka, err := cli.KeepAliveOnce(octx, clientv3.LeaseID(l.LeaseID))
+	if err != nil && r.refreshAuth(ctx, cli.ActiveConnection(), used, err) {
+		start = time.Now()
+		ka, err = cli.KeepAliveOnce(octx, clientv3.LeaseID(l.LeaseID)) // a stream: made again with the new token
+	}
 	if errors.Is(err, rpctypes.ErrLeaseNotFound) {
 		return l, fmt.Errorf("renew lease %s: %w: etcd lease %x expired", l.Subnet, subnet.ErrLeaseGone, l.LeaseID)
 	}
@@ -379,7 +385,7 @@ func (r *Registry) checkHeld(ctx context.Context, cli *clientv3.Client, l subnet
 	defer cancel()
 	resp, err := cli.Get(octx, r.subnetsPrefix+l.Key())
 	if err != nil {
-		return r.fail(ctx, err)
+		return r.failOn(ctx, r.subnetsPrefix+l.Key(), err)
 	}
 	r.ok()
 	if len(resp.Kvs) == 0 {

@@ -37,7 +37,7 @@ func (r *Registry) PutKey(ctx context.Context, suffix string, value []byte) (int
 		return 0, fmt.Errorf("put: %w", err)
 	}
 	var rev int64
-	err = r.call(ctx, func(ctx context.Context, cli *clientv3.Client) error {
+	err = r.call(ctx, key, func(ctx context.Context, cli *clientv3.Client) error {
 		resp, err := cli.Put(ctx, key, string(value))
 		if err != nil {
 			return err
@@ -57,7 +57,7 @@ func (r *Registry) DeleteKey(ctx context.Context, suffix string) (existed bool, 
 	if err != nil {
 		return false, fmt.Errorf("delete: %w", err)
 	}
-	err = r.call(ctx, func(ctx context.Context, cli *clientv3.Client) error {
+	err = r.call(ctx, key, func(ctx context.Context, cli *clientv3.Client) error {
 		resp, err := cli.Delete(ctx, key)
 		if err != nil {
 			return err
@@ -77,7 +77,7 @@ func (r *Registry) GetKey(ctx context.Context, suffix string) (value []byte, ok 
 	if err != nil {
 		return nil, false, fmt.Errorf("get: %w", err)
 	}
-	err = r.call(ctx, func(ctx context.Context, cli *clientv3.Client) error {
+	err = r.call(ctx, key, func(ctx context.Context, cli *clientv3.Client) error {
 		resp, err := cli.Get(ctx, key)
 		if err != nil {
 			return err
@@ -103,7 +103,7 @@ func (r *Registry) ListPrefix(ctx context.Context, suffix string) ([]KeyEvent, i
 	}
 	var out []KeyEvent
 	var rev int64
-	err = r.call(ctx, func(ctx context.Context, cli *clientv3.Client) error {
+	err = r.call(ctx, prefix, func(ctx context.Context, cli *clientv3.Client) error {
 		resp, err := cli.Get(ctx, prefix, clientv3.WithPrefix())
 		if err != nil {
 			return err
@@ -121,9 +121,9 @@ func (r *Registry) ListPrefix(ctx context.Context, suffix string) ([]KeyEvent, i
 	return out, rev, nil
 }
 
-// call runs one etcd request with the registry's client, bounded by
-// opTimeout, and records its outcome in the status.
-func (r *Registry) call(ctx context.Context, f func(ctx context.Context, cli *clientv3.Client) error) error {
+// call runs one etcd request about key with the registry's client,
+// bounded by opTimeout, and records its outcome in the status.
+func (r *Registry) call(ctx context.Context, key string, f func(ctx context.Context, cli *clientv3.Client) error) error {
 	cli, err := r.client(ctx)
 	if err != nil {
 		return err
@@ -131,7 +131,7 @@ func (r *Registry) call(ctx context.Context, f func(ctx context.Context, cli *cl
 	octx, cancel := r.op(ctx)
 	defer cancel()
 	if err := f(octx, cli); err != nil {
-		return r.fail(ctx, err)
+		return r.failOn(ctx, key, err)
 	}
 	r.ok()
 	return nil

@@ -13,17 +13,13 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/tulle-net/tulle/subnet"
-	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	grpcbackoff "google.golang.org/grpc/backoff"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 )
 
 // DefaultEndpoint is flanneld's default --etcd-endpoints.
@@ -53,9 +49,10 @@ type Registry struct {
 	cfg           Config
 	log           *slog.Logger
 	tls           *tls.Config
-	configKey     string // <prefix>/config
-	subnetsPrefix string // <prefix>/subnets/
-	endpoints     string // for messages
+	configKey     string     // <prefix>/config
+	subnetsPrefix string     // <prefix>/subnets/
+	endpoints     string     // for messages
+	auth          *tokenAuth // nil without username
 
 	// Timing; New sets them from DialTimeout, tests in this package shorten them.
 	opTimeout     time.Duration // one RPC
@@ -64,15 +61,19 @@ type Registry struct {
 	backoffMax    time.Duration
 	acquireTries  int
 
-	dialMu sync.Mutex // serialises creating the client
-	mu     sync.Mutex // guards the fields below
-	cli    *clientv3.Client
-	closed bool
-	st     subnet.RegistryStatus
+	dialMu    sync.Mutex     // serialises creating the client
+	monitorWG sync.WaitGroup // the connection monitor
+	mu        sync.Mutex     // guards the fields below
+	cli       *clientv3.Client
+	closed    bool
+	st        subnet.RegistryStatus
+	downSince time.Time // when etcd became unreachable after answering; zero while it answers
 
 	watchRev   atomic.Int64 // of the lease watch
 	attempts   atomic.Uint64
-	leaseCount atomic.Int64 // leases the lease watch knows
+	leaseCount atomic.Int64  // leases the lease watch knows
+	sessions   atomic.Uint64 // watch sessions started, each on its own stream
+	watchDown  atomic.Int64  // unix nanoseconds since the lease watch is down; 0 while up
 	malformed  atomic.Uint64
 	malMu      sync.Mutex
 	malSeen    map[string]int64 // key -> ModRevision already reported malformed
@@ -112,6 +113,14 @@ func New(cfg Config, logger *slog.Logger) (*Registry, error) {
 	if err != nil {
 		return nil, err
 	}
+	if tc != nil {
+		// clientv3 would speak plain text to these and ignore the files.
+		for _, ep := range cfg.Endpoints {
+			if strings.HasPrefix(ep, "http://") || strings.HasPrefix(ep, "unix://") {
+				return nil, fmt.Errorf("etcd endpoint %s is plain text, but TLS files are given (CA, cert or key file): use https:// (or unixs://)", ep)
+			}
+		}
+	}
 	r := &Registry{
 		cfg:           cfg,
 		log:           logger,
@@ -125,6 +134,9 @@ func New(cfg Config, logger *slog.Logger) (*Registry, error) {
 		backoffMax:    10 * time.Second,
 		acquireTries:  20,
 		malSeen:       map[string]int64{},
+	}
+	if cfg.Username != "" {
+		r.auth = &tokenAuth{user: cfg.Username, password: cfg.Password}
 	}
 	r.st.Detail = "not connected yet to etcd at " + r.endpoints
 	return r, nil
@@ -184,8 +196,8 @@ func dialTarget(ep string) (network, addr string, err error) {
 }
 
 // client returns the etcd client, creating it on first use. Creating it
-// does not wait for a connection unless username/password are set (etcd's
-// client then fetches a token, bounded by DialTimeout).
+// does not wait for a connection (the login, with username and password,
+// happens with the first request).
 func (r *Registry) client(ctx context.Context) (*clientv3.Client, error) {
 	r.mu.Lock()
 	cli, closed := r.cli, r.closed
@@ -208,18 +220,15 @@ func (r *Registry) client(ctx context.Context) (*clientv3.Client, error) {
 		return nil, err
 	}
 	cli, err := clientv3.New(clientv3.Config{
-		Endpoints:            r.cfg.Endpoints,
-		DialTimeout:          r.cfg.DialTimeout,
+		Endpoints:   r.cfg.Endpoints,
+		DialTimeout: r.cfg.DialTimeout,
+		// A connection that goes silent (a partition, a frozen host) is
+		// given up after these; 10s is gRPC's minimum ping interval.
 		DialKeepAliveTime:    10 * time.Second,
-		DialKeepAliveTimeout: r.cfg.DialTimeout,
+		DialKeepAliveTimeout: min(r.cfg.DialTimeout, 2*time.Second),
 		TLS:                  r.tls,
-		Username:             r.cfg.Username,
-		Password:             r.cfg.Password,
 		Logger:               zap.NewNop(),
-		DialOptions: []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
-			Backoff:           grpcbackoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 5 * time.Second},
-			MinConnectTimeout: r.cfg.DialTimeout,
-		})},
+		DialOptions:          r.dialOptions(),
 	})
 	if err != nil {
 		return nil, r.fail(ctx, fmt.Errorf("connect: %w", err))
@@ -231,7 +240,22 @@ func (r *Registry) client(ctx context.Context) (*clientv3.Client, error) {
 		return nil, errors.New("etcd registry closed")
 	}
 	r.cli = cli
+	r.monitorWG.Go(func() { r.monitor(cli) })
 	return cli, nil
+}
+
+func (r *Registry) dialOptions() []grpc.DialOption {
+	opts := []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
+		Backoff:           grpcbackoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 5 * time.Second},
+		MinConnectTimeout: r.cfg.DialTimeout,
+	})}
+	if r.auth != nil {
+		// Username and password are not given to clientv3: tokenAuth logs
+		// in and renews the token itself.
+		opts = append(opts, grpc.WithPerRPCCredentials(r.auth),
+			grpc.WithChainUnaryInterceptor(r.auth.unary), grpc.WithChainStreamInterceptor(r.auth.stream))
+	}
+	return opts
 }
 
 // op returns a context for one RPC, bounded by opTimeout.
@@ -243,10 +267,18 @@ func (r *Registry) op(ctx context.Context) (context.Context, context.CancelFunc)
 func (r *Registry) Status() subnet.RegistryStatus {
 	r.mu.Lock()
 	st := r.st
+	down := r.downSince
 	r.mu.Unlock()
 	st.WatchRevision = r.watchRev.Load()
 	st.MalformedLeases = r.malformed.Load()
 	st.WatchAttempts = r.attempts.Load()
+	if v := r.watchDown.Load(); v != 0 {
+		st.WatchDownSince = time.Unix(0, v)
+	}
+	// The watch goes with the connection, even before its probe notices.
+	if !down.IsZero() && (st.WatchDownSince.IsZero() || down.Before(st.WatchDownSince)) {
+		st.WatchDownSince = down
+	}
 	return st
 }
 
@@ -259,166 +291,12 @@ func (r *Registry) Close() error {
 	r.st.Connected = false
 	r.st.Detail = "closed"
 	r.mu.Unlock()
+	var err error
 	if cli != nil {
-		return cli.Close()
+		err = cli.Close()
 	}
-	return nil
-}
-
-// ok records a successful exchange with etcd.
-func (r *Registry) ok() {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if !r.st.Connected && !r.closed {
-		r.st.Connected = true
-		r.st.LastError = nil
-		r.st.Detail = "connected to etcd at " + r.endpoints
-	}
-}
-
-// okDetail records a successful exchange and what the registry is doing.
-func (r *Registry) okDetail(detail string) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if !r.closed {
-		r.st.Connected = true
-		r.st.LastError = nil
-		r.st.Detail = detail
-	}
-}
-
-// fail explains err (an unreachable etcd becomes "waiting for etcd at
-// <endpoints>: <cause>"), records it in the status, and returns it. An
-// error from the caller's own cancellation is returned as it is.
-func (r *Registry) fail(ctx context.Context, err error) error {
-	if err == nil || ctx.Err() != nil {
-		return err
-	}
-	var ue *UnreachableError
-	if unreachable(err) && !errors.As(err, &ue) {
-		err = &UnreachableError{Endpoints: r.endpoints, Cause: r.diagnose(err), Err: err}
-	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if !r.closed {
-		r.st.Connected = false
-		r.st.LastError = err
-		if errors.As(err, &ue) {
-			r.st.Detail = ue.Error()
-		} else {
-			r.st.Detail = "etcd at " + r.endpoints + ": " + err.Error()
-		}
-	}
+	r.monitorWG.Wait()
 	return err
-}
-
-// UnreachableError says that etcd did not answer, and the likely cause:
-// "waiting for etcd at http://127.0.0.1:2379: connection refused".
-type UnreachableError struct {
-	Endpoints string
-	Cause     string
-	Err       error // what the etcd client said
-}
-
-func (e *UnreachableError) Error() string {
-	return "waiting for etcd at " + e.Endpoints + ": " + e.Cause
-}
-
-func (e *UnreachableError) Unwrap() error { return e.Err }
-
-// unreachable reports whether err means that no etcd server answered.
-func unreachable(err error) bool {
-	if errors.Is(err, context.DeadlineExceeded) {
-		return true
-	}
-	if errors.Is(err, rpctypes.ErrNoLeader) || errors.Is(err, rpctypes.ErrTimeout) ||
-		errors.Is(err, rpctypes.ErrTimeoutDueToConnectionLost) || errors.Is(err, rpctypes.ErrTimeoutDueToLeaderFail) {
-		return true
-	}
-	var se interface{ GRPCStatus() *status.Status }
-	if errors.As(err, &se) {
-		switch se.GRPCStatus().Code() {
-		case codes.Unavailable, codes.DeadlineExceeded:
-			return true
-		}
-	}
-	return false
-}
-
-// precheck fails fast, with the cause, while no endpoint accepts a
-// connection, instead of letting a call wait for its whole timeout. Once an
-// endpoint accepts again, it has gRPC reconnect now rather than after its
-// own backoff (up to seconds after an outage). It only dials while the
-// registry is not known to be connected.
-func (r *Registry) precheck(ctx context.Context, cli *clientv3.Client) error {
-	r.mu.Lock()
-	connected := r.st.Connected
-	r.mu.Unlock()
-	if connected {
-		return nil
-	}
-	cause, reachable := r.dialEndpoints()
-	if reachable {
-		if cli != nil {
-			cli.ActiveConnection().ResetConnectBackoff()
-		}
-		return nil
-	}
-	return r.fail(ctx, &UnreachableError{Endpoints: r.endpoints, Cause: cause, Err: errNoEndpoint})
-}
-
-var errNoEndpoint = errors.New("no etcd endpoint accepts connections")
-
-// dialEndpoints dials each endpoint; reachable if one accepts. cause names
-// why the first failing one did not ("connection refused").
-func (r *Registry) dialEndpoints() (cause string, reachable bool) {
-	timeout := min(r.cfg.DialTimeout, 2*time.Second)
-	for _, ep := range r.cfg.Endpoints {
-		network, addr, perr := dialTarget(ep)
-		if perr != nil {
-			continue
-		}
-		c, err := net.DialTimeout(network, addr, timeout)
-		if err == nil {
-			c.Close()
-			return "", true
-		}
-		if cause != "" {
-			continue
-		}
-		var errno syscall.Errno
-		var ne net.Error
-		switch {
-		case errors.As(err, &errno):
-			cause = errno.Error()
-		case errors.As(err, &ne) && ne.Timeout():
-			cause = "no answer to TCP connect within " + timeout.String()
-		default:
-			cause = err.Error()
-		}
-	}
-	return cause, false
-}
-
-// diagnose names why etcd does not answer: the connect error if no
-// endpoint accepts connections, else what the etcd client said.
-func (r *Registry) diagnose(err error) string {
-	if cause, reachable := r.dialEndpoints(); !reachable {
-		return cause
-	}
-	for _, ep := range r.cfg.Endpoints {
-		if p := r.tlsProblem(ep); p != "" {
-			return p
-		}
-	}
-	var ee rpctypes.EtcdError
-	if errors.As(err, &ee) { // etcd answered, e.g. "etcdserver: no leader"
-		return ee.Error()
-	}
-	if s, ok := status.FromError(err); ok && s.Message() != "" {
-		return "no answer within " + r.opTimeout.String() + " (" + s.Message() + ")"
-	}
-	return "no answer within " + r.opTimeout.String() + " (" + err.Error() + ")"
 }
 
 // noteMalformed logs and counts a key or value that could not be parsed,
@@ -434,36 +312,4 @@ func (r *Registry) noteMalformed(key string, modRev int64, err error) {
 	r.malMu.Unlock()
 	r.malformed.Add(1)
 	r.log.Warn("skipping malformed lease in etcd", "key", key, "revision", modRev, "error", err)
-}
-
-// tlsProblem shakes hands with an https endpoint as the client would and
-// returns what went wrong ("" if nothing did): a wrong CA, a missing or
-// refused client certificate.
-func (r *Registry) tlsProblem(ep string) string {
-	u, err := url.Parse(ep)
-	if err != nil || u.Scheme != "https" {
-		return ""
-	}
-	tc := &tls.Config{MinVersion: tls.VersionTLS12}
-	if r.tls != nil {
-		tc = r.tls.Clone()
-	}
-	tc.ServerName = u.Hostname()
-	tc.NextProtos = []string{"h2"}
-	timeout := min(r.cfg.DialTimeout, 2*time.Second)
-	c, err := tls.DialWithDialer(&net.Dialer{Timeout: timeout}, "tcp", u.Host, tc)
-	if err != nil {
-		return "TLS handshake with " + u.Host + ": " + err.Error()
-	}
-	defer c.Close()
-	// A refused client certificate shows up after the handshake (TLS 1.3).
-	c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
-	var b [1]byte
-	if _, err := c.Read(b[:]); err != nil {
-		var ne net.Error
-		if !(errors.As(err, &ne) && ne.Timeout()) {
-			return "TLS with " + u.Host + ": " + err.Error()
-		}
-	}
-	return ""
 }

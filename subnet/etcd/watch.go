@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -14,6 +15,7 @@ import (
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/metadata"
 )
 
 // KeyEvent is one key below a watched prefix: its value after a change, or
@@ -31,6 +33,10 @@ type KeyEvent struct {
 	// Lease is the etcd lease attached to the key, 0 for none.
 	Lease int64
 }
+
+// errAuthRenewed: the session ended because etcd rejected its token, and
+// a new one is in place; the watch resumes at once.
+var errAuthRenewed = errors.New("auth token renewed")
 
 // keyState is a key as last delivered.
 type keyState struct {
@@ -106,8 +112,15 @@ func (w *prefixWatch) run(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
+		if w.leases {
+			r.watchUp(false)
+		}
 		if !connectedAt.IsZero() && time.Since(connectedAt) >= r.backoffMax {
 			bo.Reset()
+		}
+		if errors.Is(err, errAuthRenewed) {
+			r.log.Info("etcd watch resumes with a new auth token", "prefix", w.prefix, "revision", w.rev)
+			continue
 		}
 		if errors.Is(err, rpctypes.ErrCompacted) && !lastCompacted {
 			lastCompacted = true
@@ -116,7 +129,7 @@ func (w *prefixWatch) run(ctx context.Context) {
 		}
 		lastCompacted = errors.Is(err, rpctypes.ErrCompacted)
 		if !lastCompacted {
-			err = r.fail(ctx, err)
+			err = r.failOn(ctx, w.prefix, err)
 		}
 		d := bo.Next()
 		r.log.Warn("etcd watch interrupted; will resume", "prefix", w.prefix, "revision", w.rev, "error", err, "retry_in", d.Round(time.Millisecond))
@@ -139,7 +152,12 @@ func (w *prefixWatch) session(ctx context.Context) (connectedAt time.Time, err e
 			return time.Time{}, err
 		}
 	}
-	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	// Each session gets a gRPC stream of its own (clientv3 shares one
+	// among watches with the same metadata): a stream made with a token
+	// etcd has since rejected must not be joined again.
+	used := r.tokenInUse()
+	wctx, cancel := context.WithCancel(metadata.AppendToOutgoingContext(clientv3.WithRequireLeader(ctx),
+		"tulle-watch-session", strconv.FormatUint(r.sessions.Add(1), 10)))
 	defer cancel()
 	// Until etcd confirms the watch, clientv3 may wait silently: give up
 	// after opTimeout.
@@ -178,12 +196,19 @@ func (w *prefixWatch) session(ctx context.Context) (connectedAt time.Time, err e
 					w.relist = true
 					return connectedAt, fmt.Errorf("watch %s from revision %d: %w (compacted up to %d)", w.prefix, from, err, resp.CompactRevision)
 				}
-				return connectedAt, fmt.Errorf("watch %s from revision %d: %w", w.prefix, from, err)
+				err = fmt.Errorf("watch %s from revision %d: %w", w.prefix, from, err)
+				if r.refreshAuth(ctx, cli.ActiveConnection(), used, err) {
+					err = fmt.Errorf("%w: %w", errAuthRenewed, err)
+				}
+				return connectedAt, err
 			}
 			switch {
 			case resp.Created:
 				createTimer.Stop()
 				connectedAt = time.Now()
+				if w.leases {
+					r.watchUp(true)
+				}
 				w.okDetail()
 			case resp.IsProgressNotify():
 				r.ok()
@@ -249,7 +274,7 @@ func (w *prefixWatch) resync(ctx context.Context, cli *clientv3.Client) error {
 	resp, err := cli.Get(octx, w.prefix, clientv3.WithPrefix())
 	cancel()
 	if err != nil {
-		return fmt.Errorf("list %s: %w", w.prefix, r.fail(ctx, err))
+		return fmt.Errorf("list %s: %w", w.prefix, r.failOn(ctx, w.prefix, err))
 	}
 	r.ok()
 	rev := resp.Header.Revision

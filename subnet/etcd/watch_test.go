@@ -192,3 +192,43 @@ func TestWatchAfterCompactionSendsTheExactDiff(t *testing.T) {
 		return ok
 	})
 }
+
+func TestConnectionLossShowsAtOnceAndItsEndIsLoggedOnce(t *testing.T) {
+	t.Parallel()
+	s := etcdtest.Start(t)
+	p := etcdtest.NewProxy(t, s.Addr())
+	lg, logs := testLogger(t)
+	r := newRegistry(t, p.Endpoint(), testPrefix(t), lg)
+	w := watch(t, r)
+	eventually(t, 10*time.Second, "snapshot", func() bool { return w.nbatches() >= 1 && r.Status().WatchDownSince.IsZero() })
+
+	cut := time.Now() // before the cut: the watch may notice while Cut returns
+	p.Cut()           // etcd gone: its connections closed, new ones refused
+	// The watch alone would notice after its progress probe went
+	// unanswered (2 × DialTimeout); the connection's state shows it now.
+	eventually(t, time.Second, "not connected", func() bool { return !r.Status().Connected })
+	t.Logf("connection loss shown after %s", time.Since(cut).Round(time.Millisecond))
+	if st := r.Status(); st.Detail != "waiting for etcd at "+p.Endpoint()+": connection refused" {
+		t.Errorf("detail %q", st.Detail)
+	}
+	eventually(t, 5*time.Second, "the watch down", func() bool { return !r.Status().WatchDownSince.IsZero() })
+	if d := r.Status().WatchDownSince; d.Before(cut) {
+		t.Errorf("watch down since %s, before the cut at %s", d, cut)
+	}
+
+	p.Heal()
+	eventually(t, 10*time.Second, "connected again with the watch up", func() bool {
+		st := r.Status()
+		return st.Connected && st.WatchDownSince.IsZero()
+	})
+	time.Sleep(300 * time.Millisecond) // room for a second log line
+	if n := strings.Count(logs.String(), `msg="etcd reachable again"`); n != 1 {
+		t.Errorf(`"etcd reachable again" logged %d times, want once`, n)
+	}
+	if !strings.Contains(logs.String(), "down_for=") {
+		t.Error("the outage's length was not logged")
+	}
+	if n := strings.Count(logs.String(), `msg="etcd unreachable"`); n != 1 {
+		t.Errorf(`"etcd unreachable" logged %d times, want once`, n)
+	}
+}

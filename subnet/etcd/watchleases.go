@@ -30,6 +30,7 @@ func (r *Registry) WatchLeases(ctx context.Context, events chan<- []subnet.Event
 			return ctx.Err()
 		}
 	}
+	r.watchUp(false) // until etcd confirms it
 	w.run(ctx)
 	return nil
 }

@@ -38,6 +38,7 @@ func run() error {
 		name     = flag.String("name", "tulle-test", "member `name`")
 		logLevel = flag.String("log-level", "error", "etcd log `level`")
 		timeout  = flag.Duration("start-timeout", 60*time.Second, "give up when the server is not ready after this `long`")
+		tokenTTL = flag.Uint("auth-token-ttl", 300, "`seconds` an unused simple auth token lives (as etcd's flag)")
 	)
 	flag.Parse()
 	if *dataDir == "" {
@@ -65,6 +66,8 @@ func run() error {
 	// Tests restart the server on purpose and never need durability across
 	// a machine crash; fsync on a shared test disk only costs time.
 	cfg.UnsafeNoFsync = true
+	cfg.AuthTokenTTL = *tokenTTL
+	cfg.BcryptCost = 4 // bcrypt's minimum: test passwords are checked fast
 
 	e, err := embed.StartEtcd(cfg)
 	if err != nil {

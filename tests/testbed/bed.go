@@ -23,7 +23,8 @@
 // a clear message, and TULLE_REQUIRE_ROOT_TESTS=1 turns the skip into a failure.
 //
 // Addresses come only from the documentation and benchmarking ranges:
-// underlay 192.0.2.0/24, overlay 198.18.0.0/15.
+// underlay 192.0.2.0/24, overlay 198.18.0.0/15, and for IPv6 2001:db8::/32
+// (ipv6.go: overlay 2001:db8:1::/48, underlay 2001:db8:ffff::/64).
 package testbed
 
 import (
@@ -77,6 +78,9 @@ type Options struct {
 	HostMTU map[int]int
 	// NoEtcd leaves out the etcd namespace and server.
 	NoEtcd bool
+	// Etcd shapes the etcd server: another executable (Debian's etcd),
+	// authentication (see EtcdOptions in etcd.go).
+	Etcd EtcdOptions
 	// Logf receives progress lines ("etcd ready on ..."); nil is silent.
 	Logf func(format string, args ...any)
 }
@@ -89,6 +93,10 @@ type Node struct {
 	Link string     // its link (the underlay veth; a container's veth)
 	Addr netip.Addr // the address on Link
 	MTU  int        // MTU of Link
+	// Addr6 is the node's IPv6 address on Link, zero if it has none: a
+	// container's in a dual-stack network, a host's IPv6 underlay address
+	// (see ipv6.go).
+	Addr6 netip.Addr
 
 	bed *Bed
 }
@@ -120,7 +128,9 @@ type Bed struct {
 	cleanups  []cleanup // run in reverse order by Close
 	procs     map[*proc]struct{}
 	extra     int // extra nodes added so far
+	etcdOpts  EtcdOptions
 	etcdProc  *proc
+	etcdAuth  bool // authentication is on (the client logs in as root)
 	client    *clientv3.Client
 	closed    bool
 	closeErr  error
@@ -178,9 +188,10 @@ func New(ctx context.Context, opts Options) (*Bed, error) {
 		return nil, err
 	}
 	b := &Bed{
-		Prefix: newPrefix(),
-		logf:   opts.Logf,
-		procs:  map[*proc]struct{}{},
+		Prefix:   newPrefix(),
+		logf:     opts.Logf,
+		procs:    map[*proc]struct{}{},
+		etcdOpts: opts.Etcd,
 	}
 	if b.logf == nil {
 		b.logf = func(string, ...any) {}

@@ -3,11 +3,14 @@ package testbed
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -21,33 +24,81 @@ const DefaultEtcdPrefix = "/coreos.com/network"
 
 const etcdStartTimeout = 60 * time.Second
 
+// EtcdOptions shape the bed's etcd server.
+type EtcdOptions struct {
+	// Binary runs this etcd executable in the etcd namespace (e.g.
+	// Debian's etcd 3.4, as operators run it) instead of tests/etcdserver.
+	Binary string
+	// Users turns authentication on at the first start: the user root
+	// (password EtcdRootPassword) and these users are created, then auth is
+	// enabled. The bed's own client logs in as root.
+	Users []EtcdUser
+	// AuthTokenTTL is etcd's --auth-token-ttl: how long an unused simple
+	// token lives (0: etcd's default, 5 minutes).
+	AuthTokenTTL time.Duration
+}
+
+// EtcdUser is an etcd user with read-write permission on key prefixes,
+// through a role of the same name.
+type EtcdUser struct {
+	Name, Password string
+	ReadWrite      []string
+}
+
+// EtcdRootPassword is the password of etcd's root user when
+// EtcdOptions.Users turns authentication on.
+const EtcdRootPassword = "root-secret"
+
 // EtcdLogFile is the etcd server's log (all runs appended).
 func (b *Bed) EtcdLogFile() string { return filepath.Join(b.Dir, "etcd.log") }
 
 func (b *Bed) etcdDataDir() string { return filepath.Join(b.Dir, "etcd-data") }
 
 // StartEtcd starts the etcd server in the etcd namespace on the bed's data
-// directory (so a restart keeps the data) and waits until it answers
-// /health. New calls it; tests call it again after StopEtcd.
+// directory (so a restart keeps the data) and waits until it answers.
+// New calls it; tests call it again after StopEtcd. The bed's client is
+// made anew after each start (clientv3 can not renew its auth token on an
+// etcd 3.4 that restarted).
 func (b *Bed) StartEtcd(ctx context.Context) error {
 	if b.Etcd == nil {
 		return fmt.Errorf("testbed %s: the bed has no etcd node (Options.NoEtcd)", b.Prefix)
 	}
 	b.mu.Lock()
 	running := b.etcdProc != nil && !b.etcdProc.exited()
+	old := b.client
+	b.client = nil
 	b.mu.Unlock()
 	if running {
 		return fmt.Errorf("testbed %s: etcd is already running", b.Prefix)
 	}
-	bin, err := BuildEtcdServer(ctx)
-	if err != nil {
-		return err
+	if old != nil {
+		_ = old.Close()
 	}
-	p, err := b.startProc("etcd", b.Etcd.NS, b.EtcdLogFile(), bin,
-		"--data-dir", b.etcdDataDir(),
-		"--listen-client", EtcdEndpoint,
-		"--listen-peer", "http://"+net.JoinHostPort(EtcdAddr.String(), "2380"),
-	)
+	opts := b.etcdOpts
+	peer := "http://" + net.JoinHostPort(EtcdAddr.String(), "2380")
+	var bin string
+	var args []string
+	if opts.Binary != "" {
+		bin = opts.Binary
+		args = []string{
+			"--name", "tulle-test", "--data-dir", b.etcdDataDir(),
+			"--listen-client-urls", EtcdEndpoint, "--advertise-client-urls", EtcdEndpoint,
+			"--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+			"--initial-cluster", "tulle-test=" + peer,
+			"--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
+			"--bcrypt-cost", "4",
+		}
+	} else {
+		var err error
+		if bin, err = BuildEtcdServer(ctx); err != nil {
+			return err
+		}
+		args = []string{"--data-dir", b.etcdDataDir(), "--listen-client", EtcdEndpoint, "--listen-peer", peer}
+	}
+	if opts.AuthTokenTTL > 0 {
+		args = append(args, "--auth-token-ttl", strconv.Itoa(int((opts.AuthTokenTTL+time.Second-1)/time.Second)))
+	}
+	p, err := b.startProc("etcd", b.Etcd.NS, b.EtcdLogFile(), bin, args...)
 	if err != nil {
 		return err
 	}
@@ -57,6 +108,11 @@ func (b *Bed) StartEtcd(ctx context.Context) error {
 
 	ctx, cancel := context.WithTimeout(ctx, etcdStartTimeout)
 	defer cancel()
+	probe, err := b.newEtcdClient(false)
+	if err != nil {
+		return err
+	}
+	defer probe.Close()
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	var last error
@@ -64,24 +120,71 @@ func (b *Bed) StartEtcd(ctx context.Context) error {
 		if p.exited() {
 			return fmt.Errorf("testbed %s: etcd exited at start with %s; log %s:\n%s", b.Prefix, p.exitDescription(), b.EtcdLogFile(), LogTail(b.EtcdLogFile(), 30))
 		}
-		hctx, hcancel := context.WithTimeout(ctx, 2*time.Second)
-		code, body, err := HTTPGet(hctx, b.Etcd.NS, EtcdEndpoint+"/health")
-		hcancel()
-		if err == nil && code == 200 && strings.Contains(string(body), `"true"`) {
-			b.logf("etcd ready on %s (pid %d)", EtcdEndpoint, p.pid())
-			return nil
+		// Status needs no login, so it answers with auth on too.
+		sctx, scancel := context.WithTimeout(ctx, 2*time.Second)
+		st, err := probe.Status(sctx, EtcdEndpoint)
+		scancel()
+		if err == nil && st.Leader != 0 {
+			break
 		}
 		if err == nil {
-			err = fmt.Errorf("/health answered %d: %s", code, strings.TrimSpace(string(body)))
+			err = errors.New("no leader yet")
 		}
 		last = err
 		select {
 		case <-ctx.Done():
 			_ = p.kill()
-			return fmt.Errorf("testbed %s: etcd not healthy within %v (%v); last check: %v; log:\n%s", b.Prefix, etcdStartTimeout, ctx.Err(), last, LogTail(b.EtcdLogFile(), 30))
+			return fmt.Errorf("testbed %s: etcd not ready within %v (%v); last check: %v; log:\n%s", b.Prefix, etcdStartTimeout, ctx.Err(), last, LogTail(b.EtcdLogFile(), 30))
 		case <-tick.C:
 		}
 	}
+	if len(opts.Users) > 0 && !b.etcdAuthOn() {
+		if err := enableEtcdAuth(ctx, probe, opts.Users); err != nil {
+			return fmt.Errorf("testbed %s: etcd: %w", b.Prefix, err)
+		}
+		b.mu.Lock()
+		b.etcdAuth = true
+		b.mu.Unlock()
+	}
+	b.logf("etcd ready on %s (pid %d)", EtcdEndpoint, p.pid())
+	return nil
+}
+
+func (b *Bed) etcdAuthOn() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.etcdAuth
+}
+
+// enableEtcdAuth creates root and users, each with a role granting
+// read-write on its prefixes, and turns authentication on.
+func enableEtcdAuth(ctx context.Context, c *clientv3.Client, users []EtcdUser) error {
+	if _, err := c.UserAdd(ctx, "root", EtcdRootPassword); err != nil {
+		return fmt.Errorf("add user root: %w", err)
+	}
+	if _, err := c.UserGrantRole(ctx, "root", "root"); err != nil {
+		return fmt.Errorf("grant root: %w", err)
+	}
+	for _, u := range users {
+		if _, err := c.UserAdd(ctx, u.Name, u.Password); err != nil {
+			return fmt.Errorf("add user %s: %w", u.Name, err)
+		}
+		if _, err := c.RoleAdd(ctx, u.Name); err != nil {
+			return fmt.Errorf("add role %s: %w", u.Name, err)
+		}
+		for _, p := range u.ReadWrite {
+			if _, err := c.RoleGrantPermission(ctx, u.Name, p, clientv3.GetPrefixRangeEnd(p), clientv3.PermissionType(clientv3.PermReadWrite)); err != nil {
+				return fmt.Errorf("grant %s read-write on %s: %w", u.Name, p, err)
+			}
+		}
+		if _, err := c.UserGrantRole(ctx, u.Name, u.Name); err != nil {
+			return fmt.Errorf("grant role %s to %s: %w", u.Name, u.Name, err)
+		}
+	}
+	if _, err := c.AuthEnable(ctx); err != nil {
+		return fmt.Errorf("enable auth: %w", err)
+	}
+	return nil
 }
 
 // StopEtcd stops the etcd server (SIGTERM) and waits for it; the data
@@ -93,17 +196,39 @@ func (b *Bed) StopEtcd() error {
 	if p == nil || p.exited() {
 		return fmt.Errorf("testbed %s: etcd is not running", b.Prefix)
 	}
-	if err := p.stop(15 * time.Second); err != nil {
+	if err := stopEtcdProc(p, 15*time.Second); err != nil {
 		return fmt.Errorf("testbed %s: stop etcd: %w", b.Prefix, err)
 	}
 	b.logf("etcd stopped")
 	return nil
 }
 
-// EtcdClient returns the bed's etcd client (created on first use, closed
-// by Close). Its connections are made inside the etcd namespace, so the
-// test program, which lives in the root namespace, can reach the server. It
-// reconnects by itself after StopEtcd / StartEtcd.
+// stopEtcdProc stops etcd as systemd does (SIGTERM; SIGKILL after
+// timeout). etcd 3.4 ends by raising SIGTERM again once it has stopped
+// cleanly, so that counts as a clean stop as well as exit status 0.
+func stopEtcdProc(p *proc, timeout time.Duration) error {
+	if err := p.signal(syscall.SIGTERM); err != nil {
+		return err
+	}
+	select {
+	case <-p.done:
+	case <-time.After(timeout):
+		_ = p.kill()
+		return fmt.Errorf("%s (pid %d) did not exit within %v of SIGTERM; killed", p.name, p.pid(), timeout)
+	}
+	if p.state == nil {
+		return fmt.Errorf("%s (pid %d): %v", p.name, p.pid(), p.waitErr)
+	}
+	if ws, ok := p.state.Sys().(syscall.WaitStatus); p.state.Success() || ok && ws.Signaled() && ws.Signal() == syscall.SIGTERM {
+		return nil
+	}
+	return fmt.Errorf("%s (pid %d) stopped with %s", p.name, p.pid(), p.exitDescription())
+}
+
+// EtcdClient returns the bed's etcd client (created on first use after
+// each StartEtcd, closed by Close), logged in as root when auth is on. Its
+// connections are made inside the etcd namespace, so the test program,
+// which lives in the root namespace, can reach the server.
 func (b *Bed) EtcdClient() (*clientv3.Client, error) {
 	if b.Etcd == nil {
 		return nil, fmt.Errorf("testbed %s: the bed has no etcd node (Options.NoEtcd)", b.Prefix)
@@ -116,8 +241,23 @@ func (b *Bed) EtcdClient() (*clientv3.Client, error) {
 	if b.client != nil {
 		return b.client, nil
 	}
+	c, err := b.newEtcdClientLocked(b.etcdAuth)
+	if err != nil {
+		return nil, err
+	}
+	b.client = c
+	return c, nil
+}
+
+func (b *Bed) newEtcdClient(asRoot bool) (*clientv3.Client, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.newEtcdClientLocked(asRoot)
+}
+
+func (b *Bed) newEtcdClientLocked(asRoot bool) (*clientv3.Client, error) {
 	ns := b.Etcd.NS
-	c, err := clientv3.New(clientv3.Config{
+	cfg := clientv3.Config{
 		Endpoints:   []string{EtcdEndpoint},
 		DialTimeout: 5 * time.Second,
 		Logger:      zap.NewNop(),
@@ -126,11 +266,14 @@ func (b *Bed) EtcdClient() (*clientv3.Client, error) {
 				return Dial(ctx, ns, "tcp", addr)
 			}),
 		},
-	})
+	}
+	if asRoot {
+		cfg.Username, cfg.Password = "root", EtcdRootPassword
+	}
+	c, err := clientv3.New(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("testbed %s: etcd client for %s: %w", b.Prefix, EtcdEndpoint, err)
 	}
-	b.client = c
 	return c, nil
 }
 
