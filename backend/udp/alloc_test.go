@@ -205,14 +205,36 @@ func tunStats(t *testing.T, ns netns.NsHandle, name string) (tx, rx uint64) {
 // superpacket paths ran: the kernel counts far fewer TUN reads and writes
 // than the packets the backends forwarded.
 func TestForwardingTCPAllocatesNothingPerPacket(t *testing.T) {
-	t.Run("tulle-peers", func(t *testing.T) { testForwardingTCPAllocs(t, tulleLease) })
-	t.Run("flannel-peers", func(t *testing.T) { testForwardingTCPAllocs(t, lease) })
+	ipv4 := func(peer func(netip.Prefix, netip.Addr) subnet.Event) func(*twoHosts) (*Backend, *Backend, netip.Addr, netip.Addr) {
+		return func(h *twoHosts) (*Backend, *Backend, netip.Addr, netip.Addr) {
+			a := startBackend(t, h.a, h.tunName("a"), leaseA, hostA, "offload", 2, peer(leaseB, hostB))
+			b := startBackend(t, h.b, h.tunName("b"), leaseB, hostB, "offload", 2, peer(leaseA, hostA))
+			return a, b, leaseA.Addr(), leaseB.Addr()
+		}
+	}
+	t.Run("tulle-peers", func(t *testing.T) { testForwardingTCPAllocs(t, ipv4(tulleLease)) })
+	t.Run("flannel-peers", func(t *testing.T) { testForwardingTCPAllocs(t, ipv4(lease)) })
 }
 
-func testForwardingTCPAllocs(t *testing.T, peer func(netip.Prefix, netip.Addr) subnet.Event) {
+// TestForwardingTCPOverIPv6AllocatesNothingPerPacket is the same with
+// inner IPv6 (TSO6 superpackets split, GSO TCPv6 writes), between Tulle
+// hosts with and without partial checksums.
+func TestForwardingTCPOverIPv6AllocatesNothingPerPacket(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		feats []string
+	}{{"partial-checksums", tulleFeatures}, {"complete-checksums", []string{FeatureIPv6}}} {
+		t.Run(c.name, func(t *testing.T) {
+			testForwardingTCPAllocs(t, func(h *twoHosts) (*Backend, *Backend, netip.Addr, netip.Addr) {
+				return dualPair(t, h, "offload", c.feats, c.feats, nil)
+			})
+		})
+	}
+}
+
+func testForwardingTCPAllocs(t *testing.T, startPair func(*twoHosts) (a, b *Backend, addrA, addrB netip.Addr)) {
 	h := newTwoHosts(t)
-	a := startBackend(t, h.a, h.tunName("a"), leaseA, hostA, "offload", 2, peer(leaseB, hostB))
-	b := startBackend(t, h.b, h.tunName("b"), leaseB, hostB, "offload", 2, peer(leaseA, hostA))
+	a, b, addrA, addrB := startPair(h)
 
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
@@ -222,7 +244,7 @@ func testForwardingTCPAllocs(t *testing.T, peer func(netip.Prefix, netip.Addr) s
 		var ln net.Listener
 		err := nstest.In(dst, func() error {
 			var err error
-			ln, err = net.Listen("tcp4", netip.AddrPortFrom(to, 5201).String())
+			ln, err = net.Listen(tcpNet(to), netip.AddrPortFrom(to, 5201).String())
 			return err
 		})
 		if err != nil {
@@ -233,7 +255,7 @@ func testForwardingTCPAllocs(t *testing.T, peer func(netip.Prefix, netip.Addr) s
 		err = nstest.In(src, func() error {
 			d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(from, 0)), Timeout: 5 * time.Second}
 			var err error
-			c, err = d.Dial("tcp4", netip.AddrPortFrom(to, 5201).String())
+			c, err = d.Dial(tcpNet(to), netip.AddrPortFrom(to, 5201).String())
 			return err
 		})
 		if err != nil {
@@ -266,8 +288,8 @@ func testForwardingTCPAllocs(t *testing.T, peer func(netip.Prefix, netip.Addr) s
 			}
 		})
 	}
-	stream(h.a, h.b, leaseA.Addr(), leaseB.Addr())
-	stream(h.b, h.a, leaseB.Addr(), leaseA.Addr())
+	stream(h.a, h.b, addrA, addrB)
+	stream(h.b, h.a, addrB, addrA)
 	defer func() {
 		close(stop)
 		for _, c := range conns {

@@ -321,22 +321,25 @@ func TestTransmitDropsAreCountedByReasonWithICMPErrors(t *testing.T) {
 	tb := b.table.Load()
 	tb.lookup(addr32("198.18.3.1")).innerMTU.Store(1000)
 
-	v6 := make([]byte, 60)
-	v6[0] = 0x60
+	v6 := make([]byte, 60) // from :: (no ICMP error), IPv6 off: no route
+	v6[0], v6[7] = 0x60, 64
 	txReads(t, tx, tb,
 		ipv4("198.18.1.5", "198.18.2.7", 100, 1, false),    // ttl_expired
 		ipv4("198.18.1.5", "198.18.9.7", 100, 64, false),   // no_route: nobody's subnet -> host unreachable
 		ipv4("198.18.1.5", "198.51.100.7", 100, 64, false), // no_route: outside the network -> net unreachable
 		ipv4("198.18.1.5", "198.18.1.7", 100, 64, false),   // no_route: own lease
-		v6,                      // no_route: IPv6
+		v6,                      // no_route (family ipv6)
 		[]byte{0x45, 0, 0, 200}, // malformed
 		ipv4("198.18.1.5", "198.18.3.7", 1200, 64, true), // oversize, DF -> frag needed
 	)
 	txRead(t, tx, tb, 7, tundev.VirtioHdr{}, ipv4("198.18.1.5", "198.18.3.7", 1200, 64, false)) // oversize, no DF -> sent alone
 	txRead(t, tx, tb, 6, tundev.VirtioHdr{}, ipv4("198.18.1.5", "198.18.3.7", 900, 64, false))
-	d := tx.drops
-	if d[dropTTLExpired] != 1 || d[dropNoRoute] != 4 || d[dropMalformed] != 1 || d[dropOversize] != 1 {
-		t.Errorf("drops %v", d)
+	d := tx.drops[famIPv4]
+	if d[dropTTLExpired] != 1 || d[dropNoRoute] != 3 || d[dropMalformed] != 1 || d[dropOversize] != 1 {
+		t.Errorf("IPv4 drops %v", d)
+	}
+	if d6 := tx.drops[famIPv6]; d6[dropNoRoute] != 1 || d6 != (func() (c [numDropReasons]uint32) { c[dropNoRoute] = 1; return })() {
+		t.Errorf("IPv6 drops %v, want 1 no_route", d6)
 	}
 	if len(tx.msgs) != 2 || tx.meta[0].packets != 1 || !tx.meta[0].closed || tx.meta[0].bytes != 1200 {
 		t.Errorf("non-DF oversize packet must go alone: %d messages", len(tx.msgs))
@@ -370,7 +373,7 @@ func TestTransmitDropsAreCountedByReasonWithICMPErrors(t *testing.T) {
 	resetTx(tx)
 	h, pkt := tcpSuper("198.18.1.5", "198.18.3.7", 5*1400, 1400, 1)
 	txRead(t, tx, tb, 0, h, pkt)
-	if tx.drops[dropOversize] != 5 || len(tx.icmpOut) != 1 || len(tx.msgs) != 0 {
+	if tx.drops[famIPv4][dropOversize] != 5 || len(tx.icmpOut) != 1 || len(tx.msgs) != 0 {
 		t.Errorf("oversize superpacket: drops %v, %d ICMP, %d messages", tx.drops, len(tx.icmpOut), len(tx.msgs))
 	}
 }
@@ -385,7 +388,7 @@ func TestICMPErrorsAreRateLimited(t *testing.T) {
 		pkts = append(pkts, ipv4("198.18.1.5", "198.18.9.7", 100, 64, false))
 	}
 	txReads(t, tx, b.table.Load(), pkts...)
-	if len(tx.icmpOut) != 2 || tx.drops[dropNoRoute] != 6 {
+	if len(tx.icmpOut) != 2 || tx.drops[famIPv4][dropNoRoute] != 6 {
 		t.Errorf("%d ICMP errors for 6 drops with 2 tokens; drops %v", len(tx.icmpOut), tx.drops)
 	}
 }
@@ -414,7 +417,8 @@ func TestReceiveChecksTrustAndCountsByReason(t *testing.T) {
 		{"spoofed source (outside the network)", peerA, ipv4("198.51.100.1", "198.18.1.5", 100, 64, false), dropSpoofedSource},
 		{"foreign destination", peerA, ipv4("198.18.2.7", "198.18.3.5", 100, 64, false), dropForeignDestination},
 		{"malformed", peerA, []byte{0x45, 0, 0}, dropMalformed},
-		{"IPv6", peerA, append([]byte{0x60}, make([]byte, 59)...), dropMalformed},
+		{"IPv6 from ::, which no peer holds", peerA, append([]byte{0x60}, make([]byte, 59)...), dropSpoofedSource},
+		{"neither IPv4 nor IPv6", peerA, append([]byte{0x50}, make([]byte, 59)...), dropMalformed},
 		{"trailing bytes", peerA, trailing, dropMalformed},
 		{"bad header checksum", peerA, badSum, dropMalformed},
 		{"truncated inner packet", peerA, truncated, dropTruncated},
@@ -434,7 +438,7 @@ func TestReceiveChecksTrustAndCountsByReason(t *testing.T) {
 			}
 			continue
 		}
-		if p != nil || rx.drops[c.reason] != 1 {
+		if p != nil || rx.drops[familyOf(c.pkt)][c.reason] != 1 {
 			t.Errorf("%s: want dropped as %v; accepted %v, drops %v", c.name, c.reason, p != nil, rx.drops)
 		}
 	}
@@ -463,7 +467,7 @@ func TestMarkIsHonouredOnlyWhenBothLeasesAdvertiseIt(t *testing.T) {
 	binary.BigEndian.PutUint16(marked1[10:], proto.IPv4HeaderChecksum(marked1[:20]))
 	setMark(marked1)
 	rx.drops = batchCounts{}
-	if p, _ := rx.accept(tb, netip.MustParseAddr("192.0.2.2"), marked1); p != nil || rx.drops[dropMalformed] != 1 {
+	if p, _ := rx.accept(tb, netip.MustParseAddr("192.0.2.2"), marked1); p != nil || rx.drops[famIPv4][dropMalformed] != 1 {
 		t.Errorf("a marked packet that cannot be partial was accepted (drops %v)", rx.drops)
 	}
 

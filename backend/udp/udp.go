@@ -2,20 +2,26 @@
 // backend: IPv4 packets routed into the TUN device are sent, bare, as the
 // payload of a UDP datagram to port Options.Port of the host that holds the
 // lease of their destination; datagrams received on that port are checked
-// and written into the TUN device.
+// and written into the TUN device. In a dual-stack network inner IPv6
+// packets travel the same way, told apart by the version nibble, to the
+// Tulle hosts that carry them (dualstack.go); the loops branch once on the
+// version nibble (tx.go forward4/forward6, rx.go accept4/accept6).
 //
 // Guarantees:
-//   - Trust: a datagram is accepted only from the PublicIP of a current
-//     lease, only if its inner source lies in that lease and its inner
-//     destination in ours; the sender's source port does not matter.
-//     Everything else is dropped and counted by reason.
+//   - Trust: a datagram is accepted only from the PublicIP (or PublicIPv6)
+//     of a current lease, only if its inner source lies in that lease (its
+//     IPv6 lease, for IPv6) and its inner destination in ours; the
+//     sender's source port does not matter. Everything else is dropped and
+//     counted by family and reason.
 //   - Never truncate: receive buffers hold the largest datagram (64 KiB);
 //     what does not fit is dropped and counted.
-//   - TTL: decremented on send and on receive, as flannel does; a packet
-//     whose TTL would reach 0 is dropped.
-//   - PMTU: a DF packet larger than the path to its peer carries (the path
-//     MTU less 28, learned from the kernel on the slow path) is answered with
-//     ICMP "fragmentation needed" written back into the TUN.
+//   - TTL and hop limit: decremented on send and on receive, as flannel
+//     does; a packet whose TTL would reach 0 is dropped.
+//   - PMTU: a DF IPv4 packet, or any IPv6 packet above the IPv6 minimum
+//     MTU, larger than the path to its peer carries (the path MTU less 28,
+//     or 48 on the IPv6 underlay, learned from the kernel on the slow path)
+//     is answered with ICMP "fragmentation needed" or ICMPv6 "packet too
+//     big" written back into the TUN; IPv6 is never fragmented.
 //   - Steady state: no allocation, logging or map lookup per packet. The
 //     route table is immutable, swapped by Apply, loaded once per batch;
 //     lookups are O(1). Counters are per-loop atomics added once per batch
@@ -26,10 +32,11 @@
 //     superpackets gathered from the receive buffer.
 //   - Checksums: between Tulle hosts whose leases both advertise
 //     FeaturePartialChecksum, TCP and UDP checksums the kernel left partial
-//     travel partial (marked, see mark.go) and no host sums the payload; a
-//     mark is honoured only then, and a reserved bit we did not set is
-//     cleared on send. A flannel host gets and sends complete checksums,
-//     which are verified before segments are merged.
+//     travel partial (marked, see mark.go; for IPv6 by the payload length)
+//     and no host sums the payload; a mark is honoured only then, and a
+//     reserved bit we did not set is cleared on send. A flannel host gets
+//     and sends complete checksums, which are verified before segments are
+//     merged.
 //
 // Each worker owns one TUN queue and one UDP socket (SO_REUSEPORT, bound to
 // 0.0.0.0:Port; a BPF program spreads received flows over the sockets by
@@ -208,7 +215,8 @@ func New(opts Options) (*Backend, error) {
 	}
 	b.log.Info("data plane ready", "device", dev.Name(), "driver", dev.Driver(), "offload", dev.Offload(),
 		"udp_offload", dev.UDPOffload(), "workers", len(b.workers), "mtu", opts.MTU,
-		"network", opts.Network, "lease", opts.Lease.Subnet, "port", opts.Port,
+		"network", opts.Network, "lease", opts.Lease.Subnet, "ipv6_network", opts.IPv6Network,
+		"ipv6_lease", opts.Lease.IPv6Subnet, "port", opts.Port,
 		"gso", b.workers[0].conn.GSO(), "gro", b.workers[0].conn.GRO(),
 		"gso_max_segments", b.workers[0].conn.MaxSegments())
 	ok = true

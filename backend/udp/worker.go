@@ -44,6 +44,14 @@ func newWorker(b *Backend, id int, q tundev.Queue, conn *udpconn.Conn, udpGRO bo
 	return w, nil
 }
 
+// conns are the worker's open sockets (none in pure tests).
+func (w *worker) conns() []*udpconn.Conn {
+	if w.conn == nil {
+		return nil
+	}
+	return []*udpconn.Conn{w.conn}
+}
+
 // loopErr turns an I/O error into the loop's result: nil while the backend
 // is shutting down (closing the device and sockets is how loops are
 // stopped), else the error naming the worker.
