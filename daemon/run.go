@@ -320,7 +320,7 @@ func (d *daemon) loop(ctx context.Context, httpDone <-chan error) error {
 		case batch := <-d.events:
 			d.be.Apply(batch)
 			d.notePeers(batch)
-			d.policyLeases()
+			d.policyLeases(batch)
 			if !d.envWritten {
 				if err := d.finishStartup(); err != nil {
 					return err
