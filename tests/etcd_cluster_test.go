@@ -23,7 +23,7 @@ func TestTulledRidesOutAnEtcdLeaderKillWithTLSAndPassword(t *testing.T) {
 	if err := b.WriteNetworkConfig(ctx, testbed.DefaultNetworkConfig); err != nil {
 		t.Fatal(err)
 	}
-	auth := []string{"--etcd-username", etcdUser, "--etcd-password", etcdPassword}
+	auth := authArgs(t)
 	h1, h2 := b.Host(1), b.Host(2)
 	for _, h := range []*testbed.Host{h1, h2} {
 		args := auth
@@ -146,7 +146,7 @@ func TestTulledRidesOutAnEtcdLeaderKillWithTLSAndPassword(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"--etcd-username", etcdUser, "--etcd-password", "wrong"}, "etcd refused the password for user tulle"},
+		{[]string{"--etcd-username", etcdUser, "--etcd-password-file", passwordFile(t, "wrong")}, "etcd refused the password for user tulle"},
 		{append([]string{"--etcd-cafile", other.CA}, auth...), "etcd's certificate is not signed by a CA in " + other.CA},
 	} {
 		tl, err := h4.LaunchTulled(ctx, tc.args...)
