@@ -79,6 +79,10 @@ func dockerBIP(lease netip.Prefix) string { return subnet.FirstHost(lease).Strin
 //	DOCKER_OPT_MTU="--mtu=1472"
 //	DOCKER_OPTS=" --bip=198.18.79.1/24 --ip-masq=false --mtu=1472"
 //
+// and, in a dual-stack network (FLANNEL_IPV6_SUBNET), between IPMASQ and
+// MTU: DOCKER_OPT_IPV6="--ipv6 --fixed-cidr-v6=2001:db8:1:4f::/64" (the
+// IPv6 lease, for Docker's containers).
+//
 // The individual lines come in the script's (alphabetical) order; the
 // combined value starts with the variable's current value from the
 // environment, if any, as the script's does; --ip-masq is the opposite of
@@ -89,6 +93,9 @@ func formatDockerOpts(e subnet.Env, o config.DockerOpts, current string) []byte 
 	opts := []opt{{"DOCKER_OPT_BIP", "--bip=" + dockerBIP(e.Subnet)}}
 	if !o.NoIPMasq {
 		opts = append(opts, opt{"DOCKER_OPT_IPMASQ", "--ip-masq=" + strconv.FormatBool(!e.IPMasq)})
+	}
+	if e.IPv6Subnet.IsValid() {
+		opts = append(opts, opt{"DOCKER_OPT_IPV6", "--ipv6 --fixed-cidr-v6=" + e.IPv6Subnet.Masked().String()})
 	}
 	if e.MTU > 0 {
 		opts = append(opts, opt{"DOCKER_OPT_MTU", "--mtu=" + strconv.Itoa(e.MTU)})
@@ -111,13 +118,19 @@ func formatDockerOpts(e subnet.Env, o config.DockerOpts, current string) []byte 
 }
 
 // formatDaemonJSON is a fragment of Docker's /etc/docker/daemon.json:
-// {"bip": "198.18.79.1/24", "ip-masq": false, "mtu": 1472}.
+// {"bip": "198.18.79.1/24", "ip-masq": false, "mtu": 1472}, and in a
+// dual-stack network "ipv6": true, "fixed-cidr-v6": "2001:db8:1:4f::/64".
 func formatDaemonJSON(e subnet.Env, noIPMasq bool) []byte {
 	frag := struct {
-		BIP    string `json:"bip"`
-		IPMasq *bool  `json:"ip-masq,omitempty"`
-		MTU    int    `json:"mtu,omitempty"`
+		BIP         string `json:"bip"`
+		IPMasq      *bool  `json:"ip-masq,omitempty"`
+		MTU         int    `json:"mtu,omitempty"`
+		IPv6        bool   `json:"ipv6,omitempty"`
+		FixedCIDRv6 string `json:"fixed-cidr-v6,omitempty"`
 	}{BIP: dockerBIP(e.Subnet), MTU: e.MTU}
+	if e.IPv6Subnet.IsValid() {
+		frag.IPv6, frag.FixedCIDRv6 = true, e.IPv6Subnet.Masked().String()
+	}
 	if !noIPMasq {
 		v := !e.IPMasq
 		frag.IPMasq = &v

@@ -391,7 +391,7 @@ func (d *daemon) startDataPlane(cfg *subnet.Config, lease subnet.Lease) error {
 		exp = lease.Expiration.UTC().Format(time.RFC3339)
 	}
 	d.log.Info("network config", "network", cfg.Network, "subnet_len", cfg.SubnetLen, "backend", cfg.BackendType, "port", cfg.Port,
-		"subnet", lease.Subnet, "lease_expires", exp)
+		"direct_routing", cfg.DirectRouting, "subnet", lease.Subnet, "lease_expires", exp)
 	if !lease.Subnet.IsValid() {
 		return asConfigError(errors.New("lease has no IPv4 subnet: tulled's udp backend carries IPv4 only"))
 	}

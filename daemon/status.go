@@ -65,6 +65,8 @@ type statusConfig struct {
 	SubnetMax     string `json:"subnetMax,omitempty"`
 	IPv6Network   string `json:"ipv6Network,omitempty"`
 	IPv6SubnetLen int    `json:"ipv6SubnetLen,omitempty"`
+	IPv6SubnetMin string `json:"ipv6SubnetMin,omitempty"`
+	IPv6SubnetMax string `json:"ipv6SubnetMax,omitempty"`
 	BackendType   string `json:"backendType"`
 	Port          int    `json:"port"`
 }
@@ -160,6 +162,8 @@ func newStatusConfig(c *subnet.Config) *statusConfig {
 	if c.EnableIPv6 && c.IPv6Network.IsValid() {
 		sc.IPv6Network = c.IPv6Network.String()
 		sc.IPv6SubnetLen = c.IPv6SubnetLen
+		sc.IPv6SubnetMin = c.IPv6SubnetMin.String()
+		sc.IPv6SubnetMax = c.IPv6SubnetMax.String()
 	}
 	return sc
 }
@@ -190,7 +194,7 @@ func (r *statusReport) writeTable(w io.Writer, now time.Time) error {
 			fmt.Fprintf(tw, "network:\t%s, subnets /%d from %s to %s\n", c.Network, c.SubnetLen, c.SubnetMin, c.SubnetMax)
 		}
 		if c.IPv6Network != "" {
-			fmt.Fprintf(tw, "IPv6 network:\t%s, subnets /%d\n", c.IPv6Network, c.IPv6SubnetLen)
+			fmt.Fprintf(tw, "IPv6 network:\t%s, subnets /%d from %s to %s\n", c.IPv6Network, c.IPv6SubnetLen, c.IPv6SubnetMin, c.IPv6SubnetMax)
 		}
 		fmt.Fprintf(tw, "backend:\t%s, port %d\n", c.BackendType, c.Port)
 	}

@@ -85,6 +85,23 @@ func (c *Config) AllocationOf(p netip.Prefix) (Allocation, bool) {
 	return c.AllocationAt(int((v4num(p.Addr()) - v4num(c.SubnetMin)) >> (32 - c.SubnetLen)))
 }
 
+// PreviousAllocation is the allocation a host asks for again, after its
+// key is gone, from the subnets its subnet.env recorded: prev4's
+// allocation, with prev6 in place of the IPv6 subnet paired with prev4
+// when prev6 fits the network (flannel reuses both as they were, and its
+// random picks do not pair them). prev6 is ignored in an IPv4-only
+// network; false if prev4 does not fit.
+func (c *Config) PreviousAllocation(prev4, prev6 netip.Prefix) (Allocation, bool) {
+	a, ok := c.AllocationOf(prev4)
+	if !ok {
+		return Allocation{}, false
+	}
+	if prev6.IsValid() && c.ContainsIPv6Subnet(prev6) {
+		a.IPv6Subnet = prev6
+	}
+	return a, true
+}
+
 // Occupancy is the set of subnets held by keys in the registry (leases and
 // reservations), for finding free subnets quickly.
 type Occupancy struct {

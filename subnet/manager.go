@@ -43,6 +43,7 @@ type ManagerOptions struct {
 	BackendType          string
 	BackendData          json.RawMessage
 	PreviousSubnet       netip.Prefix  // from subnet.env, zero if none
+	PreviousIPv6Subnet   netip.Prefix  // FLANNEL_IPV6_SUBNET from subnet.env, zero if none
 	LeaseTTL             time.Duration // default 24h
 	RenewMargin          time.Duration // default 60m; if >= LeaseTTL/2 renew at LeaseTTL/2
 	StartTimeout         time.Duration // give up waiting for etcd at start (default 10m)
@@ -139,8 +140,14 @@ func (m *Manager) Start(ctx context.Context) (*Config, Lease, error) {
 			if m.opts.BackendDataFor != nil {
 				attrs.BackendData = m.opts.BackendDataFor(cfg)
 			}
+			// PublicIPv6 only in a dual-stack network, as flannel writes it.
+			attrs.PublicIPv6 = netip.Addr{}
+			if cfg.EnableIPv6 {
+				attrs.PublicIPv6 = m.opts.PublicIPv6
+			}
+			prev := Allocation{Subnet: m.opts.PreviousSubnet, IPv6Subnet: m.opts.PreviousIPv6Subnet}
 			var l Lease
-			l, err = m.reg.AcquireLease(sctx, cfg, attrs, m.opts.PreviousSubnet, m.opts.LeaseTTL)
+			l, err = m.reg.AcquireLease(sctx, cfg, attrs, prev, m.opts.LeaseTTL)
 			if err == nil {
 				m.mu.Lock()
 				m.cfg, m.lease, m.held, m.phase = cfg, l, true, PhaseHolding

@@ -93,12 +93,13 @@ type Registry interface {
 	// GetNetworkConfig reads and parses <prefix>/config.
 	GetNetworkConfig(ctx context.Context) (*Config, error)
 	// AcquireLease takes a lease for attrs.PublicIP in flannel's order:
-	// the key already ours, else previous (from subnet.env) if free, else a
-	// random pick among the first 100 free subnets. ttl applies to a new
+	// the key already ours, else previous (the subnets subnet.env recorded,
+	// see Config.PreviousAllocation) if free, else a random pick among the
+	// first 100 free subnets. ttl applies to a new
 	// lease and to a reused leased key (moved to a new etcd lease of ttl);
 	// a reservation of ours is returned as it is. No free subnet: an error
 	// wrapping ErrNoFreeSubnet.
-	AcquireLease(ctx context.Context, cfg *Config, attrs LeaseAttrs, previous netip.Prefix, ttl time.Duration) (Lease, error)
+	AcquireLease(ctx context.Context, cfg *Config, attrs LeaseAttrs, previous Allocation, ttl time.Duration) (Lease, error)
 	// RenewLease extends lease to ttl from now (a reservation is left as it
 	// is) and returns the lease with its new Expiration. It fails with
 	// ErrLeaseGone if the key no longer exists or is no longer ours (another

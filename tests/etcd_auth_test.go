@@ -46,7 +46,7 @@ func authBed(t *testing.T, opts testbed.Options) *testbed.Bed {
 // afterwards, without a restart of their own.
 func TestPasswordAuthSurvivesAnEtcdRestart(t *testing.T) {
 	const ttl = 20 * time.Second
-	b := authBed(t, testbed.Options{Hosts: 2, Etcd: testbed.EtcdOptions{Binary: etcdtest.DebianEtcd(t)}})
+	b := authBed(t, testbed.Options{Hosts: 2, Etcd: testbed.EtcdOptions{Binary: etcdtest.Executable(t)}})
 	ctx := testCtx(t, 3*time.Minute)
 	if err := b.WriteNetworkConfig(ctx, testbed.DefaultNetworkConfig); err != nil {
 		t.Fatal(err)

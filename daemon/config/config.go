@@ -70,9 +70,12 @@ type Config struct {
 	Etcd         Etcd
 	StartTimeout time.Duration // give up waiting for etcd at start-up
 
-	Ifaces       []string // --iface: names or IPv4 addresses, in order of preference
+	Ifaces       []string // --iface: names, IPv4 or IPv6 addresses, in order of preference
 	IfaceRegexes []*regexp.Regexp
 	PublicIP     netip.Addr // advertised underlay address; zero = the interface's
+	// PublicIPv6 is the advertised IPv6 underlay address (--public-ipv6);
+	// zero = the interface's global IPv6 address, if any.
+	PublicIPv6 netip.Addr
 
 	SubnetFile  string
 	RenewMargin time.Duration
@@ -405,10 +408,10 @@ func parseEndpoint(ep string) (string, error) {
 // rawFlags holds flag values that need converting before they go into
 // Config.
 type rawFlags struct {
-	endpoints, publicIP, tunDriver, logLevel string
-	ifaceRegexes                             []string
-	renewMargin                              int
-	version                                  bool
+	endpoints, publicIP, publicIPv6, tunDriver, logLevel string
+	ifaceRegexes                                         []string
+	renewMargin                                          int
+	version                                              bool
 }
 
 func daemonFlagSet(c *Config, r *rawFlags) *FlagSet {
@@ -418,6 +421,7 @@ func daemonFlagSet(c *Config, r *rawFlags) *FlagSet {
 	fs.Var(listFlag{&c.Ifaces}, "iface", "underlay interface, by `name|IP`; repeatable, first found wins (default: that of the default route)")
 	fs.Var(listFlag{&r.ifaceRegexes}, "iface-regex", "`regexp` matched against interface names and IPv4 addresses, after --iface; repeatable")
 	fs.StringVar(&r.publicIP, "public-ip", "", "IPv4 `address` other hosts send to, e.g. behind NAT (default: the interface's)")
+	fs.StringVar(&r.publicIPv6, "public-ipv6", "", "IPv6 `address` other hosts send to over the IPv6 underlay, in a dual-stack network with Backend.IPv6Underlay on (default: the interface's global IPv6 address)")
 	fs.StringVar(&c.SubnetFile, "subnet-file", DefaultSubnetFile, "`file` telling Docker and CNI the lease (flannel's subnet.env)")
 	fs.IntVar(&r.renewMargin, "subnet-lease-renew-margin", DefaultRenewMargin, "renew the lease this many `minutes` before it expires")
 	fs.DurationVar(&c.LeaseTTL, "subnet-lease-ttl", DefaultLeaseTTL, "`lifetime` of the lease in etcd; renewed while tulled runs")
@@ -440,7 +444,7 @@ func daemonFlagSet(c *Config, r *rawFlags) *FlagSet {
 
 	fs.Groups = []Group{
 		etcdGroup,
-		{Title: "network", Names: []string{"iface", "iface-regex", "public-ip", "subnet-file", "subnet-lease-renew-margin", "subnet-lease-ttl", "etcd-start-timeout", "ip-masq"}},
+		{Title: "network", Names: []string{"iface", "iface-regex", "public-ip", "public-ipv6", "subnet-file", "subnet-lease-renew-margin", "subnet-lease-ttl", "etcd-start-timeout", "ip-masq"}},
 		{Title: "data plane", Names: []string{"tun-driver", "tun-name", "workers", "partial-checksums"}},
 		{Title: "observability", Names: []string{"metrics-addr", "debug-pprof", "debug-pprof-addr", "healthz-ip", "healthz-port", "log-level", "log-format"}},
 		{Title: "other", Names: []string{"version", "help"}},
@@ -474,11 +478,11 @@ func Parse(args []string, env []string) (*Config, Action, error) {
 	}
 	for _, s := range c.Ifaces {
 		if a, err := netip.ParseAddr(s); err == nil {
-			if !a.Is4() {
-				return nil, ActionRun, usagef("invalid %s %q: the underlay is IPv4, give an IPv4 address or a name", fs.Source("iface"), s)
+			if a.Is6() && !usableIPv6(a) {
+				return nil, ActionRun, usagef("invalid %s %q: want a global IPv6 address (not link-local), an IPv4 address or a name", fs.Source("iface"), s)
 			}
 		} else if len(s) > 15 || strings.ContainsAny(s, "/ \t") {
-			return nil, ActionRun, usagef("invalid %s %q: want an interface name (at most 15 characters) or an IPv4 address", fs.Source("iface"), s)
+			return nil, ActionRun, usagef("invalid %s %q: want an interface name (at most 15 characters) or an IPv4 or IPv6 address", fs.Source("iface"), s)
 		}
 	}
 	for _, s := range r.ifaceRegexes {
@@ -494,6 +498,13 @@ func Parse(args []string, env []string) (*Config, Action, error) {
 			return nil, ActionRun, usagef("invalid %s %q: want a unicast IPv4 address", fs.Source("public-ip"), r.publicIP)
 		}
 		c.PublicIP = a
+	}
+	if r.publicIPv6 != "" {
+		a, err := netip.ParseAddr(r.publicIPv6)
+		if err != nil || !a.Is6() || !usableIPv6(a) {
+			return nil, ActionRun, usagef("invalid %s %q: want a global unicast IPv6 address (not link-local)", fs.Source("public-ipv6"), r.publicIPv6)
+		}
+		c.PublicIPv6 = a
 	}
 	if c.SubnetFile == "" {
 		return nil, ActionRun, usagef("%s is empty", fs.Source("subnet-file"))
@@ -552,6 +563,12 @@ func Parse(args []string, env []string) (*Config, Action, error) {
 		c.Warnings = append(c.Warnings, "--etcd-password on the command line is visible to every user in the process list; prefer --etcd-password-file or TULLED_ETCD_PASSWORD")
 	}
 	return c, ActionRun, nil
+}
+
+// usableIPv6 says whether a can be an IPv6 underlay address: unicast, not
+// link-local (a lease can not carry its zone), not an IPv4-mapped one.
+func usableIPv6(a netip.Addr) bool {
+	return a.Is6() && !a.Is4In6() && a.Zone() == "" && a.IsGlobalUnicast()
 }
 
 func checkHostPort(s string) error {

@@ -104,7 +104,10 @@ func TestInvalidValuesAreUsageErrorsNamingTheSource(t *testing.T) {
 		{nil, []string{"TULLED_TUN_NAME=a-very-long-tun-name"}, `invalid TULLED_TUN_NAME "a-very-long-tun-name"`},
 		{[]string{"--public-ip=2001:db8::1"}, nil, `invalid --public-ip "2001:db8::1": want a unicast IPv4 address`},
 		{[]string{"--public-ip=192.0.2"}, nil, `invalid --public-ip "192.0.2"`},
-		{[]string{"--iface=2001:db8::1"}, nil, "the underlay is IPv4"},
+		{[]string{"--iface=fe80::1"}, nil, `invalid --iface "fe80::1": want a global IPv6 address (not link-local)`},
+		{[]string{"--public-ipv6=198.51.100.7"}, nil, `invalid --public-ipv6 "198.51.100.7": want a global unicast IPv6 address`},
+		{[]string{"--public-ipv6=fe80::1"}, nil, `invalid --public-ipv6 "fe80::1"`},
+		{nil, []string{"FLANNELD_PUBLIC_IPV6=::ffff:192.0.2.1"}, `invalid FLANNELD_PUBLIC_IPV6 "::ffff:192.0.2.1"`},
 		{[]string{"--iface-regex=("}, nil, `invalid --iface-regex "("`},
 		{[]string{"--etcd-endpoints=192.0.2.250"}, nil, `invalid etcd endpoint "192.0.2.250" in --etcd-endpoints: want scheme://host:port`},
 		{[]string{"--etcd-endpoints=ftp://192.0.2.250:2379"}, nil, `scheme "ftp"`},
@@ -148,6 +151,12 @@ func TestValuesAreConverted(t *testing.T) {
 	}
 	if c.LeaseTTL != 30*time.Second || c.Etcd.Prefix != "/x" {
 		t.Errorf("%+v", c)
+	}
+	// Dual stack: flannel's --public-ipv6 (also from its environment
+	// variable) and an IPv6 address on --iface.
+	c = mustParse(t, []string{"--iface=2001:db8:ffff::1", "--iface=eth0"}, []string{"FLANNELD_PUBLIC_IPV6=2001:db8:ffff::7"})
+	if c.PublicIPv6 != netip.MustParseAddr("2001:db8:ffff::7") || strings.Join(c.Ifaces, ",") != "2001:db8:ffff::1,eth0" {
+		t.Errorf("PublicIPv6 %v, ifaces %q", c.PublicIPv6, c.Ifaces)
 	}
 }
 

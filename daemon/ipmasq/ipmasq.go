@@ -15,6 +15,10 @@
 // (--random-fully only where iptables supports it; every rule carries the
 // comment "tulle masq".)
 //
+// In a dual-stack network a second Rules does the same for IPv6, with the
+// IPv6 network, the IPv6 lease and ff00::/8 for multicast, in ip6tables'
+// nat table (flannel's IPv6 rules are the same five).
+//
 // Why github.com/coreos/go-iptables and not nftables: go-iptables drives the
 // iptables command, which on current distributions is iptables-nft, so the
 // rules land in the same nf_tables "ip nat" table that Docker, kube-proxy and
@@ -54,12 +58,14 @@ const (
 	table      = "nat"
 	postrouted = "POSTROUTING"
 	multicast  = "224.0.0.0/4"
+	multicast6 = "ff00::/8"
 )
 
 // Rules is the masquerade rule set of one lease. Methods are not safe for
 // concurrent use; one owner (the daemon) calls them.
 type Rules struct {
 	ipt     *iptables.IPTables
+	family  string // "IPv4" or "IPv6", for logs and errors
 	network netip.Prefix
 	lease   netip.Prefix
 	rules   [][]string
@@ -67,36 +73,47 @@ type Rules struct {
 	logger  *slog.Logger
 }
 
-// New prepares the rules for network (the overlay) and lease (our subnet).
-// It fails if the iptables command is missing or unusable.
+// New prepares the rules for network (the overlay) and lease (our subnet),
+// both IPv4 (iptables) or both IPv6 (ip6tables). It fails if the command
+// is missing or unusable.
 func New(network, lease netip.Prefix, logger *slog.Logger) (*Rules, error) {
-	if !network.Addr().Is4() || !lease.Addr().Is4() {
-		return nil, fmt.Errorf("ip-masq: network %s and lease %s must be IPv4", network, lease)
+	proto, family, command := iptables.ProtocolIPv4, "IPv4", "iptables"
+	switch {
+	case network.Addr().Is4() && lease.Addr().Is4():
+	case network.Addr().Is6() && lease.Addr().Is6() && !network.Addr().Is4In6() && !lease.Addr().Is4In6():
+		proto, family, command = iptables.ProtocolIPv6, "IPv6", "ip6tables"
+	default:
+		return nil, fmt.Errorf("ip-masq: network %s and lease %s must be both IPv4 or both IPv6", network, lease)
 	}
 	if logger == nil {
 		logger = slog.Default()
 	}
 	// Timeout bounds the wait for the xtables lock (iptables-legacy), so a
 	// stuck neighbour can not hang us forever.
-	ipt, err := iptables.New(iptables.Timeout(10))
+	ipt, err := iptables.New(iptables.IPFamily(proto), iptables.Timeout(10))
 	if err != nil {
-		return nil, fmt.Errorf("ip-masq: iptables: %w", err)
+		return nil, fmt.Errorf("ip-masq: %s: %w", command, err)
 	}
 	r := &Rules{
 		ipt:     ipt,
+		family:  family,
 		network: network.Masked(),
 		lease:   lease.Masked(),
-		logger:  logger.With("chain", Chain),
+		logger:  logger.With("chain", Chain, "family", family),
 	}
 	r.jump = []string{"-m", "comment", "--comment", Comment, "-j", Chain}
 	r.rules = RuleSpecs(r.network, r.lease, ipt.HasRandomFully())
 	return r, nil
 }
 
-// RuleSpecs are the rules of chain Chain for network and lease, in order,
-// as iptables arguments.
+// RuleSpecs are the rules of chain Chain for network and lease (both IPv4
+// or both IPv6), in order, as iptables arguments.
 func RuleSpecs(network, lease netip.Prefix, randomFully bool) [][]string {
 	n, s := network.String(), lease.String()
+	mcast := multicast
+	if network.Addr().Is6() {
+		mcast = multicast6
+	}
 	c := []string{"-m", "comment", "--comment", Comment}
 	masq := []string{"-j", "MASQUERADE"}
 	if randomFully {
@@ -105,7 +122,7 @@ func RuleSpecs(network, lease netip.Prefix, randomFully bool) [][]string {
 	return [][]string{
 		slices.Concat([]string{"-m", "mark", "--mark", KubeProxyMasqMark}, c, []string{"-j", "RETURN"}),
 		slices.Concat([]string{"-s", n, "-d", n}, c, []string{"-j", "RETURN"}),
-		slices.Concat([]string{"-s", n, "!", "-d", multicast}, c, masq),
+		slices.Concat([]string{"-s", n, "!", "-d", mcast}, c, masq),
 		slices.Concat([]string{"!", "-s", n, "-d", s}, c, []string{"-j", "RETURN"}),
 		slices.Concat([]string{"!", "-s", n, "-d", n}, c, masq),
 	}
@@ -124,22 +141,22 @@ func (r *Rules) Ensure() (changed bool, err error) {
 	}
 	if !ok {
 		if err := r.ipt.ClearChain(table, Chain); err != nil { // creates it if missing
-			return false, fmt.Errorf("ip-masq: reset chain %s: %w", Chain, err)
+			return false, r.errorf("reset chain %s: %w", Chain, err)
 		}
 		for _, rule := range r.rules {
 			if err := r.ipt.Append(table, Chain, rule...); err != nil {
-				return true, fmt.Errorf("ip-masq: append to %s %q: %w", Chain, strings.Join(rule, " "), err)
+				return true, r.errorf("append to %s %q: %w", Chain, strings.Join(rule, " "), err)
 			}
 		}
 		changed = true
 	}
 	exists, err := r.ipt.Exists(table, postrouted, r.jump...)
 	if err != nil {
-		return changed, fmt.Errorf("ip-masq: check jump from %s to %s: %w", postrouted, Chain, err)
+		return changed, r.errorf("check jump from %s to %s: %w", postrouted, Chain, err)
 	}
 	if !exists {
 		if err := r.ipt.Insert(table, postrouted, 1, r.jump...); err != nil {
-			return changed, fmt.Errorf("ip-masq: insert jump from %s to %s: %w", postrouted, Chain, err)
+			return changed, r.errorf("insert jump from %s to %s: %w", postrouted, Chain, err)
 		}
 		changed = true
 	}
@@ -150,14 +167,14 @@ func (r *Rules) Ensure() (changed bool, err error) {
 func (r *Rules) chainIntact() (bool, error) {
 	exists, err := r.ipt.ChainExists(table, Chain)
 	if err != nil {
-		return false, fmt.Errorf("ip-masq: look for chain %s: %w", Chain, err)
+		return false, r.errorf("look for chain %s: %w", Chain, err)
 	}
 	if !exists {
 		return false, nil
 	}
 	listed, err := r.ipt.List(table, Chain)
 	if err != nil {
-		return false, fmt.Errorf("ip-masq: list chain %s: %w", Chain, err)
+		return false, r.errorf("list chain %s: %w", Chain, err)
 	}
 	n := 0
 	for _, l := range listed {
@@ -171,7 +188,7 @@ func (r *Rules) chainIntact() (bool, error) {
 	for _, rule := range r.rules {
 		ok, err := r.ipt.Exists(table, Chain, rule...)
 		if err != nil {
-			return false, fmt.Errorf("ip-masq: check rule in %s %q: %w", Chain, strings.Join(rule, " "), err)
+			return false, r.errorf("check rule in %s %q: %w", Chain, strings.Join(rule, " "), err)
 		}
 		if !ok {
 			return false, nil
@@ -215,17 +232,30 @@ func (r *Rules) Keep(ctx context.Context, interval time.Duration) {
 func (r *Rules) Remove() error {
 	exists, err := r.ipt.ChainExists(table, Chain)
 	if err != nil {
-		return fmt.Errorf("ip-masq: look for chain %s: %w", Chain, err)
+		return r.errorf("look for chain %s: %w", Chain, err)
 	}
 	if !exists { // and so no jump to it either: iptables refuses a jump to nowhere
 		return nil
 	}
 	var errs []error
 	if err := r.ipt.DeleteIfExists(table, postrouted, r.jump...); err != nil {
-		errs = append(errs, fmt.Errorf("ip-masq: delete jump from %s to %s: %w", postrouted, Chain, err))
+		errs = append(errs, r.errorf("delete jump from %s to %s: %w", postrouted, Chain, err))
 	}
 	if err := r.ipt.ClearAndDeleteChain(table, Chain); err != nil {
-		errs = append(errs, fmt.Errorf("ip-masq: delete chain %s: %w", Chain, err))
+		errs = append(errs, r.errorf("delete chain %s: %w", Chain, err))
 	}
 	return errors.Join(errs...)
 }
+
+// errorf is fmt.Errorf prefixed with "ip-masq" and, for IPv6, the family,
+// so an error says which of the two rule sets failed.
+func (r *Rules) errorf(format string, a ...any) error {
+	prefix := "ip-masq: "
+	if r.family == "IPv6" {
+		prefix = "ip-masq (IPv6): "
+	}
+	return fmt.Errorf(prefix+format, a...)
+}
+
+// Family is "IPv4" or "IPv6".
+func (r *Rules) Family() string { return r.family }

@@ -1,8 +1,15 @@
 // Package netif chooses the underlay interface as flanneld does: by name or
-// IPv4 address (--iface, in order, first found wins), then by regular
+// address (--iface, in order, first found wins), then by regular
 // expression (--iface-regex), else the interface of the default route. The
 // advertised address is --public-ip when given, else the interface's; the
-// TUN MTU is the interface's MTU less the 28 bytes of IPv4 and UDP headers.
+// TUN MTU is the interface's MTU less the 28 bytes of IPv4 and UDP headers
+// (48 for IPv6 and UDP on an IPv6 underlay).
+//
+// The IPv6 underlay address (PublicIPv6, advertised in a dual-stack
+// network) is --public-ipv6 when given, else the IPv6 address --iface
+// named, else the interface's first global IPv6 address: never a
+// link-local one (it needs a zone, which a lease can not carry), nor a
+// temporary (privacy) or deprecated one, which go away.
 //
 // Everything is read with netlink through a *netlink.Handle, so a caller (a
 // test) can look inside another network namespace.
@@ -24,14 +31,19 @@ import (
 // IPv4 header (20) and a UDP header (8), as flannel counts it.
 const EncapOverhead = 28
 
+// EncapOverheadIPv6 is the same over an IPv6 underlay: an IPv6 header (40)
+// and a UDP header (8).
+const EncapOverheadIPv6 = 48
+
 // minTunMTU is IPv4's minimum MTU (RFC 791).
 const minTunMTU = 68
 
 // Spec says how to choose the underlay interface.
 type Spec struct {
-	Ifaces   []string         // names or IPv4 addresses, tried in order
-	Regexes  []*regexp.Regexp // tried after Ifaces, against names and addresses
-	PublicIP netip.Addr       // advertised address; zero = the interface's
+	Ifaces     []string         // names, IPv4 or IPv6 addresses, tried in order
+	Regexes    []*regexp.Regexp // tried after Ifaces, against names and IPv4 addresses
+	PublicIP   netip.Addr       // advertised address; zero = the interface's
+	PublicIPv6 netip.Addr       // advertised IPv6 underlay address; zero = the interface's, if any
 }
 
 // Selection is the chosen underlay.
@@ -40,8 +52,14 @@ type Selection struct {
 	Index    int
 	Addr     netip.Addr // the interface's IPv4 address
 	PublicIP netip.Addr // what other hosts send to: Spec.PublicIP or Addr
-	MTU      int        // the interface's MTU
-	Up       bool       // the interface is administratively up
+	// Addr6 is the interface's global IPv6 address (the one --iface named,
+	// else the first usable one); zero if it has none.
+	Addr6 netip.Addr
+	// PublicIPv6 is what other hosts send to over an IPv6 underlay:
+	// Spec.PublicIPv6 or Addr6; zero if neither.
+	PublicIPv6 netip.Addr
+	MTU        int  // the interface's MTU
+	Up         bool // the interface is administratively up
 	// How says how it was chosen, for the start-up log line:
 	// "--iface eth1", "--iface-regex ^eth", "default route".
 	How string
@@ -49,6 +67,17 @@ type Selection struct {
 
 // TunMTU is the MTU of the TUN device: MTU less EncapOverhead.
 func (s Selection) TunMTU() int { return s.MTU - EncapOverhead }
+
+// TunMTUFor is the MTU of the TUN device when the network config's
+// IPv6Underlay switch is ipv6Underlay: MTU less EncapOverheadIPv6 when it
+// is on and this host has an IPv6 underlay address (some datagrams then
+// travel in IPv6), else TunMTU.
+func (s Selection) TunMTUFor(ipv6Underlay bool) int {
+	if ipv6Underlay && s.PublicIPv6.IsValid() {
+		return s.MTU - EncapOverheadIPv6
+	}
+	return s.TunMTU()
+}
 
 // Select chooses the underlay interface in the namespace of h (nil: the
 // calling thread's namespace). Errors name what was looked for, e.g.
@@ -79,6 +108,10 @@ func Select(h *netlink.Handle, spec Spec) (Selection, error) {
 	sel.PublicIP = sel.Addr
 	if spec.PublicIP.IsValid() {
 		sel.PublicIP = spec.PublicIP
+	}
+	sel.PublicIPv6 = sel.Addr6
+	if spec.PublicIPv6.IsValid() {
+		sel.PublicIPv6 = spec.PublicIPv6
 	}
 	return sel, nil
 }
@@ -122,16 +155,28 @@ func byNameOrAddr(h *netlink.Handle, s string) (Selection, error) {
 	return fromLink(h, link, netip.Addr{})
 }
 
+// byAddr finds the interface holding a, an IPv4 or an IPv6 address; with an
+// IPv6 address, a is the IPv6 underlay address and the IPv4 address is the
+// interface's.
 func byAddr(h *netlink.Handle, a netip.Addr) (Selection, error) {
-	addrs, err := h.AddrList(nil, netlink.FAMILY_V4)
+	family, name := netlink.FAMILY_V4, "IPv4"
+	if a.Is6() {
+		family, name = netlink.FAMILY_V6, "IPv6"
+	}
+	addrs, err := h.AddrList(nil, family)
 	if err != nil {
-		return Selection{}, fmt.Errorf("list IPv4 addresses: %w", err)
+		return Selection{}, fmt.Errorf("list %s addresses: %w", name, err)
 	}
 	for _, ad := range addrs {
 		if ip, ok := netip.AddrFromSlice(ad.IP); ok && ip.Unmap() == a {
 			link, err := h.LinkByIndex(ad.LinkIndex)
 			if err != nil {
 				return Selection{}, fmt.Errorf("interface of address %s (index %d): %w", a, ad.LinkIndex, err)
+			}
+			if a.Is6() {
+				sel, err := fromLink(h, link, netip.Addr{})
+				sel.Addr6 = a
+				return sel, err
 			}
 			return fromLink(h, link, a)
 		}
@@ -251,5 +296,25 @@ func fromLink(h *netlink.Handle, link netlink.Link, want netip.Addr) (Selection,
 	default:
 		return Selection{}, fmt.Errorf("interface %s has no IPv4 address", attrs.Name)
 	}
-	return sel, nil
+	sel.Addr6, err = globalIPv6(h, link)
+	return sel, err
+}
+
+// globalIPv6 is link's first IPv6 address fit to be the IPv6 underlay
+// address: global scope, not link-local, not temporary (privacy addresses
+// change), not deprecated, not a failed duplicate. Zero if there is none.
+func globalIPv6(h *netlink.Handle, link netlink.Link) (netip.Addr, error) {
+	addrs, err := h.AddrList(link, netlink.FAMILY_V6)
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("list IPv6 addresses of %s: %w", link.Attrs().Name, err)
+	}
+	const unfit = unix.IFA_F_TEMPORARY | unix.IFA_F_DEPRECATED | unix.IFA_F_DADFAILED
+	for _, ad := range addrs {
+		ip, ok := netip.AddrFromSlice(ad.IP)
+		if !ok || ip.Is4In6() || !ip.IsGlobalUnicast() || ad.Scope != unix.RT_SCOPE_UNIVERSE || ad.Flags&unfit != 0 {
+			continue
+		}
+		return ip, nil
+	}
+	return netip.Addr{}, nil
 }

@@ -127,13 +127,14 @@ func ttlSeconds(ttl time.Duration) int64 {
 //     current value) and the old etcd lease is revoked. A leased key of ours
 //     that no longer fits is deleted (a reservation that does not fit is
 //     left alone);
-//  2. else previous, if it fits cfg and no key holds or overlaps it;
+//  2. else previous (its IPv6 subnet too, see Config.PreviousAllocation),
+//     if it fits cfg and no key holds or overlaps it;
 //  3. else a random pick among the first 100 free subnets from SubnetMin.
 //
 // A new key is created by Txn If Version(key)==0; a lost race revokes the
 // etcd lease it granted and retries (bounded). No free subnet: an error
 // wrapping subnet.ErrNoFreeSubnet that names the network.
-func (r *Registry) AcquireLease(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs, previous netip.Prefix, ttl time.Duration) (subnet.Lease, error) {
+func (r *Registry) AcquireLease(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs, previous subnet.Allocation, ttl time.Duration) (subnet.Lease, error) {
 	if cfg == nil || !cfg.EnableIPv4 {
 		return subnet.Lease{}, fmt.Errorf("acquire lease: %w", &subnet.ConfigError{Field: "EnableIPv4", Value: "false", Rule: "Tulle leases need an IPv4 network"})
 	}
@@ -170,7 +171,7 @@ func (r *Registry) retryConflicts(ctx context.Context, try func(first bool) (sub
 	return subnet.Lease{}, err
 }
 
-func (r *Registry) tryAcquire(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs, value []byte, previous netip.Prefix, ttl time.Duration, first bool) (subnet.Lease, error) {
+func (r *Registry) tryAcquire(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs, value []byte, previous subnet.Allocation, ttl time.Duration, first bool) (subnet.Lease, error) {
 	cli, err := r.client(ctx)
 	if err != nil {
 		return subnet.Lease{}, fmt.Errorf("acquire lease in network %s: %w", cfg.Network, err)
@@ -198,8 +199,8 @@ func (r *Registry) tryAcquire(ctx context.Context, cfg *subnet.Config, attrs sub
 		}
 	}
 	occ := cfg.Occupancy(held)
-	if previous.IsValid() {
-		a, fits := cfg.AllocationOf(previous.Masked())
+	if previous.Subnet.IsValid() {
+		a, fits := cfg.PreviousAllocation(previous.Subnet.Masked(), previous.IPv6Subnet.Masked())
 		switch {
 		case fits && occ.Free(a):
 			if first {

@@ -29,7 +29,7 @@ func TestConcurrentAcquirersGetDistinctSubnetsAndTheNextGetsNoFreeSubnet(t *test
 		go func() {
 			defer wg.Done()
 			<-start
-			leases[i], errs[i] = r.AcquireLease(ctx(t), cfg, attrs(hostIP(i+1)), netip.Prefix{}, time.Minute)
+			leases[i], errs[i] = r.AcquireLease(ctx(t), cfg, attrs(hostIP(i+1)), subnet.Allocation{}, time.Minute)
 		}()
 	}
 	close(start)
@@ -74,7 +74,7 @@ func TestConcurrentAcquirersGetDistinctSubnetsAndTheNextGetsNoFreeSubnet(t *test
 	assertNoOrphanLeases(t, c)
 
 	r := newRegistry(t, s.Endpoint(), prefix, nil)
-	_, err = r.AcquireLease(ctx(t), mustConfig(t, r), attrs(hostIP(51)), netip.Prefix{}, time.Minute)
+	_, err = r.AcquireLease(ctx(t), mustConfig(t, r), attrs(hostIP(51)), subnet.Allocation{}, time.Minute)
 	if !errors.Is(err, subnet.ErrNoFreeSubnet) {
 		t.Fatalf("51st acquirer: %v, want ErrNoFreeSubnet", err)
 	}
@@ -88,14 +88,14 @@ func TestConcurrentAcquirersGetDistinctSubnetsAndTheNextGetsNoFreeSubnet(t *test
 func TestRestartReusesSubnetByPublicIPWithoutOrphanedLeases(t *testing.T) {
 	s, c, prefix := startEtcdWithConfig(t, `{"Network":"198.18.0.0/16"}`)
 	r1 := newRegistry(t, s.Endpoint(), prefix, nil)
-	first, err := r1.AcquireLease(ctx(t), mustConfig(t, r1), attrs("192.0.2.1"), netip.Prefix{}, time.Hour)
+	first, err := r1.AcquireLease(ctx(t), mustConfig(t, r1), attrs("192.0.2.1"), subnet.Allocation{}, time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
 	r1.Close() // the daemon stops; the key stays
 
 	r2 := newRegistry(t, s.Endpoint(), prefix, nil)
-	again, err := r2.AcquireLease(ctx(t), mustConfig(t, r2), attrs("192.0.2.1"), netip.Prefix{}, 30*time.Minute)
+	again, err := r2.AcquireLease(ctx(t), mustConfig(t, r2), attrs("192.0.2.1"), subnet.Allocation{}, 30*time.Minute)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -125,12 +125,12 @@ func TestPreviousSubnetIsReusedIfFreeElseIgnored(t *testing.T) {
 	r := newRegistry(t, s.Endpoint(), prefix, nil)
 	cfg := mustConfig(t, r)
 	prev := netip.MustParsePrefix("198.18.222.0/24") // beyond the 100 a random pick chooses from
-	l, err := r.AcquireLease(ctx(t), cfg, attrs("192.0.2.1"), prev, time.Minute)
+	l, err := r.AcquireLease(ctx(t), cfg, attrs("192.0.2.1"), subnet.Allocation{Subnet: prev}, time.Minute)
 	if err != nil || l.Subnet != prev {
 		t.Fatalf("got %v %v, want %s", l.Subnet, err, prev)
 	}
 	// Held by 192.0.2.1 now: 192.0.2.2 must not take it.
-	l2, err := r.AcquireLease(ctx(t), cfg, attrs("192.0.2.2"), prev, time.Minute)
+	l2, err := r.AcquireLease(ctx(t), cfg, attrs("192.0.2.2"), subnet.Allocation{Subnet: prev}, time.Minute)
 	if err != nil || l2.Subnet == prev {
 		t.Fatalf("second host got %v %v", l2.Subnet, err)
 	}
@@ -138,7 +138,7 @@ func TestPreviousSubnetIsReusedIfFreeElseIgnored(t *testing.T) {
 		t.Errorf("random pick %s is not among the first 100 free subnets", l2.Subnet)
 	}
 	// A previous subnet that does not fit the network is ignored.
-	l3, err := r.AcquireLease(ctx(t), cfg, attrs("192.0.2.3"), netip.MustParsePrefix("198.19.5.0/24"), time.Minute)
+	l3, err := r.AcquireLease(ctx(t), cfg, attrs("192.0.2.3"), subnet.Allocation{Subnet: netip.MustParsePrefix("198.19.5.0/24")}, time.Minute)
 	if err != nil || !cfg.Fits(l3) {
 		t.Fatalf("got %v %v", l3.Subnet, err)
 	}
@@ -147,7 +147,7 @@ func TestPreviousSubnetIsReusedIfFreeElseIgnored(t *testing.T) {
 func TestLeaseKeyAndValueBytesAreWhatFlannelWrites(t *testing.T) {
 	s, c, prefix := startEtcdWithConfig(t, `{"Network":"198.18.0.0/16","Backend":{"Type":"udp"}}`)
 	r := newRegistry(t, s.Endpoint(), prefix, nil)
-	l, err := r.AcquireLease(ctx(t), mustConfig(t, r), attrs("192.0.2.1"), netip.MustParsePrefix("198.18.79.0/24"), time.Minute)
+	l, err := r.AcquireLease(ctx(t), mustConfig(t, r), attrs("192.0.2.1"), subnet.Allocation{Subnet: netip.MustParsePrefix("198.18.79.0/24")}, time.Minute)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -168,7 +168,7 @@ func TestLeaseKeyAndValueBytesAreWhatFlannelWrites(t *testing.T) {
 	r6 := newRegistry(t, s.Endpoint(), prefix6, nil)
 	a := attrs("192.0.2.1")
 	a.PublicIPv6 = netip.MustParseAddr("2001:db8::1")
-	if _, err := r6.AcquireLease(ctx(t), mustConfig(t, r6), a, netip.MustParsePrefix("198.18.79.0/24"), time.Minute); err != nil {
+	if _, err := r6.AcquireLease(ctx(t), mustConfig(t, r6), a, subnet.Allocation{Subnet: netip.MustParsePrefix("198.18.79.0/24")}, time.Minute); err != nil {
 		t.Fatal(err)
 	}
 	resp = getKV(t, c, prefix6+"/subnets/198.18.79.0-24&2001:db8:0:4f::-64")
@@ -187,12 +187,12 @@ func TestOthersReservationsAreNeverAllocated(t *testing.T) {
 	r := newRegistry(t, s.Endpoint(), prefix, nil)
 	cfg := mustConfig(t, r)
 	for try := 0; try < 5; try++ { // a random pick would hit a reserved subnet sometimes
-		l, err := r.AcquireLease(ctx(t), cfg, attrs("192.0.2.1"), netip.MustParsePrefix("198.18.1.0/24"), time.Minute)
+		l, err := r.AcquireLease(ctx(t), cfg, attrs("192.0.2.1"), subnet.Allocation{Subnet: netip.MustParsePrefix("198.18.1.0/24")}, time.Minute)
 		if err != nil || l.Subnet != netip.MustParsePrefix("198.18.2.0/24") {
 			t.Fatalf("got %v %v, want 198.18.2.0/24", l.Subnet, err)
 		}
 	}
-	if _, err := r.AcquireLease(ctx(t), cfg, attrs("192.0.2.2"), netip.Prefix{}, time.Minute); !errors.Is(err, subnet.ErrNoFreeSubnet) {
+	if _, err := r.AcquireLease(ctx(t), cfg, attrs("192.0.2.2"), subnet.Allocation{}, time.Minute); !errors.Is(err, subnet.ErrNoFreeSubnet) {
 		t.Fatalf("got %v, want ErrNoFreeSubnet", err)
 	}
 	for _, k := range []string{"198.18.1.0-24", "198.18.3.0-24"} {
@@ -207,7 +207,7 @@ func TestOwnLeaseThatNoLongerFitsIsDeletedAndItsEtcdLeaseRevoked(t *testing.T) {
 	s, c, prefix := startEtcdWithConfig(t, `{"Network":"198.18.0.0/16","SubnetMax":"198.18.100.0"}`)
 	putLease(t, c, prefix, "198.18.200.0-24", `{"PublicIP":"192.0.2.1","PublicIPv6":null}`, 600)
 	r := newRegistry(t, s.Endpoint(), prefix, nil)
-	l, err := r.AcquireLease(ctx(t), mustConfig(t, r), attrs("192.0.2.1"), netip.Prefix{}, time.Minute)
+	l, err := r.AcquireLease(ctx(t), mustConfig(t, r), attrs("192.0.2.1"), subnet.Allocation{}, time.Minute)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -231,7 +231,7 @@ func TestServerMayGrantMoreThanTheTTLAsked(t *testing.T) {
 	putConfig(t, c, prefix, `{"Network":"198.18.0.0/16"}`)
 	r := newRegistry(t, s.Endpoint(), prefix, nil)
 	before := time.Now()
-	l, err := r.AcquireLease(ctx(t), mustConfig(t, r), attrs("192.0.2.1"), netip.Prefix{}, time.Second)
+	l, err := r.AcquireLease(ctx(t), mustConfig(t, r), attrs("192.0.2.1"), subnet.Allocation{}, time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -273,7 +273,7 @@ func TestMalformedLeasesAreSkippedCountedAndNeverAllocated(t *testing.T) {
 		t.Errorf("MalformedLeases %d, want 4", n)
 	}
 	// A key with a malformed value still holds its subnet.
-	l, err := r.AcquireLease(ctx(t), mustConfig(t, r), attrs("192.0.2.1"), netip.MustParsePrefix("198.18.9.0/24"), time.Minute)
+	l, err := r.AcquireLease(ctx(t), mustConfig(t, r), attrs("192.0.2.1"), subnet.Allocation{Subnet: netip.MustParsePrefix("198.18.9.0/24")}, time.Minute)
 	if err != nil || l.Subnet != netip.MustParsePrefix("198.18.11.0/24") {
 		t.Errorf("got %v %v, want 198.18.11.0/24", l.Subnet, err)
 	}
@@ -327,7 +327,7 @@ func TestContentsShowConfigLeasesWithExpirationAndMalformedKeys(t *testing.T) {
 func TestReacquireTakesTheSameSubnetOrFailsIfTaken(t *testing.T) {
 	s, c, prefix := startEtcdWithConfig(t, `{"Network":"198.18.0.0/16"}`)
 	r := newRegistry(t, s.Endpoint(), prefix, nil)
-	l, err := r.AcquireLease(ctx(t), mustConfig(t, r), attrs("192.0.2.1"), netip.Prefix{}, time.Minute)
+	l, err := r.AcquireLease(ctx(t), mustConfig(t, r), attrs("192.0.2.1"), subnet.Allocation{}, time.Minute)
 	if err != nil {
 		t.Fatal(err)
 	}

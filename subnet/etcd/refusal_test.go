@@ -52,7 +52,7 @@ func TestTLSRefusalsSayWhatWasRefused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := r.AcquireLease(ctx(t), cfg, attrs("192.0.2.1"), netip.Prefix{}, time.Minute); err != nil {
+	if _, err := r.AcquireLease(ctx(t), cfg, attrs("192.0.2.1"), subnet.Allocation{}, time.Minute); err != nil {
 		t.Fatal(err)
 	}
 

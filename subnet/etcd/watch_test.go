@@ -208,8 +208,8 @@ func TestConnectionLossShowsAtOnceAndItsEndIsLoggedOnce(t *testing.T) {
 	w := watch(t, r)
 	eventually(t, 10*time.Second, "snapshot", func() bool { return w.nbatches() >= 1 && r.Status().WatchDownSince.IsZero() })
 
-	p.Cut() // etcd gone: its connections closed, new ones refused
-	cut := time.Now()
+	cut := time.Now() // before the cut: the watch may notice while Cut returns
+	p.Cut()           // etcd gone: its connections closed, new ones refused
 	// The watch alone would notice after its progress probe went
 	// unanswered (2 × DialTimeout); the connection's state shows it now.
 	eventually(t, time.Second, "not connected", func() bool { return !r.Status().Connected })

@@ -114,7 +114,7 @@ func (b *bench) failed() bool {
 }
 
 func (b *bench) hasTulle() bool {
-	return contains(b.cfg.Modes, modeTulleOffload) || contains(b.cfg.Modes, modeTulleWater) ||
+	return contains(b.cfg.Modes, modeTulleOffload) || contains(b.cfg.Modes, modeTulleWater) || contains(b.cfg.Modes, modeTulleDirect) ||
 		contains(b.cfg.Modes, modePolicyOne) || contains(b.cfg.Modes, modePolicyLarge)
 }
 
@@ -132,7 +132,9 @@ func (b *bench) run(ctx context.Context) (err error) {
 		if len(b.report.Samples) > 0 {
 			b.report.Summary = summarizeModes(b.cfg, b.report.Samples)
 			if !b.cfg.Smoke {
-				b.report.Targets = append(evaluateTargets(b.report.Summary), policyTargets(b.report.Summary, b.report.Samples)...)
+				b.report.Targets = evaluateTargets(b.report.Summary)
+				b.report.Targets = append(b.report.Targets, directTargets(b.report.Summary)...)
+				b.report.Targets = append(b.report.Targets, policyTargets(b.report.Summary, b.report.Samples)...)
 			}
 			b.mu.Lock()
 			printTable(b.w, b.cfg, b.report)
@@ -342,11 +344,17 @@ func (b *bench) begin(ctx context.Context, mode string) (*session, error) {
 			server:       endpoint{x2.Container.Name, x2.Container.NS, x2.Container.Addr},
 			reachTimeout: 5 * time.Second,
 		}, nil
-	case modeTulleOffload, modeTulleWater:
-		driver := strings.TrimPrefix(mode, "tulle-")
+	case modeTulleOffload, modeTulleWater, modeTulleDirect:
+		driver, config := tulleMode(mode)
+		if err := b.bed.WriteNetworkConfig(ctx, config); err != nil {
+			return nil, err
+		}
 		args := append([]string{"--tun-driver", driver}, b.cfg.TulledArgs...)
 		sess := &session{reachTimeout: 15 * time.Second}
 		err := b.bed.StartAll(ctx, args...)
+		if err == nil && mode == modeTulleDirect {
+			err = waitDirectRoutes(ctx, h1, h2)
+		}
 		for _, h := range []*testbed.Host{h1, h2} {
 			if t := h.Tulled(); t != nil && !isExited(t) {
 				sess.daemons = append(sess.daemons, t)

@@ -156,8 +156,8 @@ func fakeSamples() []Sample {
 func TestSummaryGivesTulleAsRatioOfKernelVXLAN(t *testing.T) {
 	cfg := Config{Modes: allModes, Streams: 4}
 	sum := summarizeModes(cfg, fakeSamples())
-	if len(sum) != 4 {
-		t.Fatalf("%d summaries, want 4", len(sum))
+	if len(sum) != len(allModes) {
+		t.Fatalf("%d summaries, want %d", len(sum), len(allModes))
 	}
 	off := sum[2]
 	if off.Mode != modeTulleOffload || off.TCP1Gbit.Median != 11 || off.TCPNGbit.Median != 17 || off.RTTMedianUs.Median != 125 {
@@ -221,7 +221,7 @@ func TestTableAndJSONAndChartAreWritten(t *testing.T) {
 	if err := json.Unmarshal(readFile(t, filepath.Join(cfg.Out, "results.json")), &back); err != nil {
 		t.Fatalf("results.json: %v", err)
 	}
-	if len(back.Samples) != len(b.report.Samples) || len(back.Summary) != 4 || back.Summary[2].VsVXLAN == nil {
+	if len(back.Samples) != len(b.report.Samples) || len(back.Summary) != len(allModes) || back.Summary[2].VsVXLAN == nil {
 		t.Errorf("results.json round trip lost data: %d samples, %d summaries", len(back.Samples), len(back.Summary))
 	}
 	img, err := png.Decode(bytes.NewReader(readFile(t, filepath.Join(cfg.Out, "chart.png"))))
@@ -247,7 +247,7 @@ func TestSmokeFlagMakesOneShortRepetition(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.Reps != 1 || c.Duration != 1 || c.Omit != 0 || c.Pings != 10 || len(c.Modes) != 4 || !strings.HasPrefix(c.Out, "results/") {
+	if c.Reps != 1 || c.Duration != 1 || c.Omit != 0 || c.Pings != 10 || len(c.Modes) != len(allModes) || !strings.HasPrefix(c.Out, "results/") {
 		t.Errorf("smoke config %+v", c)
 	}
 }

@@ -9,7 +9,9 @@
 //     flannel's vxlan backend does (VNI 1, dstport 8472, nolearning, static
 //     neigh and fdb entries, MTU underlay-50) on the overlay 198.19.0.0/16;
 //   - tulle-offload and tulle-water: tulled on both hosts with
-//     --tun-driver offload or water (overlay 198.18.0.0/16).
+//     --tun-driver offload or water (overlay 198.18.0.0/16);
+//   - tulle-direct: tulled (offload) with DirectRouting in the network
+//     config: the kernel routes container traffic directly (direct.go).
 //
 // By default (-path container) the overlay traffic runs from container to
 // container, the path real workloads take: a namespace behind a veth on a
@@ -57,7 +59,7 @@ const (
 	modeTulleWater   = "tulle-water"
 )
 
-var allModes = []string{modeUnderlay, modeVXLAN, modeTulleOffload, modeTulleWater}
+var allModes = []string{modeUnderlay, modeVXLAN, modeTulleOffload, modeTulleWater, modeTulleDirect}
 
 // Traffic paths (-path).
 const (

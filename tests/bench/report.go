@@ -273,7 +273,7 @@ func printTable(w io.Writer, cfg Config, rep Report) {
 	}
 	tw.Flush()
 	if len(rep.Targets) > 0 {
-		fmt.Fprintf(w, "\nissue 4 targets (tulle-offload, medians of this run):\n")
+		fmt.Fprintf(w, "\ntargets (issue 4: tulle-offload vs kernel VXLAN; issue 11: tulle-direct vs underlay; medians of this run):\n")
 		tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 		for _, t := range rep.Targets {
 			verdict := "met"

@@ -23,7 +23,8 @@
 // a clear message, and TULLE_REQUIRE_ROOT_TESTS=1 turns the skip into a failure.
 //
 // Addresses come only from the documentation and benchmarking ranges:
-// underlay 192.0.2.0/24, overlay 198.18.0.0/15.
+// underlay 192.0.2.0/24, overlay 198.18.0.0/15, and for IPv6 2001:db8::/32
+// (ipv6.go: overlay 2001:db8:1::/48, underlay 2001:db8:ffff::/64).
 package testbed
 
 import (
@@ -94,6 +95,10 @@ type Node struct {
 	Link string     // its link (the underlay veth; a container's veth)
 	Addr netip.Addr // the address on Link
 	MTU  int        // MTU of Link
+	// Addr6 is the node's IPv6 address on Link, zero if it has none: a
+	// container's in a dual-stack network, a host's IPv6 underlay address
+	// (see ipv6.go).
+	Addr6 netip.Addr
 
 	bed *Bed
 }

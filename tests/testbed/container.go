@@ -19,10 +19,16 @@ type SubnetEnv struct {
 	Subnet  netip.Prefix // FLANNEL_SUBNET, e.g. 198.18.1.1/24 (the bridge address)
 	MTU     int          // FLANNEL_MTU
 	IPMasq  bool         // FLANNEL_IPMASQ
+	// In a dual-stack network (zero otherwise):
+	IPv6Network netip.Prefix // FLANNEL_IPV6_NETWORK, e.g. 2001:db8:1::/48
+	IPv6Subnet  netip.Prefix // FLANNEL_IPV6_SUBNET, e.g. 2001:db8:1:1::1/64 (the bridge address)
 }
 
 // Lease is the lease subnet (FLANNEL_SUBNET masked), e.g. 198.18.1.0/24.
 func (e SubnetEnv) Lease() netip.Prefix { return e.Subnet.Masked() }
+
+// IPv6Lease is the IPv6 lease (FLANNEL_IPV6_SUBNET masked), zero if none.
+func (e SubnetEnv) IPv6Lease() netip.Prefix { return e.IPv6Subnet.Masked() }
 
 // ReadSubnetEnv parses a subnet.env file. It is the test's own reading of
 // the format (independent of package subnet) and requires FLANNEL_NETWORK,
@@ -55,6 +61,10 @@ func ReadSubnetEnv(path string) (SubnetEnv, error) {
 			e.MTU, err = strconv.Atoi(v)
 		case "FLANNEL_IPMASQ":
 			e.IPMasq, err = strconv.ParseBool(v)
+		case "FLANNEL_IPV6_NETWORK":
+			e.IPv6Network, err = netip.ParsePrefix(v)
+		case "FLANNEL_IPV6_SUBNET":
+			e.IPv6Subnet, err = netip.ParsePrefix(v)
 		}
 		if err != nil {
 			return e, fmt.Errorf("%s:%d: %s: %w", path, line, k, err)
@@ -86,6 +96,9 @@ type Container struct {
 	Node
 	Gateway netip.Prefix // the bridge address in the host (FLANNEL_SUBNET)
 	Bridge  string       // the bridge's name in the host namespace
+	// Gateway6 is the bridge's IPv6 address (FLANNEL_IPV6_SUBNET) in a
+	// dual-stack network, zero otherwise; the container then has Addr6.
+	Gateway6 netip.Prefix
 }
 
 // Container returns the host's container, nil before SetupContainer.
@@ -98,9 +111,10 @@ func (h *Host) Container() *Container {
 // SetupContainer does what Docker does with subnet.env: a bridge in the host
 // with the address FLANNEL_SUBNET (198.18.<n>.1/24) and MTU FLANNEL_MTU, and
 // a container namespace on it with the next address (198.18.<n>.2/24), MTU
-// FLANNEL_MTU and a default route via the bridge. If a container exists for
-// another subnet (the lease changed), it is replaced; for the same subnet it
-// is kept.
+// FLANNEL_MTU and a default route via the bridge; in a dual-stack network
+// also the IPv6 ones (FLANNEL_IPV6_SUBNET, see AddContainerIPv6). If a
+// container exists for another subnet (the lease changed), it is replaced;
+// for the same subnets it is kept.
 func (h *Host) SetupContainer(ctx context.Context) (*Container, error) {
 	env, err := h.SubnetEnv()
 	if err != nil {
@@ -113,7 +127,7 @@ func (h *Host) SetupContainer(ctx context.Context) (*Container, error) {
 	old := h.container
 	h.mu.Unlock()
 	if old != nil {
-		if old.Gateway == env.Subnet && old.MTU == env.MTU {
+		if old.Gateway == env.Subnet && old.MTU == env.MTU && old.Gateway6 == env.IPv6Subnet {
 			return old, nil
 		}
 		if err := h.removeContainer(ctx, old); err != nil {
@@ -123,6 +137,11 @@ func (h *Host) SetupContainer(ctx context.Context) (*Container, error) {
 	c, err := h.AddContainer(ctx, "c", env.Subnet, env.MTU)
 	if err != nil {
 		return nil, err
+	}
+	if env.IPv6Subnet.IsValid() {
+		if err := h.AddContainerIPv6(ctx, c, env.IPv6Subnet); err != nil {
+			return nil, err
+		}
 	}
 	h.mu.Lock()
 	h.container = c

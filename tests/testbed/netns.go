@@ -57,12 +57,17 @@ func Listen(ns, network, addr string) (net.Listener, error) {
 	return l, nil
 }
 
-// ListenUDP opens a UDP socket bound to addr inside namespace ns.
+// ListenUDP opens a UDP socket bound to addr (IPv4 or IPv6) inside
+// namespace ns.
 func ListenUDP(ns string, addr netip.AddrPort) (*net.UDPConn, error) {
 	var c *net.UDPConn
+	network := "udp4"
+	if addr.Addr().Is6() && !addr.Addr().Is4In6() {
+		network = "udp6"
+	}
 	err := InNetns(ns, func() error {
 		var err error
-		c, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(addr))
+		c, err = net.ListenUDP(network, net.UDPAddrFromAddrPort(addr))
 		return err
 	})
 	if err != nil {

@@ -146,13 +146,23 @@ func (t Transfer) BitsPerSecond() float64 {
 // sockets of the calling program inside the nodes' namespaces. The transfer
 // is bounded by ctx, or by 2 minutes if ctx has no deadline.
 func TransferTCP(ctx context.Context, from, to *Node, size int64) (Transfer, error) {
+	return TransferTCPTo(ctx, from, to, to.Addr, size)
+}
+
+// TransferTCPTo is TransferTCP to the address dst of node to (IPv4 or
+// IPv6, e.g. to.Addr6).
+func TransferTCPTo(ctx context.Context, from, to *Node, dst netip.Addr, size int64) (Transfer, error) {
+	network := "tcp4"
+	if dst.Is6() && !dst.Is4In6() {
+		network = "tcp6"
+	}
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, 2*time.Minute)
 		defer cancel()
 	}
 	deadline, _ := ctx.Deadline()
-	ln, err := to.Listen("tcp4", netip.AddrPortFrom(to.Addr, 0).String())
+	ln, err := to.Listen(network, netip.AddrPortFrom(dst, 0).String())
 	if err != nil {
 		return Transfer{}, err
 	}
@@ -187,7 +197,7 @@ func TransferTCP(ctx context.Context, from, to *Node, size int64) (Transfer, err
 	defer wg.Wait()
 
 	start := time.Now()
-	conn, err := from.Dial(ctx, "tcp4", ln.Addr().String())
+	conn, err := from.Dial(ctx, network, ln.Addr().String())
 	if err != nil {
 		ln.Close()
 		return Transfer{}, err

@@ -246,8 +246,8 @@ func checkProgram(name string) error {
 
 // Check returns nil if name may run with args: name is on the list, and so
 // is every program it runs on the caller's behalf (`ip netns exec NS prog`,
-// `nsenter ... prog`, `setpriv ... prog`, `unshare ... prog`, and the first
-// command of `sh -c SCRIPT`).
+// `nsenter ... prog`, `setpriv ... prog`, `unshare ... prog`, `env ...
+// prog`, and the first command of `sh -c SCRIPT`).
 func Check(name string, args ...string) error {
 	for {
 		if err := checkProgram(name); err != nil {
@@ -266,6 +266,7 @@ var valueOptions = map[string][]string{
 	"ip":      {"-n", "-netns", "-b", "-batch", "-rc", "-rcvbuf", "-c", "-color"},
 	"nsenter": {"-t", "--target", "-S", "--setuid", "-G", "--setgid"},
 	"unshare": {"-S", "--setuid", "-G", "--setgid", "--map-user", "--map-group", "--map-users", "--map-groups", "--propagation", "--setgroups", "-w", "--wd", "-R", "--root", "--monotonic", "--boottime"},
+	"env":     {"-u", "--unset", "-C", "--chdir", "-S", "--split-string"},
 	"setpriv": {"--ruid", "--euid", "--rgid", "--egid", "--reuid", "--regid", "--groups", "--inh-caps", "--ambient-caps", "--bounding-set", "--securebits", "--pdeathsig", "--selinux-label", "--apparmor-profile", "--landlock-access", "--landlock-rule", "--seccomp-filter"},
 }
 
@@ -290,6 +291,14 @@ func runsNext(base string, args []string) (string, []string) {
 		}
 	case "nsenter", "unshare", "setpriv":
 		if i := skipOptions(args, valueOptions[base]); i < len(args) {
+			return args[i], args[i+1:]
+		}
+	case "env":
+		i := skipOptions(args, valueOptions[base])
+		for i < len(args) && strings.Contains(args[i], "=") {
+			i++ // NAME=VALUE
+		}
+		if i < len(args) {
 			return args[i], args[i+1:]
 		}
 	case "sh", "bash", "dash":

@@ -60,6 +60,7 @@ func TestCheckRefusesProgramsNotOnTheList(t *testing.T) {
 		{"/tmp/build/bin/tulled", "--version"},
 		{"/usr/lib/cni/bridge"},
 		{"ip", "netns", "exec", "ns1", self, "-test.run=X"},
+		{"/usr/bin/env", "-u", "X", "A=b", "/tmp/x/bin/tulled", "docker-opts"},
 	}
 	for _, c := range ok {
 		if err := tools.Check(c[0], c[1:]...); err != nil {
@@ -76,6 +77,7 @@ func TestCheckRefusesProgramsNotOnTheList(t *testing.T) {
 		{"sh", "-c", "exec curl -s http://192.0.2.1/"},
 		{"ip", "netns", "exec", "ns1", "nsenter", "--net=/x", "curl"},
 		{"/usr/local/bin/curl"},
+		{"env", "-u", "X", "A=b", "curl"},
 	}
 	for _, c := range refused {
 		err := tools.Check(c[0], c[1:]...)

@@ -1,0 +1,257 @@
+package testbed
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// A second L2 segment, for direct routing: hosts on the bed's switch
+// (192.0.2.0/24) and hosts on a second switch (198.51.100.0/24), joined by
+// a router namespace with an address on both and forwarding on. Each side
+// routes the other segment via the router, so a host on the other segment
+// is reachable but not on-link:
+//
+//	[ns switch]  192.0.2.0/24                 [ns switch2]  198.51.100.0/24
+//	  |  etcd .250, host1 .1, host2 .2          |  host3 .3
+//	  +---- 192.0.2.254 [ns router] 198.51.100.254 ----+
+
+// Addresses of the second segment.
+var (
+	// SecondPrefix is the second segment's underlay network.
+	SecondPrefix = netip.MustParsePrefix("198.51.100.0/24")
+	// RouterAddr is the router's address on the bed's own segment.
+	RouterAddr = netip.MustParseAddr("192.0.2.254")
+	// SecondRouterAddr is the router's address on the second segment.
+	SecondRouterAddr = netip.MustParseAddr("198.51.100.254")
+)
+
+// Segment is the second segment of a bed (see AddSegment).
+type Segment struct {
+	SwitchNS string // namespace of its switch bridge
+	Router   *Node  // the router; Link and Addr are its side on the bed's segment
+	bed      *Bed
+	bridge   string
+}
+
+// AddSegment adds the second segment: a switch namespace with a bridge, a
+// router namespace attached to both switches (RouterAddr, SecondRouterAddr)
+// with ip_forward on, and on the etcd node and every host the bed has so
+// far a route to SecondPrefix via the router. Nodes added to the bed's own
+// segment later need RouteToSecond.
+func (b *Bed) AddSegment(ctx context.Context) (*Segment, error) {
+	s := &Segment{SwitchNS: b.Prefix + "-sw2", bed: b, bridge: b.Prefix + "bs"}
+	if err := b.addNetns(ctx, s.SwitchNS); err != nil {
+		return nil, err
+	}
+	for _, step := range [][]string{
+		{"-n", s.SwitchNS, "link", "add", s.bridge, "type", "bridge"},
+		{"-n", s.SwitchNS, "link", "set", s.bridge, "up"},
+	} {
+		if err := ipCmd(ctx, step...); err != nil {
+			return nil, fmt.Errorf("testbed: second segment: %w", err)
+		}
+	}
+	r, err := b.attach(ctx, "router", b.Prefix+"-rt", b.Prefix+"ra", b.Prefix+"pa", RouterAddr, defaultMTU)
+	if err != nil {
+		return nil, err
+	}
+	s.Router = r
+	if err := s.attach(ctx, r.NS, b.Prefix+"rb", b.Prefix+"pb", SecondRouterAddr, defaultMTU); err != nil {
+		return nil, fmt.Errorf("testbed: router: %w", err)
+	}
+	if err := setSysctl(ctx, r.NS, "net/ipv4/ip_forward", "1"); err != nil {
+		return nil, fmt.Errorf("testbed: router: %w", err)
+	}
+	b.mu.Lock()
+	nodes := make([]*Node, 0, len(b.Hosts)+1)
+	if b.Etcd != nil {
+		nodes = append(nodes, b.Etcd)
+	}
+	for _, h := range b.Hosts {
+		nodes = append(nodes, &h.Node)
+	}
+	b.mu.Unlock()
+	for _, n := range nodes {
+		if err := s.RouteToSecond(ctx, n); err != nil {
+			return nil, err
+		}
+	}
+	b.logf("testbed %s: second segment %s behind router %s / %s", b.Prefix, SecondPrefix, RouterAddr, SecondRouterAddr)
+	return s, nil
+}
+
+// RouteToSecond routes SecondPrefix via the router on n, a node of the
+// bed's own segment.
+func (s *Segment) RouteToSecond(ctx context.Context, n *Node) error {
+	if err := ipCmd(ctx, "-n", n.NS, "route", "add", SecondPrefix.String(), "via", RouterAddr.String(), "dev", n.Link); err != nil {
+		return fmt.Errorf("testbed: node %s: %w", n.Name, err)
+	}
+	return nil
+}
+
+// attach links namespace ns to the segment's switch with a veth (link in
+// ns, port on the switch) and puts addr/24 on it.
+func (s *Segment) attach(ctx context.Context, ns, link, port string, addr netip.Addr, mtu int) error {
+	m := strconv.Itoa(mtu)
+	for _, step := range [][]string{
+		{"-n", ns, "link", "add", link, "mtu", m, "type", "veth", "peer", "name", port, "mtu", m, "netns", s.SwitchNS},
+		{"-n", s.SwitchNS, "link", "set", port, "master", s.bridge, "up"},
+		{"-n", ns, "addr", "add", netip.PrefixFrom(addr, SecondPrefix.Bits()).String(), "dev", link},
+		{"-n", ns, "link", "set", link, "up"},
+	} {
+		if err := ipCmd(ctx, step...); err != nil {
+			return fmt.Errorf("attach %s to the second segment: %w", ns, err)
+		}
+	}
+	return nil
+}
+
+// AddHost adds a host on the second segment with the bed's next index i
+// (198.51.100.<i>, underlay MTU mtu, 0 = 1500), ip_forward on and a route to
+// the bed's own segment via the router. tulled is not started; the host is
+// one of the bed's Hosts (StartAll starts it).
+func (s *Segment) AddHost(ctx context.Context, mtu int) (*Host, error) {
+	b := s.bed
+	if mtu == 0 {
+		mtu = defaultMTU
+	}
+	b.mu.Lock()
+	idx := len(b.Hosts) + 1
+	b.mu.Unlock()
+	if idx > 253 {
+		return nil, fmt.Errorf("testbed: second segment: host index %d does not fit %s", idx, SecondPrefix)
+	}
+	addr := SecondPrefix.Addr().As4()
+	addr[3] = byte(idx)
+	name := fmt.Sprintf("h%d", idx)
+	n := &Node{Name: name, NS: fmt.Sprintf("%s-h%d", b.Prefix, idx), Link: fmt.Sprintf("%su%d", b.Prefix, idx),
+		Addr: netip.AddrFrom4(addr), MTU: mtu, bed: b}
+	if err := b.addNetns(ctx, n.NS); err != nil {
+		return nil, err
+	}
+	if err := s.attach(ctx, n.NS, n.Link, fmt.Sprintf("%ss%d", b.Prefix, idx), n.Addr, mtu); err != nil {
+		return nil, fmt.Errorf("testbed: host %s: %w", name, err)
+	}
+	if err := ipCmd(ctx, "-n", n.NS, "route", "add", UnderlayPrefix.String(), "via", SecondRouterAddr.String(), "dev", n.Link); err != nil {
+		return nil, fmt.Errorf("testbed: host %s: %w", name, err)
+	}
+	if err := setSysctl(ctx, n.NS, "net/ipv4/ip_forward", "1"); err != nil {
+		return nil, fmt.Errorf("testbed: host %s: %w", name, err)
+	}
+	h := &Host{Node: *n, Index: idx, Dir: filepath.Join(b.Dir, name)}
+	h.SubnetFile = filepath.Join(h.Dir, "subnet.env")
+	h.LogFile = filepath.Join(h.Dir, "tulled.log")
+	if err := os.MkdirAll(h.Dir, 0o755); err != nil {
+		return nil, fmt.Errorf("testbed: host %s: %w", name, err)
+	}
+	b.mu.Lock()
+	b.Hosts = append(b.Hosts, h)
+	b.mu.Unlock()
+	return h, nil
+}
+
+// SetSysctl writes value to /proc/sys/<path> in the node's namespace
+// ("net/ipv4/conf/all/rp_filter", "1").
+func (n *Node) SetSysctl(ctx context.Context, path, value string) error {
+	return setSysctl(ctx, n.NS, path, value)
+}
+
+// PutLease writes value (a lease's JSON, as a host would write it) at the
+// key of subnet, attached to an etcd lease of ttl (0: no etcd lease), and
+// returns the etcd lease ID (0 without one).
+func (b *Bed) PutLease(ctx context.Context, subnet netip.Prefix, value string, ttl time.Duration) (clientv3.LeaseID, error) {
+	c, err := b.EtcdClient()
+	if err != nil {
+		return 0, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	key := FlannelLeaseKey(subnet)
+	var opts []clientv3.OpOption
+	var id clientv3.LeaseID
+	if ttl > 0 {
+		g, err := c.Grant(ctx, int64((ttl+time.Second-1)/time.Second))
+		if err != nil {
+			return 0, fmt.Errorf("testbed %s: grant an etcd lease for %s: %w", b.Prefix, key, err)
+		}
+		id = g.ID
+		opts = append(opts, clientv3.WithLease(id))
+	}
+	if _, err := c.Put(ctx, key, value, opts...); err != nil {
+		return 0, fmt.Errorf("testbed %s: put %s: %w", b.Prefix, key, err)
+	}
+	return id, nil
+}
+
+// DeleteLease deletes the key of subnet's lease.
+func (b *Bed) DeleteLease(ctx context.Context, subnet netip.Prefix) error {
+	c, err := b.EtcdClient()
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if _, err := c.Delete(ctx, FlannelLeaseKey(subnet)); err != nil {
+		return fmt.Errorf("testbed %s: delete %s: %w", b.Prefix, FlannelLeaseKey(subnet), err)
+	}
+	return nil
+}
+
+// RoutesOfProtocol lists the node's main-table IPv4 routes of routing
+// protocol proto (`ip route show proto <proto>`) as "<dst> via <gw> dev
+// <link>", sorted.
+func (n *Node) RoutesOfProtocol(proto int) ([]string, error) {
+	var out []string
+	err := InNetns(n.NS, func() error {
+		rs, err := netlink.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Protocol: netlink.RouteProtocol(proto)}, netlink.RT_FILTER_PROTOCOL)
+		if err != nil {
+			return err
+		}
+		for _, r := range rs {
+			dev := strconv.Itoa(r.LinkIndex)
+			if l, err := netlink.LinkByIndex(r.LinkIndex); err == nil {
+				dev = l.Attrs().Name
+			}
+			out = append(out, fmt.Sprintf("%v via %v dev %s", r.Dst, r.Gw, dev))
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("node %s: routes of protocol %d: %w", n.Name, proto, err)
+	}
+	sort.Strings(out)
+	return out, nil
+}
+
+// RouteTo is what the node's kernel does with a packet to dst (`ip route
+// get`): the gateway (zero when none) and the outgoing link's name.
+func (n *Node) RouteTo(dst netip.Addr) (gw netip.Addr, dev string, err error) {
+	err = InNetns(n.NS, func() error {
+		rs, err := netlink.RouteGet(dst.AsSlice())
+		if err != nil {
+			return err
+		}
+		if len(rs) != 1 {
+			return fmt.Errorf("%d routes", len(rs))
+		}
+		gw, _ = netip.AddrFromSlice(rs[0].Gw)
+		dev = strconv.Itoa(rs[0].LinkIndex)
+		if l, err := netlink.LinkByIndex(rs[0].LinkIndex); err == nil {
+			dev = l.Attrs().Name
+		}
+		return nil
+	})
+	if err != nil {
+		return netip.Addr{}, "", fmt.Errorf("node %s: route to %v: %w", n.Name, dst, err)
+	}
+	return gw.Unmap(), dev, nil
+}
