@@ -68,7 +68,7 @@ func TestAuthTokenLossIsRecoveredByTheRunningWatchAndRenewal(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			if tc.etcd34 {
-				tc.opts.Binary = etcdtest.DebianEtcd(t)
+				tc.opts.Binary = etcdtest.Executable(t)
 			}
 			s, c, prefix := startAuthEtcd(t, tc.opts)
 			r := newAuthRegistry(t, Config{Endpoints: []string{s.Endpoint()}, Prefix: prefix})
