@@ -115,6 +115,7 @@ func (b *bench) failed() bool {
 
 func (b *bench) hasTulle() bool {
 	return contains(b.cfg.Modes, modeTulleOffload) || contains(b.cfg.Modes, modeTulleWater) || contains(b.cfg.Modes, modeTulleDirect) ||
+		contains(b.cfg.Modes, modeTulleIPv6) ||
 		contains(b.cfg.Modes, modePolicyOne) || contains(b.cfg.Modes, modePolicyLarge)
 }
 
@@ -135,6 +136,7 @@ func (b *bench) run(ctx context.Context) (err error) {
 				b.report.Targets = evaluateTargets(b.report.Summary)
 				b.report.Targets = append(b.report.Targets, directTargets(b.report.Summary)...)
 				b.report.Targets = append(b.report.Targets, policyTargets(b.report.Summary, b.report.Samples)...)
+				b.report.Targets = append(b.report.Targets, ipv6Targets(b.report.Summary)...)
 			}
 			b.mu.Lock()
 			printTable(b.w, b.cfg, b.report)
@@ -172,17 +174,23 @@ func (b *bench) run(ctx context.Context) (err error) {
 	}
 	b.bed = bed
 	if b.hasTulle() {
-		if err := bed.WriteNetworkConfig(ctx, testbed.DefaultNetworkConfig); err != nil {
+		if err := bed.WriteNetworkConfig(ctx, b.runConfig(testbed.DefaultNetworkConfig)); err != nil {
 			return err
 		}
 	}
-	if contains(b.cfg.Modes, modeVXLAN) {
+	if contains(b.cfg.Modes, modeVXLAN) || contains(b.cfg.Modes, modeVXLANIPv6) {
 		vx, err := setupVXLAN(ctx, bed, []*testbed.Host{bed.Host(1), bed.Host(2)})
 		if err != nil {
 			return err
 		}
 		b.vx = vx
 		b.logf("kernel VXLAN set up: VNI %d, port %d, MTU %d, overlay 198.19.0.0/16", vxlanVNI, vxlanPort, vx.Hosts[0].MTU)
+		if contains(b.cfg.Modes, modeVXLANIPv6) {
+			if err := vx.addIPv6(ctx); err != nil {
+				return err
+			}
+			b.logf("kernel VXLAN carries IPv6 too: overlay %s", vxlanIPv6Net)
+		}
 	}
 
 	for rep := 0; rep < b.cfg.Reps; rep++ {
@@ -344,9 +352,11 @@ func (b *bench) begin(ctx context.Context, mode string) (*session, error) {
 			server:       endpoint{x2.Container.Name, x2.Container.NS, x2.Container.Addr},
 			reachTimeout: 5 * time.Second,
 		}, nil
-	case modeTulleOffload, modeTulleWater, modeTulleDirect:
+	case modeVXLANIPv6:
+		return b.vxlanIPv6Session(), nil
+	case modeTulleOffload, modeTulleWater, modeTulleDirect, modeTulleIPv6:
 		driver, config := tulleMode(mode)
-		if err := b.bed.WriteNetworkConfig(ctx, config); err != nil {
+		if err := b.bed.WriteNetworkConfig(ctx, b.runConfig(config)); err != nil {
 			return nil, err
 		}
 		args := append([]string{"--tun-driver", driver}, b.cfg.TulledArgs...)
@@ -367,10 +377,19 @@ func (b *bench) begin(ctx context.Context, mode string) (*session, error) {
 		if c1 == nil || c2 == nil {
 			return nil, errors.Join(errors.New("tulled started but the testbed set up no containers"), b.stopDaemons(sess))
 		}
-		if b.cfg.Path == pathHost {
+		switch {
+		case mode == modeTulleIPv6 && (!c1.Addr6.IsValid() || !c2.Addr6.IsValid()):
+			return nil, errors.Join(errors.New("tulle-ipv6: the containers have no IPv6 address (no FLANNEL_IPV6_SUBNET?)"), b.stopDaemons(sess))
+		case mode == modeTulleIPv6 && b.cfg.Path == pathHost:
+			sess.client = endpoint{h1.Name, h1.NS, c1.Gateway6.Addr()}
+			sess.server = endpoint{h2.Name, h2.NS, c2.Gateway6.Addr()}
+		case mode == modeTulleIPv6:
+			sess.client = endpoint{c1.Name, c1.NS, c1.Addr6}
+			sess.server = endpoint{c2.Name, c2.NS, c2.Addr6}
+		case b.cfg.Path == pathHost:
 			sess.client = endpoint{h1.Name, h1.NS, c1.Gateway.Addr()}
 			sess.server = endpoint{h2.Name, h2.NS, c2.Gateway.Addr()}
-		} else {
+		default:
 			sess.client = endpoint{c1.Name, c1.NS, c1.Addr}
 			sess.server = endpoint{c2.Name, c2.NS, c2.Addr}
 		}

@@ -150,6 +150,8 @@ func fakeSamples() []Sample {
 		mk(modeTulleOffload, 1, 10, 16, 120, 1.5, 30<<20), mk(modeTulleOffload, 2, 12, 18, 130, 1.7, 34<<20),
 		mk(modeTulleWater, 1, 2, 3, 200, 6, 20<<20),
 		{Mode: modeTulleWater, Rep: 2, Errors: []string{"start tulled: boom"}},
+		mk(modeVXLANIPv6, 1, 10, 20, 100, 0, 0),
+		mk(modeTulleIPv6, 1, 8, 10, 130, 1.8, 30<<20),
 	}
 }
 
@@ -174,6 +176,24 @@ func TestSummaryGivesTulleAsRatioOfKernelVXLAN(t *testing.T) {
 	}
 	if w := sum[3]; w.FailedSamples != 1 || w.TCP1Gbit.N != 1 {
 		t.Errorf("water: %d failed, %d measured; want 1 and 1", w.FailedSamples, w.TCP1Gbit.N)
+	}
+	// The IPv6 modes: Tulle against the kernel VXLAN carrying IPv6.
+	byMode := map[string]ModeSummary{}
+	for _, m := range sum {
+		byMode[m.Mode] = m
+	}
+	if m := byMode[modeVXLANIPv6]; m.VsVXLAN != nil || m.TCP1Gbit.Median != 10 {
+		t.Errorf("vxlan-ipv6 summary %+v: a reference has no ratio", m)
+	}
+	if v6 := byMode[modeTulleIPv6]; v6.VsVXLAN == nil || v6.VsVXLAN.TCP1 != 0.8 || v6.VsVXLAN.TCPN != 0.5 || v6.VsVXLAN.RTTDiffUs != 30 {
+		t.Errorf("tulle-ipv6 ratios %+v, want TCP1 8/10, TCPN 10/20, RTT +30 us (vs vxlan-ipv6)", v6.VsVXLAN)
+	}
+	v6met := map[string]bool{}
+	for _, tg := range ipv6Targets(sum) {
+		v6met[tg.Name] = tg.Met
+	}
+	if len(v6met) != 2 || !v6met["IPv6: TCP 1 stream >= 0.7x kernel VXLAN carrying IPv6"] || v6met["IPv6: TCP 4 streams >= 0.6x kernel VXLAN carrying IPv6"] {
+		t.Errorf("IPv6 targets %v, want 1 stream met and 4 streams not met", v6met)
 	}
 
 	targets := evaluateTargets(sum)

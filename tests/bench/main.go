@@ -11,7 +11,10 @@
 //   - tulle-offload and tulle-water: tulled on both hosts with
 //     --tun-driver offload or water (overlay 198.18.0.0/16);
 //   - tulle-direct: tulled (offload) with DirectRouting in the network
-//     config: the kernel routes container traffic directly (direct.go).
+//     config: the kernel routes container traffic directly (direct.go);
+//   - vxlan-ipv6 and tulle-ipv6: the same VXLAN devices and tulled
+//     (offload) carrying inner IPv6, container to container (ipv6.go),
+//     each IPv6 mode compared with the other.
 //
 // By default (-path container) the overlay traffic runs from container to
 // container, the path real workloads take: a namespace behind a veth on a
@@ -59,7 +62,7 @@ const (
 	modeTulleWater   = "tulle-water"
 )
 
-var allModes = []string{modeUnderlay, modeVXLAN, modeTulleOffload, modeTulleWater, modeTulleDirect}
+var allModes = []string{modeUnderlay, modeVXLAN, modeTulleOffload, modeTulleWater, modeTulleDirect, modeVXLANIPv6, modeTulleIPv6}
 
 // Traffic paths (-path).
 const (

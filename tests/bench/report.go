@@ -142,17 +142,14 @@ func summarizeModes(cfg Config, samples []Sample) []ModeSummary {
 		}
 		out = append(out, m)
 	}
-	var vx *ModeSummary
 	for i := range out {
-		if out[i].Mode == modeVXLAN {
-			vx = &out[i]
-		}
-	}
-	if vx != nil {
-		for i := range out {
-			if out[i].Mode == modeVXLAN {
-				continue
+		var vx *ModeSummary
+		for j := range out {
+			if ref := referenceMode(out[i].Mode); ref != "" && out[j].Mode == ref {
+				vx = &out[j]
 			}
+		}
+		if vx != nil {
 			r := &Ratios{
 				TCP1: finite(ratio(out[i].TCP1Gbit, vx.TCP1Gbit)),
 				TCPN: finite(ratio(out[i].TCPNGbit, vx.TCPNGbit)),
@@ -236,7 +233,7 @@ func printTable(w io.Writer, cfg Config, rep Report) {
 	}
 	fmt.Fprintf(w, "\nTulle throughput benchmark, %s: %d repetition(s), iperf3 TCP %d s (+%d s ramp-up), %d pings %v apart, %s\n",
 		rep.Started.Format("2006-01-02 15:04"), cfg.Reps, cfg.Duration, cfg.Omit, cfg.Pings, cfg.PingInterval, path)
-	fmt.Fprintf(w, "kernel %s, %d CPUs, %s; medians [min-max] over repetitions; \"vs vxlan\" = ratio of the kernel VXLAN median\n\n",
+	fmt.Fprintf(w, "kernel %s, %d CPUs, %s; medians [min-max] over repetitions; \"vs vxlan\" = ratio of the kernel VXLAN median (vxlan-ipv6 for the IPv6 modes)\n\n",
 		rep.Env.Kernel, rep.Env.CPUs, rep.Env.Iperf3)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	n := cfg.Streams

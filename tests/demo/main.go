@@ -1,13 +1,16 @@
 // Command demo shows Tulle working on one machine, in a few seconds: as root,
 // `go run ./tests/demo` (or `make demo`) starts a real etcd and three hosts
 // in network namespaces, each running the real tulled with a "container"
-// behind a bridge, as Docker would set it up from subnet.env. It shows each
-// host's lease, pings and transfers data from container to container across
-// hosts, prints the per-peer counters from /metrics and the measured
-// throughput, and removes everything again, also on Ctrl-C or a failure.
+// behind a bridge, as Docker would set it up from subnet.env, in a
+// dual-stack network (each host leases an IPv4 and an IPv6 subnet). It
+// shows each host's leases, pings over IPv4 and IPv6 and transfers data
+// over both from container to container across hosts, prints the per-peer
+// counters from /metrics and the measured throughput, and removes
+// everything again, also on Ctrl-C or a failure.
 //
-// Flags: -hosts N (2..9), -tun-driver offload|water, -hold (keep the
-// network up until Ctrl-C, to look around with `ip netns exec`).
+// Flags: -hosts N (2..9), -tun-driver offload|water, -ipv6=false (an
+// IPv4-only network, as flannel's udp backend), -hold (keep the network up
+// until Ctrl-C, to look around with `ip netns exec`).
 package main
 
 import (
@@ -38,6 +41,7 @@ func main() {
 	hosts := flag.Int("hosts", 3, "number of hosts (2..9)")
 	driver := flag.String("tun-driver", "offload", "tulled's --tun-driver: offload or water")
 	hold := flag.Bool("hold", false, "keep everything running until Ctrl-C (to look around)")
+	ipv6 := flag.Bool("ipv6", true, "a dual-stack network: IPv6 containers too (false: IPv4 only)")
 	flag.Parse()
 	if *hosts < 2 || *hosts > 9 {
 		fmt.Fprintln(os.Stderr, "demo: -hosts must be 2..9")
@@ -50,7 +54,7 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
-	d := &demo{out: os.Stdout, hosts: *hosts, driver: *driver, hold: *hold, steps: 7}
+	d := &demo{out: os.Stdout, hosts: *hosts, driver: *driver, hold: *hold, ipv6: *ipv6, steps: 7}
 	err := d.run(ctx)
 	code := 0
 	switch {
@@ -77,6 +81,7 @@ type demo struct {
 	hosts  int
 	driver string
 	hold   bool
+	ipv6   bool
 	steps  int
 	step   int
 	bed    *testbed.Bed
@@ -124,13 +129,17 @@ func (d *demo) run(ctx context.Context) (err error) {
 	d.detail("switch: namespace %s (a bridge)\netcd:   namespace %s, %s\nhosts:  namespaces %s-h1 .. %s-h%d, underlay 192.0.2.1 .. 192.0.2.%d",
 		b.SwitchNS, b.Etcd.NS, testbed.EtcdEndpoint, b.Prefix, b.Prefix, d.hosts, d.hosts)
 
+	config := testbed.DefaultNetworkConfig
+	if d.ipv6 {
+		config = testbed.DualStackNetworkConfig
+	}
 	done = d.begin("writing the network config to etcd")
-	err = b.WriteNetworkConfig(ctx, testbed.DefaultNetworkConfig)
+	err = b.WriteNetworkConfig(ctx, config)
 	done(err)
 	if err != nil {
 		return err
 	}
-	d.detail("%s/config = %s", testbed.DefaultEtcdPrefix, testbed.DefaultNetworkConfig)
+	d.detail("%s/config = %s", testbed.DefaultEtcdPrefix, config)
 
 	done = d.begin(fmt.Sprintf("starting tulled (--tun-driver %s) on each host, then a container behind a bridge", d.driver))
 	err = b.StartAll(ctx, "--tun-driver", d.driver)
@@ -162,13 +171,17 @@ func (d *demo) run(ctx context.Context) (err error) {
 
 func (d *demo) showLeases() error {
 	tw := tabwriter.NewWriter(d.out, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "      host\tunderlay\tlease (subnet.env)\tbridge\tMTU\tcontainer")
+	fmt.Fprintln(tw, "      host\tunderlay\tleases (subnet.env)\tMTU\tcontainer")
 	for _, h := range d.bed.Hosts {
 		env, err := h.SubnetEnv()
 		if err != nil {
 			return err
 		}
-		fmt.Fprintf(tw, "      %s\t%s\t%s\t%s\t%d\t%s\n", h.Name, h.Addr, env.Lease(), env.Subnet, env.MTU, h.Container().Addr)
+		c := h.Container()
+		fmt.Fprintf(tw, "      %s\t%s\t%s\t%d\t%s\n", h.Name, h.Addr, env.Lease(), env.MTU, c.Addr)
+		if env.IPv6Subnet.IsValid() {
+			fmt.Fprintf(tw, "      \t\t%s\t\t%s\n", env.IPv6Lease(), c.Addr6)
+		}
 	}
 	return tw.Flush()
 }
@@ -183,21 +196,35 @@ func (d *demo) pairs() [][2]int {
 }
 
 func (d *demo) ping(ctx context.Context) error {
-	done := d.begin("ping from container to container across hosts")
+	what := "ping from container to container across hosts"
+	if d.ipv6 {
+		what += ", IPv4 and IPv6"
+	}
+	done := d.begin(what)
 	var lines []string
 	for _, p := range d.pairs() {
 		from, to := d.bed.Host(p[0]).Container(), d.bed.Host(p[1]).Container()
-		if _, err := from.WaitReachable(ctx, to.Addr, 10*time.Second); err != nil {
-			done(err)
-			return err
+		dsts := []netip.Addr{to.Addr}
+		if d.ipv6 {
+			dsts = append(dsts, to.Addr6)
 		}
-		r, err := from.Ping(ctx, to.Addr, 3)
-		if err != nil {
-			done(err)
-			return err
+		for _, dst := range dsts {
+			src := from.Addr
+			if dst.Is6() {
+				src = from.Addr6
+			}
+			if _, err := from.WaitReachable(ctx, dst, 10*time.Second); err != nil {
+				done(err)
+				return err
+			}
+			r, err := from.Ping(ctx, dst, 3)
+			if err != nil {
+				done(err)
+				return err
+			}
+			lines = append(lines, fmt.Sprintf("%s %s -> %s %s: %d/%d replies, average %v",
+				from.Name, src, to.Name, dst, r.Received, r.Sent, r.AvgRTT.Round(time.Microsecond)))
 		}
-		lines = append(lines, fmt.Sprintf("%s %s -> %s %s: %d/%d replies, average %v",
-			from.Name, from.Addr, to.Name, to.Addr, r.Received, r.Sent, r.AvgRTT.Round(time.Microsecond)))
 	}
 	done(nil)
 	d.detail("%s", strings.Join(lines, "\n"))
@@ -215,6 +242,17 @@ func (d *demo) transfer(ctx context.Context) error {
 		return err
 	}
 	d.detail("%d bytes in %v: %s, checksum %x... matches", tr.Bytes, tr.Elapsed.Round(time.Millisecond), testbed.FormatBits(tr.BitsPerSecond()), tr.SHA256[:6])
+	if d.ipv6 {
+		fmt.Fprintf(d.out, "      the same over IPv6, %s -> %s ... ", c1.Addr6, c2.Addr6)
+		tctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+		tr, err := testbed.TransferTCPTo(tctx, &c1.Node, &c2.Node, c2.Addr6, transferSize)
+		cancel()
+		if err != nil {
+			fmt.Fprintln(d.out, "FAILED")
+			return err
+		}
+		fmt.Fprintf(d.out, "%d bytes in %v: %s, checksum %x... matches\n", tr.Bytes, tr.Elapsed.Round(time.Millisecond), testbed.FormatBits(tr.BitsPerSecond()), tr.SHA256[:6])
+	}
 	if _, err := tools.LookPath("iperf3"); err != nil {
 		d.detail("(iperf3 is not installed: no %d s iperf3 run; apt-get install iperf3)", iperfSeconds)
 		return nil
@@ -279,7 +317,11 @@ func (d *demo) counters(ctx context.Context) error {
 		}
 		for _, s := range m.Samples("tulle_dropped_packets_total") {
 			if s.Value > 0 {
-				dropLines = append(dropLines, fmt.Sprintf("%s: %s %s: %.0f", h.Name, s.Labels["direction"], s.Labels["reason"], s.Value))
+				family := ""
+				if f := s.Labels["family"]; f != "" {
+					family = " " + f
+				}
+				dropLines = append(dropLines, fmt.Sprintf("%s: %s%s %s: %.0f", h.Name, s.Labels["direction"], family, s.Labels["reason"], s.Value))
 			}
 		}
 		if len(peers) == 0 {

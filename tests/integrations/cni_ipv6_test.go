@@ -1,0 +1,115 @@
+package integrations
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tulle-net/tulle/tests/testbed"
+)
+
+// TestCNIGivesContainersBothFamiliesInADualStackNetwork: the real
+// cnitool, Debian's plugins and tulle-cni with the shipped conflist, on two
+// hosts of a dual-stack network (real tulled): each container gets an
+// address of each of its host's leases and routes to both networks, the
+// containers reach each other over IPv6 and IPv4, and DEL frees both
+// addresses.
+func TestCNIGivesContainersBothFamiliesInADualStackNetwork(t *testing.T) {
+	cnitool, cniPath := cniTestSetup(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	b := testbed.NewT(t, testbed.Options{Hosts: 2})
+	if err := b.WriteNetworkConfig(ctx, testbed.DualStackNetworkConfig); err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range b.Hosts {
+		if _, err := h.StartTulled(ctx, "--ip-masq"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	root := t.TempDir()
+	var ctrs []*testbed.Node
+	var paths []string
+	var hosts []cniHost
+	for i, h := range b.Hosts {
+		c := stageCNIConf(t, h, filepath.Join(root, h.Name), "cni/10-tulle.conflist", nil)
+		hosts = append(hosts, c)
+		env, err := h.SubnetEnv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !env.IPv6Subnet.IsValid() {
+			t.Fatalf("host %s: subnet.env without FLANNEL_IPV6_SUBNET", h.Name)
+		}
+		ns := addNetns(ctx, t, b, fmt.Sprintf("d%d", i+1))
+		path := "/run/netns/" + ns
+		out, err := c.cnitool(ctx, t, cnitool, cniPath, "add", path)
+		if err != nil {
+			t.Fatalf("host %s: cnitool add: %v\n%s", h.Name, err, out)
+		}
+		var res struct {
+			IPs []struct{ Address string } `json:"ips"`
+		}
+		if err := json.Unmarshal([]byte(out), &res); err != nil || len(res.IPs) != 2 {
+			t.Fatalf("host %s: cnitool add printed %q (%v): want two addresses", h.Name, out, err)
+		}
+		ctr := &testbed.Node{Name: fmt.Sprintf("d%d", i+1), NS: ns}
+		for _, ip := range res.IPs {
+			p, err := netip.ParsePrefix(ip.Address)
+			switch {
+			case err != nil:
+				t.Fatalf("host %s: address %q: %v", h.Name, ip.Address, err)
+			case p.Addr().Is4() && env.Lease().Contains(p.Addr()) && p.Bits() == env.Lease().Bits():
+				ctr.Addr = p.Addr()
+			case p.Addr().Is6() && env.IPv6Lease().Contains(p.Addr()) && p.Bits() == env.IPv6Lease().Bits():
+				ctr.Addr6 = p.Addr()
+			default:
+				t.Fatalf("host %s: address %s is in neither lease (%s, %s)", h.Name, p, env.Lease(), env.IPv6Lease())
+			}
+		}
+		if !ctr.Addr.IsValid() || !ctr.Addr6.IsValid() {
+			t.Fatalf("host %s: addresses %v: want one of each family", h.Name, res.IPs)
+		}
+		routes, _ := testbed.Exec(ctx, ns, "ip", "-6", "route")
+		if !strings.Contains(routes, env.IPv6Network.String()+" via "+env.IPv6Subnet.Addr().String()) {
+			t.Errorf("host %s: container routes lack %s via %s:\n%s", h.Name, env.IPv6Network, env.IPv6Subnet.Addr(), routes)
+		}
+		routes, _ = testbed.Exec(ctx, ns, "ip", "-4", "route")
+		if !strings.Contains(routes, env.Network.String()+" via "+env.Subnet.Addr().String()) {
+			t.Errorf("host %s: container routes lack %s via %s:\n%s", h.Name, env.Network, env.Subnet.Addr(), routes)
+		}
+		ctrs, paths = append(ctrs, ctr), append(paths, path)
+	}
+
+	for _, p := range [][2]*testbed.Node{{ctrs[0], ctrs[1]}, {ctrs[1], ctrs[0]}} {
+		for _, dst := range []netip.Addr{p[1].Addr6, p[1].Addr} {
+			if _, err := p[0].WaitReachable(ctx, dst, 10*time.Second); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := p[0].Ping(ctx, dst, 3); err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	if _, err := testbed.TransferTCPTo(ctx, ctrs[0], ctrs[1], ctrs[1].Addr6, 4<<20); err != nil {
+		t.Error(err)
+	}
+
+	for i, c := range hosts {
+		if out, err := c.cnitool(ctx, t, cnitool, cniPath, "del", paths[i]); err != nil {
+			t.Errorf("host %s: cnitool del: %v\n%s", c.h.Name, err, out)
+		}
+		for _, a := range []netip.Addr{ctrs[i].Addr, ctrs[i].Addr6} {
+			if _, err := os.Stat(filepath.Join(c.ipamDir, "tulle", a.String())); err == nil {
+				t.Errorf("host %s: host-local still reserves %s after DEL", c.h.Name, a)
+			}
+		}
+		assertNothingLeft(ctx, t, c, ctrs[i].NS, paths[i])
+	}
+}
