@@ -3,6 +3,8 @@ package daemon
 import (
 	"bytes"
 	"context"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -137,5 +139,67 @@ func TestBinaryStopsWithExit0OnSIGTERMWhileWaitingForEtcd(t *testing.T) {
 		if bytes.Contains([]byte(logs), []byte(`"level":"ERROR"`)) {
 			t.Errorf("%v: errors logged on a clean stop:\n%s", sig, logs)
 		}
+	}
+}
+
+// TestBinaryProfilerOnlyOnLoopbackWithoutThePassword runs the real tulled
+// with --debug-pprof and the password on its command line: the profiler
+// answers on its own loopback listener only, and its cmdline page does not
+// show the password.
+func TestBinaryProfilerOnlyOnLoopbackWithoutThePassword(t *testing.T) {
+	if !inDaemonNetns(t) {
+		return
+	}
+	bin := buildTulled(t)
+	const secret = "s3cret-pw"
+	cmd := tools.Command(context.Background(), bin, "--etcd-endpoints=http://127.0.0.1:2379", "--etcd-username=tulle", "--etcd-password="+secret,
+		"--subnet-file="+filepath.Join(t.TempDir(), "subnet.env"), "--metrics-addr="+publicIP+":9285", "--debug-pprof", "--debug-pprof-addr=127.0.0.1:6060")
+	var stderr syncBuffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		_ = cmd.Wait()
+	})
+	get := func(url string) (int, string) {
+		c := http.Client{Timeout: 5 * time.Second}
+		resp, err := c.Get(url)
+		if err != nil {
+			return 0, err.Error()
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if code, _ := get("http://127.0.0.1:6060/debug/pprof/"); code == http.StatusOK {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no profiler on 127.0.0.1:6060; log:\n%s", stderr.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	code, body := get("http://127.0.0.1:6060/debug/pprof/cmdline")
+	if code != http.StatusOK || strings.Contains(body, secret) || !strings.Contains(body, "--etcd-password=REDACTED") || !strings.Contains(body, "--etcd-username=tulle") {
+		t.Errorf("/debug/pprof/cmdline: %d %q", code, body)
+	}
+	if code, _ := get("http://" + publicIP + ":9285/debug/pprof/"); code != http.StatusNotFound {
+		t.Errorf("the profiler answers on the metrics listener %s:9285: %d", publicIP, code)
+	}
+	if code, _ := get("http://" + publicIP + ":9285/healthz"); code != http.StatusOK {
+		t.Errorf("/healthz on the metrics listener: %d", code)
+	}
+	if strings.Contains(stderr.String(), secret) {
+		t.Errorf("the log shows the password:\n%s", stderr.String())
+	}
+
+	// A profiler address the network reaches is refused.
+	out, err := tools.Command(context.Background(), bin, "--debug-pprof", "--debug-pprof-addr="+publicIP+":6060").CombinedOutput()
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != ExitUsage || !strings.Contains(string(out), "must be a loopback address") {
+		t.Errorf("--debug-pprof-addr=%s:6060: %v\n%s", publicIP, err, out)
 	}
 }

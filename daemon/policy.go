@@ -44,14 +44,16 @@ type policyRunner struct {
 	enf   *policy.Enforcer
 	local []netip.Prefix // this host's subnets
 
-	leasesMu  sync.Mutex
-	leases    []subnet.Lease // latest snapshot from the main loop
-	leasesSet bool
-	leaseKick chan struct{} // cap 1: a new snapshot is there
+	leasesMu    sync.Mutex
+	leaseEvs    []subnet.Event // lease events from the main loop, not yet taken in
+	leasesReset bool           // drop the index before taking leaseEvs in (tests)
+	leaseKick   chan struct{}  // cap 1: leaseEvs has news
 
 	// state of the run goroutine
 	docs      policyDocs
-	lastText  string // the ruleset in force, as rendered
+	leases    leaseIndex
+	hostRefs  map[netip.Addr]bool // hosts named by host: matches of the policies in force
+	lastText  string              // the ruleset in force, as rendered
 	warned    map[string]bool
 	frozenWhy string
 	bridgeErr string
@@ -62,8 +64,9 @@ type policyRunner struct {
 
 	stats atomic.Pointer[policyStats]
 	// turns counts the loop's turns (each after its apply, or its decision
-	// not to), for tests to wait on.
-	turns atomic.Uint64
+	// not to), for tests to wait on; compiles counts the rulesets compiled.
+	turns    atomic.Uint64
+	compiles atomic.Uint64
 }
 
 // policyStats is what the metrics show besides the kernel's counters.
@@ -86,6 +89,7 @@ func newPolicyRunner(local []netip.Prefix, enf *policy.Enforcer, log *slog.Logge
 		local:     local,
 		leaseKick: make(chan struct{}, 1),
 		docs:      newPolicyDocs(),
+		leases:    newLeaseIndex(),
 		warned:    map[string]bool{},
 
 		ensureBridge: policy.EnsureBridgeFiltering,
@@ -108,24 +112,23 @@ func (d *daemon) startPolicy() {
 	d.wg.Go(func() { d.pol.run(d.runCtx, d.reg.WatchPrefix) })
 }
 
-// policyLeases hands the policy runner the leases after a lease batch
-// (for host: matches); our own is not among d.peers.
-func (d *daemon) policyLeases() {
-	if d.pol == nil {
-		return
+// policyLeases hands the policy runner a batch of lease events (for host:
+// matches): O(batch), so lease churn in a large cluster costs the main
+// loop nothing per lease.
+func (d *daemon) policyLeases(batch []subnet.Event) {
+	if d.pol != nil {
+		d.pol.leaseEvents(batch, false)
 	}
-	leases := make([]subnet.Lease, 0, len(d.peers)+1)
-	leases = append(leases, d.lease)
-	for _, l := range d.peers {
-		leases = append(leases, l)
-	}
-	d.pol.setLeases(leases)
 }
 
-// setLeases hands the runner the current leases; it never blocks.
-func (p *policyRunner) setLeases(leases []subnet.Lease) {
+// leaseEvents queues lease events for the runner (reset: they are the
+// whole set); it never blocks.
+func (p *policyRunner) leaseEvents(evs []subnet.Event, reset bool) {
 	p.leasesMu.Lock()
-	p.leases, p.leasesSet = leases, true
+	if reset {
+		p.leaseEvs, p.leasesReset = nil, true
+	}
+	p.leaseEvs = append(p.leaseEvs, evs...)
 	p.leasesMu.Unlock()
 	select {
 	case p.leaseKick <- struct{}{}:
@@ -133,10 +136,40 @@ func (p *policyRunner) setLeases(leases []subnet.Lease) {
 	}
 }
 
-func (p *policyRunner) leaseSnapshot() ([]subnet.Lease, bool) {
+// setLeases replaces the leases the runner knows with leases.
+func (p *policyRunner) setLeases(leases []subnet.Lease) {
+	evs := make([]subnet.Event, len(leases))
+	for i, l := range leases {
+		evs[i] = subnet.Event{Type: subnet.EventAdded, Lease: l}
+	}
+	p.leaseEvents(evs, true)
+}
+
+// takeLeases takes the queued lease events into the index and reports
+// whether one changed the leases of a host a policy names.
+func (p *policyRunner) takeLeases() (relevant bool) {
 	p.leasesMu.Lock()
-	defer p.leasesMu.Unlock()
-	return p.leases, p.leasesSet
+	evs, reset := p.leaseEvs, p.leasesReset
+	p.leaseEvs, p.leasesReset = nil, false
+	p.leasesMu.Unlock()
+	if reset {
+		p.leases = newLeaseIndex()
+		relevant = len(p.hostRefs) > 0
+	}
+	for _, ev := range evs {
+		p.leases.apply(ev, func(a netip.Addr) { relevant = relevant || p.hostRefs[a] })
+	}
+	return relevant
+}
+
+// noteHostRefs recomputes which hosts the policies in force name.
+func (p *policyRunner) noteHostRefs() {
+	p.hostRefs = map[netip.Addr]bool{}
+	for _, pol := range p.docs.policies {
+		for _, a := range pol.Hosts() {
+			p.hostRefs[a] = true
+		}
+	}
 }
 
 // run watches policies and netsets with watch and applies until ctx is
@@ -156,40 +189,57 @@ func (p *policyRunner) run(ctx context.Context, watch docWatch) {
 		})
 	}
 	var gotPolicies, gotNetsets, gotLeases bool
+	// changed: something the ruleset depends on changed since the last
+	// reconcile (a lease change only if a policy names its host, so that
+	// lease churn does not recompile the ruleset).
+	changed := false
 	var retry <-chan time.Time
+	onPolicies := func(b []etcdreg.KeyEvent) {
+		p.docs.update(p, "policy", b)
+		p.noteHostRefs()
+		gotPolicies, changed = true, true
+	}
+	onNetsets := func(b []etcdreg.KeyEvent) {
+		p.docs.update(p, "netset", b)
+		gotNetsets, changed = true, true
+	}
+	onLeases := func() {
+		if p.takeLeases() || !gotLeases {
+			changed = true
+		}
+		gotLeases = true
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case b := <-polCh:
-			p.docs.update(p, "policy", b)
-			gotPolicies = true
+			onPolicies(b)
 		case b := <-netCh:
-			p.docs.update(p, "netset", b)
-			gotNetsets = true
+			onNetsets(b)
 		case <-p.leaseKick:
-			gotLeases = true
+			onLeases()
 		case <-retry:
+			changed = true
 		}
 		// Take in whatever else is waiting, so a burst is one apply.
 	drain:
 		for {
 			select {
 			case b := <-polCh:
-				p.docs.update(p, "policy", b)
-				gotPolicies = true
+				onPolicies(b)
 			case b := <-netCh:
-				p.docs.update(p, "netset", b)
-				gotNetsets = true
+				onNetsets(b)
 			case <-p.leaseKick:
-				gotLeases = true
+				onLeases()
 			default:
 				break drain
 			}
 		}
 		// Until every document has been read, the rules of the last run
 		// stay in force: a partial ruleset could open what they close.
-		if gotPolicies && gotNetsets && gotLeases {
+		if gotPolicies && gotNetsets && gotLeases && changed {
+			changed = false
 			retry = nil
 			if !p.reconcile() {
 				retry = time.After(policyRetry)
@@ -215,11 +265,11 @@ func (p *policyRunner) reconcile() bool {
 		p.log.Info("policy documents valid again; applying")
 		p.frozenWhy = ""
 	}
-	leases, _ := p.leaseSnapshot()
+	p.compiles.Add(1)
 	rs := policy.Compile(policy.Input{
 		Policies: slices.Collect(maps.Values(p.docs.policies)),
 		Netsets:  p.docs.netsets,
-		Leases:   leases,
+		Leases:   p.leases.of(p.hostRefs),
 		Local:    p.local,
 	})
 	var b strings.Builder

@@ -238,6 +238,45 @@ func TestPolicyRunnerFollowsLeasesAndNetsets(t *testing.T) {
 	waitSet("sel-web-ip", "198.18.2.5-198.18.2.5")
 }
 
+// TestLeaseChurnRecompilesOnlyForHostsPoliciesName: in a large cluster
+// leases come and go all the time; a change of a host no host: match names
+// costs the runner an index update, never a compile of the ruleset.
+func TestLeaseChurnRecompilesOnlyForHostsPoliciesName(t *testing.T) {
+	b := newRunnerBed(t)
+	b.start()
+	b.pol <- []etcdreg.KeyEvent{{Key: "web", Value: []byte(webPolicy)}}
+	b.net <- []etcdreg.KeyEvent{}
+	b.r.setLeases(hostLeases)
+	b.waitFor("web's rule", b.has("web ingress rule 1 allow ip"))
+	compiles := b.r.compiles.Load()
+
+	var churn []subnet.Event
+	for i := range 2000 {
+		l := subnet.Lease{Subnet: netip.PrefixFrom(netip.AddrFrom4([4]byte{198, 19, byte(i >> 8), byte(i)}), 32),
+			Attrs: subnet.LeaseAttrs{PublicIP: netip.AddrFrom4([4]byte{198, 18, 200 + byte(i>>8), byte(i)})}}
+		churn = append(churn, subnet.Event{Type: subnet.EventAdded, Lease: l}, subnet.Event{Type: subnet.EventRemoved, Lease: l})
+	}
+	turns := b.r.turns.Load()
+	for i := 0; i < len(churn); i += 100 {
+		b.r.leaseEvents(churn[i:i+100], false)
+		b.waitTurns(turns + 1)
+		turns = b.r.turns.Load()
+	}
+	if got := b.r.compiles.Load(); got != compiles {
+		t.Errorf("%d compiles for lease changes of hosts no policy names, want 0", got-compiles)
+	}
+
+	// The host web's rule names moves to another subnet: one compile, new rule.
+	moved := hostLeases[0]
+	moved.Subnet = netip.MustParsePrefix("198.18.7.0/24")
+	b.r.leaseEvents([]subnet.Event{{Type: subnet.EventRemoved, Lease: hostLeases[0]}, {Type: subnet.EventAdded, Lease: moved}}, false)
+	b.waitFor("a compile for the named host", func() bool { return b.r.compiles.Load() == compiles+1 })
+	b.waitFor("web's source set follows", func() bool {
+		inst, err := b.enf.Read()
+		return err == nil && inst != nil && slices.Equal(inst.Sets["peer-web-in1-ip"], []string{"198.18.7.0-198.18.7.255"})
+	})
+}
+
 func mustParse(t *testing.T, name, doc string) *policy.Policy {
 	t.Helper()
 	p, err := policy.ParsePolicy(name, []byte(doc))

@@ -7,7 +7,9 @@ import (
 	"io/fs"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -169,7 +171,7 @@ func (d *daemon) run(ctx context.Context) error {
 	}
 	d.metrics = reg
 	httpCtx, stopHTTP := context.WithCancel(context.Background())
-	httpDone := make(chan error, 2)
+	httpDone := make(chan error, 3)
 	var httpWG sync.WaitGroup
 	defer func() {
 		stopHTTP()
@@ -196,24 +198,40 @@ func (d *daemon) startHTTP(ctx context.Context, wg *sync.WaitGroup, done chan<- 
 		addrs = append(addrs, h)
 	}
 	handler := health.Handler(d.health, d.metrics, d.log)
-	if d.cfg.DebugPprof {
-		handler = health.WithPprof(handler)
+	type served struct {
+		ln      net.Listener
+		handler http.Handler
+		what    string
 	}
-	var lns []net.Listener
-	for _, a := range addrs {
-		ln, err := health.Listen(a)
+	var all []served
+	listen := func(addr string, h http.Handler, what string) error {
+		ln, err := health.Listen(addr)
 		if err != nil {
-			for _, l := range lns {
-				l.Close()
+			for _, s := range all {
+				s.ln.Close()
 			}
 			return err
 		}
-		lns = append(lns, ln)
+		all = append(all, served{ln, h, what})
+		return nil
 	}
-	for _, ln := range lns {
-		d.log.Info("serving /metrics, /healthz and /readyz", "addr", ln.Addr().String())
+	for _, a := range addrs {
+		if err := listen(a, handler, "/metrics, /healthz and /readyz"); err != nil {
+			return err
+		}
+	}
+	// The profiler shows the process's memory: only on a loopback
+	// listener of its own (config refuses any other address), with the
+	// password taken out of the command line it shows.
+	if d.cfg.DebugPprof {
+		if err := listen(d.cfg.DebugPprofAddr, health.Pprof(config.RedactArgs(os.Args)), "Go's profiler at /debug/pprof/"); err != nil {
+			return err
+		}
+	}
+	for _, s := range all {
+		d.log.Info("serving "+s.what, "addr", s.ln.Addr().String())
 		wg.Go(func() {
-			if err := health.Serve(ctx, ln, handler); err != nil {
+			if err := health.Serve(ctx, s.ln, s.handler); err != nil {
 				done <- err
 			}
 		})
@@ -320,7 +338,7 @@ func (d *daemon) loop(ctx context.Context, httpDone <-chan error) error {
 		case batch := <-d.events:
 			d.be.Apply(batch)
 			d.notePeers(batch)
-			d.policyLeases()
+			d.policyLeases(batch)
 			if !d.envWritten {
 				if err := d.finishStartup(); err != nil {
 					return err

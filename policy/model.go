@@ -317,3 +317,23 @@ func matchStrings(ms []Match) []string {
 	}
 	return out
 }
+
+// Hosts returns the public addresses the policy names in host: matches
+// (Selector and rule peers): the hosts whose leases its ruleset follows.
+func (p *Policy) Hosts() []netip.Addr {
+	var out []netip.Addr
+	add := func(ms []Match) {
+		for _, m := range ms {
+			if m.Kind == MatchHost {
+				out = append(out, m.Host)
+			}
+		}
+	}
+	add(p.Selector)
+	for _, rules := range [][]Rule{p.Ingress, p.Egress} {
+		for _, r := range rules {
+			add(r.Peers)
+		}
+	}
+	return out
+}

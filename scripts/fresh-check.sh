@@ -15,8 +15,8 @@
 #
 # It first runs scripts/deps.sh with the normal PATH, as `make test` would
 # on a fresh machine (apt-get is not in the restricted PATH). The work
-# directory (/tmp/tulle-fresh.*) is removed after a pass and kept after a
-# failure, with the log in it.
+# directory (/tmp/tulle-fresh.*) is removed after a pass (the log is kept
+# beside it) and kept after a failure, with the log in it.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 branch=${1:-$(git -C "$repo" rev-parse --abbrev-ref HEAD)}
@@ -75,6 +75,8 @@ if [ $rc -ne 0 ]; then
 	echo "fresh-check: FAILED (make test exit $rc) after ${secs}s; kept $work" >&2
 	exit $rc
 fi
-echo "fresh-check: passed in $((secs / 60)) min $((secs % 60)) s"
+kept=/tmp/tulle-fresh-$(date +%Y%m%d-%H%M%S).log
+cp "$log" "$kept"
+echo "fresh-check: passed in $((secs / 60)) min $((secs % 60)) s; the log is $kept"
 chmod -R u+w "$work/gomodcache"
 rm -rf "$work"

@@ -1,6 +1,8 @@
 package tests
 
 import (
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -12,6 +14,23 @@ const (
 	etcdUser     = "tulle"
 	etcdPassword = "tulle-secret"
 )
+
+// passwordFile writes password alone into a root-only file, as the
+// systemd unit's setup does, and returns its path.
+func passwordFile(t *testing.T, password string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "etcd-password")
+	if err := os.WriteFile(p, []byte(password+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// authArgs are tulled's flags to log in as the user tulle, with the
+// password in a file.
+func authArgs(t *testing.T) []string {
+	return []string{"--etcd-username", etcdUser, "--etcd-password-file", passwordFile(t, etcdPassword)}
+}
 
 // authBed is a bed whose etcd has authentication on, with the user tulle
 // allowed to read and write flannel's prefix only.
@@ -32,7 +51,7 @@ func TestPasswordAuthSurvivesAnEtcdRestart(t *testing.T) {
 	if err := b.WriteNetworkConfig(ctx, testbed.DefaultNetworkConfig); err != nil {
 		t.Fatal(err)
 	}
-	auth := []string{"--etcd-username", etcdUser, "--etcd-password", etcdPassword, "--subnet-lease-ttl", ttl.String()}
+	auth := append(authArgs(t), "--subnet-lease-ttl", ttl.String())
 	if err := b.StartAll(ctx, auth...); err != nil {
 		t.Fatal(err)
 	}

@@ -11,7 +11,7 @@ import (
 
 // control is the state behind the route table: the current peers by lease
 // subnet and the allocator of their counter indices. Only Apply touches it
-// (scrapes take scrapes for reading).
+// (the collector holds scrapes for reading while it scrapes).
 type control struct {
 	mu    sync.Mutex
 	peers map[netip.Prefix]*peer

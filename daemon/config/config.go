@@ -23,7 +23,9 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -47,6 +49,7 @@ const (
 	DefaultTunName       = "tulle0"
 	DefaultMetricsAddr   = ":9285"
 	DefaultHealthzIP     = "0.0.0.0"
+	DefaultPprofAddr     = "127.0.0.1:6060"
 )
 
 // Etcd is how to reach the registry. Shared by the daemon and `tulled status`.
@@ -57,7 +60,9 @@ type Etcd struct {
 	CertFile  string
 	KeyFile   string
 	Username  string
-	Password  string
+	Password  string // from --etcd-password, or read from PasswordFile
+	// PasswordFile is where the password was read from ("" if not).
+	PasswordFile string
 }
 
 // Config is the daemon's validated configuration.
@@ -80,7 +85,10 @@ type Config struct {
 	HealthzIP   string
 	HealthzPort int    // 0 = off
 	MetricsAddr string // "" = off
-	DebugPprof  bool   // serve /debug/pprof/ on MetricsAddr
+	DebugPprof  bool   // serve Go's profiler on DebugPprofAddr
+	// DebugPprofAddr is the profiler's own listener; always a loopback
+	// address: the profiler never shares a listener the network reaches.
+	DebugPprofAddr string
 
 	TunName   string
 	TunDriver string // "offload" or "water"
@@ -269,12 +277,13 @@ func addEtcdFlags(fs *FlagSet, e *Etcd, endpoints *string) {
 	fs.StringVar(&e.CertFile, "etcd-certfile", "", "client certificate `file` for etcd (TLS)")
 	fs.StringVar(&e.KeyFile, "etcd-keyfile", "", "client key `file` for etcd (TLS)")
 	fs.StringVar(&e.Username, "etcd-username", "", "etcd `user` name (authentication)")
-	fs.StringVar(&e.Password, "etcd-password", "", "etcd `password` (better in the environment: TULLED_ETCD_PASSWORD)")
+	fs.StringVar(&e.Password, "etcd-password", "", "etcd `password` (better --etcd-password-file, or the environment: TULLED_ETCD_PASSWORD)")
+	fs.StringVar(&e.PasswordFile, "etcd-password-file", "", "read the etcd password from this `file` (refused if group or others may read it)")
 }
 
 var etcdGroup = Group{Title: "etcd", Names: []string{
 	"etcd-endpoints", "etcd-prefix", "etcd-cafile", "etcd-certfile", "etcd-keyfile",
-	"etcd-username", "etcd-password",
+	"etcd-username", "etcd-password", "etcd-password-file",
 }}
 
 func (e *Etcd) finish(fs *FlagSet, endpoints string) error {
@@ -303,10 +312,78 @@ func (e *Etcd) finish(fs *FlagSet, endpoints string) error {
 	if (e.CertFile == "") != (e.KeyFile == "") {
 		return usagef("--etcd-certfile and --etcd-keyfile go together: give both or neither")
 	}
+	if e.PasswordFile != "" {
+		if e.Password != "" {
+			return usagef("%s and %s both given: give the password one way", fs.Source("etcd-password"), fs.Source("etcd-password-file"))
+		}
+		pw, err := readPasswordFile(e.PasswordFile)
+		if err != nil {
+			return usagef("%s: %v", fs.Source("etcd-password-file"), err)
+		}
+		e.Password = pw
+	}
 	if e.Password != "" && e.Username == "" {
-		return usagef("--etcd-password given without --etcd-username")
+		return usagef("an etcd password given without --etcd-username")
 	}
 	return nil
+}
+
+// readPasswordFile reads a password from path: the file's content without
+// its trailing newline. A file that its group or others may read is
+// refused: the password would not be secret on this host.
+func readPasswordFile(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return "", err
+	}
+	if !st.Mode().IsRegular() {
+		return "", fmt.Errorf("%s is not a regular file", path)
+	}
+	if perm := st.Mode().Perm(); perm&0o077 != 0 {
+		return "", fmt.Errorf("%s has mode %04o: group or others may read the password; chmod 600 %s", path, perm, path)
+	}
+	b, err := io.ReadAll(io.LimitReader(f, 4096))
+	if err != nil {
+		return "", err
+	}
+	pw := strings.TrimRight(string(b), "\r\n")
+	if pw == "" {
+		return "", fmt.Errorf("%s is empty", path)
+	}
+	return pw, nil
+}
+
+// secretFlags are the flags whose values RedactArgs hides.
+var secretFlags = []string{"etcd-password"}
+
+// RedactArgs returns a copy of a command line (os.Args) with the values
+// of secret flags (--etcd-password, in every spelling) replaced by
+// "REDACTED", for anything that shows the command line (the profiler's
+// /debug/pprof/cmdline).
+func RedactArgs(args []string) []string {
+	out := slices.Clone(args)
+	for i := 0; i < len(out); i++ {
+		a := out[i]
+		if !strings.HasPrefix(a, "-") {
+			continue
+		}
+		name, _, hasValue := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		if !slices.Contains(secretFlags, name) {
+			continue
+		}
+		if hasValue {
+			out[i] = a[:strings.Index(a, "=")+1] + "REDACTED"
+		} else if i+1 < len(out) {
+			out[i+1] = "REDACTED"
+			i++
+		}
+	}
+	return out
 }
 
 func parseEndpoint(ep string) (string, error) {
@@ -359,7 +436,8 @@ func daemonFlagSet(c *Config, r *rawFlags) *FlagSet {
 	fs.StringVar(&c.MetricsAddr, "metrics-addr", DefaultMetricsAddr, "`host:port` for /metrics, /healthz and /readyz (empty = off)")
 	fs.StringVar(&c.HealthzIP, "healthz-ip", DefaultHealthzIP, "`IP` of flannel's health endpoint (see --healthz-port)")
 	fs.IntVar(&c.HealthzPort, "healthz-port", 0, "`port` of flannel's health endpoint; serves as --metrics-addr (0 = off)")
-	fs.BoolVar(&c.DebugPprof, "debug-pprof", false, "also serve Go's profiler at /debug/pprof/ on --metrics-addr (for performance work; keep it off on untrusted networks)")
+	fs.BoolVar(&c.DebugPprof, "debug-pprof", false, "serve Go's profiler at /debug/pprof/ on --debug-pprof-addr (for performance work)")
+	fs.StringVar(&c.DebugPprofAddr, "debug-pprof-addr", DefaultPprofAddr, "loopback `host:port` of the profiler's own listener (never the metrics one)")
 	fs.StringVar(&r.logLevel, "log-level", "info", "log `level`: debug, info, warn or error")
 	fs.StringVar(&c.LogFormat, "log-format", "text", "log `format`: text or json")
 	fs.BoolVar(&r.version, "version", false, "print the version and exit")
@@ -368,7 +446,7 @@ func daemonFlagSet(c *Config, r *rawFlags) *FlagSet {
 		etcdGroup,
 		{Title: "network", Names: []string{"iface", "iface-regex", "public-ip", "public-ipv6", "subnet-file", "subnet-lease-renew-margin", "subnet-lease-ttl", "etcd-start-timeout", "ip-masq"}},
 		{Title: "data plane", Names: []string{"tun-driver", "tun-name", "workers", "partial-checksums"}},
-		{Title: "observability", Names: []string{"metrics-addr", "debug-pprof", "healthz-ip", "healthz-port", "log-level", "log-format"}},
+		{Title: "observability", Names: []string{"metrics-addr", "debug-pprof", "debug-pprof-addr", "healthz-ip", "healthz-port", "log-level", "log-format"}},
 		{Title: "other", Names: []string{"version", "help"}},
 	}
 	return fs
@@ -460,6 +538,9 @@ func Parse(args []string, env []string) (*Config, Action, error) {
 			return nil, ActionRun, usagef("invalid %s %q: %v", fs.Source("metrics-addr"), c.MetricsAddr, err)
 		}
 	}
+	if err := checkLoopback(c.DebugPprofAddr); err != nil {
+		return nil, ActionRun, usagef("invalid %s %q: %v", fs.Source("debug-pprof-addr"), c.DebugPprofAddr, err)
+	}
 	if _, err := netip.ParseAddr(c.HealthzIP); err != nil {
 		return nil, ActionRun, usagef("invalid %s %q: want an IP address", fs.Source("healthz-ip"), c.HealthzIP)
 	}
@@ -479,7 +560,7 @@ func Parse(args []string, env []string) (*Config, Action, error) {
 		c.Warnings = append(c.Warnings, fmt.Sprintf("environment variable %s names no tulled flag; ignored", k))
 	}
 	if fs.source["etcd-password"] == "--etcd-password" {
-		c.Warnings = append(c.Warnings, "--etcd-password on the command line is visible to every user in the process list; prefer TULLED_ETCD_PASSWORD")
+		c.Warnings = append(c.Warnings, "--etcd-password on the command line is visible to every user in the process list; prefer --etcd-password-file or TULLED_ETCD_PASSWORD")
 	}
 	return c, ActionRun, nil
 }
@@ -503,6 +584,23 @@ func checkHostPort(s string) error {
 	p, err := strconv.Atoi(port)
 	if err != nil || p < 0 || p > 65535 {
 		return fmt.Errorf("port %q: want 0 to 65535", port)
+	}
+	return nil
+}
+
+// checkLoopback accepts a host:port whose host is a loopback address or
+// localhost: the profiler shows the process's memory and must not be
+// reachable from the network.
+func checkLoopback(s string) error {
+	if err := checkHostPort(s); err != nil {
+		return err
+	}
+	host, _, _ := net.SplitHostPort(s)
+	if host == "localhost" {
+		return nil
+	}
+	if a, err := netip.ParseAddr(host); err != nil || !a.IsLoopback() {
+		return errors.New("must be a loopback address (127.0.0.1, ::1): the profiler must not be reachable from the network")
 	}
 	return nil
 }

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"log/slog"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -217,5 +219,75 @@ func TestDockerOptsFlagsAreMkDockerOpts(t *testing.T) {
 	}
 	if d.SubnetFile != "/y" || d.Individual || !d.Combined {
 		t.Errorf("%+v", d)
+	}
+}
+
+func TestPasswordFileIsReadAndMustBePrivate(t *testing.T) {
+	dir := t.TempDir()
+	private := filepath.Join(dir, "etcd-password")
+	if err := os.WriteFile(private, []byte("s3cret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c := mustParse(t, []string{"--etcd-username=tulle", "--etcd-password-file=" + private}, nil)
+	if c.Etcd.Password != "s3cret" || c.Etcd.PasswordFile != private {
+		t.Errorf("password %q from %q", c.Etcd.Password, c.Etcd.PasswordFile)
+	}
+	c = mustParse(t, nil, []string{"TULLED_ETCD_USERNAME=tulle", "TULLED_ETCD_PASSWORD_FILE=" + private})
+	if c.Etcd.Password != "s3cret" {
+		t.Errorf("TULLED_ETCD_PASSWORD_FILE: password %q", c.Etcd.Password)
+	}
+	c = mustParse(t, []string{"--etcd-username=tulle"}, []string{"TULLED_ETCD_PASSWORD=from-env"})
+	if c.Etcd.Password != "from-env" || len(c.Warnings) != 0 {
+		t.Errorf("TULLED_ETCD_PASSWORD: password %q, warnings %q", c.Etcd.Password, c.Warnings)
+	}
+
+	shared := filepath.Join(dir, "shared")
+	if err := os.WriteFile(shared, []byte("s3cret"), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	empty := filepath.Join(dir, "empty")
+	if err := os.WriteFile(empty, []byte("\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		args []string
+		env  []string
+		want string
+	}{
+		{[]string{"--etcd-username=tulle", "--etcd-password-file=" + shared}, nil,
+			"--etcd-password-file: " + shared + " has mode 0640: group or others may read the password; chmod 600 " + shared},
+		{nil, []string{"TULLED_ETCD_USERNAME=tulle", "TULLED_ETCD_PASSWORD_FILE=" + shared}, "TULLED_ETCD_PASSWORD_FILE: " + shared + " has mode 0640"},
+		{[]string{"--etcd-username=tulle", "--etcd-password-file=" + empty}, nil, empty + " is empty"},
+		{[]string{"--etcd-username=tulle", "--etcd-password-file=" + filepath.Join(dir, "none")}, nil, "no such file"},
+		{[]string{"--etcd-username=tulle", "--etcd-password-file=" + private}, []string{"TULLED_ETCD_PASSWORD=x"},
+			"TULLED_ETCD_PASSWORD and --etcd-password-file both given"},
+		{[]string{"--etcd-password-file=" + private}, nil, "an etcd password given without --etcd-username"},
+	} {
+		_, _, err := Parse(tc.args, tc.env)
+		var ue *UsageError
+		if !errors.As(err, &ue) || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%v %v: %v, want a usage error saying %q", tc.args, tc.env, err, tc.want)
+		}
+	}
+}
+
+func TestProfilerOnlyOnLoopbackAndItsCommandLineHidesThePassword(t *testing.T) {
+	if c := mustParse(t, nil, nil); c.DebugPprofAddr != "127.0.0.1:6060" {
+		t.Errorf("default --debug-pprof-addr %q", c.DebugPprofAddr)
+	}
+	for _, ok := range []string{"127.0.0.1:6060", "[::1]:6060", "localhost:7000", "127.0.0.5:0"} {
+		if _, _, err := Parse([]string{"--debug-pprof", "--debug-pprof-addr=" + ok}, nil); err != nil {
+			t.Errorf("--debug-pprof-addr=%s: %v", ok, err)
+		}
+	}
+	for _, bad := range []string{":6060", "0.0.0.0:6060", "192.0.2.1:6060", "[::]:6060"} {
+		if _, _, err := Parse([]string{"--debug-pprof-addr=" + bad}, nil); err == nil || !strings.Contains(err.Error(), "must be a loopback address") {
+			t.Errorf("--debug-pprof-addr=%s: %v", bad, err)
+		}
+	}
+	got := RedactArgs([]string{"tulled", "--etcd-password=a", "-etcd-password", "b", "--etcd-username", "u", "--etcd-password", "c", "--", "--etcd-password=d"})
+	want := []string{"tulled", "--etcd-password=REDACTED", "-etcd-password", "REDACTED", "--etcd-username", "u", "--etcd-password", "REDACTED", "--", "--etcd-password=REDACTED"}
+	if strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Errorf("RedactArgs = %q\nwant %q", got, want)
 	}
 }

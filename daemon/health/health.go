@@ -239,15 +239,19 @@ func Serve(ctx context.Context, ln net.Listener, h http.Handler) error {
 	return nil
 }
 
-// WithPprof adds Go's profiler (/debug/pprof/...) in front of h, for
-// --debug-pprof.
-func WithPprof(h http.Handler) http.Handler {
+// Pprof serves Go's profiler (/debug/pprof/...), for --debug-pprof, on a
+// listener of its own. /debug/pprof/cmdline shows cmdline (the daemon's
+// command line with secrets redacted), not os.Args.
+func Pprof(cmdline []string) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/cmdline", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Content-Type-Options", "nosniff")
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		fmt.Fprint(w, strings.Join(cmdline, "\x00"))
+	})
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-	mux.Handle("/", h)
 	return mux
 }

@@ -128,15 +128,16 @@ func TestServeStopsWithContextAndBusyPortIsAnError(t *testing.T) {
 	}
 }
 
-func TestWithPprofServesProfilerAndHealth(t *testing.T) {
-	s := NewState(time.Minute)
-	s.Tick()
-	h := WithPprof(Handler(s, prometheus.NewRegistry(), slog.New(slog.DiscardHandler)))
-	for path, want := range map[string]int{"/debug/pprof/": 200, "/healthz": 200, "/nope": 404} {
+func TestPprofServesTheProfilerAndTheCommandLineItIsGiven(t *testing.T) {
+	h := Pprof([]string{"tulled", "--etcd-password=REDACTED"})
+	for path, want := range map[string]int{"/debug/pprof/": 200, "/debug/pprof/cmdline": 200, "/healthz": 404, "/metrics": 404} {
 		rec := httptest.NewRecorder()
 		h.ServeHTTP(rec, httptest.NewRequest("GET", path, nil))
 		if rec.Code != want {
 			t.Errorf("GET %s = %d, want %d", path, rec.Code, want)
+		}
+		if path == "/debug/pprof/cmdline" && rec.Body.String() != "tulled\x00--etcd-password=REDACTED" {
+			t.Errorf("cmdline %q", rec.Body.String())
 		}
 	}
 }

@@ -15,20 +15,31 @@
 // of the current TTL (and the old lease revoked).
 //
 // Watch (WatchPrefix, for any key family below the prefix; WatchLeases
-// parses <prefix>/subnets/ on top of it): snapshot at revision R, then every change after R
-// (WithRequireLeader, progress notifications; the watch itself starts at R
-// and drops R's events again, so that etcd answers progress requests at
-// once); resume from the last applied revision after any error,
-// with a capped, jittered backoff (100ms..10s); re-list and diff after
-// compaction. clientv3 watches wait silently on a dead server, so a watch
+// parses <prefix>/subnets/ on top of it): snapshot at revision R, then
+// every change after R (WithRequireLeader, progress notifications; the
+// watch itself starts at R and drops R's events again, so that etcd
+// answers progress requests at once); resume from the last applied
+// revision after any error, with a capped, jittered backoff (100ms..10s);
+// re-list and diff after compaction. Each watch session has a gRPC stream
+// of its own. clientv3 watches wait silently on a dead server, so a watch
 // silent for DialTimeout is asked for progress and abandoned if etcd does
-// not answer within DialTimeout more. While no endpoint accepts connections
-// every call fails at once with the cause, instead of waiting its timeout.
+// not answer within DialTimeout more.
 //
 // PutKey, DeleteKey, GetKey and ListPrefix read and write other key
 // families (e.g. <prefix>/policies/) with the same connection.
 //
-// New does not contact etcd; the client is created on first use (with
-// username/password etcd's client fetches a token then). TLS: CAFile,
-// CertFile, KeyFile.
+// Auth (auth.go): with a username, the registry logs in itself and
+// attaches the token to every request; a token etcd rejects (restart, idle
+// past --auth-token-ttl, JWT expiry) is replaced by a new login and the
+// call, the watch or the keep-alive made again, at most once a second.
+//
+// Connection (conn.go): the gRPC connection's state is followed, so an
+// etcd that goes away shows at once (a silent one after the keepalive,
+// 10s+2s); while no endpoint accepts connections every call fails at once
+// with the cause. Errors (errors.go): an *UnreachableError says why etcd
+// does not answer; a *RefusedError (subnet.ErrRefused) says what etcd
+// refused and why: a password, a permission on a key, a certificate.
+//
+// New does not contact etcd; the client is created on first use. TLS:
+// CAFile, CertFile, KeyFile (refused with plain http:// endpoints).
 package etcd

@@ -57,9 +57,14 @@ func TestRenewalExtendsTTLOnTheSameEtcdLeaseWithoutOrphans(t *testing.T) {
 	t.Parallel()
 	s, c, prefix := startEtcdWithConfig(t, `{"Network":"198.18.0.0/16"}`)
 	r := newRegistry(t, s.Endpoint(), prefix, nil)
-	m, _, l := startManager(t, r, subnet.ManagerOptions{LeaseTTL: 2 * time.Second}) // renews every second
+	const ttl = 2 * time.Second
+	m, _, l := startManager(t, r, subnet.ManagerOptions{LeaseTTL: ttl}) // renews every second
 	w, _ := runManager(t, m)
-	time.Sleep(4500 * time.Millisecond) // more than twice the TTL
+	// Renewed past twice the TTL: the key now outlives its first lease
+	// time twice over only if renewals kept it.
+	eventually(t, 20*time.Second, "renewals past twice the TTL", func() bool {
+		return m.Status().Lease.Expiration.After(l.Expiration.Add(2 * ttl))
+	})
 
 	resp := getKV(t, c, prefix+"/subnets/"+l.Key())
 	if len(resp.Kvs) != 1 {
@@ -68,9 +73,9 @@ func TestRenewalExtendsTTLOnTheSameEtcdLeaseWithoutOrphans(t *testing.T) {
 	if resp.Kvs[0].Lease != l.LeaseID {
 		t.Errorf("key moved to etcd lease %x, want the same %x (KeepAliveOnce)", resp.Kvs[0].Lease, l.LeaseID)
 	}
-	ttl, err := c.TimeToLive(ctx(t), clientv3.LeaseID(l.LeaseID))
-	if err != nil || ttl.TTL <= 0 || ttl.GrantedTTL != 2 {
-		t.Errorf("TimeToLive = %+v %v", ttl, err)
+	left, err := c.TimeToLive(ctx(t), clientv3.LeaseID(l.LeaseID))
+	if err != nil || left.TTL <= 0 || left.GrantedTTL != 2 {
+		t.Errorf("TimeToLive = %+v %v", left, err)
 	}
 	st := m.Status()
 	if !st.LeaseHeld || st.RenewFailures != 0 || st.Phase != subnet.PhaseHolding || !st.Lease.Expiration.After(l.Expiration.Add(2*time.Second)) {
@@ -212,10 +217,7 @@ func TestStartWaitsForEtcdAndSaysWhy(t *testing.T) {
 		st := m.Status()
 		return st.Phase == subnet.PhaseWaitingEtcd && st.Registry.Detail == want && !st.Registry.Connected
 	})
-	time.Sleep(time.Second)
-	if n := strings.Count(logs.String(), want); n < 2 {
-		t.Errorf("%d log lines say %q, want every attempt logged", n, want)
-	}
+	eventually(t, 10*time.Second, "every attempt logged", func() bool { return strings.Count(logs.String(), want) >= 2 })
 	s.Start()
 	eventually(t, 10*time.Second, "waiting for the config", func() bool { return m.Status().Phase == subnet.PhaseWaitingConfig })
 	putConfig(t, s.Client(), prefix, `{"Network":"198.18.0.0/16"}`)

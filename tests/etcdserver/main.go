@@ -20,6 +20,7 @@ import (
 	"syscall"
 	"time"
 
+	"go.etcd.io/etcd/client/pkg/v3/transport"
 	"go.etcd.io/etcd/server/v3/embed"
 )
 
@@ -39,6 +40,13 @@ func run() error {
 		logLevel = flag.String("log-level", "error", "etcd log `level`")
 		timeout  = flag.Duration("start-timeout", 60*time.Second, "give up when the server is not ready after this `long`")
 		tokenTTL = flag.Uint("auth-token-ttl", 300, "`seconds` an unused simple auth token lives (as etcd's flag)")
+		cluster  = flag.String("initial-cluster", "", "`name=peerURL,...` of every member of a new cluster (default: this member alone)")
+		tick     = flag.Uint("heartbeat-interval", 100, "raft heartbeat in `ms` (as etcd's flag)")
+		election = flag.Uint("election-timeout", 1000, "raft election timeout in `ms` (as etcd's flag)")
+		certFile = flag.String("cert-file", "", "serve clients over TLS with this certificate `file` (as etcd's flag)")
+		keyFile  = flag.String("key-file", "", "its key `file`")
+		caFile   = flag.String("trusted-ca-file", "", "CA `file` of the client certificates")
+		certAuth = flag.Bool("client-cert-auth", false, "require a client certificate signed by --trusted-ca-file")
 	)
 	flag.Parse()
 	if *dataDir == "" {
@@ -61,6 +69,13 @@ func run() error {
 	cfg.ListenPeerUrls = []url.URL{*peerURL}
 	cfg.AdvertisePeerUrls = []url.URL{*peerURL}
 	cfg.InitialCluster = cfg.InitialClusterFromName(cfg.Name)
+	if *cluster != "" {
+		cfg.InitialCluster = *cluster
+	}
+	cfg.TickMs, cfg.ElectionMs = *tick, *election
+	if *certFile != "" {
+		cfg.ClientTLSInfo = transport.TLSInfo{CertFile: *certFile, KeyFile: *keyFile, TrustedCAFile: *caFile, ClientCertAuth: *certAuth}
+	}
 	cfg.LogLevel = *logLevel
 	cfg.LogOutputs = []string{"stderr"}
 	// Tests restart the server on purpose and never need durability across

@@ -36,11 +36,13 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
+	"github.com/tulle-net/tulle/tests/testcert"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -52,8 +54,8 @@ var (
 	EtcdAddr = netip.MustParseAddr("192.0.2.250")
 )
 
-// EtcdEndpoint is the client URL of the bed's etcd server, as tulled is
-// given it.
+// EtcdEndpoint is the client URL of the bed's (first) etcd member, plain
+// http unless EtcdOptions.TLS; EtcdEndpoints lists all.
 const EtcdEndpoint = "http://192.0.2.250:2379"
 
 // DefaultNetworkConfig is the network config the demo and most tests write:
@@ -124,18 +126,19 @@ type Bed struct {
 
 	logf func(format string, args ...any)
 
-	mu        sync.Mutex
-	cleanups  []cleanup // run in reverse order by Close
-	procs     map[*proc]struct{}
-	extra     int // extra nodes added so far
-	etcdOpts  EtcdOptions
-	etcdProc  *proc
-	etcdAuth  bool // authentication is on (the client logs in as root)
-	client    *clientv3.Client
-	closed    bool
-	closeErr  error
-	closeOnce sync.Once
-	wg        sync.WaitGroup // process waiters
+	mu          sync.Mutex
+	cleanups    []cleanup // run in reverse order by Close
+	procs       map[*proc]struct{}
+	extra       int // extra nodes added so far
+	etcdOpts    EtcdOptions
+	etcdMembers []*etcdMember   // see etcd.go
+	etcdTLS     *testcert.Files // with EtcdOptions.TLS
+	etcdAuth    bool            // authentication is on (the client logs in as root)
+	client      *clientv3.Client
+	closed      bool
+	closeErr    error
+	closeOnce   sync.Once
+	wg          sync.WaitGroup // process waiters
 }
 
 type cleanup struct {
@@ -221,12 +224,7 @@ func (b *Bed) build(ctx context.Context, hosts int, opts Options) error {
 		return err
 	}
 	if !opts.NoEtcd {
-		n, err := b.attach(ctx, "etcd", b.Prefix+"-etcd", b.Prefix+"ue", b.Prefix+"se", EtcdAddr, defaultMTU)
-		if err != nil {
-			return err
-		}
-		b.Etcd = n
-		if err := b.StartEtcd(ctx); err != nil {
+		if err := b.buildEtcd(ctx); err != nil {
 			return err
 		}
 	}
@@ -235,7 +233,11 @@ func (b *Bed) build(ctx context.Context, hosts int, opts Options) error {
 			return err
 		}
 	}
-	b.logf("testbed %s: switch, %d hosts%s", b.Prefix, hosts, map[bool]string{true: "", false: ", etcd at " + EtcdEndpoint}[opts.NoEtcd])
+	etcdAt := ""
+	if !opts.NoEtcd {
+		etcdAt = ", etcd at " + strings.Join(b.EtcdEndpoints(), ",")
+	}
+	b.logf("testbed %s: switch, %d hosts%s", b.Prefix, hosts, etcdAt)
 	return nil
 }
 

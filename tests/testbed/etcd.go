@@ -2,17 +2,21 @@ package testbed
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
+	"github.com/tulle-net/tulle/tests/testcert"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
@@ -26,9 +30,17 @@ const etcdStartTimeout = 60 * time.Second
 
 // EtcdOptions shape the bed's etcd server.
 type EtcdOptions struct {
-	// Binary runs this etcd executable in the etcd namespace (e.g.
-	// Debian's etcd 3.4, as operators run it) instead of tests/etcdserver.
+	// Binary runs this etcd executable (e.g. Debian's etcd 3.4, as
+	// operators run it) instead of tests/etcdserver.
 	Binary string
+	// Members is the number of etcd members: 0 or 1 for one, at
+	// 192.0.2.250 in the etcd namespace; 3 for a cluster, at 192.0.2.250,
+	// .251 and .252, each member in a namespace of its own.
+	Members int
+	// TLS makes the members serve clients over TLS and require a client
+	// certificate; the bed writes a CA, the members' certificate and a
+	// client certificate (EtcdTLS), and TulledArgs gives tulled its files.
+	TLS bool
 	// Users turns authentication on at the first start: the user root
 	// (password EtcdRootPassword) and these users are created, then auth is
 	// enabled. The bed's own client logs in as root.
@@ -49,13 +61,121 @@ type EtcdUser struct {
 // EtcdOptions.Users turns authentication on.
 const EtcdRootPassword = "root-secret"
 
-// EtcdLogFile is the etcd server's log (all runs appended).
-func (b *Bed) EtcdLogFile() string { return filepath.Join(b.Dir, "etcd.log") }
+const maxEtcdMembers = 3
 
-func (b *Bed) etcdDataDir() string { return filepath.Join(b.Dir, "etcd-data") }
+// etcdMember is one etcd member of the bed.
+type etcdMember struct {
+	index int    // 1-based
+	name  string // member name: "e1"
+	node  *Node
+	proc  *proc
+}
 
-// StartEtcd starts the etcd server in the etcd namespace on the bed's data
-// directory (so a restart keeps the data) and waits until it answers.
+// buildEtcd creates the namespace of each etcd member (the first is
+// b.Etcd), the TLS files, and starts the members.
+func (b *Bed) buildEtcd(ctx context.Context) error {
+	n := max(b.etcdOpts.Members, 1)
+	if n > maxEtcdMembers || n == 2 {
+		return fmt.Errorf("testbed: EtcdOptions.Members %d: want 1 or 3", b.etcdOpts.Members)
+	}
+	for i := 1; i <= n; i++ {
+		role, ns, link, port := "etcd", b.Prefix+"-etcd", b.Prefix+"ue", b.Prefix+"se"
+		if i > 1 {
+			role, ns, link, port = fmt.Sprintf("etcd%d", i), fmt.Sprintf("%s-etcd%d", b.Prefix, i), fmt.Sprintf("%sue%d", b.Prefix, i), fmt.Sprintf("%sse%d", b.Prefix, i)
+		}
+		node, err := b.attach(ctx, role, ns, link, port, etcdAddr(i), defaultMTU)
+		if err != nil {
+			return err
+		}
+		if i == 1 {
+			b.Etcd = node
+		}
+		b.etcdMembers = append(b.etcdMembers, &etcdMember{index: i, name: fmt.Sprintf("e%d", i), node: node})
+	}
+	if b.etcdOpts.TLS {
+		dir := filepath.Join(b.Dir, "etcd-tls")
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return fmt.Errorf("testbed: %w", err)
+		}
+		var ips []net.IP
+		for i := 1; i <= n; i++ {
+			ips = append(ips, net.IP(etcdAddr(i).AsSlice()))
+		}
+		f, err := testcert.Write(dir, "testbed etcd CA", ips...)
+		if err != nil {
+			return fmt.Errorf("testbed: %w", err)
+		}
+		b.etcdTLS = &f
+	}
+	return b.StartEtcd(ctx)
+}
+
+// etcdAddr is member i's underlay address: 192.0.2.250, .251, .252.
+func etcdAddr(i int) netip.Addr {
+	a := EtcdAddr.As4()
+	a[3] += byte(i - 1)
+	return netip.AddrFrom4(a)
+}
+
+func (b *Bed) etcdScheme() string {
+	if b.etcdOpts.TLS {
+		return "https"
+	}
+	return "http"
+}
+
+func (b *Bed) memberEndpoint(m *etcdMember) string {
+	return b.etcdScheme() + "://" + net.JoinHostPort(m.node.Addr.String(), "2379")
+}
+
+// EtcdEndpoints are the client URLs of every etcd member, as tulled is
+// given them: "http://192.0.2.250:2379" for the default bed.
+func (b *Bed) EtcdEndpoints() []string {
+	var eps []string
+	for _, m := range b.etcdMembers {
+		eps = append(eps, b.memberEndpoint(m))
+	}
+	return eps
+}
+
+// EtcdTLS returns the bed's TLS files (CA, member and client certificates)
+// when EtcdOptions.TLS is set.
+func (b *Bed) EtcdTLS() (testcert.Files, bool) {
+	if b.etcdTLS == nil {
+		return testcert.Files{}, false
+	}
+	return *b.etcdTLS, true
+}
+
+// etcdTulledArgs are the --etcd-* flags of tulled for the bed's etcd:
+// every endpoint and, with TLS, the CA and client certificate.
+func (b *Bed) etcdTulledArgs() []string {
+	args := []string{"--etcd-endpoints", strings.Join(b.EtcdEndpoints(), ",")}
+	if f := b.etcdTLS; f != nil {
+		args = append(args, "--etcd-cafile", f.CA, "--etcd-certfile", f.ClientCert, "--etcd-keyfile", f.ClientKey)
+	}
+	return args
+}
+
+// EtcdLogFile is the first etcd member's log (all runs appended).
+func (b *Bed) EtcdLogFile() string { return b.memberLogFile(1) }
+
+func (b *Bed) memberLogFile(i int) string {
+	if i == 1 {
+		return filepath.Join(b.Dir, "etcd.log")
+	}
+	return filepath.Join(b.Dir, fmt.Sprintf("etcd%d.log", i))
+}
+
+func (b *Bed) memberDataDir(i int) string {
+	if i == 1 {
+		return filepath.Join(b.Dir, "etcd-data")
+	}
+	return filepath.Join(b.Dir, fmt.Sprintf("etcd%d-data", i))
+}
+
+// StartEtcd starts every etcd member that does not run, on its data
+// directory (so a restart keeps the data), and waits until each answers.
 // New calls it; tests call it again after StopEtcd. The bed's client is
 // made anew after each start (clientv3 can not renew its auth token on an
 // etcd 3.4 that restarted).
@@ -63,49 +183,126 @@ func (b *Bed) StartEtcd(ctx context.Context) error {
 	if b.Etcd == nil {
 		return fmt.Errorf("testbed %s: the bed has no etcd node (Options.NoEtcd)", b.Prefix)
 	}
+	var started []*etcdMember
+	for _, m := range b.etcdMembers {
+		b.mu.Lock()
+		running := m.proc != nil && !m.proc.exited()
+		b.mu.Unlock()
+		if running {
+			continue
+		}
+		if err := b.launchMember(ctx, m); err != nil {
+			return err
+		}
+		started = append(started, m)
+	}
+	if len(started) == 0 {
+		return fmt.Errorf("testbed %s: etcd is already running", b.Prefix)
+	}
+	for _, m := range started {
+		if err := b.waitMember(ctx, m); err != nil {
+			return err
+		}
+	}
+	if len(b.etcdOpts.Users) > 0 && !b.etcdAuthOn() {
+		probe, err := b.newEtcdClient(false)
+		if err != nil {
+			return err
+		}
+		defer probe.Close()
+		actx, cancel := context.WithTimeout(ctx, etcdStartTimeout)
+		defer cancel()
+		if err := enableEtcdAuth(actx, probe, b.etcdOpts.Users); err != nil {
+			return fmt.Errorf("testbed %s: etcd: %w", b.Prefix, err)
+		}
+		b.mu.Lock()
+		b.etcdAuth = true
+		b.mu.Unlock()
+	}
+	return nil
+}
+
+// StartEtcdMember starts member i (1-based) again and waits until it
+// serves (it needs a quorum).
+func (b *Bed) StartEtcdMember(ctx context.Context, i int) error {
+	m, err := b.member(i)
+	if err != nil {
+		return err
+	}
+	if err := b.launchMember(ctx, m); err != nil {
+		return err
+	}
+	return b.waitMember(ctx, m)
+}
+
+func (b *Bed) member(i int) (*etcdMember, error) {
+	if i < 1 || i > len(b.etcdMembers) {
+		return nil, fmt.Errorf("testbed %s: no etcd member %d (the bed has %d)", b.Prefix, i, len(b.etcdMembers))
+	}
+	return b.etcdMembers[i-1], nil
+}
+
+// launchMember starts member m's process without waiting for it. A new
+// client is made after it (see StartEtcd).
+func (b *Bed) launchMember(ctx context.Context, m *etcdMember) error {
 	b.mu.Lock()
-	running := b.etcdProc != nil && !b.etcdProc.exited()
+	if m.proc != nil && !m.proc.exited() {
+		b.mu.Unlock()
+		return fmt.Errorf("testbed %s: etcd member %s is already running", b.Prefix, m.name)
+	}
 	old := b.client
 	b.client = nil
 	b.mu.Unlock()
-	if running {
-		return fmt.Errorf("testbed %s: etcd is already running", b.Prefix)
-	}
 	if old != nil {
 		_ = old.Close()
 	}
 	opts := b.etcdOpts
-	peer := "http://" + net.JoinHostPort(EtcdAddr.String(), "2380")
+	client := b.memberEndpoint(m)
+	peer := "http://" + net.JoinHostPort(m.node.Addr.String(), "2380")
+	var cluster []string
+	for _, o := range b.etcdMembers {
+		cluster = append(cluster, o.name+"=http://"+net.JoinHostPort(o.node.Addr.String(), "2380"))
+	}
+	common := []string{
+		"--name", m.name, "--data-dir", b.memberDataDir(m.index),
+		"--initial-cluster", strings.Join(cluster, ","),
+		"--heartbeat-interval", "100", "--election-timeout", "1000", // etcd's defaults
+	}
+	if opts.AuthTokenTTL > 0 {
+		common = append(common, "--auth-token-ttl", strconv.Itoa(int((opts.AuthTokenTTL+time.Second-1)/time.Second)))
+	}
+	if f := b.etcdTLS; f != nil {
+		common = append(common, "--cert-file", f.ServerCert, "--key-file", f.ServerKey, "--trusted-ca-file", f.CA, "--client-cert-auth")
+	}
 	var bin string
 	var args []string
 	if opts.Binary != "" {
 		bin = opts.Binary
-		args = []string{
-			"--name", "tulle-test", "--data-dir", b.etcdDataDir(),
-			"--listen-client-urls", EtcdEndpoint, "--advertise-client-urls", EtcdEndpoint,
+		args = append(common,
+			"--listen-client-urls", client, "--advertise-client-urls", client,
 			"--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-			"--initial-cluster", "tulle-test=" + peer,
 			"--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
-			"--bcrypt-cost", "4",
-		}
+			"--bcrypt-cost", "4")
 	} else {
 		var err error
 		if bin, err = BuildEtcdServer(ctx); err != nil {
 			return err
 		}
-		args = []string{"--data-dir", b.etcdDataDir(), "--listen-client", EtcdEndpoint, "--listen-peer", peer}
+		args = append(common, "--listen-client", client, "--listen-peer", peer)
 	}
-	if opts.AuthTokenTTL > 0 {
-		args = append(args, "--auth-token-ttl", strconv.Itoa(int((opts.AuthTokenTTL+time.Second-1)/time.Second)))
-	}
-	p, err := b.startProc("etcd", b.Etcd.NS, b.EtcdLogFile(), bin, args...)
+	p, err := b.startProc("etcd "+m.name, m.node.NS, b.memberLogFile(m.index), bin, args...)
 	if err != nil {
 		return err
 	}
 	b.mu.Lock()
-	b.etcdProc = p
+	m.proc = p
 	b.mu.Unlock()
+	return nil
+}
 
+// waitMember waits until member m answers a status request with a leader
+// known (Status needs no login, so it answers with auth on too).
+func (b *Bed) waitMember(ctx context.Context, m *etcdMember) error {
 	ctx, cancel := context.WithTimeout(ctx, etcdStartTimeout)
 	defer cancel()
 	probe, err := b.newEtcdClient(false)
@@ -113,19 +310,20 @@ func (b *Bed) StartEtcd(ctx context.Context) error {
 		return err
 	}
 	defer probe.Close()
+	ep := b.memberEndpoint(m)
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	var last error
 	for {
-		if p.exited() {
-			return fmt.Errorf("testbed %s: etcd exited at start with %s; log %s:\n%s", b.Prefix, p.exitDescription(), b.EtcdLogFile(), LogTail(b.EtcdLogFile(), 30))
+		if m.proc.exited() {
+			return fmt.Errorf("testbed %s: etcd %s exited at start with %s; log %s:\n%s", b.Prefix, m.name, m.proc.exitDescription(), b.memberLogFile(m.index), LogTail(b.memberLogFile(m.index), 30))
 		}
-		// Status needs no login, so it answers with auth on too.
 		sctx, scancel := context.WithTimeout(ctx, 2*time.Second)
-		st, err := probe.Status(sctx, EtcdEndpoint)
+		st, err := probe.Status(sctx, ep)
 		scancel()
 		if err == nil && st.Leader != 0 {
-			break
+			b.logf("etcd %s ready on %s (pid %d)", m.name, ep, m.proc.pid())
+			return nil
 		}
 		if err == nil {
 			err = errors.New("no leader yet")
@@ -133,27 +331,35 @@ func (b *Bed) StartEtcd(ctx context.Context) error {
 		last = err
 		select {
 		case <-ctx.Done():
-			_ = p.kill()
-			return fmt.Errorf("testbed %s: etcd not ready within %v (%v); last check: %v; log:\n%s", b.Prefix, etcdStartTimeout, ctx.Err(), last, LogTail(b.EtcdLogFile(), 30))
+			_ = m.proc.kill()
+			return fmt.Errorf("testbed %s: etcd %s not ready within %v (%v); last check: %v; log:\n%s", b.Prefix, m.name, etcdStartTimeout, ctx.Err(), last, LogTail(b.memberLogFile(m.index), 30))
 		case <-tick.C:
 		}
 	}
-	if len(opts.Users) > 0 && !b.etcdAuthOn() {
-		if err := enableEtcdAuth(ctx, probe, opts.Users); err != nil {
-			return fmt.Errorf("testbed %s: etcd: %w", b.Prefix, err)
-		}
-		b.mu.Lock()
-		b.etcdAuth = true
-		b.mu.Unlock()
-	}
-	b.logf("etcd ready on %s (pid %d)", EtcdEndpoint, p.pid())
-	return nil
 }
 
 func (b *Bed) etcdAuthOn() bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.etcdAuth
+}
+
+// EtcdLeader returns the member (1-based) that leads the cluster now.
+func (b *Bed) EtcdLeader(ctx context.Context) (int, error) {
+	probe, err := b.newEtcdClient(false)
+	if err != nil {
+		return 0, err
+	}
+	defer probe.Close()
+	for _, m := range b.etcdMembers {
+		sctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		st, err := probe.Status(sctx, b.memberEndpoint(m))
+		cancel()
+		if err == nil && st.Leader != 0 && st.Leader == st.Header.MemberId {
+			return m.index, nil
+		}
+	}
+	return 0, fmt.Errorf("testbed %s: no etcd member says it leads", b.Prefix)
 }
 
 // enableEtcdAuth creates root and users, each with a role granting
@@ -187,19 +393,66 @@ func enableEtcdAuth(ctx context.Context, c *clientv3.Client, users []EtcdUser) e
 	return nil
 }
 
-// StopEtcd stops the etcd server (SIGTERM) and waits for it; the data
+// StopEtcd stops every etcd member (SIGTERM) and waits for them; the data
 // stays for StartEtcd.
 func (b *Bed) StopEtcd() error {
-	b.mu.Lock()
-	p := b.etcdProc
-	b.mu.Unlock()
-	if p == nil || p.exited() {
+	var errs []error
+	stopped := 0
+	for _, m := range b.etcdMembers {
+		b.mu.Lock()
+		p := m.proc
+		b.mu.Unlock()
+		if p == nil || p.exited() {
+			continue
+		}
+		if err := stopEtcdProc(p, 15*time.Second); err != nil {
+			errs = append(errs, fmt.Errorf("testbed %s: stop etcd %s: %w", b.Prefix, m.name, err))
+		}
+		stopped++
+	}
+	if stopped == 0 {
 		return fmt.Errorf("testbed %s: etcd is not running", b.Prefix)
 	}
-	if err := stopEtcdProc(p, 15*time.Second); err != nil {
-		return fmt.Errorf("testbed %s: stop etcd: %w", b.Prefix, err)
-	}
 	b.logf("etcd stopped")
+	return errors.Join(errs...)
+}
+
+// StopEtcdMember stops member i (1-based) as systemd does (SIGTERM).
+func (b *Bed) StopEtcdMember(i int) error {
+	m, err := b.member(i)
+	if err != nil {
+		return err
+	}
+	b.mu.Lock()
+	p := m.proc
+	b.mu.Unlock()
+	if p == nil || p.exited() {
+		return fmt.Errorf("testbed %s: etcd %s is not running", b.Prefix, m.name)
+	}
+	if err := stopEtcdProc(p, 15*time.Second); err != nil {
+		return fmt.Errorf("testbed %s: stop etcd %s: %w", b.Prefix, m.name, err)
+	}
+	b.logf("etcd %s stopped", m.name)
+	return nil
+}
+
+// KillEtcdMember kills member i (1-based) with SIGKILL: no leadership
+// transfer, its connections reset.
+func (b *Bed) KillEtcdMember(i int) error {
+	m, err := b.member(i)
+	if err != nil {
+		return err
+	}
+	b.mu.Lock()
+	p := m.proc
+	b.mu.Unlock()
+	if p == nil || p.exited() {
+		return fmt.Errorf("testbed %s: etcd %s is not running", b.Prefix, m.name)
+	}
+	if err := p.kill(); err != nil {
+		return fmt.Errorf("testbed %s: kill etcd %s: %w", b.Prefix, m.name, err)
+	}
+	b.logf("etcd %s killed", m.name)
 	return nil
 }
 
@@ -225,10 +478,10 @@ func stopEtcdProc(p *proc, timeout time.Duration) error {
 	return fmt.Errorf("%s (pid %d) stopped with %s", p.name, p.pid(), p.exitDescription())
 }
 
-// EtcdClient returns the bed's etcd client (created on first use after
-// each StartEtcd, closed by Close), logged in as root when auth is on. Its
-// connections are made inside the etcd namespace, so the test program,
-// which lives in the root namespace, can reach the server.
+// EtcdClient returns the bed's etcd client of every member (created on
+// first use after each start, closed by Close), logged in as root when
+// auth is on. Its connections are made inside the etcd namespace, so the
+// test program, which lives in the root namespace, can reach the members.
 func (b *Bed) EtcdClient() (*clientv3.Client, error) {
 	if b.Etcd == nil {
 		return nil, fmt.Errorf("testbed %s: the bed has no etcd node (Options.NoEtcd)", b.Prefix)
@@ -258,7 +511,7 @@ func (b *Bed) newEtcdClient(asRoot bool) (*clientv3.Client, error) {
 func (b *Bed) newEtcdClientLocked(asRoot bool) (*clientv3.Client, error) {
 	ns := b.Etcd.NS
 	cfg := clientv3.Config{
-		Endpoints:   []string{EtcdEndpoint},
+		Endpoints:   b.EtcdEndpoints(),
 		DialTimeout: 5 * time.Second,
 		Logger:      zap.NewNop(),
 		DialOptions: []grpc.DialOption{
@@ -270,11 +523,36 @@ func (b *Bed) newEtcdClientLocked(asRoot bool) (*clientv3.Client, error) {
 	if asRoot {
 		cfg.Username, cfg.Password = "root", EtcdRootPassword
 	}
+	if f := b.etcdTLS; f != nil {
+		tc, err := clientTLS(*f)
+		if err != nil {
+			return nil, fmt.Errorf("testbed %s: etcd client TLS: %w", b.Prefix, err)
+		}
+		cfg.TLS = tc
+	}
 	c, err := clientv3.New(cfg)
 	if err != nil {
-		return nil, fmt.Errorf("testbed %s: etcd client for %s: %w", b.Prefix, EtcdEndpoint, err)
+		return nil, fmt.Errorf("testbed %s: etcd client for %s: %w", b.Prefix, strings.Join(cfg.Endpoints, ","), err)
 	}
 	return c, nil
+}
+
+// clientTLS is the TLS config of a client with the bed's client
+// certificate.
+func clientTLS(f testcert.Files) (*tls.Config, error) {
+	pemCA, err := os.ReadFile(f.CA)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pemCA) {
+		return nil, fmt.Errorf("no certificate in %s", f.CA)
+	}
+	kp, err := tls.LoadX509KeyPair(f.ClientCert, f.ClientKey)
+	if err != nil {
+		return nil, err
+	}
+	return &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{kp}, MinVersion: tls.VersionTLS12}, nil
 }
 
 // WriteNetworkConfig puts config (flannel's JSON, e.g. DefaultNetworkConfig)

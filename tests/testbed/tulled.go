@@ -27,15 +27,15 @@ type Tulled struct {
 
 // TulledArgs returns the arguments the bed gives tulled on h, then extra
 // (a later flag wins, so extra may override):
-// --etcd-endpoints http://192.0.2.250:2379 --iface <link>
+// --etcd-endpoints http://192.0.2.250:2379 (every member, and the TLS
+// files with EtcdOptions.TLS) --iface <link>
 // --subnet-file <dir>/subnet.env --metrics-addr <addr>:9285.
 func (h *Host) TulledArgs(extra ...string) []string {
-	args := []string{
-		"--etcd-endpoints", EtcdEndpoint,
+	args := append(h.bed.etcdTulledArgs(),
 		"--iface", h.Link,
 		"--subnet-file", h.SubnetFile,
 		"--metrics-addr", net.JoinHostPort(h.Addr.String(), fmt.Sprint(MetricsPort)),
-	}
+	)
 	return append(args, extra...)
 }
 

@@ -14,7 +14,9 @@ import (
 
 // Cluster is several etcd members of one cluster, each on its own ports and
 // data directory, all in the test process (or processes, with
-// Options.Binary). Members can be stopped and started one by one.
+// Options.Binary). Members can be stopped, killed and started one by one.
+// Clients reach each member through a Proxy (Endpoints), so that Kill can
+// drop a member's client connections at once, as a killed process's are.
 type Cluster struct {
 	t       testing.TB
 	opts    Options
@@ -39,6 +41,7 @@ func StartCluster(t testing.TB, n int, opts Options) *Cluster {
 		s.name = fmt.Sprintf("m%d", i)
 		s.cluster = c
 		s.jwtKeys = jwt
+		s.proxy = NewProxy(t, s.Addr())
 		c.Members = append(c.Members, s)
 		peers = append(peers, s.name+"="+s.peer.String())
 	}
@@ -78,13 +81,22 @@ func StartCluster(t testing.TB, n int, opts Options) *Cluster {
 	return c
 }
 
-// Endpoints are the client URLs of every member.
+// Endpoints are the client URLs of every member, through its proxy.
 func (c *Cluster) Endpoints() []string {
 	var eps []string
 	for _, s := range c.Members {
-		eps = append(eps, s.Endpoint())
+		eps = append(eps, s.ProxyEndpoint())
 	}
 	return eps
+}
+
+// ProxyEndpoint is the URL of a cluster member's proxy (its Endpoint for a
+// server of its own).
+func (s *Server) ProxyEndpoint() string {
+	if s.proxy == nil {
+		return s.Endpoint()
+	}
+	return s.client.Scheme + "://" + s.proxy.addr
 }
 
 // Client returns a client of every member (closed at the end of the test),
@@ -110,6 +122,12 @@ func (c *Cluster) Leader(timeout time.Duration) int {
 	for {
 		cli := c.statusClient()
 		for i, s := range c.Members {
+			s.mu.Lock()
+			up := s.running()
+			s.mu.Unlock()
+			if !up {
+				continue
+			}
 			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 			st, err := cli.Status(ctx, s.Endpoint())
 			cancel()
@@ -140,3 +158,25 @@ func (s *Server) PeerURL() url.URL { return s.peer }
 
 // Name is the member's name.
 func (s *Server) Name() string { return s.name }
+
+// Kill stops the member at once, as SIGKILL would: its client connections
+// drop (with a proxy: a member of a Cluster), no leadership transfer, no
+// grace for open streams. The data directory stays for Start.
+func (s *Server) Kill() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.proxy != nil {
+		s.proxy.Cut()
+	}
+	switch {
+	case s.e != nil:
+		s.e.Server.HardStop() // raft stops here: the others must elect
+		s.e.Close()           // listeners and connections
+		s.e = nil
+	case s.proc != nil:
+		p := s.proc
+		s.proc = nil
+		_ = p.cmd.Process.Kill()
+		<-p.done
+	}
+}

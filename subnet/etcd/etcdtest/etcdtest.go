@@ -79,6 +79,7 @@ type Server struct {
 	mu             sync.Mutex
 	e              *embed.Etcd
 	proc           *process
+	proxy          *Proxy // in front of a Cluster member's client port
 	clients        []*clientv3.Client
 	authOn         bool // auth was enabled (Client logs in as root)
 }
@@ -155,6 +156,9 @@ func (s *Server) Start() {
 	if err := s.waitReady(30 * time.Second); err != nil {
 		s.stopLocked()
 		s.t.Fatalf("etcdtest: %v", err)
+	}
+	if s.proxy != nil {
+		s.proxy.Heal()
 	}
 	if s.opts.Auth != nil && !s.authOn && s.cluster == nil {
 		if err := s.enableAuth(); err != nil {
@@ -257,6 +261,9 @@ func (s *Server) stopLocked() {
 		s.e = nil
 	case s.proc != nil:
 		s.stopProcess()
+	}
+	if s.proxy != nil {
+		s.proxy.Cut() // the port refuses, as a stopped member's does
 	}
 }
 
