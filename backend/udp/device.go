@@ -198,19 +198,29 @@ func ipNet(p netip.Prefix) *net.IPNet {
 }
 
 // checkPortFree fails with a clear error if another socket holds UDP port
-// port. Our own sockets use SO_REUSEPORT, which would otherwise silently
-// share the port with a stale tulled (same user) and lose half the traffic.
-func checkPortFree(port int) error {
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+// port (of IPv6-only sockets if v6). Our own sockets use SO_REUSEPORT,
+// which would otherwise silently share the port with a stale tulled (same
+// user) and lose half the traffic.
+func checkPortFree(port int, v6 bool) error {
+	family, sa, name := unix.AF_INET, unix.Sockaddr(&unix.SockaddrInet4{Port: port}), fmt.Sprintf("udp port %d", port)
+	if v6 {
+		family, sa, name = unix.AF_INET6, &unix.SockaddrInet6{Port: port}, fmt.Sprintf("udp port [::]:%d", port)
+	}
+	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		return fmt.Errorf("udp port %d: socket: %w", port, err)
+		return fmt.Errorf("%s: socket: %w", name, err)
 	}
 	defer unix.Close(fd)
-	if err := unix.Bind(fd, &unix.SockaddrInet4{Port: port}); err != nil {
-		if errors.Is(err, unix.EADDRINUSE) {
-			return fmt.Errorf("udp port %d is already in use (is flanneld or another tulled running?): %w", port, err)
+	if v6 {
+		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 1); err != nil {
+			return fmt.Errorf("%s: IPV6_V6ONLY: %w", name, err)
 		}
-		return fmt.Errorf("udp port %d: bind: %w", port, err)
+	}
+	if err := unix.Bind(fd, sa); err != nil {
+		if errors.Is(err, unix.EADDRINUSE) {
+			return fmt.Errorf("%s is already in use (is flanneld or another tulled running?): %w", name, err)
+		}
+		return fmt.Errorf("%s: bind: %w", name, err)
 	}
 	return nil
 }

@@ -55,14 +55,21 @@ func isPublicIPv6(a netip.Addr) bool {
 	return a.Is6() && !a.Is4In6() && !a.IsUnspecified() && !a.IsMulticast()
 }
 
+// The underlays: a worker's IPv4 socket and its IPv6 one.
+const (
+	underlay4 = 0
+	underlay6 = 1
+)
+
 // reach is how we reach a peer and know its datagrams, as its lease says:
 // a peer whose reach changes is a new peer (Apply).
 type reach struct {
 	// addr is where its datagrams go: PublicIP:Port, or [PublicIPv6]:Port
-	// when both of us talk over the IPv6 underlay.
-	addr    netip.AddrPort
-	public  netip.Addr // PublicIP (IPv4): a datagram from it is the peer's
-	public6 netip.Addr // PublicIPv6, zero if none: a datagram from it is the peer's too
+	// when both of us talk over the IPv6 underlay (underlay says which).
+	addr     netip.AddrPort
+	underlay uint8      // underlay4 or underlay6: the socket its datagrams leave by
+	public   netip.Addr // PublicIP (IPv4): a datagram from it is the peer's
+	public6  netip.Addr // PublicIPv6, zero if none: a datagram from it is the peer's too
 	// want6 is the IPv6 lease we would carry IPv6 to (the lease has one
 	// that fits, and advertises FeatureIPv6), zero if none.
 	want6 netip.Prefix
@@ -76,6 +83,7 @@ func (b *Backend) reachFor(l subnet.Lease, feats features) reach {
 		r.public6 = pub6
 		if b.underlay6() && feats.has(FeatureIPv6Underlay) {
 			r.addr = netip.AddrPortFrom(pub6, uint16(b.opts.Port))
+			r.underlay = underlay6
 		}
 	}
 	if s := l.IPv6Subnet; b.ipv6() && feats.has(FeatureIPv6) && s.IsValid() && s.Addr().Is6() &&

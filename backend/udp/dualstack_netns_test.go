@@ -265,32 +265,51 @@ func TestIPv6SpoofedSourceAndForeignDestinationAreDroppedAndCounted(t *testing.T
 }
 
 // TestIPv6PacketTooBigAndPathMTUDiscovery lowers the underlay route MTU
-// to B (as an ICMP from the underlay would): a packet that no longer fits
-// is answered with ICMPv6 Packet Too Big carrying the inner path MTU,
-// which the sending kernel learns; and a TCP transfer over IPv6 completes
-// across the smaller path.
+// to B (as an ICMP from the underlay would), on an IPv4 and on an IPv6
+// underlay: a packet that no longer fits is answered with ICMPv6 Packet
+// Too Big carrying the inner path MTU (the path's less 28, or 48), which
+// the sending kernel learns; and a TCP transfer over IPv6 completes across
+// the smaller path.
 func TestIPv6PacketTooBigAndPathMTUDiscovery(t *testing.T) {
+	for _, six := range []bool{false, true} {
+		t.Run(map[bool]string{false: "ipv4-underlay", true: "ipv6-underlay"}[six], func(t *testing.T) {
+			testPacketTooBig(t, six)
+		})
+	}
+}
+
+func testPacketTooBig(t *testing.T, six bool) {
 	h := newTwoHosts(t)
-	const pathMTU = 1400 // inner 1372: above the IPv6 minimum
+	const pathMTU = 1400 // inner 1372 or 1352: above the IPv6 minimum
+	overhead, peerAddr := proto.EncapOverhead, hostB
+	evA := dualLease(leaseA, leaseA6, hostA, netip.Addr{}, tulleFeatures...)
+	evB := dualLease(leaseB, leaseB6, hostB, netip.Addr{}, tulleFeatures...)
+	modsA := []func(*Options){dualStack}
+	modsB := []func(*Options){dualStack, func(o *Options) { o.Lease.IPv6Subnet = leaseB6 }}
+	if six {
+		h.addUnderlay6(t)
+		overhead, peerAddr = proto.EncapOverheadIPv6, hostB6
+		evA = dualLease(leaseA, leaseA6, hostA, hostA6, features6u...)
+		evB = dualLease(leaseB, leaseB6, hostB, hostB6, features6u...)
+		modsA, modsB = append(modsA, underlay6Of(hostA6)), append(modsB, underlay6Of(hostB6))
+	}
 	err := nstest.In(h.a, func() error {
 		l, err := netlink.LinkByName(h.vethA)
 		if err != nil {
 			return err
 		}
-		return netlink.RouteReplace(&netlink.Route{LinkIndex: l.Attrs().Index, Dst: ipNet(netip.PrefixFrom(hostB, 32)), MTU: pathMTU, MTULock: true})
+		return netlink.RouteReplace(&netlink.Route{LinkIndex: l.Attrs().Index, Dst: ipNet(netip.PrefixFrom(peerAddr, peerAddr.BitLen())), MTU: pathMTU, MTULock: true})
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	forwarding(t, h.b)
-	evA := dualLease(leaseA, leaseA6, hostA, netip.Addr{}, tulleFeatures...)
-	evB := dualLease(leaseB, leaseB6, hostB, netip.Addr{}, tulleFeatures...)
-	a := startBackendWith(t, h.a, h.tunName("a"), evA.Lease, "offload", 1, []func(*Options){dualStack}, evB)
-	startBackendWith(t, h.b, h.tunName("b"), evB.Lease, "offload", 1,
-		[]func(*Options){func(o *Options) { dualStack(o); o.Lease.IPv6Subnet = leaseB6 }}, evA)
+	a := startBackendWith(t, h.a, h.tunName("a"), evA.Lease, "offload", 1, modsA, evB)
+	startBackendWith(t, h.b, h.tunName("b"), evB.Lease, "offload", 1, modsB, evA)
 	ctr := h.container(t, h.b, netip.MustParseAddr("2001:db8:1:2::2"))
 	waitLocal(t, h.a, leaseA6Addr)
 	dst := netip.MustParseAddrPort("[2001:db8:1:2::5]:7777")
+	inner := pathMTU - overhead
 
 	var fd int
 	err = nstest.In(h.a, func() error {
@@ -317,20 +336,20 @@ func TestIPv6PacketTooBigAndPathMTUDiscovery(t *testing.T) {
 	}
 	p := lookup6(a.table.Load(), "2001:db8:1:2::5")
 	waitFor(t, 3*time.Second, "the path MTU to B to be learned", func() bool {
-		return p.innerMTU.Load() == pathMTU-proto.EncapOverhead
+		return int(p.innerMTU.Load()) == inner
 	})
-	// 1450 bytes fit the TUN MTU (1472) but not the path (1400 - 28).
-	if _, err := unix.Write(fd, make([]byte, 1450-48)); err != nil {
+	// 1430 bytes fit the TUN MTU (1472 or 1452) but not the path.
+	if _, err := unix.Write(fd, make([]byte, 1430-48)); err != nil {
 		t.Fatalf("first large send: %v", err)
 	}
-	waitFor(t, 3*time.Second, "the kernel to learn PMTU 1372 from our ICMPv6 Packet Too Big", func() bool {
+	waitFor(t, 3*time.Second, fmt.Sprintf("the kernel to learn PMTU %d from our ICMPv6 Packet Too Big", inner), func() bool {
 		mtu, err := unix.GetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_MTU)
-		return err == nil && mtu == pathMTU-proto.EncapOverhead
+		return err == nil && mtu == inner
 	})
 	if got := droppedOf(a, "transmit", famIPv6, dropOversize); got != 1 {
 		t.Errorf("transmit ipv6/oversize drops = %d, want 1", got)
 	}
-	if _, err := unix.Write(fd, make([]byte, 1450-48)); err != syscall.EMSGSIZE {
+	if _, err := unix.Write(fd, make([]byte, 1430-48)); err != syscall.EMSGSIZE {
 		t.Errorf("second large send: %v, want EMSGSIZE from the learned PMTU", err)
 	}
 	// TCP learns the path the same way and completes.
@@ -464,5 +483,181 @@ func TestNoDropAtStartWithIPv6On(t *testing.T) {
 	})
 	if err != nil {
 		t.Fatal(err)
+	}
+}
+
+// The IPv6 underlay of the two hosts (2001:db8:ffff::/64).
+var (
+	hostA6     = netip.MustParseAddr("2001:db8:ffff::1")
+	hostB6     = netip.MustParseAddr("2001:db8:ffff::2")
+	stranger6  = netip.MustParseAddr("2001:db8:ffff::3")
+	features6u = []string{FeaturePartialChecksum, FeatureIPv6, FeatureIPv6Underlay}
+)
+
+// addUnderlay6 gives the hosts' veths IPv6 addresses: A hostA6, B hostB6
+// and stranger6 (no duplicate address detection).
+func (h *twoHosts) addUnderlay6(t testing.TB) {
+	t.Helper()
+	for _, c := range []struct {
+		ns    netns.NsHandle
+		link  string
+		addrs []netip.Addr
+	}{{h.a, h.vethA, []netip.Addr{hostA6}}, {h.b, h.prefix + "vb", []netip.Addr{hostB6, stranger6}}} {
+		err := nstest.In(c.ns, func() error {
+			if err := enableIPv6(c.link); err != nil {
+				return err
+			}
+			l, err := netlink.LinkByName(c.link)
+			if err != nil {
+				return err
+			}
+			for _, a := range c.addrs {
+				if err := netlink.AddrAdd(l, &netlink.Addr{IPNet: ipNet(netip.PrefixFrom(a, 64)), Flags: unix.IFA_F_NODAD}); err != nil {
+					return fmt.Errorf("%s: add %v: %w", c.link, a, err)
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, a := range c.addrs {
+			waitLocal(t, c.ns, a)
+		}
+	}
+}
+
+// underlay6Of makes a backend's options use the IPv6 underlay with
+// PublicIPv6 pub6 (TUN MTU 1500 - 48, as the daemon computes it).
+func underlay6Of(pub6 netip.Addr) func(*Options) {
+	return func(o *Options) {
+		o.PublicIPv6, o.IPv6Underlay = pub6, true
+		o.MTU = 1500 - proto.EncapOverheadIPv6
+	}
+}
+
+// rxFrom sums the packets the RX loops of be's sockets of one family
+// (underlay6: the IPv6 ones) accepted from peer p.
+func rxFrom(be *Backend, p *peer, six bool) uint64 {
+	var n uint64
+	for _, w := range be.workers {
+		rx := &w.rx
+		if six {
+			if w.conn6 == nil {
+				continue
+			}
+			rx = &w.rx6
+		}
+		if c := rx.stats.peerOrNil(p.index); c != nil {
+			n += c.packets.Load()
+		}
+	}
+	return n
+}
+
+// TestIPv6UnderlayCarriesBothFamilies: two hosts with the IPv6 underlay
+// switch on and PublicIPv6 addresses talk over IPv6 only, and carry TCP
+// over IPv4 and IPv6 intact; the mixed pair (B on an IPv4-only underlay)
+// talks over IPv4 and carries both as well.
+func TestIPv6UnderlayCarriesBothFamilies(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		bSix  bool // B has the IPv6 underlay too
+		over6 bool // so they talk over IPv6
+	}{{"both-ipv6-underlay", true, true}, {"mixed-pair", false, false}} {
+		t.Run(c.name, func(t *testing.T) {
+			h := newTwoHosts(t)
+			h.addUnderlay6(t)
+			forwarding(t, h.b)
+			evA := dualLease(leaseA, leaseA6, hostA, hostA6, features6u...)
+			evB := dualLease(leaseB, leaseB6, hostB, netip.Addr{}, tulleFeatures...)
+			modsB := []func(*Options){dualStack, func(o *Options) { o.Lease.IPv6Subnet = leaseB6 }}
+			if c.bSix {
+				evB = dualLease(leaseB, leaseB6, hostB, hostB6, features6u...)
+				modsB = append(modsB, underlay6Of(hostB6))
+			}
+			a := startBackendWith(t, h.a, h.tunName("a"), evA.Lease, "offload", 2, []func(*Options){dualStack, underlay6Of(hostA6)}, evB)
+			b := startBackendWith(t, h.b, h.tunName("b"), evB.Lease, "offload", 2, modsB, evA)
+			ctr := h.container(t, h.b, netip.MustParseAddr("198.18.2.2"), netip.MustParseAddr("2001:db8:1:2::2"))
+			waitLocal(t, h.a, leaseA6Addr)
+			pa := a.table.Load().lookup(addr32("198.18.2.1")) // B, as A sees it
+			pb := b.table.Load().lookup(addr32("198.18.1.1"))
+			wantA := netip.AddrPortFrom(hostB, subnet.DefaultPort)
+			if c.over6 {
+				wantA = netip.AddrPortFrom(hostB6, subnet.DefaultPort)
+			}
+			if pa.addr != wantA {
+				t.Fatalf("A sends to B at %v, want %v", pa.addr, wantA)
+			}
+			transferBothWays(t, h.a, ctr, leaseA6Addr, netip.MustParseAddr("2001:db8:1:2::2"), 2<<20)
+			transferBothWays(t, h.a, ctr, leaseA.Addr(), netip.MustParseAddr("198.18.2.2"), 1<<20)
+			// Which sockets carried it: B received from A on its IPv6
+			// sockets only, or on its IPv4 ones only.
+			if six, four := rxFrom(b, pb, true), rxFrom(b, pb, false); (six > 0) != c.over6 || (four > 0) == c.over6 {
+				t.Errorf("B received %d packets from A on its IPv6 sockets and %d on its IPv4 ones", six, four)
+			}
+			if six, four := rxFrom(a, pa, true), rxFrom(a, pa, false); (six > 0) != c.over6 || (four > 0) == c.over6 {
+				t.Errorf("A received %d packets from B on its IPv6 sockets and %d on its IPv4 ones", six, four)
+			}
+		})
+	}
+}
+
+// TestIPv6UnderlayPeerIsAcceptedFromEitherAddress: a peer's datagrams are
+// taken from its PublicIP and from its PublicIPv6; a stranger's IPv6
+// address is an unknown sender.
+func TestIPv6UnderlayPeerIsAcceptedFromEitherAddress(t *testing.T) {
+	h := newTwoHosts(t)
+	h.addUnderlay6(t)
+	a := startBackendWith(t, h.a, h.tunName("a"), dualLease(leaseA, leaseA6, hostA, hostA6, features6u...).Lease, "offload", 2,
+		[]func(*Options){dualStack, underlay6Of(hostA6)}, dualLease(leaseB, leaseB6, hostB, hostB6, features6u...))
+	local := netip.AddrPortFrom(leaseA.Addr(), 9999)
+	app := listenUDP(t, h.a, local)
+	fromB := netip.MustParseAddrPort("198.18.2.5:4444")
+	for _, src := range []netip.Addr{hostB, hostB6} {
+		sock := listenUDPAny(t, h.b, netip.AddrPortFrom(src, 0))
+		to := netip.AddrPortFrom(hostA, subnet.DefaultPort)
+		if src.Is6() {
+			to = netip.AddrPortFrom(hostA6, subnet.DefaultPort)
+		}
+		if _, err := sock.WriteToUDPAddrPort(innerUDP(fromB, local, []byte(src.String())), to); err != nil {
+			t.Fatal(err)
+		}
+		got, _ := readUDP(t, app, 5*time.Second)
+		if string(got) != src.String() {
+			t.Fatalf("app got %q, want the datagram from %v", got, src)
+		}
+	}
+	sock := listenUDPAny(t, h.b, netip.AddrPortFrom(stranger6, 0))
+	if _, err := sock.WriteToUDPAddrPort(innerUDP(fromB, local, []byte("x")), netip.AddrPortFrom(hostA6, subnet.DefaultPort)); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 2*time.Second, "a stranger's IPv6 datagram counted as unknown_sender", func() bool {
+		return droppedOf(a, "receive", famIPv4, dropUnknownSender) == 1
+	})
+	expectNothing(t, app, 200*time.Millisecond)
+}
+
+// TestIPv6UnderlaySocketsAreBoundToThePublicIPv6: the IPv6 sockets are
+// bound to our PublicIPv6, so that our datagrams leave from the address
+// peers know (the test hosts' B side has two on one prefix); one that is
+// not on this host (a 1:1 NAT) falls back to [::].
+func TestIPv6UnderlaySocketsAreBoundToThePublicIPv6(t *testing.T) {
+	h := newTwoHosts(t)
+	h.addUnderlay6(t)
+	b := startBackendWith(t, h.b, h.tunName("b"), dualLease(leaseB, leaseB6, hostB, hostB6, features6u...).Lease, "offload", 2,
+		[]func(*Options){dualStack, func(o *Options) { o.Lease.IPv6Subnet = leaseB6 }, underlay6Of(hostB6)})
+	nat := netip.MustParseAddr("2001:db8:ffff::99")
+	a := startBackendWith(t, h.a, h.tunName("a"), dualLease(leaseA, leaseA6, hostA, nat, features6u...).Lease, "offload", 2,
+		[]func(*Options){dualStack, underlay6Of(nat)})
+	for _, c := range []struct {
+		be   *Backend
+		want netip.Addr
+	}{{b, hostB6}, {a, netip.IPv6Unspecified()}} {
+		for _, w := range c.be.workers {
+			if got := w.conn6.LocalAddr(); got != netip.AddrPortFrom(c.want, subnet.DefaultPort) {
+				t.Errorf("worker %d's IPv6 socket is bound to %v, want %v", w.id, got, netip.AddrPortFrom(c.want, subnet.DefaultPort))
+			}
+		}
 	}
 }

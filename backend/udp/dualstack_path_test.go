@@ -89,10 +89,10 @@ func TestIPv6SuperpacketGoesOutAsOneTrainMarkedOrComplete(t *testing.T) {
 		const mss = 1380
 		h, pkt := tcpSuper6("2001:db8:1:1::5", "2001:db8:1:2::7", 10*mss+300, mss, 1000)
 		txRead(t, tx, tb, 0, h, pkt)
-		if len(tx.msgs) != 1 || tx.meta[0].packets != 11 || tx.meta[0].ipv6 != 11 {
-			t.Fatalf("partial %v: %d messages, want 1 train of 11 IPv6 packets", partial, len(tx.msgs))
+		if len(tx.out[0].msgs) != 1 || tx.out[0].meta[0].packets != 11 || tx.out[0].meta[0].ipv6 != 11 {
+			t.Fatalf("partial %v: %d messages, want 1 train of 11 IPv6 packets", partial, len(tx.out[0].msgs))
 		}
-		m := tx.msgs[0]
+		m := tx.out[0].msgs[0]
 		if m.SegSize != 72+mss || m.Addr != netip.MustParseAddrPort("192.0.2.2:8285") || len(m.Iov) != 22 {
 			t.Fatalf("train: segsize %d, to %v, %d pieces", m.SegSize, m.Addr, len(m.Iov))
 		}
@@ -161,8 +161,8 @@ func TestIPv6TransmitDropsAndICMPv6Errors(t *testing.T) {
 	if d[dropTTLExpired] != 1 || d[dropNoRoute] != 4 || d[dropOversize] != 1 || tx.drops[famIPv4] != [numDropReasons]uint32{} {
 		t.Errorf("drops %v", tx.drops)
 	}
-	if len(tx.msgs) != 0 {
-		t.Errorf("%d messages for packets that were all dropped", len(tx.msgs))
+	if len(tx.out[0].msgs) != 0 {
+		t.Errorf("%d messages for packets that were all dropped", len(tx.out[0].msgs))
 	}
 	if len(tx.icmpOut) != 4 {
 		t.Fatalf("%d ICMPv6 errors queued, want 4 (3 unreachable + 1 packet too big)", len(tx.icmpOut))
@@ -194,8 +194,8 @@ func TestIPv6TransmitDropsAndICMPv6Errors(t *testing.T) {
 	resetTx(tx)
 	lookup6(tb, "2001:db8:1:2::1").innerMTU.Store(1200)
 	txReads(t, tx, tb, ipv6("2001:db8:1:1::5", "2001:db8:1:2::7", 1280, 64), ipv6("2001:db8:1:1::5", "2001:db8:1:2::7", 1300, 64))
-	if len(tx.msgs) != 1 || tx.meta[0].packets != 1 || !tx.meta[0].closed || tx.meta[0].bytes != 1280 {
-		t.Errorf("a 1280-byte packet above the path MTU must go alone: %d messages", len(tx.msgs))
+	if len(tx.out[0].msgs) != 1 || tx.out[0].meta[0].packets != 1 || !tx.out[0].meta[0].closed || tx.out[0].meta[0].bytes != 1280 {
+		t.Errorf("a 1280-byte packet above the path MTU must go alone: %d messages", len(tx.out[0].msgs))
 	}
 	if len(tx.icmpOut) != 1 || binary.BigEndian.Uint32(tx.icmpOut[0][headroom+44:]) != proto.IPv6MinMTU {
 		t.Errorf("%d ICMPv6 errors, want one packet too big advertising 1280", len(tx.icmpOut))
@@ -206,8 +206,8 @@ func TestIPv6TransmitDropsAndICMPv6Errors(t *testing.T) {
 	resetTx(tx)
 	h, pkt := tcpSuper6("2001:db8:1:1::5", "2001:db8:1:2::7", 5*1380, 1380, 1)
 	txRead(t, tx, tb, 0, h, pkt)
-	if tx.drops[famIPv6][dropOversize] != 5 || len(tx.icmpOut) != 1 || len(tx.msgs) != 0 {
-		t.Errorf("oversize superpacket: drops %v, %d ICMP, %d messages", tx.drops, len(tx.icmpOut), len(tx.msgs))
+	if tx.drops[famIPv6][dropOversize] != 5 || len(tx.icmpOut) != 1 || len(tx.out[0].msgs) != 0 {
+		t.Errorf("oversize superpacket: drops %v, %d ICMP, %d messages", tx.drops, len(tx.icmpOut), len(tx.out[0].msgs))
 	}
 }
 
@@ -325,7 +325,7 @@ func TestIPv6PathDoesNotAllocate(t *testing.T) {
 		txRead(t, tx, tb, 0, h, super)
 		txRead(t, tx, tb, 1, tundev.VirtioHdr{}, small)
 		txRead(t, tx, tb, 2, tundev.VirtioHdr{}, noRoute)
-		tx.run.add(tx.stats, tx.meta[0].peer, 1, 1)
+		tx.run.add(tx.stats, tx.out[0].meta[0].peer, 1, 1)
 		tx.run.flush(tx.stats)
 		tx.drops.flush(tx.stats)
 		for _, p := range ins {

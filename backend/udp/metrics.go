@@ -66,7 +66,9 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	txLoops, rxLoops := make([]*loopStats, 0, len(b.workers)), make([]*loopStats, 0, len(b.workers))
 	for _, w := range b.workers {
 		txLoops = append(txLoops, w.tx.stats)
-		rxLoops = append(rxLoops, w.rx.stats)
+		for _, rx := range w.receivers() {
+			rxLoops = append(rxLoops, rx.stats)
+		}
 	}
 
 	for p := range t.all() {

@@ -128,6 +128,7 @@ func TestTunReadCountsTheSegmentsThatAreSent(t *testing.T) {
 	}
 	defer w.conn.Close()
 	tx := &w.tx
+	tx.out[underlay4].conn = w.conn
 	tb := b.table.Load()
 
 	h, pkt := tcpSuper("198.18.1.5", "198.18.2.7", segs*mss, mss, 1)

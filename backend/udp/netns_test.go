@@ -256,11 +256,13 @@ func dropped(b *Backend, direction string, r dropReason) uint64 {
 func droppedOf(b *Backend, direction string, f family, r dropReason) uint64 {
 	var sum uint64
 	for _, w := range b.workers {
-		s := w.rx.stats
 		if direction == "transmit" {
-			s = w.tx.stats
+			sum += w.tx.stats.drops[f][r].Load()
+			continue
 		}
-		sum += s.drops[f][r].Load()
+		for _, rx := range w.receivers() {
+			sum += rx.stats.drops[f][r].Load()
+		}
 	}
 	return sum
 }

@@ -93,15 +93,21 @@ func txRead(t testing.TB, tx *txLoop, tb *table, i int, h tundev.VirtioHdr, pkt 
 
 // resetTx forgets the batch built so far (pure tests have no socket).
 func resetTx(tx *txLoop) {
-	tx.msgs, tx.meta = tx.msgs[:0], tx.meta[:0]
+	for i := range tx.out {
+		tx.out[i].msgs, tx.out[i].meta = tx.out[i].msgs[:0], tx.out[i].meta[:0]
+	}
 	tx.used, tx.npiece, tx.bytes, tx.packets = 0, 0, 0, 0
 	tx.drops = batchCounts{}
 	tx.icmpOut = tx.icmpOut[:0]
 }
 
-// datagrams returns the datagrams message k will become on the wire.
-func datagrams(tx *txLoop, k int) [][]byte {
-	m := tx.msgs[k]
+// datagrams returns the datagrams message k (to the IPv4 socket) will
+// become on the wire.
+func datagrams(tx *txLoop, k int) [][]byte { return datagramsOf(&tx.out[underlay4], k) }
+
+// datagramsOf is datagrams of message k of outbox o.
+func datagramsOf(o *outbox, k int) [][]byte {
+	m := o.msgs[k]
 	var all []byte
 	for _, p := range m.Iov {
 		all = append(all, p...)
@@ -151,10 +157,10 @@ func TestSuperpacketGoesOutAsOneGSOTrainWithoutCopyingItsPayload(t *testing.T) {
 		const mss = 1400
 		h, pkt := tcpSuper("198.18.1.5", "198.18.2.7", 10*mss+300, mss, 1000)
 		txRead(t, tx, tb, 0, h, pkt)
-		if len(tx.msgs) != 1 || tx.meta[0].packets != 11 {
-			t.Fatalf("partial %v: %d messages, want 1 train of 11", partial, len(tx.msgs))
+		if len(tx.out[0].msgs) != 1 || tx.out[0].meta[0].packets != 11 {
+			t.Fatalf("partial %v: %d messages, want 1 train of 11", partial, len(tx.out[0].msgs))
 		}
-		m := tx.msgs[0]
+		m := tx.out[0].msgs[0]
 		if m.SegSize != 52+mss || m.Addr != netip.MustParseAddrPort("192.0.2.2:8285") || len(m.Iov) != 22 {
 			t.Fatalf("train: segsize %d, to %v, %d pieces", m.SegSize, m.Addr, len(m.Iov))
 		}
@@ -236,7 +242,7 @@ func TestReservedBitFromTheApplicationIsNotTakenForTheMark(t *testing.T) {
 		txReads(t, tx, tb, pkt, tcp)
 		txRead(t, tx, tb, 2, h, super)
 		var all [][]byte
-		for k := range tx.msgs {
+		for k := range tx.out[0].msgs {
 			all = append(all, datagrams(tx, k)...)
 		}
 		if len(all) != 5 {
@@ -261,12 +267,12 @@ func TestSmallPacketsToOnePeerShareOneTrain(t *testing.T) {
 	tx := &b.workers[0].tx
 	a := ipv4("198.18.1.5", "198.18.2.7", 60, 64, false)
 	txReads(t, tx, b.table.Load(), a, a, a)
-	if len(tx.msgs) != 1 || tx.msgs[0].SegSize != 60 || len(tx.msgs[0].Iov) != 3 {
-		t.Fatalf("got %d messages, want one train of 3x60", len(tx.msgs))
+	if len(tx.out[0].msgs) != 1 || tx.out[0].msgs[0].SegSize != 60 || len(tx.out[0].msgs[0].Iov) != 3 {
+		t.Fatalf("got %d messages, want one train of 3x60", len(tx.out[0].msgs))
 	}
 	want := ipv4("198.18.1.5", "198.18.2.7", 60, 63, false)
 	for i, d := range datagrams(tx, 0) {
-		if !bytes.Equal(d, want) || !inSlots(tx, tx.msgs[0].Iov[i]) {
+		if !bytes.Equal(d, want) || !inSlots(tx, tx.out[0].msgs[0].Iov[i]) {
 			t.Fatalf("datagram %d differs from the packet with TTL 63, or was copied", i)
 		}
 	}
@@ -281,8 +287,8 @@ func TestTrainsBreakOnPeerChangeShortSegmentAndLimits(t *testing.T) {
 	toB := func(n int) []byte { return ipv4("198.18.1.5", "198.18.3.7", n, 64, true) }
 	txReads(t, tx, tb, toA(S), toA(S), toA(100), toA(100), toB(S), toA(S), toA(S))
 	var got [][2]int // (packets, segsize)
-	for k, m := range tx.msgs {
-		got = append(got, [2]int{tx.meta[k].packets, m.SegSize})
+	for k, m := range tx.out[0].msgs {
+		got = append(got, [2]int{tx.out[0].meta[k].packets, m.SegSize})
 	}
 	want := [][2]int{{3, S}, {1, 100}, {1, S}, {2, S}}
 	if len(got) != len(want) {
@@ -298,20 +304,20 @@ func TestTrainsBreakOnPeerChangeShortSegmentAndLimits(t *testing.T) {
 	tx.maxSegs = 4
 	h, pkt := tcpSuper("198.18.1.5", "198.18.2.7", 10*S, S, 1)
 	txRead(t, tx, tb, 0, h, pkt)
-	if len(tx.msgs) != 3 || tx.meta[0].packets != 4 || tx.meta[2].packets != 2 {
-		t.Fatalf("with 4 segments max: %d trains", len(tx.msgs))
+	if len(tx.out[0].msgs) != 3 || tx.out[0].meta[0].packets != 4 || tx.out[0].meta[2].packets != 2 {
+		t.Fatalf("with 4 segments max: %d trains", len(tx.out[0].msgs))
 	}
 	resetTx(tx)
 	tx.maxSegs = 128
 	h, pkt = tcpSuper("198.18.1.5", "198.18.2.7", 65535-52, S, 1) // segments carry more than 64 KiB with their headers
 	txRead(t, tx, tb, 0, h, pkt)
-	for k := range tx.msgs {
-		if tx.meta[k].bytes > maxGSOPayload {
-			t.Fatalf("train %d carries %d bytes, more than %d", k, tx.meta[k].bytes, maxGSOPayload)
+	for k := range tx.out[0].msgs {
+		if tx.out[0].meta[k].bytes > maxGSOPayload {
+			t.Fatalf("train %d carries %d bytes, more than %d", k, tx.out[0].meta[k].bytes, maxGSOPayload)
 		}
 	}
-	if len(tx.msgs) != 2 {
-		t.Errorf("a 64 KiB superpacket became %d trains, want 2", len(tx.msgs))
+	if len(tx.out[0].msgs) != 2 {
+		t.Errorf("a 64 KiB superpacket became %d trains, want 2", len(tx.out[0].msgs))
 	}
 }
 
@@ -341,8 +347,8 @@ func TestTransmitDropsAreCountedByReasonWithICMPErrors(t *testing.T) {
 	if d6 := tx.drops[famIPv6]; d6[dropNoRoute] != 1 || d6 != (func() (c [numDropReasons]uint32) { c[dropNoRoute] = 1; return })() {
 		t.Errorf("IPv6 drops %v, want 1 no_route", d6)
 	}
-	if len(tx.msgs) != 2 || tx.meta[0].packets != 1 || !tx.meta[0].closed || tx.meta[0].bytes != 1200 {
-		t.Errorf("non-DF oversize packet must go alone: %d messages", len(tx.msgs))
+	if len(tx.out[0].msgs) != 2 || tx.out[0].meta[0].packets != 1 || !tx.out[0].meta[0].closed || tx.out[0].meta[0].bytes != 1200 {
+		t.Errorf("non-DF oversize packet must go alone: %d messages", len(tx.out[0].msgs))
 	}
 	if len(tx.icmpOut) != 4 {
 		t.Fatalf("%d ICMP errors queued, want 4 (3 unreachable + 1 frag needed)", len(tx.icmpOut))
@@ -373,8 +379,8 @@ func TestTransmitDropsAreCountedByReasonWithICMPErrors(t *testing.T) {
 	resetTx(tx)
 	h, pkt := tcpSuper("198.18.1.5", "198.18.3.7", 5*1400, 1400, 1)
 	txRead(t, tx, tb, 0, h, pkt)
-	if tx.drops[famIPv4][dropOversize] != 5 || len(tx.icmpOut) != 1 || len(tx.msgs) != 0 {
-		t.Errorf("oversize superpacket: drops %v, %d ICMP, %d messages", tx.drops, len(tx.icmpOut), len(tx.msgs))
+	if tx.drops[famIPv4][dropOversize] != 5 || len(tx.icmpOut) != 1 || len(tx.out[0].msgs) != 0 {
+		t.Errorf("oversize superpacket: drops %v, %d ICMP, %d messages", tx.drops, len(tx.icmpOut), len(tx.out[0].msgs))
 	}
 }
 
@@ -555,7 +561,7 @@ func TestPathDoesNotAllocate(t *testing.T) {
 		resetTx(tx)
 		txRead(t, tx, tb, 0, h, super)
 		txRead(t, tx, tb, 1, tundev.VirtioHdr{}, small)
-		tx.run.add(tx.stats, tx.meta[0].peer, 1, 1)
+		tx.run.add(tx.stats, tx.out[0].meta[0].peer, 1, 1)
 		tx.run.flush(tx.stats)
 		tx.drops.flush(tx.stats)
 		for _, p := range ins {

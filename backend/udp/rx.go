@@ -19,6 +19,7 @@ const rxMessages = 16
 // flow into one TUN write (virtio GSO) gathered from those slices.
 type rxLoop struct {
 	w       *worker
+	conn    *udpconn.Conn // the socket it reads
 	stats   *loopStats
 	vnet    bool
 	msgs    []udpconn.Message // each Buf holds 64 KiB: a GRO train or the largest datagram
@@ -29,11 +30,12 @@ type rxLoop struct {
 	run     peerRun
 }
 
-// init allocates the RX loop's buffers; udpGRO enables merging UDP (the
-// device took USO).
-func (rx *rxLoop) init(w *worker, vnet, udpGRO bool) {
+// init allocates the RX loop's buffers for reading conn; udpGRO enables
+// merging UDP (the device took USO).
+func (rx *rxLoop) init(w *worker, conn *udpconn.Conn, vnet, udpGRO bool) {
 	*rx = rxLoop{
 		w:     w,
+		conn:  conn,
 		stats: newLoopStats(),
 		vnet:  vnet,
 		msgs:  make([]udpconn.Message, rxMessages),

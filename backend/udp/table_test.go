@@ -39,13 +39,13 @@ func newPureBackend(t testing.TB, network string, subnetLen int, own string, wor
 	}
 	b := &Backend{opts: opts, log: opts.Logger}
 	b.ownPartial.Store(true) // a Tulle host
-	b.prober = &mtuProber{b: b, fd: -1, wake: make(chan struct{}, 1)}
+	b.prober = &mtuProber{b: b, fd: -1, fd6: -1, wake: make(chan struct{}, 1)}
 	b.ctl.init()
 	b.table.Store(newTableFor(&opts))
 	for i := range workers {
 		w := &worker{id: i, b: b}
 		w.tx.init(w, true, 64)
-		w.rx.init(w, true, true)
+		w.rx.init(w, nil, true, true)
 		b.workers = append(b.workers, w)
 		b.stats = append(b.stats, w.tx.stats, w.rx.stats)
 	}

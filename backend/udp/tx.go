@@ -56,9 +56,10 @@ type txLoop struct {
 	used   int      // bytes of arena in use
 	pieces [][]byte // iovec pool of this batch
 	npiece int      // pieces in use
-	msgs   []udpconn.Message
-	meta   []train
-	split  tundev.Split
+	// out are the messages of this batch by underlay: out[underlay4] go
+	// to the IPv4 socket, out[underlay6] to the IPv6 one.
+	out   [2]outbox
+	split tundev.Split
 
 	maxSegs int
 	bytes   int // bytes read in this batch
@@ -72,6 +73,13 @@ type txLoop struct {
 
 	drops batchCounts
 	run   peerRun
+}
+
+// outbox is the messages of one batch for one of the worker's sockets.
+type outbox struct {
+	conn *udpconn.Conn
+	msgs []udpconn.Message
+	meta []train // meta[k] describes msgs[k]
 }
 
 // train describes msgs[k]: packets to one peer, all segSize bytes but the
@@ -94,20 +102,22 @@ func (tx *txLoop) init(w *worker, vnet bool, maxSegs int) {
 		slotSize = proto.MaxIPv4Len
 	}
 	*tx = txLoop{
-		w:       w,
-		stats:   newLoopStats(),
-		vnet:    vnet,
-		slots:   make([][]byte, txSlots),
-		arena:   make([]byte, txHeaderArena),
-		pieces:  make([][]byte, txPieces),
-		msgs:    make([]udpconn.Message, 0, txMessages),
-		meta:    make([]train, 0, txMessages),
+		w:      w,
+		stats:  newLoopStats(),
+		vnet:   vnet,
+		slots:  make([][]byte, txSlots),
+		arena:  make([]byte, txHeaderArena),
+		pieces: make([][]byte, txPieces),
+
 		maxSegs: max(maxSegs, 1),
 		icmp:    make([][]byte, icmpBatch),
 		icmpOut: make([][]byte, 0, icmpBatch),
 	}
 	for i := range tx.slots {
 		tx.slots[i] = make([]byte, slotSize)
+	}
+	for i, c := range []*udpconn.Conn{w.conn, w.conn6} {
+		tx.out[i] = outbox{conn: c, msgs: make([]udpconn.Message, 0, txMessages), meta: make([]train, 0, txMessages)}
 	}
 	for i := range tx.icmp {
 		tx.icmp[i] = make([]byte, headroom+icmpBufLen)
@@ -363,23 +373,25 @@ func (tx *txLoop) segments(p *peer, alone, partial, mark6 bool) error {
 // header bytes and np pieces, possibly in a new message, by sending the
 // batch so far if it has not.
 func (tx *txLoop) room(hdrBytes, np int) error {
-	if tx.used+hdrBytes > len(tx.arena) || tx.npiece+np > len(tx.pieces) || len(tx.msgs) == cap(tx.msgs) {
+	if tx.used+hdrBytes > len(tx.arena) || tx.npiece+np > len(tx.pieces) ||
+		len(tx.out[0].msgs) == cap(tx.out[0].msgs) || len(tx.out[1].msgs) == cap(tx.out[1].msgs) {
 		return tx.send()
 	}
 	return nil
 }
 
 // add appends a packet of size bytes for p, given as one or two pieces
-// (b may be nil), to the last train if it may join it (same peer, not
-// longer than its segments, room left), else starts a new message. The
-// caller made room.
+// (b may be nil), to the last train for p's underlay if it may join it
+// (same peer, not longer than its segments, room left), else starts a new
+// message. The caller made room.
 func (tx *txLoop) add(p *peer, size int, alone, ipv6 bool, a, b []byte) {
 	six := 0
 	if ipv6 {
 		six = 1
 	}
-	if k := len(tx.msgs) - 1; k >= 0 && !alone {
-		m, msg := &tx.meta[k], &tx.msgs[k]
+	o := &tx.out[p.underlay]
+	if k := len(o.msgs) - 1; k >= 0 && !alone {
+		m, msg := &o.meta[k], &o.msgs[k]
 		if m.peer == p && !m.closed && size <= m.segSize && m.packets < tx.maxSegs && m.bytes+size <= maxGSOPayload {
 			tx.putPieces(a, b)
 			msg.Iov = tx.pieces[m.first:tx.npiece]
@@ -398,8 +410,8 @@ func (tx *txLoop) add(p *peer, size int, alone, ipv6 bool, a, b []byte) {
 	}
 	first := tx.npiece
 	tx.putPieces(a, b)
-	tx.msgs = append(tx.msgs, udpconn.Message{Iov: tx.pieces[first:tx.npiece], Addr: p.addr, SegSize: size})
-	tx.meta = append(tx.meta, train{peer: p, packets: 1, ipv6: six, segSize: size, bytes: size, first: first, closed: alone})
+	o.msgs = append(o.msgs, udpconn.Message{Iov: tx.pieces[first:tx.npiece], Addr: p.addr, SegSize: size})
+	o.meta = append(o.meta, train{peer: p, packets: 1, ipv6: six, segSize: size, bytes: size, first: first, closed: alone})
 }
 
 func (tx *txLoop) putPieces(a, b []byte) {
@@ -411,34 +423,43 @@ func (tx *txLoop) putPieces(a, b []byte) {
 	}
 }
 
-// send sends the messages built so far, counts the outcome per peer and
-// frees the pools.
+// send sends the messages built so far, each outbox on its socket, counts
+// the outcome per peer and frees the pools.
 func (tx *txLoop) send() error {
-	if len(tx.msgs) == 0 {
-		tx.used, tx.npiece = 0, 0
-		return nil
-	}
-	sent, err := tx.w.conn.WriteBatch(tx.msgs)
-	packets := 0
-	for k := range tx.msgs {
-		m := &tx.meta[k]
-		packets += m.packets
-		if k >= sent || tx.msgs[k].Err != 0 {
-			tx.drops[famIPv4][dropSendError] += uint32(m.packets - m.ipv6)
-			tx.drops[famIPv6][dropSendError] += uint32(m.ipv6)
-			if k < sent && (tx.msgs[k].Err == syscall.EMSGSIZE || tx.msgs[k].Err == syscall.EINVAL) {
-				m.peer.suspect.Store(true)
-				tx.w.b.prober.poke()
-			}
+	var err error
+	packets, sending := 0, false
+	for i := range tx.out {
+		o := &tx.out[i]
+		if len(o.msgs) == 0 {
 			continue
 		}
-		tx.run.add(tx.stats, m.peer, m.packets, m.bytes)
+		sending = true
+		sent, e := o.conn.WriteBatch(o.msgs)
+		if err == nil {
+			err = e
+		}
+		for k := range o.msgs {
+			m := &o.meta[k]
+			packets += m.packets
+			if k >= sent || o.msgs[k].Err != 0 {
+				tx.drops[famIPv4][dropSendError] += uint32(m.packets - m.ipv6)
+				tx.drops[famIPv6][dropSendError] += uint32(m.ipv6)
+				if k < sent && (o.msgs[k].Err == syscall.EMSGSIZE || o.msgs[k].Err == syscall.EINVAL) {
+					m.peer.suspect.Store(true)
+					tx.w.b.prober.poke()
+				}
+				continue
+			}
+			tx.run.add(tx.stats, m.peer, m.packets, m.bytes)
+		}
+		clear(o.msgs) // keep no references to packet buffers between batches
+		o.msgs, o.meta = o.msgs[:0], o.meta[:0]
 	}
-	tx.run.flush(tx.stats)
-	tx.stats.udp.observe(packets)
-	clear(tx.msgs) // keep no references to packet buffers between batches
-	clear(tx.pieces[:tx.npiece])
-	tx.msgs, tx.meta = tx.msgs[:0], tx.meta[:0]
+	if sending {
+		tx.run.flush(tx.stats)
+		tx.stats.udp.observe(packets)
+		clear(tx.pieces[:tx.npiece])
+	}
 	tx.used, tx.npiece = 0, 0
 	return err
 }

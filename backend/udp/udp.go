@@ -42,7 +42,10 @@
 // 0.0.0.0:Port; a BPF program spreads received flows over the sockets by
 // the inner flow, see steer.go) and runs two loops, TX (TUN -> UDP) and RX
 // (UDP -> TUN), each on a goroutine locked to its OS thread that blocks in
-// ppoll when idle.
+// ppoll when idle. With the IPv6 underlay (Options.IPv6Underlay and a
+// PublicIPv6) each worker also has an IPv6-only socket bound to [::]:Port
+// (steered the same way) with an RX loop of its own; its TX loop sends to
+// each peer by the socket of the peer's underlay.
 package udp
 
 import (
@@ -55,6 +58,8 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/tulle-net/tulle/backend"
 	"github.com/tulle-net/tulle/backend/tundev"
@@ -90,8 +95,9 @@ type Options struct {
 	// zero if none.
 	PublicIPv6 netip.Addr
 	// IPv6Underlay is the network config's Backend.IPv6Underlay: with a
-	// PublicIPv6, sockets are also bound to [::]:Port and peers whose
-	// leases offer it (FeatureIPv6Underlay) are talked to over IPv6.
+	// PublicIPv6, IPv6 sockets are also bound to [PublicIPv6]:Port ([::]
+	// if it is not on this host) and peers whose leases offer it
+	// (FeatureIPv6Underlay) are talked to over IPv6.
 	IPv6Underlay bool
 	// DirectRouting routes on-link peers that advertise FeatureDirect
 	// through the kernel, via Underlay (the underlay interface's index;
@@ -179,8 +185,13 @@ func New(opts Options) (*Backend, error) {
 	if b.link, err = setupDevice(dev.Name(), opts); err != nil {
 		return nil, err
 	}
-	if err := checkPortFree(opts.Port); err != nil {
+	if err := checkPortFree(opts.Port, false); err != nil {
 		return nil, err
+	}
+	if b.underlay6() {
+		if err := checkPortFree(opts.Port, true); err != nil {
+			return nil, err
+		}
 	}
 	if b.prober, err = newMTUProber(b); err != nil {
 		return nil, err
@@ -188,27 +199,59 @@ func New(opts Options) (*Backend, error) {
 
 	b.ctl.init()
 	b.table.Store(newTableFor(&opts))
-	for i, q := range dev.Queues() {
-		conn, err := udpconn.Listen(netip.AddrPortFrom(netip.IPv4Unspecified(), uint16(opts.Port)), udpconn.Options{
+	listen := func(any netip.Addr) (*udpconn.Conn, error) {
+		return udpconn.Listen(netip.AddrPortFrom(any, uint16(opts.Port)), udpconn.Options{
 			ReusePort:  true,
 			RecvBuffer: socketBuffer,
 			SendBuffer: socketBuffer,
 			BatchSize:  max(rxMessages, txMessages),
 			Logger:     opts.Logger,
 		})
+	}
+	// The IPv6 sockets are bound to our PublicIPv6, not [::]: a host often
+	// has several IPv6 addresses on its underlay (temporary, SLAAC and
+	// static ones), and a datagram from another one would be a stranger's
+	// to our peers. A PublicIPv6 that is not on this host (a 1:1 NAT)
+	// cannot be bound: then [::], and the kernel picks the source.
+	bind6 := opts.PublicIPv6
+	for i, q := range dev.Queues() {
+		conn, err := listen(netip.IPv4Unspecified())
 		if err != nil {
 			return nil, fmt.Errorf("worker %d: %w", i, err)
 		}
-		w, err := newWorker(b, i, q, conn, dev.UDPOffload())
+		var conn6 *udpconn.Conn
+		if b.underlay6() {
+			conn6, err = listen(bind6)
+			if errors.Is(err, unix.EADDRNOTAVAIL) && i == 0 {
+				b.log.Warn("public IPv6 address is not on this host; the IPv6 underlay sockets listen on [::] and the kernel picks their source address",
+					"public_ipv6", bind6)
+				bind6 = netip.IPv6Unspecified()
+				conn6, err = listen(bind6)
+			}
+			if err != nil {
+				conn.Close()
+				return nil, fmt.Errorf("worker %d: IPv6 underlay: %w", i, err)
+			}
+		}
+		w, err := newWorker(b, i, q, conn, conn6, dev.UDPOffload())
 		if err != nil {
 			conn.Close()
+			if conn6 != nil {
+				conn6.Close()
+			}
 			return nil, err
 		}
 		b.workers = append(b.workers, w)
-		b.stats = append(b.stats, w.tx.stats, w.rx.stats)
+		b.stats = append(b.stats, w.tx.stats)
+		for _, rx := range w.receivers() {
+			b.stats = append(b.stats, rx.stats)
+		}
 	}
 	if len(b.workers) > 1 {
 		b.steer(b.workers[0].conn)
+		if b.underlay6() {
+			b.steer(b.workers[0].conn6)
+		}
 	}
 	if b.direct, err = newDirectRouter(opts); err != nil {
 		return nil, err
@@ -218,7 +261,11 @@ func New(opts Options) (*Backend, error) {
 		"network", opts.Network, "lease", opts.Lease.Subnet, "ipv6_network", opts.IPv6Network,
 		"ipv6_lease", opts.Lease.IPv6Subnet, "port", opts.Port,
 		"gso", b.workers[0].conn.GSO(), "gro", b.workers[0].conn.GRO(),
-		"gso_max_segments", b.workers[0].conn.MaxSegments())
+		"gso_max_segments", b.workers[0].conn.MaxSegments(), "public_ipv6", opts.PublicIPv6,
+		"ipv6_underlay", b.underlay6())
+	if opts.IPv6Underlay && !b.underlay6() {
+		b.log.Info("the network config enables the IPv6 underlay but this host has no public IPv6 address; peers reach it over IPv4")
+	}
 	ok = true
 	return b, nil
 }
@@ -337,11 +384,13 @@ func (b *Backend) Run(ctx context.Context) error {
 				fail(err)
 			}
 		})
-		loops.Go(func() {
-			if err := w.runRX(); err != nil {
-				fail(err)
-			}
-		})
+		for _, rx := range w.receivers() {
+			loops.Go(func() {
+				if err := w.runRX(rx); err != nil {
+					fail(err)
+				}
+			})
+		}
 	}
 	var prober sync.WaitGroup
 	prober.Go(func() { b.prober.run(ctx) })
@@ -407,7 +456,9 @@ func (b *Backend) stopLoops() {
 	b.stopping.Store(true)
 	for _, w := range b.workers {
 		w.stop.Signal()
-		w.conn.Interrupt()
+		for _, c := range w.conns() {
+			c.Interrupt()
+		}
 	}
 	if b.dev != nil {
 		b.dev.Interrupt()
@@ -427,8 +478,10 @@ func (b *Backend) closeIO() {
 	b.closeIOOnce.Do(func() {
 		for _, w := range b.workers {
 			w.stop.Close()
-			if err := w.conn.Close(); err != nil {
-				b.log.Warn("close UDP socket", "worker", w.id, "error", err)
+			for _, c := range w.conns() {
+				if err := c.Close(); err != nil {
+					b.log.Warn("close UDP socket", "worker", w.id, "addr", c.LocalAddr(), "error", err)
+				}
 			}
 		}
 		if b.dev != nil {
