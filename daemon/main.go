@@ -100,6 +100,7 @@ func Main(args, env []string, stdout, stderr io.Writer) int {
 	for _, w := range cfg.Warnings {
 		logger.Warn(w)
 	}
+	tuneGC(env, logger)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()

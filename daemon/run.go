@@ -99,7 +99,7 @@ func Run(ctx context.Context, cfg *config.Config, logger *slog.Logger) error {
 		log:    logger,
 		health: health.NewState(maxStall),
 		notify: sdnotify.New(logger),
-		peers:  map[netip.Prefix]subnet.Lease{},
+		peers:  map[netip.Prefix]netip.Addr{},
 		phase:  "starting",
 	}
 	d.tick = tickEvery
@@ -157,7 +157,7 @@ type daemon struct {
 	stopping      bool
 	stopStatus    string
 	phase         string
-	peers         map[netip.Prefix]subnet.Lease
+	peers         map[netip.Prefix]netip.Addr // lease subnet -> PublicIP, not our own
 }
 
 func (d *daemon) run(ctx context.Context) error {
@@ -495,8 +495,16 @@ func (d *daemon) masqFailed(now time.Time, err error) {
 	d.nextMasqTry = now.Add(masqEvery)
 }
 
-// notePeers logs hosts joining and leaving (not our own lease).
+// notePeers logs hosts joining and leaving (not our own lease). The
+// first batch, every lease of the cluster, is logged per peer at debug
+// level and summed up in one line: tens of thousands of lines at start
+// help no one and cost a large cluster's hosts CPU at once.
 func (d *daemon) notePeers(batch []subnet.Event) {
+	first := !d.envWritten
+	level := slog.LevelInfo
+	if first {
+		level = slog.LevelDebug
+	}
 	for _, ev := range batch {
 		l := ev.Lease
 		if l.Subnet == d.lease.Subnet {
@@ -505,18 +513,21 @@ func (d *daemon) notePeers(batch []subnet.Event) {
 		switch ev.Type {
 		case subnet.EventAdded:
 			old, known := d.peers[l.Subnet]
-			d.peers[l.Subnet] = l
-			if !known || old.Attrs.PublicIP != l.Attrs.PublicIP {
+			d.peers[l.Subnet] = l.Attrs.PublicIP
+			if !known || old != l.Attrs.PublicIP {
 				kind, version := hostKind(l.Attrs)
-				d.log.Info("peer added", "subnet", l.Subnet, "ipv6_subnet", l.IPv6Subnet, "public_ip", l.Attrs.PublicIP,
+				d.log.Log(context.Background(), level, "peer added", "subnet", l.Subnet, "ipv6_subnet", l.IPv6Subnet, "public_ip", l.Attrs.PublicIP,
 					"public_ipv6", l.Attrs.PublicIPv6, "host", kind, "version", version)
 			}
 		case subnet.EventRemoved:
 			if _, known := d.peers[l.Subnet]; known {
 				delete(d.peers, l.Subnet)
-				d.log.Info("peer removed", "subnet", l.Subnet, "public_ip", l.Attrs.PublicIP)
+				d.log.Log(context.Background(), level, "peer removed", "subnet", l.Subnet, "public_ip", l.Attrs.PublicIP)
 			}
 		}
+	}
+	if first {
+		d.log.Info("peers known", "peers", len(d.peers))
 	}
 }
 

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/tulle-net/tulle/daemon/config"
 	"github.com/tulle-net/tulle/tests/testbed"
 )
 
@@ -569,7 +570,8 @@ func mib(b int64) float64 { return float64(b) / (1 << 20) }
 
 // saveProfile writes the profile tulled serves at url to path.
 func saveProfile(ctx context.Context, tl *testbed.Tulled, url, path string) error {
-	code, body, err := tl.Get(ctx, url)
+	// The profiler has a loopback listener of its own in the host's namespace.
+	code, body, err := testbed.HTTPGet(ctx, tl.Host.NS, "http://"+config.DefaultPprofAddr+url)
 	if err != nil || code != 200 {
 		return fmt.Errorf("profile %s: status %d: %v", url, code, err)
 	}
