@@ -45,38 +45,76 @@ func unitCaps(t *testing.T, u unitFile) ([]string, uint64) {
 	return names, mask
 }
 
+// unitSandbox is what tulled.service restricts, as far as capWrapper
+// emulates it.
+type unitSandbox struct {
+	caps       []string // setpriv names ("net_admin")
+	noNewPrivs bool
+	// tunables: ProtectKernelTunables=yes, /proc/sys and /sys read-only
+	// but for the unit's ReadWritePaths= below /proc/sys (tunablesRW).
+	tunables   bool
+	tunablesRW []string
+}
+
+// readUnitSandbox reads the sandbox settings capWrapper emulates from the
+// unit.
+func readUnitSandbox(t *testing.T, u unitFile) unitSandbox {
+	t.Helper()
+	sb := unitSandbox{noNewPrivs: u.Value("Service", "NoNewPrivileges") == "yes", tunables: u.Value("Service", "ProtectKernelTunables") == "yes"}
+	sb.caps, _ = unitCaps(t, u)
+	for _, p := range u.Words("Service", "ReadWritePaths") {
+		if p = strings.TrimPrefix(p, "-"); strings.HasPrefix(p, "/proc/sys/") {
+			sb.tunablesRW = append(sb.tunablesRW, p)
+		}
+	}
+	return sb
+}
+
 // capWrapper writes a script that runs tulled as tulled.service would as
 // far as privileges and the file system go: in a mount namespace where
 // everything but /proc, /sys and /dev is read-only except writable (the
 // unit's ProtectSystem=strict with RuntimeDirectory=; the testbed keeps
-// subnet.env in the host's directory instead of /run/flannel), /home, /root
-// and /run/user empty (ProtectHome=yes), then as root UID with only caps in
-// the bounding, inheritable and ambient (and so permitted and effective)
-// sets and with no_new_privs. env is added to the environment. PrivateTmp
-// is not emulated: the testbed's files live in /tmp.
-func capWrapper(t *testing.T, setpriv, tulled, writable string, caps []string, noNewPrivs bool, env ...string) string {
+// subnet.env in the host's directory instead of /run/flannel), /proc/sys
+// and /sys read-only but for the unit's ReadWritePaths= below /proc/sys
+// (ProtectKernelTunables=yes), /home, /root and /run/user empty
+// (ProtectHome=yes), then as root UID with only sb.caps in the bounding,
+// inheritable and ambient (and so permitted and effective) sets and with
+// no_new_privs. env is added to the environment. PrivateTmp is not
+// emulated: the testbed's files live in /tmp.
+func capWrapper(t *testing.T, setpriv, tulled, writable string, sb unitSandbox, env ...string) string {
 	t.Helper()
 	unshare := requireTool(t, "unshare")
 	set := "-all"
-	for _, c := range caps {
+	for _, c := range sb.caps {
 		set += ",+" + c
 	}
 	nnp := ""
-	if noNewPrivs {
+	if sb.noNewPrivs {
 		nnp = " --no-new-privs"
 	}
-	var sb strings.Builder
-	sb.WriteString("#!/bin/sh\n")
-	for _, e := range env {
-		fmt.Fprintf(&sb, "export %s\n", e)
+	tunables := ""
+	if sb.tunables {
+		// As systemd does it: bind each on itself, then remount read-only
+		// (and the exceptions read-write again, deeper paths after).
+		for _, d := range []string{"/proc/sys", "/sys"} {
+			tunables += fmt.Sprintf("mount --bind %[1]s %[1]s\nmount -o remount,bind,ro %[1]s\n", d)
+		}
+		for _, d := range sb.tunablesRW {
+			tunables += fmt.Sprintf("mount --bind %[1]s %[1]s\nmount -o remount,bind,rw %[1]s\n", d)
+		}
 	}
-	fmt.Fprintf(&sb, `exec %s --mount --propagation private /bin/sh -c '
+	var script strings.Builder
+	script.WriteString("#!/bin/sh\n")
+	for _, e := range env {
+		fmt.Fprintf(&script, "export %s\n", e)
+	}
+	fmt.Fprintf(&script, `exec %s --mount --propagation private /bin/sh -c '
 set -e
 for m in $(awk "{print \$2}" /proc/self/mounts | sort -u); do
 	case "$m" in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*) continue;; esac
 	mount -o remount,bind,ro "$m" 2>/dev/null || true
 done
-for d in /home /root /run/user; do
+`+tunables+`for d in /home /root /run/user; do
 	if [ -d "$d" ]; then mount -t tmpfs -o ro,mode=0755 tmpfs "$d"; fi
 done
 mount --bind "$0" "$0"
@@ -90,7 +128,7 @@ exec %s --bounding-set=%s --inh-caps=%s --ambient-caps=%s%s -- %s "$@"
 ' %s "$@"
 `, unshare, setpriv, set, set, set, nnp, tulled, writable)
 	path := filepath.Join(t.TempDir(), "tulled-as-unit")
-	if err := os.WriteFile(path, []byte(sb.String()), 0o755); err != nil {
+	if err := os.WriteFile(path, []byte(script.String()), 0o755); err != nil {
 		t.Fatal(err)
 	}
 	if err := tools.AllowScript(path, "sh", "unshare", "awk", "sort", "mount", "touch", "rm", "setpriv", tulled); err != nil {
@@ -191,11 +229,12 @@ func (n *notifyListener) count(msg string) (int, time.Time) {
 // TestTulledWorksWithOnlyTheUnitsCapabilities runs the real tulled on two
 // testbed hosts with exactly the privileges tulled.service grants (read
 // from the unit file) in a read-only file system as ProtectSystem=strict
-// makes it, and with --ip-masq so the iptables path runs too:
-// each becomes ready, tells systemd so over the notify protocol and pings
-// the watchdog, containers on the two hosts reach each other, the metrics
-// the alert rules and the dashboard use are all exported, and a SIGTERM
-// stops it cleanly, rules removed.
+// and ProtectKernelTunables=yes make it, in a dual-stack network and with
+// --ip-masq so the TUN device's IPv6 settings and both iptables paths run
+// too: each becomes ready, tells systemd so over the notify protocol and
+// pings the watchdog, containers on the two hosts reach each other over
+// IPv4 and IPv6, the metrics the alert rules and the dashboard use are all
+// exported, and a SIGTERM stops it cleanly, rules removed.
 func TestTulledWorksWithOnlyTheUnitsCapabilities(t *testing.T) {
 	testbed.RequireRoot(t)
 	setpriv := requireTool(t, "setpriv")
@@ -205,20 +244,21 @@ func TestTulledWorksWithOnlyTheUnitsCapabilities(t *testing.T) {
 		t.Fatalf("tulled.service: User=%s; this test emulates root with reduced capabilities", u)
 	}
 	caps, mask := unitCaps(t, unit)
-	noNewPrivs := unit.Value("Service", "NoNewPrivileges") == "yes"
+	sandbox := readUnitSandbox(t, unit)
+	noNewPrivs := sandbox.noNewPrivs
 	tulled := buildTulled(t)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	b := testbed.NewT(t, testbed.Options{Hosts: 2})
-	if err := b.WriteNetworkConfig(ctx, testbed.DefaultNetworkConfig); err != nil {
+	if err := b.WriteNetworkConfig(ctx, testbed.DualStackNetworkConfig); err != nil {
 		t.Fatal(err)
 	}
 
 	// Host 1 also gets systemd's notify socket and a 2 s watchdog.
 	notify, sock := listenNotify(t)
 	const watchdog = 2 * time.Second
-	t.Setenv(testbed.EnvTulledBin, capWrapper(t, setpriv, tulled, b.Host(1).Dir, caps, noNewPrivs,
+	t.Setenv(testbed.EnvTulledBin, capWrapper(t, setpriv, tulled, b.Host(1).Dir, sandbox,
 		"NOTIFY_SOCKET="+sock, "WATCHDOG_USEC="+strconv.Itoa(int(watchdog/time.Microsecond))))
 	t1, err := b.Host(1).StartTulled(ctx, "--ip-masq")
 	if err != nil {
@@ -228,7 +268,7 @@ func TestTulledWorksWithOnlyTheUnitsCapabilities(t *testing.T) {
 	if readySeen != 1 {
 		t.Errorf("READY=1 sent %d times by the time /readyz answered 200, want once", readySeen)
 	}
-	t.Setenv(testbed.EnvTulledBin, capWrapper(t, setpriv, tulled, b.Host(2).Dir, caps, noNewPrivs))
+	t.Setenv(testbed.EnvTulledBin, capWrapper(t, setpriv, tulled, b.Host(2).Dir, sandbox))
 	t2, err := b.Host(2).StartTulled(ctx, "--ip-masq")
 	if err != nil {
 		t.Fatal(err)
@@ -245,15 +285,25 @@ func TestTulledWorksWithOnlyTheUnitsCapabilities(t *testing.T) {
 		if noNewPrivs && st["NoNewPrivs"] != "1" {
 			t.Errorf("host %s: tulled NoNewPrivs = %s, want 1", tl.Host.Name, st["NoNewPrivs"])
 		}
-		// It ran in the read-only file system, with its directory writable.
-		for dir, opt := range map[string]string{"/": "ro", tl.Host.Dir: "rw"} {
+		// It ran in the read-only file system, with its directory writable,
+		// and read-only kernel tunables but the unit's exceptions.
+		opts := map[string]string{"/": "ro", tl.Host.Dir: "rw"}
+		if sandbox.tunables {
+			opts["/proc/sys"], opts["/sys"] = "ro", "ro"
+			for _, p := range sandbox.tunablesRW {
+				opts[p] = "rw"
+			}
+		}
+		for dir, opt := range opts {
 			if got := mountOption(t, tl.Pid(), dir); got != opt {
 				t.Errorf("host %s: tulled sees %s mounted %q, want %q", tl.Host.Name, dir, got, opt)
 			}
 		}
-		// --ip-masq worked: the rules are in place.
-		if out, err := tl.Host.Exec(ctx, "iptables", "-t", "nat", "-S", "TULLE-POSTRTG"); err != nil || !strings.Contains(out, "MASQUERADE") {
-			t.Errorf("host %s: masquerade rules: %v\n%s", tl.Host.Name, err, out)
+		// --ip-masq worked: the rules are in place, for both families.
+		for _, cmd := range []string{"iptables", "ip6tables"} {
+			if out, err := tl.Host.Exec(ctx, cmd, "-t", "nat", "-S", "TULLE-POSTRTG"); err != nil || !strings.Contains(out, "MASQUERADE") {
+				t.Errorf("host %s: %s masquerade rules: %v\n%s", tl.Host.Name, cmd, err, out)
+			}
 		}
 	}
 
@@ -272,6 +322,12 @@ func TestTulledWorksWithOnlyTheUnitsCapabilities(t *testing.T) {
 		t.Error(err)
 	}
 	if _, err := c2.Ping(ctx, c1.Addr, 5); err != nil {
+		t.Error(err)
+	}
+	if _, err := c1.WaitReachable(ctx, c2.Addr6, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c2.Ping(ctx, c1.Addr6, 3); err != nil {
 		t.Error(err)
 	}
 
@@ -320,8 +376,10 @@ func TestTulledWorksWithOnlyTheUnitsCapabilities(t *testing.T) {
 			t.Error(err)
 			continue
 		}
-		if out, err := tl.Host.Exec(ctx, "iptables", "-t", "nat", "-S", "TULLE-POSTRTG"); err == nil {
-			t.Errorf("host %s: TULLE-POSTRTG still there after a clean stop:\n%s", tl.Host.Name, out)
+		for _, cmd := range []string{"iptables", "ip6tables"} {
+			if out, err := tl.Host.Exec(ctx, cmd, "-t", "nat", "-S", "TULLE-POSTRTG"); err == nil {
+				t.Errorf("host %s: %s TULLE-POSTRTG still there after a clean stop:\n%s", tl.Host.Name, cmd, out)
+			}
 		}
 	}
 	if n, _ := notify.count("STOPPING=1"); n != 1 {
@@ -330,7 +388,7 @@ func TestTulledWorksWithOnlyTheUnitsCapabilities(t *testing.T) {
 
 	// CAP_NET_ADMIN is needed: without any capability tulled fails, with
 	// the cause, instead of hanging or half-working.
-	t.Setenv(testbed.EnvTulledBin, capWrapper(t, setpriv, tulled, b.Host(2).Dir, nil, noNewPrivs))
+	t.Setenv(testbed.EnvTulledBin, capWrapper(t, setpriv, tulled, b.Host(2).Dir, unitSandbox{noNewPrivs: noNewPrivs, tunables: sandbox.tunables, tunablesRW: sandbox.tunablesRW}))
 	t3, err := b.Host(2).LaunchTulled(ctx)
 	if err != nil {
 		t.Fatal(err)
