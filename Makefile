@@ -65,6 +65,6 @@ FUZZTIME ?= 30s
 fuzz:
 	for t in FuzzParseConfig FuzzParseLeaseKey FuzzLeaseAttrs; do $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./subnet/ || exit 1; done
 	for t in FuzzCheckIPv4 FuzzDecrementTTL FuzzICMPv4Error FuzzCheckIPv6; do $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./proto/ || exit 1; done
-	$(GO) test -run '^$$' -fuzz '^FuzzReceiveTrustBoundary$$' -fuzztime $(FUZZTIME) ./backend/udp/
+	for t in FuzzReceiveTrustBoundary FuzzReceiveTrustBoundaryIPv6; do $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./backend/udp/ || exit 1; done
 	$(GO) test -run '^$$' -fuzz '^FuzzParseDocuments$$' -fuzztime $(FUZZTIME) ./policy/
 	for t in FuzzSplit FuzzCoalesce; do $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./backend/tundev/ || exit 1; done

@@ -4,8 +4,10 @@
 // and ICMP error messages built into caller-supplied buffers.
 //
 // The encapsulation itself is trivial and flannel-compatible: the UDP payload
-// is the bare inner IPv4 packet, with no header of its own, so an inner packet
-// costs EncapOverhead bytes (outer IPv4 + UDP) on the underlay.
+// is the bare inner IPv4 (or, between Tulle hosts in a dual-stack network,
+// IPv6) packet, with no header of its own, so an inner packet costs
+// EncapOverhead bytes (outer IPv4 + UDP) on the underlay, or
+// EncapOverheadIPv6 on an IPv6 underlay.
 //
 // Guarantees: no function here allocates, keeps state, makes a syscall or
 // panics on any input; every accessor that reads a header field documents the

@@ -40,7 +40,8 @@ type rawConfig struct {
 //   - IPv6: IPv6SubnetLen 64 when IPv6Network is /62 or larger, else its
 //     length + 2 (smaller than /124 rejected), limits as for IPv4;
 //   - Backend absent (or without Type): type "udp"; Backend.Port absent or 0:
-//     DefaultPort; Backend.DirectRouting absent: false.
+//     DefaultPort; Backend.DirectRouting and Backend.IPv6Underlay absent:
+//     false.
 //
 // Network and IPv6Network are masked as flannel does. Every rejection is a
 // *ConfigError naming the field, the value and the rule, and wraps
@@ -249,6 +250,7 @@ func parseBackend(cfg *Config, raw json.RawMessage) error {
 		Type          json.RawMessage
 		Port          json.RawMessage
 		DirectRouting json.RawMessage
+		IPv6Underlay  json.RawMessage
 	}
 	if err := json.Unmarshal(raw, &be); err != nil {
 		return &ConfigError{Field: "Backend", Value: quote(raw), Rule: "must be a JSON object"}
@@ -273,6 +275,9 @@ func parseBackend(cfg *Config, raw json.RawMessage) error {
 		cfg.Port = port
 	}
 	if cfg.DirectRouting, err = boolField("Backend.DirectRouting", be.DirectRouting, false); err != nil {
+		return err
+	}
+	if cfg.IPv6Underlay, err = boolField("Backend.IPv6Underlay", be.IPv6Underlay, false); err != nil {
 		return err
 	}
 	var c bytes.Buffer

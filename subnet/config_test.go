@@ -72,6 +72,27 @@ func TestParseConfigDirectRouting(t *testing.T) {
 	}
 }
 
+func TestParseConfigIPv6Underlay(t *testing.T) {
+	for _, tc := range []struct {
+		json string
+		want bool
+	}{
+		{`{"Network":"198.18.0.0/16"}`, false},
+		{`{"Network":"198.18.0.0/16","Backend":{"Type":"udp","IPv6Underlay":null}}`, false},
+		{`{"Network":"198.18.0.0/16","Backend":{"Type":"udp","IPv6Underlay":false}}`, false},
+		{`{"Network":"198.18.0.0/16","Backend":{"Type":"udp","IPv6Underlay":true}}`, true}, // inner IPv4 over an IPv6 underlay
+		{`{"Network":"198.18.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:1::/48","backend":{"ipv6underlay":true}}`, true},
+	} {
+		c, err := ParseConfig([]byte(tc.json))
+		if err != nil {
+			t.Fatalf("ParseConfig(%s): %v", tc.json, err)
+		}
+		if c.IPv6Underlay != tc.want || c.DirectRouting {
+			t.Errorf("ParseConfig(%s): IPv6Underlay %v (DirectRouting %v), want %v", tc.json, c.IPv6Underlay, c.DirectRouting, tc.want)
+		}
+	}
+}
+
 func TestParseConfigIPv6Defaults(t *testing.T) {
 	c, err := ParseConfig([]byte(`{"Network":"198.18.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8::/48"}`))
 	if err != nil {
@@ -131,6 +152,7 @@ func TestParseConfigRejectionsNameFieldValueAndRule(t *testing.T) {
 		{`{"Network":"198.18.0.0/16","Backend":{"Port":70000}}`, "Backend.Port 70000: must be between 1 and 65535"},
 		{`{"Network":"198.18.0.0/16","Backend":{"Port":-5}}`, "Backend.Port -5: must be between 1 and 65535"},
 		{`{"Network":"198.18.0.0/16","Backend":{"DirectRouting":"yes"}}`, `Backend.DirectRouting "yes": must be true or false`},
+		{`{"Network":"198.18.0.0/16","Backend":{"IPv6Underlay":1}}`, `Backend.IPv6Underlay 1: must be true or false`},
 		{`{"Networks":["198.18.0.0/16","198.19.0.0/16"]}`, `Networks ["198.18.0.0/16","198.19.0.0/16"]: several networks are not supported: use Network / IPv6Network`},
 	} {
 		t.Run(tc.want, func(t *testing.T) {

@@ -42,6 +42,12 @@ type Config struct {
 	// false when absent): on-link Tulle peers are reached by a kernel route
 	// instead of the UDP overlay (backend/udp, direct.go).
 	DirectRouting bool
+	// IPv6Underlay is Backend.IPv6Underlay (false when absent): hosts that
+	// both have a PublicIPv6 and both advertise it send each other the
+	// overlay's datagrams over the IPv6 underlay instead of the IPv4 one
+	// (backend/udp). It does not depend on EnableIPv6: an IPv6 underlay
+	// carries inner IPv4 packets too.
+	IPv6Underlay bool
 }
 
 // LeaseAttrs is the JSON value of a lease key, byte-compatible with flannel:

@@ -135,7 +135,7 @@ func testForwardingLoopAllocs(t *testing.T, driver string, proto byte) {
 // checkForwarded verifies the i-th forwarded packet: valid checksums, TTL
 // decremented once, payload intact.
 func checkForwarded(p []byte, i int) error {
-	ip, err := parseIPv4(p)
+	ip, err := parseIP(p)
 	if err != nil {
 		return fmt.Errorf("forwarded packet %d: %w", i, err)
 	}

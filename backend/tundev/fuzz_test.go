@@ -17,7 +17,7 @@ import (
 // spends its time on splits rather than on rejections; with fix 0 the input
 // is taken as it is.
 const (
-	fixTotalLen  = 1 << iota // IPv4 total length := len(data)
+	fixTotalLen  = 1 << iota // IPv4 total length (IPv6 payload length) := len(data) (- 40)
 	fixCsumStart             // csum_start := the IP header length
 	fixGSOType               // GSO type and csum_offset from the IP protocol
 )
@@ -58,24 +58,49 @@ func FuzzSplit(f *testing.F) {
 	add(h, pkt, 0)
 	add(tundev.VirtioHdr{GSOSize: 3}, []byte{0x45, 0, 0, 0, 0, 0, 0, 0, 64, 6, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8,
 		0, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0x50, 0x10, 0, 0, 0, 0, 0, 0, 'a', 'b', 'c', 'd'}, fixTotalLen|fixCsumStart|fixGSOType)
+	// IPv6: TSO6 and USO6, a superpacket with an extension header (refused).
+	for _, c := range []struct{ payload, mss int }{{3*1000 + 7, 1000}, {37, 8}, {1, 1}} {
+		h, pkt := superTCP6(c.payload, c.mss)
+		add(h, pkt, 0)
+	}
+	h, pkt = superUDP6(2500, 1200)
+	add(h, pkt, 0)
+	h, pkt = superTCP6(300, 100)
+	h.CsumStart = 48
+	add(h, withDestOptions(pkt), 0)
+	six := make([]byte, 40+20+5)
+	six[0], six[6], six[40+12] = 0x60, 6, 0x50
+	add(tundev.VirtioHdr{GSOSize: 2}, six, fixTotalLen|fixCsumStart|fixGSOType)
 
 	f.Fuzz(func(t *testing.T, data []byte, flags, gsoType uint8, hdrLen, gsoSize, csumStart, csumOffset uint16, fix uint8) {
-		if len(data) > proto.MaxIPv4Len {
-			data = data[:proto.MaxIPv4Len] // no IPv4 packet is longer
+		if len(data) > proto.MaxIPv6Len {
+			data = data[:proto.MaxIPv6Len] // no packet is longer
 		}
 		pkt := bytes.Clone(data) // the fuzz input must not be modified
 		h := tundev.VirtioHdr{Flags: flags, GSOType: gsoType, HdrLen: hdrLen, GSOSize: gsoSize,
 			CsumStart: csumStart, CsumOffset: csumOffset}
-		if fix&fixTotalLen != 0 && len(pkt) >= 4 {
-			binary.BigEndian.PutUint16(pkt[2:], uint16(len(pkt)))
+		v6 := len(pkt) >= proto.IPv6HeaderLen && pkt[0]>>4 == 6
+		if fix&fixTotalLen != 0 && len(pkt) >= 6 {
+			if v6 {
+				binary.BigEndian.PutUint16(pkt[4:], uint16(len(pkt)-40))
+			} else {
+				binary.BigEndian.PutUint16(pkt[2:], uint16(len(pkt)))
+			}
 		}
 		if fix&fixCsumStart != 0 && len(pkt) >= 1 {
 			h.CsumStart = uint16(proto.IPv4HeaderLength(pkt))
+			if v6 {
+				h.CsumStart = proto.IPv6HeaderLen
+			}
 		}
 		if fix&fixGSOType != 0 && len(pkt) >= proto.IPv4HeaderLen {
-			switch proto.IPv4Protocol(pkt) {
+			protocol, tso := proto.IPv4Protocol(pkt), uint8(tundev.GSOTCPv4)
+			if v6 {
+				protocol, tso = pkt[6], tundev.GSOTCPv6
+			}
+			switch protocol {
 			case proto.ProtoTCP:
-				h.GSOType, h.CsumOffset = tundev.GSOTCPv4, 16
+				h.GSOType, h.CsumOffset = tso, 16
 			case proto.ProtoUDP:
 				h.GSOType, h.CsumOffset = tundev.GSOUDPL4, 6
 			}
@@ -100,7 +125,8 @@ func FuzzSplit(f *testing.F) {
 //   - valid IPv4: header checksum right, total length = its length, the IP
 //     header the superpacket's but for total length, checksum and ID (the
 //     superpacket's plus the segment's index, as the kernel's TSO numbers
-//     them);
+//     them); or valid IPv6: payload length right, the fixed header the
+//     superpacket's but for the payload length;
 //   - valid TCP or UDP: checksum right (proto.Sum over the pseudo-header,
 //     cross-checked with parseIPv4's independent sum); UDP: length right,
 //     checksum never 0 (that means none); TCP: sequence number the
@@ -115,8 +141,8 @@ func FuzzSplit(f *testing.F) {
 func resplit(t *testing.T, s *tundev.Split, pkt []byte) [][]byte {
 	t.Helper()
 	before := bytes.Clone(pkt)
-	ihl := proto.IPv4HeaderLength(pkt)
-	protocol := proto.IPv4Protocol(pkt)
+	v6 := pkt[0]>>4 == 6
+	ihl, protocol := ipHeader(pkt)
 	tcp := protocol == proto.ProtoTCP
 	hl, n := s.HeaderLen(), s.Segments()
 	size := s.SegmentSize() - hl
@@ -128,7 +154,6 @@ func resplit(t *testing.T, s *tundev.Split, pkt []byte) [][]byte {
 		t.Fatalf("split of a %d-byte superpacket (IP header %d, protocol %d): %d segments, header %d (want %d), segment size %d",
 			len(pkt), ihl, protocol, n, hl, wantHL, s.SegmentSize())
 	}
-	src, dst := proto.IPv4Src(pkt), proto.IPv4Dst(pkt)
 	id0 := binary.BigEndian.Uint16(pkt[4:])
 	seq0 := binary.BigEndian.Uint32(pkt[ihl+4:])
 	const guard = 0xa5
@@ -144,21 +169,30 @@ func resplit(t *testing.T, s *tundev.Split, pkt []byte) [][]byte {
 			t.Fatalf("segment %d: payload of %d bytes, want pkt[%d:%d]", i, len(payload), off, off+want)
 		}
 		seg := append(hdr[:hl:hl], payload...)
-		if total := proto.IPv4TotalLength(seg); total != len(seg) || !proto.IPv4HeaderChecksumValid(seg) {
-			t.Fatalf("segment %d: IPv4 total length %d for %d bytes, header checksum valid %v",
-				i, total, len(seg), proto.IPv4HeaderChecksumValid(seg))
-		}
-		if d := diffExcept(seg[:ihl], pkt[:ihl], 2, 6, 10, 12); d >= 0 {
-			t.Fatalf("segment %d: IP header byte %d is %#x, superpacket's %#x", i, d, seg[d], pkt[d])
-		}
-		if id := binary.BigEndian.Uint16(seg[4:]); id != id0+uint16(i) {
-			t.Fatalf("segment %d: IP ID %d, want %d", i, id, id0+uint16(i))
+		if v6 {
+			if plen := binary.BigEndian.Uint16(seg[4:]); int(plen) != len(seg)-40 {
+				t.Fatalf("segment %d: IPv6 payload length %d for %d bytes", i, plen, len(seg))
+			}
+			if d := diffExcept(seg[:ihl], pkt[:ihl], 4, 6); d >= 0 {
+				t.Fatalf("segment %d: IPv6 header byte %d is %#x, superpacket's %#x", i, d, seg[d], pkt[d])
+			}
+		} else {
+			if total := proto.IPv4TotalLength(seg); total != len(seg) || !proto.IPv4HeaderChecksumValid(seg) {
+				t.Fatalf("segment %d: IPv4 total length %d for %d bytes, header checksum valid %v",
+					i, total, len(seg), proto.IPv4HeaderChecksumValid(seg))
+			}
+			if d := diffExcept(seg[:ihl], pkt[:ihl], 2, 6, 10, 12); d >= 0 {
+				t.Fatalf("segment %d: IP header byte %d is %#x, superpacket's %#x", i, d, seg[d], pkt[d])
+			}
+			if id := binary.BigEndian.Uint16(seg[4:]); id != id0+uint16(i) {
+				t.Fatalf("segment %d: IP ID %d, want %d", i, id, id0+uint16(i))
+			}
 		}
 		l4 := seg[ihl:]
-		if sum := proto.Sum(l4, uint64(proto.PseudoHeaderSum(src, dst, protocol, len(l4)))); sum != 0xffff {
+		if sum := proto.Sum(l4, uint64(pseudoOf(seg, len(l4)))); sum != 0xffff {
 			t.Fatalf("segment %d: transport checksum wrong (sum %#x)", i, sum)
 		}
-		if _, err := parseIPv4(seg); err != nil {
+		if _, err := parseIP(seg); err != nil {
 			t.Fatalf("segment %d: %v", i, err)
 		}
 		if tcp {
@@ -192,7 +226,7 @@ func resplit(t *testing.T, s *tundev.Split, pkt []byte) [][]byte {
 		if len(pp) != len(payload) || &pp[0] != &payload[0] {
 			t.Fatalf("segment %d: partial and complete cuts return different payloads", i)
 		}
-		if got, want := binary.BigEndian.Uint16(ph[ihl+csumAt:]), proto.PseudoHeaderSum(src, dst, protocol, len(l4)); got != want {
+		if got, want := binary.BigEndian.Uint16(ph[ihl+csumAt:]), pseudoOf(seg, len(l4)); got != want {
 			t.Fatalf("segment %d, partial: checksum field %#x, want the pseudo-header sum %#x", i, got, want)
 		}
 		pseg := append(ph, pp...)
@@ -212,6 +246,24 @@ func resplit(t *testing.T, s *tundev.Split, pkt []byte) [][]byte {
 		t.Fatal("Segment changed the superpacket")
 	}
 	return segs
+}
+
+// ipHeader returns the IP header length and the transport protocol of
+// the IPv4 packet pkt, or of the IPv6 packet pkt without extension headers.
+func ipHeader(pkt []byte) (ihl int, protocol uint8) {
+	if pkt[0]>>4 == 6 {
+		return proto.IPv6HeaderLen, pkt[6]
+	}
+	return proto.IPv4HeaderLength(pkt), proto.IPv4Protocol(pkt)
+}
+
+// pseudoOf is the pseudo-header sum of pkt (IPv4, or IPv6 without
+// extension headers) for a transport of length bytes.
+func pseudoOf(pkt []byte, length int) uint16 {
+	if pkt[0]>>4 == 6 {
+		return proto.PseudoHeaderSumIPv6(proto.IPv6Src(pkt), proto.IPv6Dst(pkt), pkt[6], length)
+	}
+	return proto.PseudoHeaderSum(proto.IPv4Src(pkt), proto.IPv4Dst(pkt), pkt[9], length)
 }
 
 // diffExcept returns the first offset at which a and b differ outside the
@@ -287,7 +339,8 @@ func (b *fuzzBytes) byte() byte {
 func (b *fuzzBytes) u16() uint16 { return uint16(b.byte())<<8 | uint16(b.byte()) }
 
 // FuzzCoalesce's input: two bytes each for the segment size of flows 0
-// and 1 (1 + n%1460), then steps. A step is an op byte,
+// and 1 (1 + n%1460; the top bit of the first makes every flow IPv6),
+// then steps. A step is an op byte,
 //
 //	bit 0    flow: source port 40000 (TCP with timestamps) or 40001 (no options)
 //	bit 1    UDP instead of TCP
@@ -308,7 +361,7 @@ const (
 	mutHeader               // IP/transport header byte byte % len XOR (byte|1), checksums recomputed
 	mutRaw                  // any byte u16 % len XOR (byte|1), nothing recomputed
 	mutTotalLen             // cut or padded to u16 % (len+16) bytes, IP length unchanged
-	mutIPOptions            // 4 bytes of IP options (IHL 6)
+	mutIPOptions            // 4 bytes of IP options (IHL 6); IPv6: a destination options header
 )
 
 // maxFuzzPackets bounds one run of FuzzCoalesce (a group holds at most
@@ -318,7 +371,13 @@ const maxFuzzPackets = 400
 // fuzzPackets derives FuzzCoalesce's packets from data.
 func fuzzPackets(data []byte) []*fuzzPacket {
 	r := fuzzBytes(data)
-	mss := [2]int{1 + int(r.u16())%1460, 1 + int(r.u16())%1460}
+	first := r.u16()
+	v6 := first&0x8000 != 0
+	mss := [2]int{1 + int(first&0x7fff)%1460, 1 + int(r.u16())%1460}
+	flowFrom, flowTo, ihl := flowSrc, flowDst, 20
+	if v6 {
+		flowFrom, flowTo, ihl = flowSrc6, flowDst6, 40
+	}
 	type flowState struct {
 		seq uint32
 		id  uint16
@@ -338,7 +397,7 @@ func fuzzPackets(data []byte) []*fuzzPacket {
 				m = 0
 			}
 			fl := &flows[b2i(udp)][fi]
-			src := netip.AddrPortFrom(flowSrc.Addr(), flowSrc.Port()+uint16(fi))
+			src := netip.AddrPortFrom(flowFrom.Addr(), flowFrom.Port()+uint16(fi))
 			opts := tsOpts // TCP options: timestamps on flow 0, none on flow 1
 			if fi == 1 {
 				opts = nil
@@ -374,25 +433,27 @@ func fuzzPackets(data []byte) []*fuzzPacket {
 			}
 			var pkt []byte
 			if udp {
-				pkt = buildUDP(make([]byte, 28+size), 0, src, flowDst, payload, fl.id)
+				pkt = buildUDP(make([]byte, ihl+8+size), 0, src, flowTo, payload, fl.id)
 				if noSum {
-					pkt[26], pkt[27] = 0, 0
+					pkt[ihl+6], pkt[ihl+7] = 0, 0
 				}
 			} else {
-				pkt = buildTCP(make([]byte, 40+len(opts)+size), 0, src, flowDst, seq, 555, flags, opts, payload)
-				binary.BigEndian.PutUint16(pkt[4:], fl.id)
-				refreshChecksums(pkt, false)
+				pkt = buildTCP(make([]byte, ihl+20+len(opts)+size), 0, src, flowTo, seq, 555, flags, opts, payload)
+				if !v6 {
+					binary.BigEndian.PutUint16(pkt[4:], fl.id)
+					refreshChecksums(pkt, false)
+				}
 				fl.seq = seq + uint32(size)
 			}
 			fl.id++
 			switch m {
 			case mutBadSum:
-				l4 := pkt[20:]
+				l4 := pkt[ihl:]
 				l4[int(r.u16())%len(l4)] ^= r.byte() | 1
 			case mutHeader:
-				hl := 40 + len(opts)
+				hl := ihl + 20 + len(opts)
 				if udp {
-					hl = 28
+					hl = ihl + 8
 				}
 				pkt[int(r.byte())%hl] ^= r.byte() | 1
 				refreshChecksums(pkt, true)
@@ -405,13 +466,16 @@ func fuzzPackets(data []byte) []*fuzzPacket {
 					pkt = append(pkt, make([]byte, n-len(pkt))...)
 				}
 			case mutIPOptions:
-				pkt = withIPOptions(pkt)
+				if v6 {
+					pkt = withDestOptions(pkt)
+				} else {
+					pkt = withIPOptions(pkt)
+				}
 			}
 			p := &fuzzPacket{buf: pkt, partial: partial && takesPartial(pkt)}
 			if p.partial {
-				ihl := proto.IPv4HeaderLength(pkt)
-				binary.BigEndian.PutUint16(pkt[ihl+csumField(pkt):],
-					proto.PseudoHeaderSum(proto.IPv4Src(pkt), proto.IPv4Dst(pkt), pkt[9], len(pkt)-ihl))
+				ihl, _ := ipHeader(pkt)
+				binary.BigEndian.PutUint16(pkt[ihl+csumField(pkt):], pseudoOf(pkt, len(pkt)-ihl))
 			}
 			p.orig = bytes.Clone(pkt)
 			pkts = append(pkts, p)
@@ -429,7 +493,7 @@ func b2i(b bool) int {
 
 // csumField is the offset of the checksum field in pkt's TCP or UDP header.
 func csumField(pkt []byte) int {
-	if pkt[9] == proto.ProtoUDP {
+	if _, protocol := ipHeader(pkt); protocol == proto.ProtoUDP {
 		return 6
 	}
 	return 16
@@ -438,8 +502,23 @@ func csumField(pkt []byte) int {
 // takesPartial reports whether a receiver would take pkt with a partial
 // checksum: what backend/udp checks before it passes partial to Add (a
 // well-formed IPv4 packet of exactly its total length, header checksum
-// right, unfragmented TCP or UDP with room for the transport header).
+// right, unfragmented TCP or UDP with room for the transport header; or an
+// IPv6 packet of exactly its length with TCP or UDP right after the fixed
+// header, with room for it).
 func takesPartial(pkt []byte) bool {
+	if len(pkt) > 0 && pkt[0]>>4 == 6 {
+		total, err := proto.CheckIPv6(pkt)
+		if err != nil || total != len(pkt) {
+			return false
+		}
+		switch pkt[6] {
+		case proto.ProtoTCP:
+			return len(pkt) >= 40+20
+		case proto.ProtoUDP:
+			return len(pkt) >= 40+8
+		}
+		return false
+	}
 	total, err := proto.CheckIPv4(pkt)
 	if err != nil || total != len(pkt) || !proto.IPv4HeaderChecksumValid(pkt) || pkt[6]&0x3f != 0 || pkt[7] != 0 {
 		return false
@@ -457,22 +536,36 @@ func takesPartial(pkt []byte) bool {
 // refreshChecksums recomputes, as a sender would, the IPv4 header checksum
 // of pkt and (with transport, if pkt is still TCP or UDP with room for the
 // header) its transport checksum, over what is there.
+// (IPv6: the transport checksum only, if TCP or UDP follows the fixed
+// header.)
 func refreshChecksums(pkt []byte, transport bool) {
-	ihl := proto.IPv4HeaderLength(pkt)
-	if ihl < 20 || ihl > len(pkt) {
-		return
+	var ihl int
+	var protocol byte
+	var src, dst netip.Addr
+	if pkt[0]>>4 == 6 {
+		if len(pkt) < 40 {
+			return
+		}
+		ihl, protocol = 40, pkt[6]
+		src, dst = netip.AddrFrom16(proto.IPv6Src(pkt)), netip.AddrFrom16(proto.IPv6Dst(pkt))
+	} else {
+		ihl = proto.IPv4HeaderLength(pkt)
+		if ihl < 20 || ihl > len(pkt) {
+			return
+		}
+		pkt[10], pkt[11] = 0, 0
+		binary.BigEndian.PutUint16(pkt[10:], checksum(pkt[:ihl], 0))
+		protocol = pkt[9]
+		src, dst = netip.AddrFrom4(proto.IPv4Src(pkt)), netip.AddrFrom4(proto.IPv4Dst(pkt))
 	}
-	pkt[10], pkt[11] = 0, 0
-	binary.BigEndian.PutUint16(pkt[10:], checksum(pkt[:ihl], 0))
-	if !transport || (pkt[9] != proto.ProtoTCP && pkt[9] != proto.ProtoUDP) || len(pkt) < ihl+csumField(pkt)+2 {
+	if !transport || (protocol != proto.ProtoTCP && protocol != proto.ProtoUDP) || len(pkt) < ihl+csumField(pkt)+2 {
 		return
 	}
 	l4 := pkt[ihl:]
 	at := csumField(pkt)
 	l4[at], l4[at+1] = 0, 0
-	src, dst := netip.AddrFrom4(proto.IPv4Src(pkt)), netip.AddrFrom4(proto.IPv4Dst(pkt))
-	c := checksum(l4, pseudoSum(src, dst, pkt[9], len(l4)))
-	if c == 0 && pkt[9] == proto.ProtoUDP {
+	c := checksum(l4, pseudoSum(src, dst, protocol, len(l4)))
+	if c == 0 && protocol == proto.ProtoUDP {
 		c = 0xffff
 	}
 	binary.BigEndian.PutUint16(l4[at:], c)
@@ -484,7 +577,9 @@ func refreshChecksums(pkt []byte, transport bool) {
 // which group and checks each group written (see checkGroup).
 func FuzzCoalesce(f *testing.F) {
 	seed := func(udp bool, size0, size1 int, steps ...[]byte) {
-		data := []byte{byte((size0 - 1) >> 8), byte(size0 - 1), byte((size1 - 1) >> 8), byte(size1 - 1)}
+		flag := size0 & 0x8000 // IPv6
+		size0 &^= 0x8000
+		data := []byte{byte((size0-1)>>8) | byte(flag>>8), byte(size0 - 1), byte((size1 - 1) >> 8), byte(size1 - 1)}
 		for _, s := range steps {
 			data = append(data, s...)
 		}
@@ -520,6 +615,13 @@ func FuzzCoalesce(f *testing.F) {
 			step(0, udp, false, mutFIN, 1), step(1, udp, false, mutFlags, 3), step(1, udp, true, 0, 4),
 			step(0, tcp, false, 0, 2))
 	}
+	// IPv6: full segments of two flows, partial ones, a corrupt one, an
+	// extension header, UDP with USO (the top bit of the first size).
+	seed6 := func(udp bool, size0, size1 int, steps ...[]byte) { seed(udp, size0|0x8000, size1, steps...) }
+	seed6(false, 1400, 300, step(0, tcp, false, 0, 10), step(1, tcp, true, 0, 4), step(0, tcp, false, mutBadSum, 3, 0, 99, 7),
+		step(1, tcp, false, mutIPOptions, 2), step(0, tcp, false, mutHeader, 2, 3, 1), step(0, tcp, false, mutPSH, 1))
+	seed6(true, 1200, 500, step(0, udp, false, 0, 6), step(1, udp, true, 0, 5), step(0, udp, false, mutFlags, 2),
+		step(0, udp, false, mutTotalLen, 1, 0, 80), step(1, udp, false, mutIPOptions, 1))
 	// 64 KiB and MaxCoalesce limits.
 	seed(false, 1400, 10, step(0, tcp, false, 0, 60), step(1, tcp, false, 0, 200))
 	seed(true, 1460, 10, step(0, udp, false, 0, 60), step(1, udp, true, 0, 200))
@@ -564,9 +666,11 @@ func FuzzCoalesce(f *testing.F) {
 // virtio header, or if it was partial, VirtioNeedsCsum at its checksum.
 //
 // A merged group holds only what may be merged: IPv4 without options,
-// exactly its total length, unfragmented TCP or UDP (UDP only with USO),
-// and, unless partial, a transport checksum that verifies (a complete but
-// wrong checksum must keep a packet alone, so the kernel drops it). It is
+// exactly its total length, unfragmented TCP or UDP, or IPv6 of exactly
+// its payload length with TCP or UDP right after the fixed header (UDP
+// only with USO), and, unless partial, a transport checksum that verifies
+// (a complete but wrong checksum must keep a packet alone, so the kernel
+// drops it). It is
 // written with the GSO header for the first packet's header and payload
 // length, and split again with tundev.Split (see resplit) it must give back
 // the packets added, byte for byte, except:
@@ -598,7 +702,7 @@ func checkGroup(t *testing.T, iov [][]byte, group []*fuzzPacket, udp bool) {
 	if n == 1 {
 		want := tundev.VirtioHdr{}
 		if group[0].partial {
-			ihl := proto.IPv4HeaderLength(first)
+			ihl, _ := ipHeader(first)
 			off := csumField(first)
 			want = tundev.VirtioHdr{Flags: tundev.VirtioNeedsCsum, HdrLen: uint16(ihl + off + 2),
 				CsumStart: uint16(ihl), CsumOffset: uint16(off)}
@@ -614,10 +718,16 @@ func checkGroup(t *testing.T, iov [][]byte, group []*fuzzPacket, udp bool) {
 			t.Fatalf("packet %d of a merged group of %d: %s", j, n, why)
 		}
 	}
-	want := tundev.VirtioHdr{Flags: tundev.VirtioNeedsCsum, GSOType: tundev.GSOUDPL4, HdrLen: 28, CsumStart: 20, CsumOffset: 6}
-	if first[9] == proto.ProtoTCP {
+	ihl, protocol := ipHeader(first)
+	v6 := ihl == proto.IPv6HeaderLen
+	want := tundev.VirtioHdr{Flags: tundev.VirtioNeedsCsum, GSOType: tundev.GSOUDPL4, HdrLen: uint16(ihl + 8),
+		CsumStart: uint16(ihl), CsumOffset: 6}
+	if protocol == proto.ProtoTCP {
 		want.GSOType, want.CsumOffset = tundev.GSOTCPv4, 16
-		want.HdrLen = uint16(20 + int(first[32]>>4)*4)
+		if v6 {
+			want.GSOType = tundev.GSOTCPv6
+		}
+		want.HdrLen = uint16(ihl + int(first[ihl+12]>>4)*4)
 	} else if !udp {
 		t.Fatalf("%d UDP datagrams merged without USO", n)
 	}
@@ -634,7 +744,12 @@ func checkGroup(t *testing.T, iov [][]byte, group []*fuzzPacket, udp bool) {
 		t.Fatalf("a group of %d packets splits into %d segments", n, len(segs))
 	}
 	skip := []int{4, 6, 10, 12, 36, 40} // IP ID, IP checksum, TCP checksum and urgent pointer
-	if first[9] == proto.ProtoUDP {
+	switch {
+	case v6 && protocol == proto.ProtoUDP:
+		skip = []int{46, 48} // UDP checksum
+	case v6:
+		skip = []int{56, 60} // TCP checksum and urgent pointer
+	case protocol == proto.ProtoUDP:
 		skip = []int{4, 6, 10, 12, 26, 28} // IP ID, IP checksum, UDP checksum
 	}
 	for j, seg := range segs {
@@ -657,6 +772,22 @@ func at(b []byte, i int) int {
 // "" if it may be.
 func unmergeable(p *fuzzPacket) string {
 	o := p.orig
+	if len(o) > 0 && o[0]>>4 == 6 {
+		switch {
+		case len(o) < 48:
+			return "shorter than IPv6 and UDP headers"
+		case 40+int(binary.BigEndian.Uint16(o[4:])) != len(o):
+			return "IPv6 payload length is not the packet's"
+		case o[6] != proto.ProtoTCP && o[6] != proto.ProtoUDP:
+			return "an extension header, or neither TCP nor UDP"
+		case p.partial:
+			return ""
+		}
+		if proto.Sum(o[40:], uint64(pseudoOf(o, len(o)-40))) != 0xffff {
+			return "its checksum is complete but wrong"
+		}
+		return ""
+	}
 	switch {
 	case len(o) < 28 || o[0] != 0x45:
 		return "not IPv4 with a 20-byte header"

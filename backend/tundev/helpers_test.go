@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/tulle-net/tulle/backend/internal/fdpoll"
 	"github.com/tulle-net/tulle/backend/tundev"
@@ -32,7 +33,42 @@ var (
 	tunAddr  = netip.MustParseAddr("198.18.0.1") // on the TUN
 	peerAddr = netip.MustParseAddr("198.18.0.2") // "behind" the TUN
 	farAddr  = netip.MustParseAddr("198.18.0.3") // also behind it (forwarding tests)
+
+	tunAddr6  = netip.MustParseAddr("2001:db8:7::1") // on the TUN (addIPv6)
+	peerAddr6 = netip.MustParseAddr("2001:db8:7::2") // "behind" the TUN
 )
+
+// addIPv6 turns IPv6 on for the device (nstest turns it off on new
+// links), without a link-local address, and gives it 2001:db8:7::1/64 (no
+// duplicate address detection, usable at once).
+func addIPv6(t testing.TB, dev *tundev.Device) {
+	t.Helper()
+	link, err := netlink.LinkByName(dev.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := netlink.LinkSetIP6AddrGenMode(link, 1); err != nil { // IN6_ADDR_GEN_MODE_NONE
+		t.Fatal(err)
+	}
+	writeSysctl(t, "net/ipv6/conf/"+dev.Name()+"/disable_ipv6", "0")
+	addr := &netlink.Addr{IPNet: &net.IPNet{IP: tunAddr6.AsSlice(), Mask: net.CIDRMask(64, 128)}, Flags: unix.IFA_F_NODAD}
+	if err := netlink.AddrAdd(link, addr); err != nil {
+		t.Fatalf("add %v to %s: %v", tunAddr6, dev.Name(), err)
+	}
+	// The kernel adds the address's local route from a work queue, after
+	// AddrAdd returns: until then packets to it are not delivered.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		routes, err := netlink.RouteGet(tunAddr6.AsSlice())
+		if err == nil && len(routes) > 0 && routes[0].Type == unix.RTN_LOCAL {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%v on %s is not a local address after 5 s: %v %v", tunAddr6, dev.Name(), routes, err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
 
 // openTUN opens a device in the test's namespace with address
 // 198.18.0.1/24 and link up; it is closed in Cleanup.
@@ -255,7 +291,8 @@ func makeBufs(n, size int) ([][]byte, []int) {
 	return bufs, make([]int, n)
 }
 
-// ---- packet building and checking (IPv4 only) ----
+// ---- packet building and checking (IPv4 and IPv6, the family of the
+// addresses given) ----
 
 func checksum(b []byte, sum uint32) uint16 {
 	for len(b) >= 2 {
@@ -271,15 +308,38 @@ func checksum(b []byte, sum uint32) uint16 {
 	return ^uint16(sum)
 }
 
+// pseudoSum is the IPv4 or IPv6 pseudo-header sum (the family of src).
 func pseudoSum(src, dst netip.Addr, proto byte, length int) uint32 {
-	s, d := src.As4(), dst.As4()
-	return uint32(s[0])<<8 + uint32(s[1]) + uint32(s[2])<<8 + uint32(s[3]) +
-		uint32(d[0])<<8 + uint32(d[1]) + uint32(d[2])<<8 + uint32(d[3]) +
-		uint32(proto) + uint32(length)
+	var sum uint32
+	for _, a := range []netip.Addr{src, dst} {
+		b := a.AsSlice()
+		for i := 0; i < len(b); i += 2 {
+			sum += uint32(b[i])<<8 | uint32(b[i+1])
+		}
+	}
+	return sum + uint32(proto) + uint32(length)
 }
 
-// putIPv4 writes a 20-byte IPv4 header (DF set) for a packet of total bytes.
-func putIPv4(b []byte, src, dst netip.Addr, proto byte, total int, id uint16, ttl byte) {
+// ipHeaderLen is the header length of packets from src: 20 or 40.
+func ipHeaderLen(src netip.Addr) int {
+	if src.Is6() {
+		return 40
+	}
+	return 20
+}
+
+// putIP writes a 20-byte IPv4 header (DF set) or a 40-byte IPv6 header
+// (no extension headers, flow label 0x12345) for a packet of total bytes.
+func putIP(b []byte, src, dst netip.Addr, proto byte, total int, id uint16, ttl byte) {
+	if src.Is6() {
+		binary.BigEndian.PutUint32(b[0:], 6<<28|0x12345)
+		binary.BigEndian.PutUint16(b[4:], uint16(total-40))
+		b[6], b[7] = proto, ttl
+		s, d := src.As16(), dst.As16()
+		copy(b[8:24], s[:])
+		copy(b[24:40], d[:])
+		return
+	}
 	b[0], b[1] = 0x45, 0
 	binary.BigEndian.PutUint16(b[2:], uint16(total))
 	binary.BigEndian.PutUint16(b[4:], id)
@@ -292,13 +352,14 @@ func putIPv4(b []byte, src, dst netip.Addr, proto byte, total int, id uint16, tt
 	binary.BigEndian.PutUint16(b[10:], checksum(b[:20], 0))
 }
 
-// buildUDP writes an IPv4/UDP packet into buf[offset:] and returns
-// buf[:offset+len(packet)] (capacity kept).
+// buildUDP writes an IPv4/UDP or IPv6/UDP packet into buf[offset:] and
+// returns buf[:offset+len(packet)] (capacity kept).
 func buildUDP(buf []byte, offset int, src, dst netip.AddrPort, payload []byte, id uint16) []byte {
-	total := 28 + len(payload)
+	ihl := ipHeaderLen(src.Addr())
+	total := ihl + 8 + len(payload)
 	p := buf[offset : offset+total]
-	putIPv4(p, src.Addr(), dst.Addr(), 17, total, id, 64)
-	u := p[20:]
+	putIP(p, src.Addr(), dst.Addr(), 17, total, id, 64)
+	u := p[ihl:]
 	binary.BigEndian.PutUint16(u[0:], src.Port())
 	binary.BigEndian.PutUint16(u[2:], dst.Port())
 	binary.BigEndian.PutUint16(u[4:], uint16(8+len(payload)))
@@ -319,14 +380,15 @@ const (
 	tcpACK = 0x10
 )
 
-// buildTCP writes an IPv4/TCP packet (20-byte header plus options) into
-// buf[offset:] and returns buf[:offset+len(packet)].
+// buildTCP writes an IPv4/TCP or IPv6/TCP packet (20-byte TCP header plus
+// options) into buf[offset:] and returns buf[:offset+len(packet)].
 func buildTCP(buf []byte, offset int, src, dst netip.AddrPort, seq, ack uint32, flags byte, opts, payload []byte) []byte {
+	ihl := ipHeaderLen(src.Addr())
 	thl := 20 + len(opts)
-	total := 20 + thl + len(payload)
+	total := ihl + thl + len(payload)
 	p := buf[offset : offset+total]
-	putIPv4(p, src.Addr(), dst.Addr(), 6, total, 0, 64)
-	h := p[20:]
+	putIP(p, src.Addr(), dst.Addr(), 6, total, 0, 64)
+	h := p[ihl:]
 	binary.BigEndian.PutUint16(h[0:], src.Port())
 	binary.BigEndian.PutUint16(h[2:], dst.Port())
 	binary.BigEndian.PutUint32(h[4:], seq)
@@ -341,34 +403,48 @@ func buildTCP(buf []byte, offset int, src, dst netip.AddrPort, seq, ack uint32, 
 	return buf[:offset+total]
 }
 
-// ipv4 is a parsed, checked IPv4 packet with a TCP or UDP payload.
-type ipv4 struct {
+// ipPacket is a parsed, checked IPv4 or IPv6 packet with a TCP or UDP
+// payload.
+type ipPacket struct {
 	src, dst       netip.AddrPort
 	proto          byte
-	ttl            byte
+	ttl            byte   // or hop limit
 	seq, ack       uint32 // TCP
 	flags          byte   // TCP
 	payload        []byte // transport payload
 	transportBytes []byte
 }
 
-// parseIPv4 parses p and verifies its header and transport checksums.
-func parseIPv4(p []byte) (ipv4, error) {
-	var r ipv4
-	if len(p) < 20 || p[0]>>4 != 4 {
-		return r, fmt.Errorf("not IPv4 (%d bytes)", len(p))
+// parseIP parses p, an IPv4 packet or an IPv6 one without extension
+// headers, and verifies its header and transport checksums.
+func parseIP(p []byte) (ipPacket, error) {
+	var r ipPacket
+	var src, dst netip.Addr
+	var t []byte
+	switch {
+	case len(p) >= 20 && p[0]>>4 == 4:
+		ihl := int(p[0]&0xf) * 4
+		if total := int(binary.BigEndian.Uint16(p[2:])); total != len(p) {
+			return r, fmt.Errorf("IPv4 total length %d, packet %d bytes", total, len(p))
+		}
+		if checksum(p[:ihl], 0) != 0 {
+			return r, errors.New("bad IPv4 header checksum")
+		}
+		src = netip.AddrFrom4([4]byte(p[12:16]))
+		dst = netip.AddrFrom4([4]byte(p[16:20]))
+		r.proto, r.ttl = p[9], p[8]
+		t = p[ihl:]
+	case len(p) >= 40 && p[0]>>4 == 6:
+		if total := 40 + int(binary.BigEndian.Uint16(p[4:])); total != len(p) {
+			return r, fmt.Errorf("IPv6 length %d, packet %d bytes", total, len(p))
+		}
+		src = netip.AddrFrom16([16]byte(p[8:24]))
+		dst = netip.AddrFrom16([16]byte(p[24:40]))
+		r.proto, r.ttl = p[6], p[7]
+		t = p[40:]
+	default:
+		return r, fmt.Errorf("neither IPv4 nor IPv6 (%d bytes)", len(p))
 	}
-	ihl := int(p[0]&0xf) * 4
-	if total := int(binary.BigEndian.Uint16(p[2:])); total != len(p) {
-		return r, fmt.Errorf("IPv4 total length %d, packet %d bytes", total, len(p))
-	}
-	if checksum(p[:ihl], 0) != 0 {
-		return r, errors.New("bad IPv4 header checksum")
-	}
-	src := netip.AddrFrom4([4]byte(p[12:16]))
-	dst := netip.AddrFrom4([4]byte(p[16:20]))
-	r.proto, r.ttl = p[9], p[8]
-	t := p[ihl:]
 	r.transportBytes = t
 	if checksum(t, pseudoSum(src, dst, r.proto, len(t))) != 0 {
 		return r, fmt.Errorf("bad transport checksum (protocol %d)", r.proto)
@@ -377,6 +453,9 @@ func parseIPv4(p []byte) (ipv4, error) {
 	case 17:
 		if len(t) < 8 || int(binary.BigEndian.Uint16(t[4:])) != len(t) {
 			return r, errors.New("bad UDP length")
+		}
+		if t[6] == 0 && t[7] == 0 && src.Is6() {
+			return r, errors.New("IPv6 UDP without checksum")
 		}
 		r.payload = t[8:]
 	case 6:

@@ -7,9 +7,10 @@ import (
 )
 
 const (
-	// TCP offloads (Linux 2.6). No TSO6: IPv6 is not carried by the data
-	// plane, so the kernel segments what little IPv6 reaches the device.
-	tunTCPOffloads = unix.TUN_F_CSUM | unix.TUN_F_TSO4
+	// TCP offloads (Linux 2.6), both families: a read returns a TSO
+	// superpacket of TCP over IPv4 or IPv6 (Split), a write takes one
+	// (Coalescer).
+	tunTCPOffloads = unix.TUN_F_CSUM | unix.TUN_F_TSO4 | unix.TUN_F_TSO6
 	// UDP segmentation offload (Linux 6.2); optional, takes both families.
 	tunUDPOffloads = unix.TUN_F_USO4 | unix.TUN_F_USO6
 )

@@ -22,13 +22,27 @@ import (
 // superpackets must come out of a read cut by Split into MTU-sized
 // segments with valid checksums, and same-flow segments written through a
 // Coalescer must reach the client as one coalesced packet.
-func TestOffloadCarriesTCPStream(t *testing.T) {
+func TestOffloadCarriesTCPStream(t *testing.T) { testOffloadCarriesTCPStream(t, false) }
+
+// TestOffloadCarriesTCPStreamOverIPv6 is the same over IPv6: TSO6
+// superpackets split, segments written as one GSO TCPv6 packet.
+func TestOffloadCarriesTCPStreamOverIPv6(t *testing.T) { testOffloadCarriesTCPStream(t, true) }
+
+func testOffloadCarriesTCPStream(t *testing.T, v6 bool) {
 	nstest.EnterNewNetns(t)
-	const mtu, mss = 1400, 1360
+	mtu, mss := 1400, 1360
+	network, peer := "tcp4", peerAddr
+	if v6 {
+		mss = 1340 // 1400 - 40 - 20
+		network, peer = "tcp6", peerAddr6
+	}
 	dev := openTUN(t, tundev.Options{MTU: mtu})
+	if v6 {
+		addIPv6(t, dev)
+	}
 	q := dev.Queues()[0]
 	packets := startReaders(t, dev)
-	server := netip.AddrPortFrom(peerAddr, 8080)
+	server := netip.AddrPortFrom(peer, 8080)
 
 	upload := make([]byte, 512<<10)
 	for i := range upload {
@@ -44,7 +58,7 @@ func TestOffloadCarriesTCPStream(t *testing.T) {
 	}()
 	t.Cleanup(func() { cancel(); wg.Wait() })
 
-	conn, err := net.DialTimeout("tcp4", server.String(), 5*time.Second)
+	conn, err := net.DialTimeout(network, server.String(), 5*time.Second)
 	if err != nil {
 		t.Fatalf("dial through the tun: %v", err)
 	}
@@ -79,7 +93,7 @@ func TestOffloadCarriesTCPStream(t *testing.T) {
 		if i == segs-1 {
 			flags |= tcpPSH
 		}
-		bufs[i] = buildTCP(make([]byte, 40+mss), 0, server, res.client, serverISN+1+uint32(i*mss), res.clientNext,
+		bufs[i] = buildTCP(make([]byte, ipHeaderLen(peer)+20+mss), 0, server, res.client, serverISN+1+uint32(i*mss), res.clientNext,
 			flags, nil, download[i*mss:(i+1)*mss])
 	}
 	before := rxPackets(t, dev)
@@ -114,19 +128,22 @@ type serverResult struct {
 func playServer(ctx context.Context, w *writer, packets <-chan packet, server netip.AddrPort, mtu, mss, want int) serverResult {
 	var r serverResult
 	buf := make([]byte, 128)
-	next := func() (packet, ipv4, error) {
+	next := func() (packet, ipPacket, error) {
 		for {
 			select {
 			case <-ctx.Done():
-				return packet{}, ipv4{}, ctx.Err()
+				return packet{}, ipPacket{}, ctx.Err()
 			case p := <-packets:
 				if p.readError != nil {
-					return p, ipv4{}, p.readError
+					return p, ipPacket{}, p.readError
 				}
-				if len(p.data) > 0 && p.data[0]>>4 != 4 {
-					continue
+				if len(p.data) == 0 || p.data[0]>>4 != 4+2*uint8(b2i(server.Addr().Is6())) {
+					continue // the other family (e.g. the kernel's IPv6 solicitations)
 				}
-				ip, err := parseIPv4(p.data)
+				if server.Addr().Is6() && p.data[6] != 6 {
+					continue // ICMPv6
+				}
+				ip, err := parseIP(p.data)
 				if err != nil {
 					return p, ip, fmt.Errorf("packet read from the tun: %w", err)
 				}

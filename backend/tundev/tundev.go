@@ -3,10 +3,11 @@
 //
 // Two drivers sit behind one small interface:
 //
-//   - "offload" (the default): IFF_VNET_HDR with TSO4 and, where the kernel
-//     takes it (Linux >= 6.2), USO: every packet read or written carries a
-//     virtio-net header, so one read returns a whole TSO/USO superpacket
-//     (up to 64 KiB) and one write hands the kernel a whole coalesced one.
+//   - "offload" (the default): IFF_VNET_HDR with TSO4, TSO6 and, where the
+//     kernel takes it (Linux >= 6.2), USO (IPv4 and IPv6): every packet
+//     read or written carries a virtio-net header, so one read returns a
+//     whole TSO/USO superpacket (up to 64 KiB) and one write hands the
+//     kernel a whole coalesced one.
 //     Split cuts a superpacket into segments without copying the payload;
 //     Coalescer merges segments of a flow into one write (GRO) without
 //     copying either.

@@ -13,6 +13,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/tulle-net/tulle/backend/tundev"
 	"github.com/tulle-net/tulle/backend/udpconn"
 	"github.com/tulle-net/tulle/tests/nstest"
@@ -21,7 +23,7 @@ import (
 // waitPacket returns the first packet from ch that parses and matches, and
 // fails the test on a read error, a bad checksum of a matching flow, or
 // after timeout. Packets of other flows are skipped.
-func waitPacket(t *testing.T, ch <-chan packet, match func(ipv4) bool) (packet, ipv4) {
+func waitPacket(t *testing.T, ch <-chan packet, match func(ipPacket) bool) (packet, ipPacket) {
 	t.Helper()
 	timeout := time.After(5 * time.Second)
 	for {
@@ -30,7 +32,7 @@ func waitPacket(t *testing.T, ch <-chan packet, match func(ipv4) bool) (packet, 
 			if p.readError != nil {
 				t.Fatalf("queue %d: Read: %v", p.queue, p.readError)
 			}
-			ip, err := parseIPv4(p.data)
+			ip, err := parseIP(p.data)
 			if err != nil {
 				continue // not ours (or broken: the matching checks catch that)
 			}
@@ -76,7 +78,7 @@ func testCarriesUDPBothWays(t *testing.T, driver string) {
 	if _, err := sock.WriteToUDPAddrPort([]byte("hello through the tun"), peer); err != nil {
 		t.Fatal(err)
 	}
-	_, ip := waitPacket(t, packets, func(ip ipv4) bool { return ip.proto == 17 && ip.dst == peer })
+	_, ip := waitPacket(t, packets, func(ip ipPacket) bool { return ip.proto == 17 && ip.dst == peer })
 	if ip.src != local || string(ip.payload) != "hello through the tun" {
 		t.Fatalf("read %v -> %v %q", ip.src, ip.dst, ip.payload)
 	}
@@ -125,7 +127,7 @@ func TestOffloadReadSplitsUDPSuperpacket(t *testing.T) {
 	}
 	var got []byte
 	for i := 0; i < segs; i++ {
-		p, ip := waitPacket(t, packets, func(ip ipv4) bool { return ip.dst == peer })
+		p, ip := waitPacket(t, packets, func(ip ipPacket) bool { return ip.dst == peer })
 		if p.batch != segs {
 			t.Errorf("segment %d came in a read of %d packets, want all %d in one (USO split)", i, p.batch, segs)
 		}
@@ -139,23 +141,72 @@ func TestOffloadReadSplitsUDPSuperpacket(t *testing.T) {
 	}
 }
 
-func TestOffloadWriteCoalescesUDPSegments(t *testing.T) {
+// TestOffloadReadSplitsUDPSuperpacketOverIPv6: an IPv6 UDP GSO send (USO6)
+// comes out of one read, split into its datagrams.
+func TestOffloadReadSplitsUDPSuperpacketOverIPv6(t *testing.T) {
 	nstest.EnterNewNetns(t)
 	dev := openTUN(t, tundev.Options{})
 	if !dev.UDPOffload() {
 		nstest.SkipMissing(t, "kernel did not accept USO (needs Linux >= 6.2)")
 	}
-	sock, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(tunAddr, 0)))
+	addIPv6(t, dev)
+	packets := startReaders(t, dev)
+	const seg, segs = 1000, 11
+	fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.SetsockoptInt(fd, unix.IPPROTO_UDP, unix.UDP_SEGMENT, seg); err != nil {
+		nstest.SkipMissing(t, "no UDP GSO: "+err.Error())
+	}
+	peer := netip.AddrPortFrom(peerAddr6, 9999)
+	data := bytes.Repeat([]byte("0123456789"), seg*segs/10)
+	if err := unix.Sendto(fd, data, 0, &unix.SockaddrInet6{Port: int(peer.Port()), Addr: peer.Addr().As16()}); err != nil {
+		t.Fatalf("GSO send: %v", err)
+	}
+	var got []byte
+	for i := 0; i < segs; i++ {
+		p, ip := waitPacket(t, packets, func(ip ipPacket) bool { return ip.dst == peer })
+		if p.batch != segs {
+			t.Errorf("segment %d came in a read of %d packets, want all %d in one (USO split)", i, p.batch, segs)
+		}
+		if len(ip.payload) != seg {
+			t.Fatalf("segment %d: %d bytes, want %d", i, len(ip.payload), seg)
+		}
+		got = append(got, ip.payload...)
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatal("split segments do not add up to the datagram train sent")
+	}
+}
+
+func TestOffloadWriteCoalescesUDPSegments(t *testing.T) { testWriteCoalescesUDP(t, false) }
+
+func TestOffloadWriteCoalescesUDPSegmentsOverIPv6(t *testing.T) { testWriteCoalescesUDP(t, true) }
+
+func testWriteCoalescesUDP(t *testing.T, v6 bool) {
+	nstest.EnterNewNetns(t)
+	dev := openTUN(t, tundev.Options{})
+	if !dev.UDPOffload() {
+		nstest.SkipMissing(t, "kernel did not accept USO (needs Linux >= 6.2)")
+	}
+	network, local, peer := "udp4", tunAddr, peerAddr
+	if v6 {
+		addIPv6(t, dev)
+		network, local, peer = "udp6", tunAddr6, peerAddr6
+	}
+	sock, err := net.ListenUDP(network, net.UDPAddrFromAddrPort(netip.AddrPortFrom(local, 0)))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer sock.Close()
-	local := sock.LocalAddr().(*net.UDPAddr).AddrPort()
-	from := netip.AddrPortFrom(peerAddr, 7000)
+	to := sock.LocalAddr().(*net.UDPAddr).AddrPort()
+	from := netip.AddrPortFrom(peer, 7000)
 	const n = 8
 	bufs := make([][]byte, n)
 	for i := range bufs {
-		bufs[i] = buildUDP(make([]byte, 1028), 0, from, local, bytes.Repeat([]byte{byte('a' + i)}, 1000), uint16(i))
+		bufs[i] = buildUDP(make([]byte, 1048), 0, from, to, bytes.Repeat([]byte{byte('a' + i)}, 1000), uint16(i))
 	}
 	before := rxPackets(t, dev)
 	if err := newWriter(dev, dev.Queues()[0]).write(bufs...); err != nil {
@@ -208,7 +259,7 @@ func testMultiQueue(t *testing.T, driver string) {
 	}
 	perQueue := make([]int, 2)
 	for range flows {
-		p, _ := waitPacket(t, packets, func(ip ipv4) bool { return ip.dst == peer })
+		p, _ := waitPacket(t, packets, func(ip ipPacket) bool { return ip.dst == peer })
 		perQueue[p.queue]++
 	}
 	t.Logf("%s: %d flows read from queue 0: %d, queue 1: %d", driver, flows, perQueue[0], perQueue[1])

@@ -81,7 +81,7 @@ func TestCoalescerMergesASegmentRunIntoOneGSOPacket(t *testing.T) {
 		h.HdrLen != 52 || h.Flags != tundev.VirtioNeedsCsum {
 		t.Fatalf("virtio header %+v", h)
 	}
-	p, err := parseIPv4(completed(t, h, pkt))
+	p, err := parseIP(completed(t, h, pkt))
 	if err != nil {
 		t.Fatalf("merged packet: %v", err)
 	}
@@ -207,7 +207,7 @@ func TestPartialSegmentsAreTrustedAndMarkedForTheKernel(t *testing.T) {
 	if h.Flags != tundev.VirtioNeedsCsum || h.CsumStart != 20 || h.CsumOffset != 16 || h.GSOType != tundev.GSONone {
 		t.Fatalf("single partial packet: header %+v", h)
 	}
-	if _, err := parseIPv4(completed(t, h, pkt)); err != nil {
+	if _, err := parseIP(completed(t, h, pkt)); err != nil {
 		t.Fatalf("single partial packet, completed: %v", err)
 	}
 	c.Reset()
@@ -217,7 +217,7 @@ func TestPartialSegmentsAreTrustedAndMarkedForTheKernel(t *testing.T) {
 		}
 	}
 	h, pkt = written(t, c.Group())
-	if _, err := parseIPv4(completed(t, h, pkt)); err != nil || h.GSOType != tundev.GSOTCPv4 {
+	if _, err := parseIP(completed(t, h, pkt)); err != nil || h.GSOType != tundev.GSOTCPv4 {
 		t.Fatalf("merged partial segments: %v (header %+v)", err, h)
 	}
 }
@@ -242,7 +242,7 @@ func TestCoalescerMergesUDPOnlyWithUSO(t *testing.T) {
 	if h.GSOType != tundev.GSOUDPL4 || h.GSOSize != 500 || h.CsumOffset != 6 {
 		t.Fatalf("header %+v", h)
 	}
-	p, err := parseIPv4(completed(t, h, pkt))
+	p, err := parseIP(completed(t, h, pkt))
 	if err != nil || len(p.payload) != 1300 {
 		t.Fatalf("merged UDP: %v, %d payload bytes", err, len(p.payload))
 	}
@@ -279,7 +279,7 @@ func TestSplitCutsATSOSuperpacketIntoValidSegments(t *testing.T) {
 			if partial {
 				seg = completed(t, tundev.VirtioHdr{Flags: tundev.VirtioNeedsCsum, CsumStart: 20, CsumOffset: 16}, seg)
 			}
-			p, err := parseIPv4(seg)
+			p, err := parseIP(seg)
 			if err != nil {
 				t.Fatalf("segment %d (partial %v): %v", i, partial, err)
 			}
@@ -323,51 +323,67 @@ func TestSplitRejectsInconsistentHeaders(t *testing.T) {
 }
 
 // BenchmarkSplit cuts a 64 KiB TSO superpacket into 45 segments' headers
-// (payload not copied) with complete and with partial checksums.
+// (payload not copied) with complete and with partial checksums, over
+// IPv4 and (ipv6-*) over IPv6.
 func BenchmarkSplit(b *testing.B) {
-	for _, partial := range []bool{false, true} {
-		b.Run(map[bool]string{false: "complete", true: "partial"}[partial], func(b *testing.B) {
-			h, pkt := superTCP(45*1420, 1420)
-			hdrs := make([]byte, 45*52)
-			var s tundev.Split
-			b.SetBytes(int64(len(pkt)))
-			b.ReportAllocs()
-			for b.Loop() {
-				if err := s.Init(h, pkt); err != nil {
-					b.Fatal(err)
-				}
-				for i := range s.Segments() {
-					s.Segment(i, hdrs[i*52:], partial)
-				}
+	for _, v6 := range []bool{false, true} {
+		for _, partial := range []bool{false, true} {
+			name := map[bool]string{false: "complete", true: "partial"}[partial]
+			super, hl := superTCP, 52
+			if v6 {
+				name, super, hl = "ipv6-"+name, superTCP6, 72
 			}
-		})
+			b.Run(name, func(b *testing.B) {
+				h, pkt := super(45*1420, 1420)
+				hdrs := make([]byte, 45*hl)
+				var s tundev.Split
+				b.SetBytes(int64(len(pkt)))
+				b.ReportAllocs()
+				for b.Loop() {
+					if err := s.Init(h, pkt); err != nil {
+						b.Fatal(err)
+					}
+					for i := range s.Segments() {
+						s.Segment(i, hdrs[i*hl:], partial)
+					}
+				}
+			})
+		}
 	}
 }
 
 // BenchmarkCoalesce merges 45 TCP segments of 1420 bytes into one group,
-// verifying their checksums (complete) or trusting them (partial).
+// verifying their checksums (complete) or trusting them (partial), over
+// IPv4 and (ipv6-*) over IPv6.
 func BenchmarkCoalesce(b *testing.B) {
-	for _, partial := range []bool{false, true} {
-		b.Run(map[bool]string{false: "complete", true: "partial"}[partial], func(b *testing.B) {
-			var segs [][]byte
-			for i := range 45 {
-				segs = append(segs, segment(i, 1420, 0))
+	for _, v6 := range []bool{false, true} {
+		for _, partial := range []bool{false, true} {
+			name := map[bool]string{false: "complete", true: "partial"}[partial]
+			seg, hl := segment, 52
+			if v6 {
+				name, seg, hl = "ipv6-"+name, segment6, 72
 			}
-			c := tundev.NewCoalescer(true)
-			first := append([]byte(nil), segs[0][:52]...)
-			b.SetBytes(45 * 1420)
-			b.ReportAllocs()
-			for b.Loop() {
-				for _, s := range segs {
-					if !c.Add(s, partial) {
-						b.Fatal("not merged")
-					}
+			b.Run(name, func(b *testing.B) {
+				var segs [][]byte
+				for i := range 45 {
+					segs = append(segs, seg(i, 1420, 0))
 				}
-				// Group patches the first header; restore it for the next round.
-				c.Group()
-				c.Reset()
-				copy(segs[0], first)
-			}
-		})
+				c := tundev.NewCoalescer(true)
+				first := append([]byte(nil), segs[0][:hl]...)
+				b.SetBytes(45 * 1420)
+				b.ReportAllocs()
+				for b.Loop() {
+					for _, s := range segs {
+						if !c.Add(s, partial) {
+							b.Fatal("not merged")
+						}
+					}
+					// Group patches the first header; restore it for the next round.
+					c.Group()
+					c.Reset()
+					copy(segs[0], first)
+				}
+			})
+		}
 	}
 }

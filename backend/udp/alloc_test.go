@@ -100,20 +100,66 @@ func (f *flow) receive() {
 // with flannel leases they are completed on send and verified before
 // coalescing.
 func TestForwardingAllocatesNothingPerPacket(t *testing.T) {
-	t.Run("tulle-peers", func(t *testing.T) { testForwardingAllocs(t, tulleLease) })
-	t.Run("flannel-peers", func(t *testing.T) { testForwardingAllocs(t, lease) })
+	t.Run("tulle-peers", func(t *testing.T) { testForwardingAllocs(t, ipv4Pair(t, tulleLease)) })
+	t.Run("flannel-peers", func(t *testing.T) { testForwardingAllocs(t, ipv4Pair(t, lease)) })
 }
 
-func testForwardingAllocs(t *testing.T, peer func(netip.Prefix, netip.Addr) subnet.Event) {
-	h := newTwoHosts(t)
-	a := startBackend(t, h.a, h.tunName("a"), leaseA, hostA, "offload", 2, peer(leaseB, hostB))
-	b := startBackend(t, h.b, h.tunName("b"), leaseB, hostB, "offload", 2, peer(leaseA, hostA))
+// TestForwardingOverIPv6AllocatesNothingPerPacket is the same for inner
+// IPv6 (USO6 superpackets split, IPv6 UDP segments coalesced) and over the
+// IPv6 underlay (inner IPv4 and IPv6).
+func TestForwardingOverIPv6AllocatesNothingPerPacket(t *testing.T) {
+	t.Run("inner-ipv6", func(t *testing.T) {
+		testForwardingAllocs(t, func(h *twoHosts) (*Backend, *Backend, netip.Addr, netip.Addr) {
+			return dualPair(t, h, "offload", tulleFeatures, tulleFeatures, nil)
+		})
+	})
+	for _, inner6 := range []bool{false, true} {
+		t.Run(map[bool]string{false: "ipv6-underlay-inner-ipv4", true: "ipv6-underlay-inner-ipv6"}[inner6], func(t *testing.T) {
+			testForwardingAllocs(t, underlay6Pair(t, inner6))
+		})
+	}
+}
 
-	ab := &flow{name: "A->B", dst: netip.AddrPortFrom(leaseB.Addr(), 9000)}
-	ab.from = openConn(t, h.a, netip.AddrPortFrom(leaseA.Addr(), 0))
+// ipv4Pair starts an IPv4-only backend on each host, peers as peer says.
+func ipv4Pair(t *testing.T, peer func(netip.Prefix, netip.Addr) subnet.Event) func(*twoHosts) (*Backend, *Backend, netip.Addr, netip.Addr) {
+	return func(h *twoHosts) (*Backend, *Backend, netip.Addr, netip.Addr) {
+		a := startBackend(t, h.a, h.tunName("a"), leaseA, hostA, "offload", 2, peer(leaseB, hostB))
+		b := startBackend(t, h.b, h.tunName("b"), leaseB, hostB, "offload", 2, peer(leaseA, hostA))
+		return a, b, leaseA.Addr(), leaseB.Addr()
+	}
+}
+
+// underlay6Pair starts dual-stack backends talking over the IPv6 underlay;
+// the addresses returned are of the inner family asked for.
+func underlay6Pair(t *testing.T, inner6 bool) func(*twoHosts) (*Backend, *Backend, netip.Addr, netip.Addr) {
+	return func(h *twoHosts) (*Backend, *Backend, netip.Addr, netip.Addr) {
+		h.addUnderlay6(t)
+		evA := dualLease(leaseA, leaseA6, hostA, hostA6, features6u...)
+		evB := dualLease(leaseB, leaseB6, hostB, hostB6, features6u...)
+		a := startBackendWith(t, h.a, h.tunName("a"), evA.Lease, "offload", 2, []func(*Options){dualStack, underlay6Of(hostA6)}, evB)
+		b := startBackendWith(t, h.b, h.tunName("b"), evB.Lease, "offload", 2,
+			[]func(*Options){dualStack, func(o *Options) { o.Lease.IPv6Subnet = leaseB6 }, underlay6Of(hostB6)}, evA)
+		if a.table.Load().lookup(addr32("198.18.2.1")).underlay != underlay6 {
+			t.Fatal("A does not reach B over the IPv6 underlay")
+		}
+		if !inner6 {
+			return a, b, leaseA.Addr(), leaseB.Addr()
+		}
+		waitLocal(t, h.a, leaseA6Addr)
+		waitLocal(t, h.b, leaseB6Addr)
+		return a, b, leaseA6Addr, leaseB6Addr
+	}
+}
+
+func testForwardingAllocs(t *testing.T, startPair func(*twoHosts) (a, b *Backend, addrA, addrB netip.Addr)) {
+	h := newTwoHosts(t)
+	a, b, addrA, addrB := startPair(h)
+
+	ab := &flow{name: "A->B", dst: netip.AddrPortFrom(addrB, 9000)}
+	ab.from = openConn(t, h.a, netip.AddrPortFrom(addrA, 0))
 	ab.to = openConn(t, h.b, ab.dst)
-	ba := &flow{name: "B->A", dst: netip.AddrPortFrom(leaseA.Addr(), 9000)}
-	ba.from = openConn(t, h.b, netip.AddrPortFrom(leaseB.Addr(), 0))
+	ba := &flow{name: "B->A", dst: netip.AddrPortFrom(addrA, 9000)}
+	ba.from = openConn(t, h.b, netip.AddrPortFrom(addrB, 0))
 	ba.to = openConn(t, h.a, ba.dst)
 
 	stop := make(chan struct{})
@@ -170,8 +216,10 @@ func backendPackets(be *Backend) (tx, rx uint64) {
 			if c := w.tx.stats.peerOrNil(p.index); c != nil {
 				tx += c.packets.Load()
 			}
-			if c := w.rx.stats.peerOrNil(p.index); c != nil {
-				rx += c.packets.Load()
+			for _, r := range w.receivers() {
+				if c := r.stats.peerOrNil(p.index); c != nil {
+					rx += c.packets.Load()
+				}
 			}
 		}
 	}
@@ -205,14 +253,38 @@ func tunStats(t *testing.T, ns netns.NsHandle, name string) (tx, rx uint64) {
 // superpacket paths ran: the kernel counts far fewer TUN reads and writes
 // than the packets the backends forwarded.
 func TestForwardingTCPAllocatesNothingPerPacket(t *testing.T) {
-	t.Run("tulle-peers", func(t *testing.T) { testForwardingTCPAllocs(t, tulleLease) })
-	t.Run("flannel-peers", func(t *testing.T) { testForwardingTCPAllocs(t, lease) })
+	ipv4 := func(peer func(netip.Prefix, netip.Addr) subnet.Event) func(*twoHosts) (*Backend, *Backend, netip.Addr, netip.Addr) {
+		return func(h *twoHosts) (*Backend, *Backend, netip.Addr, netip.Addr) {
+			a := startBackend(t, h.a, h.tunName("a"), leaseA, hostA, "offload", 2, peer(leaseB, hostB))
+			b := startBackend(t, h.b, h.tunName("b"), leaseB, hostB, "offload", 2, peer(leaseA, hostA))
+			return a, b, leaseA.Addr(), leaseB.Addr()
+		}
+	}
+	t.Run("tulle-peers", func(t *testing.T) { testForwardingTCPAllocs(t, ipv4(tulleLease)) })
+	t.Run("flannel-peers", func(t *testing.T) { testForwardingTCPAllocs(t, ipv4(lease)) })
+	t.Run("ipv6-underlay", func(t *testing.T) { testForwardingTCPAllocs(t, underlay6Pair(t, false)) })
 }
 
-func testForwardingTCPAllocs(t *testing.T, peer func(netip.Prefix, netip.Addr) subnet.Event) {
+// TestForwardingTCPOverIPv6AllocatesNothingPerPacket is the same with
+// inner IPv6 (TSO6 superpackets split, GSO TCPv6 writes), between Tulle
+// hosts with and without partial checksums.
+func TestForwardingTCPOverIPv6AllocatesNothingPerPacket(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		feats []string
+	}{{"partial-checksums", tulleFeatures}, {"complete-checksums", []string{FeatureIPv6}}} {
+		t.Run(c.name, func(t *testing.T) {
+			testForwardingTCPAllocs(t, func(h *twoHosts) (*Backend, *Backend, netip.Addr, netip.Addr) {
+				return dualPair(t, h, "offload", c.feats, c.feats, nil)
+			})
+		})
+	}
+	t.Run("ipv6-underlay", func(t *testing.T) { testForwardingTCPAllocs(t, underlay6Pair(t, true)) })
+}
+
+func testForwardingTCPAllocs(t *testing.T, startPair func(*twoHosts) (a, b *Backend, addrA, addrB netip.Addr)) {
 	h := newTwoHosts(t)
-	a := startBackend(t, h.a, h.tunName("a"), leaseA, hostA, "offload", 2, peer(leaseB, hostB))
-	b := startBackend(t, h.b, h.tunName("b"), leaseB, hostB, "offload", 2, peer(leaseA, hostA))
+	a, b, addrA, addrB := startPair(h)
 
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
@@ -222,7 +294,7 @@ func testForwardingTCPAllocs(t *testing.T, peer func(netip.Prefix, netip.Addr) s
 		var ln net.Listener
 		err := nstest.In(dst, func() error {
 			var err error
-			ln, err = net.Listen("tcp4", netip.AddrPortFrom(to, 5201).String())
+			ln, err = net.Listen(tcpNet(to), netip.AddrPortFrom(to, 5201).String())
 			return err
 		})
 		if err != nil {
@@ -233,7 +305,7 @@ func testForwardingTCPAllocs(t *testing.T, peer func(netip.Prefix, netip.Addr) s
 		err = nstest.In(src, func() error {
 			d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(from, 0)), Timeout: 5 * time.Second}
 			var err error
-			c, err = d.Dial("tcp4", netip.AddrPortFrom(to, 5201).String())
+			c, err = d.Dial(tcpNet(to), netip.AddrPortFrom(to, 5201).String())
 			return err
 		})
 		if err != nil {
@@ -266,8 +338,8 @@ func testForwardingTCPAllocs(t *testing.T, peer func(netip.Prefix, netip.Addr) s
 			}
 		})
 	}
-	stream(h.a, h.b, leaseA.Addr(), leaseB.Addr())
-	stream(h.b, h.a, leaseB.Addr(), leaseA.Addr())
+	stream(h.a, h.b, addrA, addrB)
+	stream(h.b, h.a, addrB, addrA)
 	defer func() {
 		close(stop)
 		for _, c := range conns {

@@ -18,6 +18,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/tulle-net/tulle/proto"
 	"github.com/tulle-net/tulle/subnet"
@@ -63,32 +64,75 @@ func TestTCPThroughPeersIsIntactWithPartialAndCompleteChecksums(t *testing.T) {
 	}
 }
 
-// container makes a namespace behind a veth on host ns with address
-// addr/24 (gateway addr's .1 on the host side); the host side's transmit
-// checksum offload is off, and the host forwards.
-func (h *twoHosts) container(t *testing.T, host netns.NsHandle, addr netip.Addr) netns.NsHandle {
+// container makes a namespace behind a veth on host ns with the addresses
+// addrs: an IPv4 one as addr/24 with gateway addr's .1 on the host side,
+// an IPv6 one as addr/64 with gateway <prefix>::1 (IPv6 turned on for the
+// veth, without duplicate address detection). The host side's transmit
+// checksum offload is off, and the host forwards both families.
+func (h *twoHosts) container(t *testing.T, host netns.NsHandle, addrs ...netip.Addr) netns.NsHandle {
 	t.Helper()
 	c := nstest.NewAnonNetns(t)
-	gw := netip.AddrFrom4([4]byte{addr.As4()[0], addr.As4()[1], addr.As4()[2], 1})
 	hostEnd, ctrEnd := h.prefix+"ch", h.prefix+"cc"
+	type side struct{ addr, gw netip.Prefix }
+	var sides []side
+	for _, a := range addrs {
+		if a.Is4() {
+			b := a.As4()
+			sides = append(sides, side{netip.PrefixFrom(a, 24), netip.PrefixFrom(netip.AddrFrom4([4]byte{b[0], b[1], b[2], 1}), 24)})
+		} else {
+			p := netip.PrefixFrom(a, 64).Masked()
+			sides = append(sides, side{netip.PrefixFrom(a, 64), netip.PrefixFrom(p.Addr().Next(), 64)})
+		}
+	}
+	// setup gives link name the addresses (of the gateway side if gw).
+	setup := func(name string, gw bool) error {
+		for _, sd := range sides {
+			if sd.addr.Addr().Is6() {
+				if err := enableIPv6(name); err != nil {
+					return err
+				}
+			}
+		}
+		l, err := netlink.LinkByName(name)
+		if err != nil {
+			return err
+		}
+		for _, sd := range sides {
+			a := sd.addr
+			if gw {
+				a = sd.gw
+			}
+			if err := netlink.AddrAdd(l, &netlink.Addr{IPNet: ipNet(a), Flags: unix.IFA_F_NODAD}); err != nil {
+				return fmt.Errorf("%s: add %v: %w", name, a, err)
+			}
+		}
+		if err := netlink.LinkSetUp(l); err != nil {
+			return err
+		}
+		if gw {
+			return nil
+		}
+		for _, sd := range sides {
+			if err := netlink.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Gw: sd.gw.Addr().AsSlice()}); err != nil {
+				return fmt.Errorf("%s: default route via %v: %w", name, sd.gw.Addr(), err)
+			}
+		}
+		return nil
+	}
 	err := nstest.In(host, func() error {
 		veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: hostEnd, MTU: 1472}, PeerName: ctrEnd, PeerNamespace: netlink.NsFd(c)}
 		if err := netlink.LinkAdd(veth); err != nil {
 			return fmt.Errorf("add veth: %w", err)
 		}
-		if err := os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0o644); err != nil {
-			return err
-		}
-		return setupLink(hostEnd, netip.PrefixFrom(gw, 24))
-	})
-	if err == nil {
-		err = nstest.In(c, func() error {
-			if err := setupLink(ctrEnd, netip.PrefixFrom(addr, 24)); err != nil {
+		for _, f := range []string{"/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding"} {
+			if err := os.WriteFile(f, []byte("1"), 0o644); err != nil {
 				return err
 			}
-			l, _ := netlink.LinkByName(ctrEnd)
-			return netlink.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Gw: gw.AsSlice()})
-		})
+		}
+		return setup(hostEnd, true)
+	})
+	if err == nil {
+		err = nstest.In(c, func() error { return setup(ctrEnd, false) })
 	}
 	if err != nil {
 		t.Fatal(err)
@@ -99,6 +143,17 @@ func (h *twoHosts) container(t *testing.T, host netns.NsHandle, addr netip.Addr)
 		nstest.SkipMissing(t, fmt.Sprintf("cannot turn checksum offload off with ethtool (%v: %s)", err, out))
 	}
 	return c
+}
+
+// enableIPv6 turns IPv6 on for link name of the calling thread's namespace
+// (nstest turns it off on new links), with no duplicate address detection.
+func enableIPv6(name string) error {
+	for _, kv := range [][2]string{{"accept_dad", "0"}, {"disable_ipv6", "0"}} {
+		if err := os.WriteFile("/proc/sys/net/ipv6/conf/"+name+"/"+kv[0], []byte(kv[1]), 0o644); err != nil {
+			return fmt.Errorf("%s: IPv6 %s=%s: %w", name, kv[0], kv[1], err)
+		}
+	}
+	return nil
 }
 
 // transferBothWays sends n random bytes from a client in nsClient (source
@@ -115,7 +170,7 @@ func transferBothWays(t *testing.T, nsClient, nsServer netns.NsHandle, src, dst 
 	var ln net.Listener
 	if err := nstest.In(nsServer, func() error {
 		var err error
-		ln, err = net.Listen("tcp4", netip.AddrPortFrom(dst, 5201).String())
+		ln, err = net.Listen(tcpNet(dst), netip.AddrPortFrom(dst, 5201).String())
 		return err
 	}); err != nil {
 		t.Fatal(err)
@@ -146,7 +201,7 @@ func transferBothWays(t *testing.T, nsClient, nsServer netns.NsHandle, src, dst 
 	if err := nstest.In(nsClient, func() error {
 		d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(src, 0)), Timeout: 5 * time.Second}
 		var err error
-		c, err = d.Dial("tcp4", netip.AddrPortFrom(dst, 5201).String())
+		c, err = d.Dial(tcpNet(dst), netip.AddrPortFrom(dst, 5201).String())
 		return err
 	}); err != nil {
 		t.Fatal(err)
@@ -165,6 +220,14 @@ func transferBothWays(t *testing.T, nsClient, nsServer netns.NsHandle, src, dst 
 	if !bytes.Equal(back, data) {
 		t.Fatal("data came back changed")
 	}
+}
+
+// tcpNet is "tcp4" or "tcp6", the family of a.
+func tcpNet(a netip.Addr) string {
+	if a.Is4() {
+		return "tcp4"
+	}
+	return "tcp6"
 }
 
 // TestMarkedPacketWithCorruptChecksumIsDroppedUnlessBothLeasesAdvertise

@@ -81,8 +81,7 @@ func checkTable(t *testing.T, b *Backend, tb *table, model map[netip.Prefix]neti
 		}
 	}
 	for _, pub := range publics {
-		a, _ := proto.AddrUint32(pub)
-		if tb.isSender(a) != holders[pub] {
+		if tb.isSender(pub) != holders[pub] {
 			t.Fatalf("isSender(%v) = %v, want %v", pub, !holders[pub], holders[pub])
 		}
 	}
@@ -171,7 +170,7 @@ func TestTableEqualsTheLeasesAfterRandomChurn(t *testing.T) {
 			}
 			b.Apply(batch)
 			tb := b.table.Load()
-			for i, nd := range tb.top {
+			for i, nd := range tb.v4.top {
 				if nd != emptyNode {
 					t.Fatalf("empty table keeps node %d", i)
 				}
@@ -200,14 +199,14 @@ func TestSurvivingPeersAreNeverMissingDuringChurn(t *testing.T) {
 	b := scaleBackend(t, scale15, stable)
 	tb := b.table.Load()
 	type want struct {
-		addr, public uint32
-		p            *peer
+		addr   uint32
+		public netip.Addr
+		p      *peer
 	}
 	var wants []want
 	for _, ev := range stable {
 		a, _ := proto.AddrUint32(ev.Lease.Subnet.Addr())
-		pub, _ := proto.AddrUint32(ev.Lease.Attrs.PublicIP)
-		wants = append(wants, want{a + 2, pub, tb.lookup(a + 2)})
+		wants = append(wants, want{a + 2, ev.Lease.Attrs.PublicIP, tb.lookup(a + 2)})
 	}
 
 	var (

@@ -6,7 +6,6 @@ import (
 	"slices"
 	"sync"
 
-	"github.com/tulle-net/tulle/proto"
 	"github.com/tulle-net/tulle/subnet"
 )
 
@@ -44,9 +43,10 @@ func (c *control) init() { c.peers = make(map[netip.Prefix]*peer) }
 // changed, publishes a new route table. Leases that do not fit the network
 // (wrong length, outside it, no IPv4 PublicIP) are logged and ignored; our
 // own lease and leases whose PublicIP is ours are not peers. A renewal
-// (same subnet, same PublicIP) keeps the peer, its counters and its learned
-// path MTU. Apply never waits for the data path. Its cost follows the
-// changes in the batch, not the number of leases: the new table shares
+// (same subnet, same addresses and the same features that decide how we
+// reach the peer, see dualstack.go) keeps the peer, its counters and its
+// learned path MTU. Apply never waits for the data path. Its cost follows
+// the changes in the batch, not the number of leases: the new table shares
 // everything the batch did not touch with the old one (see tableEdit), and
 // a batch is published as one table.
 func (b *Backend) Apply(events []subnet.Event) {
@@ -87,10 +87,12 @@ func (b *Backend) Apply(events []subnet.Event) {
 		old := c.peers[l.Subnet]
 		switch ev.Type {
 		case subnet.EventAdded:
-			if old != nil && old.addr.Addr() == public {
+			feats := leaseFeatures(l.Attrs.BackendData)
+			want := b.reachFor(l, feats)
+			if old != nil && old.reach == want {
 				// Renewal, or the same host restarted (e.g. flannel
-				// replaced by Tulle): its features may have changed.
-				if partial := hasFeature(l.Attrs.BackendData, FeaturePartialChecksum); old.partialCsum.Load() != partial {
+				// replaced by Tulle): its checksum feature may have changed.
+				if partial := feats.has(FeaturePartialChecksum); old.partialCsum.Load() != partial {
 					old.partialCsum.Store(partial)
 					b.log.Info("peer features changed", "subnet", l.Subnet, "peer", public, "partial_checksum", partial)
 				}
@@ -100,12 +102,14 @@ func (b *Backend) Apply(events []subnet.Event) {
 				edit().remove(old)
 				gone = append(gone, old.index)
 				removed++
-				b.log.Info("peer changed public IP", "subnet", l.Subnet, "old_peer", old.addr.Addr(), "peer", public)
+				b.log.Info("peer changed its address, IPv6 lease or features", "subnet", l.Subnet,
+					"old_peer", old.addr.Addr(), "peer", want.addr.Addr(), "ipv6_subnet", want.want6)
 			} else {
-				b.log.Debug("peer added", "subnet", l.Subnet, "peer", public)
+				b.log.Debug("peer added", "subnet", l.Subnet, "peer", want.addr.Addr(), "ipv6_subnet", want.want6)
 			}
-			p := b.newPeer(l.Subnet, public)
-			p.partialCsum.Store(hasFeature(l.Attrs.BackendData, FeaturePartialChecksum))
+			p := b.newPeer(l.Subnet, want)
+			p.partialCsum.Store(feats.has(FeaturePartialChecksum))
+			b.grantIPv6(edit(), p)
 			c.peers[l.Subnet] = p
 			edit().add(p)
 			added++
@@ -148,20 +152,14 @@ func (b *Backend) leaseFits(l subnet.Lease) bool {
 		b.opts.Network.Contains(s.Addr()) && pub.Is4() && !pub.IsUnspecified()
 }
 
-// newPeer makes the peer for lease subnet s held by public, with a counter
-// index whose counters exist and are zero in every loop.
-func (b *Backend) newPeer(s netip.Prefix, public netip.Addr) *peer {
+// newPeer makes the peer for lease subnet s reached as r says, with a
+// counter index whose counters exist and are zero in every loop.
+func (b *Backend) newPeer(s netip.Prefix, r reach) *peer {
 	index := b.ctl.allocIndex(b.stats)
 	for _, st := range b.stats {
 		st.prepare(index)
 	}
-	pub32, _ := proto.AddrUint32(public)
-	return &peer{
-		addr:   netip.AddrPortFrom(public, uint16(b.opts.Port)),
-		public: pub32,
-		subnet: s,
-		index:  index,
-	}
+	return &peer{reach: r, subnet: s, index: index}
 }
 
 // allocIndex returns a counter index no loop and no scrape can touch: a
@@ -260,6 +258,16 @@ func ParseHostInfo(data json.RawMessage) (_ HostInfo, ok bool) {
 
 // hasFeature reports whether the lease BackendData data lists feature f.
 func hasFeature(data json.RawMessage, f string) bool {
-	info, ok := ParseHostInfo(data)
-	return ok && slices.Contains(info.Features, f)
+	return leaseFeatures(data).has(f)
 }
+
+// features are the features a lease's BackendData lists (none for a
+// flannel host).
+type features []string
+
+func leaseFeatures(data json.RawMessage) features {
+	info, _ := ParseHostInfo(data)
+	return info.Features
+}
+
+func (f features) has(name string) bool { return slices.Contains(f, name) }

@@ -118,8 +118,8 @@ func TestReceiveDeliversValidAndDropsUntrusted(t *testing.T) {
 			expectNothing(t, app, 200*time.Millisecond)
 			text := collectText(t, b)
 			for _, want := range []string{
-				`tulle_dropped_packets_total{direction="receive",reason="unknown_sender"} 1`,
-				`tulle_dropped_packets_total{direction="receive",reason="spoofed_source"} 1`,
+				`tulle_dropped_packets_total{direction="receive",family="ipv4",reason="unknown_sender"} 1`,
+				`tulle_dropped_packets_total{direction="receive",family="ipv4",reason="spoofed_source"} 1`,
 				`tulle_peer_receive_packets_total{peer="192.0.2.2",subnet="198.18.2.0/24"} 2`,
 			} {
 				if !strings.Contains(text, want+"\n") {

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -23,7 +24,9 @@ type linkHandle struct {
 
 // setupDevice gives the TUN device named name flannel's configuration with
 // netlink: address <lease .0>/32, MTU, link up, route <Network> dev name
-// (scope link). The device itself stays open in the caller.
+// (scope link); with an IPv6 network also <IPv6 lease>::/128 and route
+// <IPv6Network> dev name (see setupIPv6). The device itself stays open in
+// the caller.
 func setupDevice(name string, opts Options) (linkHandle, error) {
 	nl, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
@@ -42,18 +45,93 @@ func setupDevice(name string, opts Options) (linkHandle, error) {
 	if err := nl.LinkSetMTU(link, opts.MTU); err != nil {
 		return h, fmt.Errorf("tun %s: set MTU %d: %w", name, opts.MTU, err)
 	}
-	if err := disableIPv6(name); err != nil {
+	if opts.IPv6Network.IsValid() {
+		if err := setupIPv6(nl, link, opts); err != nil {
+			return h, err
+		}
+	} else if err := disableIPv6(name); err != nil {
 		// Harmless but noisy (a few dropped solicitations): carry on.
 		opts.Logger.Warn("could not disable IPv6 on the TUN device; its link-local traffic will be counted as dropped", "error", err)
 	}
 	if err := nl.LinkSetUp(link); err != nil {
 		return h, fmt.Errorf("tun %s: set link up: %w", name, err)
 	}
-	route := &netlink.Route{LinkIndex: h.index, Dst: ipNet(opts.Network), Scope: netlink.SCOPE_LINK}
-	if err := nl.RouteReplace(route); err != nil {
-		return h, fmt.Errorf("tun %s: add route %v dev %s: %w", name, opts.Network, name, err)
+	for _, nw := range []netip.Prefix{opts.Network, opts.IPv6Network} {
+		if !nw.IsValid() {
+			continue
+		}
+		route := &netlink.Route{LinkIndex: h.index, Dst: ipNet(nw), Scope: netlink.SCOPE_LINK}
+		if err := nl.RouteReplace(route); err != nil {
+			return h, fmt.Errorf("tun %s: add route %v dev %s: %w", name, nw, name, err)
+		}
 	}
 	return h, nil
+}
+
+// setupIPv6 turns IPv6 on for the TUN device without a link-local address
+// (addr_gen_mode none, set before IPv6 is enabled): with no link-local
+// address the kernel sends no router or neighbour solicitations into the
+// device, which the data plane could only count and drop. The device gets
+// the first address of our IPv6 lease as a /128 (like <lease .0>/32),
+// without duplicate address detection (nothing else is on the link), so it
+// is usable at once.
+func setupIPv6(nl *netlink.Handle, link netlink.Link, opts Options) error {
+	name := link.Attrs().Name
+	if err := nl.LinkSetIP6AddrGenMode(link, addrGenModeNone); err != nil {
+		return fmt.Errorf("tun %s: IPv6 address generation mode none: %w", name, err)
+	}
+	if err := leaveMulticast(nl, link); err != nil {
+		return err
+	}
+	if err := writeIPv6Conf(name, "disable_ipv6", "0"); err != nil {
+		return err
+	}
+	addr := netip.PrefixFrom(opts.Lease.IPv6Subnet.Addr(), 128)
+	if err := nl.AddrReplace(link, &netlink.Addr{IPNet: ipNet(addr), Flags: unix.IFA_F_NODAD}); err != nil {
+		return fmt.Errorf("tun %s: add address %v: %w", name, addr, err)
+	}
+	return nil
+}
+
+// addrGenModeNone is IN6_ADDR_GEN_MODE_NONE: no link-local address.
+const addrGenModeNone = 1
+
+// leaveMulticast turns multicast off on the TUN device, so that the kernel
+// sends no MLD reports into it (the overlay carries no multicast, and the
+// data plane could only count and drop them). The device joined the
+// all-nodes groups when it was created, which are never reported, and on a
+// forwarding host the all-routers groups, which would be reported when the
+// link comes up. So, before the link is first up: the device's own
+// forwarding switch is turned off (which leaves those groups) while MLDv1
+// is forced (in v1 a host that never reported a group leaves it silently;
+// MLDv2 would queue a leave report), multicast is turned off, and both
+// switches are set back (forwarding then joins nothing without multicast,
+// also when an operator turns it on later). Forwarding through the device
+// follows net.ipv6.conf.all, not this switch.
+func leaveMulticast(nl *netlink.Handle, link netlink.Link) error {
+	name := link.Attrs().Name
+	fwd, err := readIPv6Conf(name, "forwarding")
+	if err != nil {
+		return err
+	}
+	mld, err := readIPv6Conf(name, "force_mld_version")
+	if err != nil {
+		return err
+	}
+	for _, kv := range [][2]string{{"force_mld_version", "1"}, {"forwarding", "0"}} {
+		if err := writeIPv6Conf(name, kv[0], kv[1]); err != nil {
+			return err
+		}
+	}
+	if err := nl.LinkSetMulticastOff(link); err != nil {
+		return fmt.Errorf("tun %s: multicast off: %w", name, err)
+	}
+	for _, kv := range [][2]string{{"forwarding", fwd}, {"force_mld_version", mld}} {
+		if err := writeIPv6Conf(name, kv[0], kv[1]); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // removeDevice deletes the TUN link if closing its queues did not already
@@ -89,12 +167,30 @@ func (b *Backend) removeDevice() error {
 // where the data plane can only count and drop them. A kernel without IPv6
 // has no such file, which is fine.
 func disableIPv6(name string) error {
-	path := "/proc/sys/net/ipv6/conf/" + name + "/disable_ipv6"
-	err := os.WriteFile(path, []byte("1"), 0)
-	if err == nil || errors.Is(err, fs.ErrNotExist) {
+	err := writeIPv6Conf(name, "disable_ipv6", "1")
+	if errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
-	return fmt.Errorf("tun %s: disable IPv6 (%s): %w", name, path, err)
+	return err
+}
+
+// readIPv6Conf reads the sysctl net.ipv6.conf.<name>.<key>.
+func readIPv6Conf(name, key string) (string, error) {
+	path := "/proc/sys/net/ipv6/conf/" + name + "/" + key
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("tun %s: read IPv6 %s (%s): %w", name, key, path, err)
+	}
+	return strings.TrimSpace(string(b)), nil
+}
+
+// writeIPv6Conf writes the sysctl net.ipv6.conf.<name>.<key>.
+func writeIPv6Conf(name, key, value string) error {
+	path := "/proc/sys/net/ipv6/conf/" + name + "/" + key
+	if err := os.WriteFile(path, []byte(value), 0); err != nil {
+		return fmt.Errorf("tun %s: IPv6 %s=%s (%s): %w", name, key, value, path, err)
+	}
+	return nil
 }
 
 func ipNet(p netip.Prefix) *net.IPNet {
@@ -102,19 +198,29 @@ func ipNet(p netip.Prefix) *net.IPNet {
 }
 
 // checkPortFree fails with a clear error if another socket holds UDP port
-// port. Our own sockets use SO_REUSEPORT, which would otherwise silently
-// share the port with a stale tulled (same user) and lose half the traffic.
-func checkPortFree(port int) error {
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+// port (of IPv6-only sockets if v6). Our own sockets use SO_REUSEPORT,
+// which would otherwise silently share the port with a stale tulled (same
+// user) and lose half the traffic.
+func checkPortFree(port int, v6 bool) error {
+	family, sa, name := unix.AF_INET, unix.Sockaddr(&unix.SockaddrInet4{Port: port}), fmt.Sprintf("udp port %d", port)
+	if v6 {
+		family, sa, name = unix.AF_INET6, &unix.SockaddrInet6{Port: port}, fmt.Sprintf("udp port [::]:%d", port)
+	}
+	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		return fmt.Errorf("udp port %d: socket: %w", port, err)
+		return fmt.Errorf("%s: socket: %w", name, err)
 	}
 	defer unix.Close(fd)
-	if err := unix.Bind(fd, &unix.SockaddrInet4{Port: port}); err != nil {
-		if errors.Is(err, unix.EADDRINUSE) {
-			return fmt.Errorf("udp port %d is already in use (is flanneld or another tulled running?): %w", port, err)
+	if v6 {
+		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 1); err != nil {
+			return fmt.Errorf("%s: IPV6_V6ONLY: %w", name, err)
 		}
-		return fmt.Errorf("udp port %d: bind: %w", port, err)
+	}
+	if err := unix.Bind(fd, sa); err != nil {
+		if errors.Is(err, unix.EADDRINUSE) {
+			return fmt.Errorf("%s is already in use (is flanneld or another tulled running?): %w", name, err)
+		}
+		return fmt.Errorf("%s: bind: %w", name, err)
 	}
 	return nil
 }

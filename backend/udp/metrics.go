@@ -6,20 +6,20 @@ import (
 
 var (
 	descPeerTxPackets = prometheus.NewDesc("tulle_peer_transmit_packets_total",
-		"Inner IPv4 packets sent to the peer (the holder of the lease subnet at the public IP peer).",
+		"Inner packets (IPv4 and IPv6) sent to the peer (the holder of the lease subnet at the public IP peer).",
 		[]string{"peer", "subnet"}, nil)
 	descPeerTxBytes = prometheus.NewDesc("tulle_peer_transmit_bytes_total",
-		"Bytes of inner IPv4 packets sent to the peer (without the outer IPv4 and UDP headers).",
+		"Bytes of inner packets sent to the peer (without the outer IP and UDP headers).",
 		[]string{"peer", "subnet"}, nil)
 	descPeerRxPackets = prometheus.NewDesc("tulle_peer_receive_packets_total",
-		"Inner IPv4 packets received from the peer and accepted for delivery into the TUN device.",
+		"Inner packets (IPv4 and IPv6) received from the peer and accepted for delivery into the TUN device.",
 		[]string{"peer", "subnet"}, nil)
 	descPeerRxBytes = prometheus.NewDesc("tulle_peer_receive_bytes_total",
-		"Bytes of inner IPv4 packets received from the peer and accepted (without outer headers).",
+		"Bytes of inner packets received from the peer and accepted (without outer headers).",
 		[]string{"peer", "subnet"}, nil)
 	descDropped = prometheus.NewDesc("tulle_dropped_packets_total",
-		"Packets the data plane dropped, by direction (transmit: TUN to UDP; receive: UDP to TUN) and reason (socket_drop: the kernel dropped the datagram at a data-plane socket before it was read, as its receive buffer was full or its UDP checksum failed).",
-		[]string{"direction", "reason"}, nil)
+		"Packets the data plane dropped, by direction (transmit: TUN to UDP; receive: UDP to TUN), family of the inner packet (ipv4, ipv6; unknown: no IP version could be read, or the kernel dropped it at a socket or refused it on a TUN write) and reason (socket_drop: the kernel dropped the datagram at a data-plane socket before it was read, as its receive buffer was full or its UDP checksum failed).",
+		[]string{"direction", "family", "reason"}, nil)
 	descTunRead = prometheus.NewDesc("tulle_tun_read_batch_size",
 		"Packets returned by the TUN reads of one batch (a TSO/USO superpacket counts the segments it is cut into).",
 		nil, nil)
@@ -66,7 +66,9 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	txLoops, rxLoops := make([]*loopStats, 0, len(b.workers)), make([]*loopStats, 0, len(b.workers))
 	for _, w := range b.workers {
 		txLoops = append(txLoops, w.tx.stats)
-		rxLoops = append(rxLoops, w.rx.stats)
+		for _, rx := range w.receivers() {
+			rxLoops = append(rxLoops, rx.stats)
+		}
 	}
 
 	for p := range t.all() {
@@ -81,19 +83,20 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 
 	txDrops, rxDrops := sumDrops(txLoops), sumDrops(rxLoops)
 	if b.dev != nil {
-		rxDrops[dropSendError] += b.dev.Stats().WriteErrors
+		rxDrops[famUnknown][dropSendError] += b.dev.Stats().WriteErrors
 	}
 	for _, w := range b.workers {
-		if w.conn == nil {
-			continue
-		}
-		if n, err := w.conn.Drops(); err == nil { // fails only once closed
-			rxDrops[dropSocket] += n
+		for _, c := range w.conns() {
+			if n, err := c.Drops(); err == nil { // fails only once closed
+				rxDrops[famUnknown][dropSocket] += n
+			}
 		}
 	}
-	for r := range numDropReasons {
-		ch <- prometheus.MustNewConstMetric(descDropped, prometheus.CounterValue, float64(txDrops[r]), "transmit", r.String())
-		ch <- prometheus.MustNewConstMetric(descDropped, prometheus.CounterValue, float64(rxDrops[r]), "receive", r.String())
+	for f := range numFamilies {
+		for r := range numDropReasons {
+			ch <- prometheus.MustNewConstMetric(descDropped, prometheus.CounterValue, float64(txDrops[f][r]), "transmit", f.String(), r.String())
+			ch <- prometheus.MustNewConstMetric(descDropped, prometheus.CounterValue, float64(rxDrops[f][r]), "receive", f.String(), r.String())
+		}
 	}
 
 	ch <- histogramMetric(descTunRead, txLoops, func(s *loopStats) *histogram { return &s.tun })
@@ -112,10 +115,12 @@ func sumPeer(loops []*loopStats, index int) (packets, bytes uint64) {
 	return packets, bytes
 }
 
-func sumDrops(loops []*loopStats) (d [numDropReasons]uint64) {
+func sumDrops(loops []*loopStats) (d [numFamilies][numDropReasons]uint64) {
 	for _, s := range loops {
-		for r := range d {
-			d[r] += s.drops[r].Load()
+		for f := range d {
+			for r := range d[f] {
+				d[f][r] += s.drops[f][r].Load()
+			}
 		}
 	}
 	return d

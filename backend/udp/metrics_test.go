@@ -47,7 +47,8 @@ func TestCollectorSumsLoopsAndNamesMetricsAsTheBrief(t *testing.T) {
 		w.tx.run.flush(w.tx.stats)
 		w.rx.run.add(w.rx.stats, p, 2, 100)
 		w.rx.run.flush(w.rx.stats)
-		w.rx.drops[dropSpoofedSource] = 4
+		w.rx.drops[famIPv4][dropSpoofedSource] = 4
+		w.rx.drops[famIPv6][dropSpoofedSource] = 1
 		w.rx.drops.flush(w.rx.stats)
 		w.tx.stats.tun.observe(44)
 		w.rx.stats.udp.observe(1)
@@ -58,8 +59,10 @@ func TestCollectorSumsLoopsAndNamesMetricsAsTheBrief(t *testing.T) {
 		`tulle_peer_transmit_bytes_total{peer="192.0.2.2",subnet="198.18.2.0/24"} 600`,
 		`tulle_peer_receive_packets_total{peer="192.0.2.2",subnet="198.18.2.0/24"} 4`,
 		`tulle_peer_receive_bytes_total{peer="192.0.2.2",subnet="198.18.2.0/24"} 200`,
-		`tulle_dropped_packets_total{direction="receive",reason="spoofed_source"} 8`,
-		`tulle_dropped_packets_total{direction="transmit",reason="send_error"} 0`,
+		`tulle_dropped_packets_total{direction="receive",family="ipv4",reason="spoofed_source"} 8`,
+		`tulle_dropped_packets_total{direction="receive",family="ipv6",reason="spoofed_source"} 2`,
+		`tulle_dropped_packets_total{direction="receive",family="unknown",reason="spoofed_source"} 0`,
+		`tulle_dropped_packets_total{direction="transmit",family="ipv4",reason="send_error"} 0`,
 		`tulle_tun_read_batch_size_bucket{le="32"} 0`,
 		`tulle_tun_read_batch_size_bucket{le="64"} 2`,
 		`tulle_tun_read_batch_size_sum 88`,
@@ -125,6 +128,7 @@ func TestTunReadCountsTheSegmentsThatAreSent(t *testing.T) {
 	}
 	defer w.conn.Close()
 	tx := &w.tx
+	tx.out[underlay4].conn = w.conn
 	tb := b.table.Load()
 
 	h, pkt := tcpSuper("198.18.1.5", "198.18.2.7", segs*mss, mss, 1)
@@ -166,7 +170,7 @@ func TestTunReadCountsTheSegmentsThatAreSent(t *testing.T) {
 		`tulle_tun_read_batch_size_count 2`,
 		`tulle_peer_transmit_packets_total{peer="127.0.0.2",subnet="198.18.2.0/24"} 45`,
 		`tulle_udp_send_batch_size_sum 45`,
-		`tulle_dropped_packets_total{direction="transmit",reason="no_route"} 45`,
+		`tulle_dropped_packets_total{direction="transmit",family="ipv4",reason="no_route"} 45`,
 	} {
 		if !strings.Contains(text, want+"\n") {
 			t.Errorf("scrape lacks %q", want)
@@ -179,7 +183,7 @@ func TestTunReadCountsTheSegmentsThatAreSent(t *testing.T) {
 
 // TestKernelDropsAtTheSocketAreCounted floods a data plane whose loops do
 // not run, so its socket's receive buffer overflows, and checks that
-// tulle_dropped_packets_total{direction="receive",reason="socket_drop"}
+// tulle_dropped_packets_total{direction="receive",family="unknown",reason="socket_drop"}
 // reports what the kernel dropped: its Udp InErrors in the namespace, which
 // counts a full receive buffer (RcvbufErrors) and UDP memory pressure
 // (MemErrors, global to the machine: other loads raise it).
@@ -206,7 +210,7 @@ func TestKernelDropsAtTheSocketAreCounted(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	want := `tulle_dropped_packets_total{direction="receive",reason="socket_drop"} `
+	want := `tulle_dropped_packets_total{direction="receive",family="unknown",reason="socket_drop"} `
 	var kernel uint64
 	waitFor(t, 5*time.Second, "the scrape to report the kernel's receive-buffer drops", func() bool {
 		kernel = udpSNMP(t, h.a, "InErrors") - before

@@ -111,12 +111,18 @@ func startBackend(t testing.TB, ns netns.NsHandle, name string, own netip.Prefix
 // BackendData decides the features we offer).
 func startBackendLease(t testing.TB, ns netns.NsHandle, name string, own subnet.Lease, driver string, workers int, peers ...subnet.Event) *Backend {
 	t.Helper()
+	return startBackendWith(t, ns, name, own, driver, workers, nil, peers...)
+}
+
+// startBackendWith is startBackendLease with the options changed by mods
+// (dual stack, the IPv6 underlay).
+func startBackendWith(t testing.TB, ns netns.NsHandle, name string, own subnet.Lease, driver string, workers int, mods []func(*Options), peers ...subnet.Event) *Backend {
+	t.Helper()
 	pub := own.Attrs.PublicIP
 	logs := &logBuffer{}
 	var b *Backend
 	err := nstest.In(ns, func() error {
-		var err error
-		b, err = New(Options{
+		opts := Options{
 			TunName:   name,
 			Driver:    driver,
 			Workers:   workers,
@@ -127,7 +133,12 @@ func startBackendLease(t testing.TB, ns netns.NsHandle, name string, own subnet.
 			SubnetLen: 24,
 			Lease:     own,
 			Logger:    slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
-		})
+		}
+		for _, m := range mods {
+			m(&opts)
+		}
+		var err error
+		b, err = New(opts)
 		return err
 	})
 	if err != nil {
@@ -231,15 +242,27 @@ func innerUDP(src, dst netip.AddrPort, payload []byte) []byte {
 	return b
 }
 
-// dropped returns the drop counter of a direction and reason.
+// dropped returns the drop counter of a direction and reason, summed over
+// the families.
 func dropped(b *Backend, direction string, r dropReason) uint64 {
 	var sum uint64
+	for f := range numFamilies {
+		sum += droppedOf(b, direction, f, r)
+	}
+	return sum
+}
+
+// droppedOf is the drop counter of a direction, family and reason.
+func droppedOf(b *Backend, direction string, f family, r dropReason) uint64 {
+	var sum uint64
 	for _, w := range b.workers {
-		s := w.rx.stats
 		if direction == "transmit" {
-			s = w.tx.stats
+			sum += w.tx.stats.drops[f][r].Load()
+			continue
 		}
-		sum += s.drops[r].Load()
+		for _, rx := range w.receivers() {
+			sum += rx.stats.drops[f][r].Load()
+		}
 	}
 	return sum
 }

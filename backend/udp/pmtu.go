@@ -16,9 +16,10 @@ import (
 const mtuProbeInterval = 5 * time.Second
 
 // mtuProber learns the path MTU to each peer on the slow path: it connects
-// a UDP socket to the peer and asks the kernel (getsockopt IP_MTU), which
-// knows the route MTU and every "fragmentation needed" the underlay sent.
-// The TX loops then answer DF packets that would not fit with ICMP.
+// a UDP socket to the peer and asks the kernel (getsockopt IP_MTU, or
+// IPV6_MTU for a peer on the IPv6 underlay), which knows the route MTU and
+// every "fragmentation needed" (Packet Too Big) the underlay sent. The TX
+// loops then answer packets that would not fit with ICMP.
 //
 // Which peers: one that the TX path just sent to for the first time (it
 // pokes the prober), one whose send failed with EMSGSIZE/EINVAL, and every
@@ -27,8 +28,9 @@ type mtuProber struct {
 	b    *Backend
 	wake chan struct{}
 
-	mu sync.Mutex
-	fd int // unconnected until a probe; -1 when closed
+	mu  sync.Mutex
+	fd  int // unconnected until a probe; -1 when closed
+	fd6 int // the same for IPv6 peers; -1 without the IPv6 underlay
 }
 
 // newMTUProber makes the probe socket; it lives in the network namespace of
@@ -38,7 +40,14 @@ func newMTUProber(b *Backend) (*mtuProber, error) {
 	if err != nil {
 		return nil, fmt.Errorf("path MTU probe socket: %w", err)
 	}
-	return &mtuProber{b: b, fd: fd, wake: make(chan struct{}, 1)}, nil
+	m := &mtuProber{b: b, fd: fd, fd6: -1, wake: make(chan struct{}, 1)}
+	if b.underlay6() {
+		if m.fd6, err = unix.Socket(unix.AF_INET6, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err != nil {
+			unix.Close(fd)
+			return nil, fmt.Errorf("path MTU probe socket (IPv6): %w", err)
+		}
+	}
+	return m, nil
 }
 
 // poke asks for a look at new or suspect peers soon; it never blocks.
@@ -85,18 +94,25 @@ func (m *mtuProber) round(all bool) {
 
 // probe asks the kernel for the path MTU to p and stores the inner limit.
 func (m *mtuProber) probe(p *peer) {
-	sa := &unix.SockaddrInet4{Port: int(p.addr.Port()), Addr: p.addr.Addr().As4()}
-	if err := unix.Connect(m.fd, sa); err != nil {
+	fd, level, opt, overhead := m.fd, unix.IPPROTO_IP, unix.IP_MTU, proto.EncapOverhead
+	var sa unix.Sockaddr
+	if p.underlay == underlay6 {
+		fd, level, opt, overhead = m.fd6, unix.IPPROTO_IPV6, unix.IPV6_MTU, proto.EncapOverheadIPv6
+		sa = &unix.SockaddrInet6{Port: int(p.addr.Port()), Addr: p.addr.Addr().As16()}
+	} else {
+		sa = &unix.SockaddrInet4{Port: int(p.addr.Port()), Addr: p.addr.Addr().As4()}
+	}
+	if err := unix.Connect(fd, sa); err != nil {
 		m.b.log.Debug("path MTU probe: connect", "peer", p.addr.Addr(), "subnet", p.subnet, "error", err)
 		return
 	}
-	mtu, err := unix.GetsockoptInt(m.fd, unix.IPPROTO_IP, unix.IP_MTU)
+	mtu, err := unix.GetsockoptInt(fd, level, opt)
 	if err != nil {
-		m.b.log.Debug("path MTU probe: getsockopt IP_MTU", "peer", p.addr.Addr(), "subnet", p.subnet, "error", err)
+		m.b.log.Debug("path MTU probe: getsockopt", "peer", p.addr.Addr(), "subnet", p.subnet, "error", err)
 		return
 	}
 	var limit int32 // 0: the path carries whatever the TUN MTU lets through
-	if inner := mtu - proto.EncapOverhead; inner < m.b.opts.MTU {
+	if inner := mtu - overhead; inner < m.b.opts.MTU {
 		limit = int32(max(inner, 68))
 	}
 	if old := p.innerMTU.Swap(limit); old != limit {
@@ -112,5 +128,9 @@ func (m *mtuProber) close() {
 	if m.fd >= 0 {
 		unix.Close(m.fd)
 		m.fd = -1
+	}
+	if m.fd6 >= 0 {
+		unix.Close(m.fd6)
+		m.fd6 = -1
 	}
 }

@@ -2,6 +2,7 @@ package udp
 
 import (
 	"errors"
+	"net/netip"
 
 	"github.com/tulle-net/tulle/backend/tundev"
 	"github.com/tulle-net/tulle/backend/udpconn"
@@ -18,6 +19,7 @@ const rxMessages = 16
 // flow into one TUN write (virtio GSO) gathered from those slices.
 type rxLoop struct {
 	w       *worker
+	conn    *udpconn.Conn // the socket it reads
 	stats   *loopStats
 	vnet    bool
 	msgs    []udpconn.Message // each Buf holds 64 KiB: a GRO train or the largest datagram
@@ -28,11 +30,12 @@ type rxLoop struct {
 	run     peerRun
 }
 
-// init allocates the RX loop's buffers; udpGRO enables merging UDP (the
-// device took USO).
-func (rx *rxLoop) init(w *worker, vnet, udpGRO bool) {
+// init allocates the RX loop's buffers for reading conn; udpGRO enables
+// merging UDP (the device took USO).
+func (rx *rxLoop) init(w *worker, conn *udpconn.Conn, vnet, udpGRO bool) {
 	*rx = rxLoop{
 		w:     w,
+		conn:  conn,
 		stats: newLoopStats(),
 		vnet:  vnet,
 		msgs:  make([]udpconn.Message, rxMessages),
@@ -51,12 +54,12 @@ func (rx *rxLoop) deliver(t *table, n int) error {
 	for i := range rx.msgs[:n] {
 		m := &rx.msgs[i]
 		if m.Truncated {
-			rx.drops[dropTruncated]++
+			rx.drops[famUnknown][dropTruncated]++
 			continue
 		}
-		src, _ := proto.AddrUint32(m.Addr.Addr())
+		src := m.Addr.Addr()
 		if m.N == 0 {
-			rx.reject(t, src, dropMalformed)
+			rx.reject(t, src, famUnknown, dropMalformed)
 			continue
 		}
 		seg := m.SegSize
@@ -83,36 +86,51 @@ func (rx *rxLoop) deliver(t *table, n int) error {
 	return err
 }
 
-// accept applies the trust checks to one datagram from src and decrements
-// its TTL. It returns the peer it came from, or nil if it is dropped
-// (counted), and whether its transport checksum is partial (marked, and
-// both leases advertise partial checksums; the mark is then cleared here).
-func (rx *rxLoop) accept(t *table, src uint32, pkt []byte) (_ *peer, partial bool) {
+// accept applies the trust checks of the packet's family to one datagram
+// from src and decrements its TTL or hop limit. It returns the peer it
+// came from, or nil if it is dropped (counted), and whether its transport
+// checksum is partial (marked, and both leases advertise partial
+// checksums; the mark is then removed here).
+func (rx *rxLoop) accept(t *table, src netip.Addr, pkt []byte) (_ *peer, partial bool) {
+	switch proto.Version(pkt) {
+	case 4:
+		return rx.accept4(t, src, pkt)
+	case 6:
+		return rx.accept6(t, src, pkt)
+	}
+	rx.reject(t, src, famUnknown, dropMalformed)
+	return nil, false
+}
+
+// accept4: the sender holds the lease of the inner source, the inner
+// destination is in ours, the IPv4 header is whole and its checksum right.
+func (rx *rxLoop) accept4(t *table, src netip.Addr, pkt []byte) (_ *peer, partial bool) {
+	d := &rx.drops[famIPv4]
 	total, err := proto.CheckIPv4(pkt)
 	if err != nil || total != len(pkt) || !proto.IPv4HeaderChecksumValid(pkt) {
 		reason := dropMalformed
 		if errors.Is(err, proto.ErrShort) && len(pkt) >= proto.IPv4HeaderLen {
 			reason = dropTruncated // shorter than its IP header says
 		}
-		rx.reject(t, src, reason)
+		rx.reject(t, src, famIPv4, reason)
 		return nil, false
 	}
 	p := t.lookup(proto.IPv4SrcUint32(pkt))
-	if p == nil || p.public != src {
-		rx.reject(t, src, dropSpoofedSource)
+	if p == nil || !p.sentFrom(src) {
+		rx.reject(t, src, famIPv4, dropSpoofedSource)
 		return nil, false
 	}
 	if !t.isOwn(proto.IPv4DstUint32(pkt)) {
-		rx.drops[dropForeignDestination]++
+		d[dropForeignDestination]++
 		return nil, false
 	}
 	if !proto.DecrementTTL(pkt) {
-		rx.drops[dropTTLExpired]++
+		d[dropTTLExpired]++
 		return nil, false
 	}
 	if marked(pkt) && rx.w.b.partialWith(p) {
 		if !partialTransport(pkt) {
-			rx.drops[dropMalformed]++ // only TCP and UDP are ever marked
+			d[dropMalformed]++ // only TCP and UDP are ever marked
 			return nil, false
 		}
 		clearMark(pkt)
@@ -121,13 +139,53 @@ func (rx *rxLoop) accept(t *table, src uint32, pkt []byte) (_ *peer, partial boo
 	return p, partial
 }
 
-// reject counts a dropped datagram: as unknown_sender if src holds no
-// lease, whatever else is wrong with it, else for reason.
-func (rx *rxLoop) reject(t *table, src uint32, reason dropReason) {
+// accept6: the sender holds the IPv6 lease of the inner source and
+// carries IPv6 (a flannel host never does), the inner destination is in
+// our IPv6 lease, the packet is exactly its length (or marked, mark.go).
+// Only the fixed header is read: extension headers are the destination's.
+func (rx *rxLoop) accept6(t *table, src netip.Addr, pkt []byte) (_ *peer, partial bool) {
+	d := &rx.drops[famIPv6]
+	total, err := proto.CheckIPv6(pkt)
+	mark := err == nil && markedIPv6(pkt)
+	if err != nil || (total != len(pkt) && !mark) {
+		reason := dropMalformed
+		if errors.Is(err, proto.ErrShort) && len(pkt) >= proto.IPv6HeaderLen {
+			reason = dropTruncated // shorter than its payload length says
+		}
+		rx.reject(t, src, famIPv6, reason)
+		return nil, false
+	}
+	p := t.lookup6(proto.IPv6SrcWords(pkt))
+	if p == nil || !p.sentFrom(src) {
+		rx.reject(t, src, famIPv6, dropSpoofedSource)
+		return nil, false
+	}
+	if !t.isOwn6(proto.IPv6DstWords(pkt)) {
+		d[dropForeignDestination]++
+		return nil, false
+	}
+	if !proto.DecrementHopLimit(pkt) {
+		d[dropTTLExpired]++
+		return nil, false
+	}
+	if mark {
+		if !rx.w.b.partialWith(p) || !partialTransport6(pkt) {
+			d[dropMalformed]++ // a mark we do not take: its length is wrong
+			return nil, false
+		}
+		unmarkIPv6(pkt)
+		partial = true
+	}
+	return p, partial
+}
+
+// reject counts a dropped datagram of family f: as unknown_sender if src
+// holds no lease, whatever else is wrong with it, else for reason.
+func (rx *rxLoop) reject(t *table, src netip.Addr, f family, reason dropReason) {
 	if !t.isSender(src) {
 		reason = dropUnknownSender
 	}
-	rx.drops[reason]++
+	rx.drops[f][reason]++
 }
 
 // write queues pkt for the TUN: with a virtio header into the coalescer
@@ -146,7 +204,8 @@ func (rx *rxLoop) write(pkt []byte, partial bool) error {
 		return nil
 	}
 	if partial {
-		_ = tundev.CompleteChecksum(pkt, proto.IPv4HeaderLength(pkt), proto.TransportChecksumOffset(proto.IPv4Protocol(pkt))) // partialTransport checked the room
+		start, off := transportAt(pkt)
+		_ = tundev.CompleteChecksum(pkt, start, off) // partialTransport(6) checked the room
 	}
 	rx.one[0] = pkt
 	err := rx.w.queue.WritePacket(rx.one[:])

@@ -3,6 +3,8 @@ package udp
 import (
 	"math/bits"
 	"sync/atomic"
+
+	"github.com/tulle-net/tulle/proto"
 )
 
 // Counters. Each TX and RX loop owns one loopStats and is its only writer;
@@ -10,6 +12,36 @@ import (
 // per batch (per run of packets for one peer), with atomic adds: on amd64 an
 // uncontended LOCK XADD on a cache line the loop owns, a few ns per batch, and
 // `go test -race` stays clean, which plain fields with a racy reader would not.
+
+// family is the IP version of a dropped packet, as its version nibble
+// says; the names are the values of the family label of
+// tulle_dropped_packets_total. famUnknown: no IP version could be read (an
+// empty or unparseable datagram, a version nibble neither 4 nor 6, a
+// datagram the kernel dropped at a socket, a packet the kernel refused on
+// a TUN write).
+type family uint8
+
+const (
+	famIPv4 family = iota
+	famIPv6
+	famUnknown
+	numFamilies
+)
+
+var familyNames = [numFamilies]string{"ipv4", "ipv6", "unknown"}
+
+func (f family) String() string { return familyNames[f] }
+
+// familyOf is the family of the packet pkt by its version nibble.
+func familyOf(pkt []byte) family {
+	switch proto.Version(pkt) {
+	case 4:
+		return famIPv4
+	case 6:
+		return famIPv6
+	}
+	return famUnknown
+}
 
 // dropReason is why a packet was not forwarded; the names are the values of
 // the reason label of tulle_dropped_packets_total.
@@ -19,11 +51,11 @@ const (
 	dropUnknownSender      dropReason = iota // datagram from an address that holds no lease
 	dropSpoofedSource                        // inner source outside the sender's lease
 	dropForeignDestination                   // inner destination outside our lease
-	dropMalformed                            // not a well-formed IPv4 packet
+	dropMalformed                            // not a well-formed IPv4 or IPv6 packet
 	dropTruncated                            // did not fit the buffer, or shorter than it claims
-	dropTTLExpired                           // TTL would reach 0
-	dropNoRoute                              // no lease holds the destination
-	dropOversize                             // larger than the path carries (DF: ICMP sent back)
+	dropTTLExpired                           // TTL (hop limit) would reach 0
+	dropNoRoute                              // no lease holds the destination (IPv6: none that carries IPv6)
+	dropOversize                             // larger than the path carries (DF, IPv6: ICMP sent back)
 	dropSendError                            // the socket or TUN refused it
 	// dropSocket: the kernel dropped it at a data-plane socket before a
 	// loop read it (receive buffer full, or a failed UDP checksum). Read
@@ -75,7 +107,7 @@ type peerChunk [peerChunkSize]peerCounters
 
 // loopStats are the counters of one TX or RX loop.
 type loopStats struct {
-	drops [numDropReasons]atomic.Uint64
+	drops [numFamilies][numDropReasons]atomic.Uint64
 	// tun is the TUN read (TX) or write (RX) batch size; udp the send (TX)
 	// or receive (RX) batch size, in packets (GSO/GRO segments counted).
 	tun, udp histogram
@@ -134,15 +166,20 @@ func (s *loopStats) prepare(i int) {
 	c.bytes.Store(0)
 }
 
-// batchCounts accumulates a batch's drops locally; flush adds the non-zero
-// ones to the loop's counters once per batch.
-type batchCounts [numDropReasons]uint32
+// batchCounts accumulates a batch's drops locally, by family and reason;
+// flush adds the non-zero ones to the loop's counters once per batch.
+type batchCounts [numFamilies][numDropReasons]uint32
 
 func (c *batchCounts) flush(s *loopStats) {
-	for r, n := range c {
-		if n != 0 {
-			s.drops[r].Add(uint64(n))
-			c[r] = 0
+	if *c == (batchCounts{}) {
+		return
+	}
+	for f := range c {
+		for r, n := range c[f] {
+			if n != 0 {
+				s.drops[f][r].Add(uint64(n))
+				c[f][r] = 0
+			}
 		}
 	}
 }

@@ -18,42 +18,70 @@ import (
 // sender, flannel included), and a flow stays on one worker, in order.
 
 // steerProgram returns the program for a group of n sockets. The program
-// sees the datagram from its UDP payload on: the inner IPv4 packet.
-// Anything that is not IPv4 goes by the kernel's hash (an index >= n).
+// sees the datagram from its UDP payload on: the inner IPv4 or IPv6
+// packet. For IPv6 the flow is the XOR of the eight address words and, for
+// TCP or UDP right after the fixed header, of the ports. Anything else
+// goes by the kernel's hash (an index >= n). Classic BPF jumps only
+// forward, so each family ends in its own copy of the hash.
 func steerProgram(n int) ([]bpf.Instruction, error) {
 	if n < 1 {
 		return nil, fmt.Errorf("steering program for %d sockets", n)
 	}
-	return []bpf.Instruction{
+	hash := []bpf.Instruction{
+		bpf.LoadScratch{Dst: bpf.RegA, N: 0}, // the flow, symmetric
+		bpf.ALUOpConstant{Op: bpf.ALUOpMul, Val: 0x9e3779b1},
+		bpf.ALUOpConstant{Op: bpf.ALUOpShiftRight, Val: 16},
+		bpf.ALUOpConstant{Op: bpf.ALUOpMod, Val: uint32(n)},
+		bpf.RetA{},
+	}
+	prog := []bpf.Instruction{
 		/* 0 */ bpf.LoadAbsolute{Off: 0, Size: 1}, // version, IHL
 		/* 1 */ bpf.ALUOpConstant{Op: bpf.ALUOpAnd, Val: 0xf0},
-		/* 2 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 0x40, SkipTrue: 1},
-		/* 3 */ bpf.RetConstant{Val: 0xffffffff},
-		/* 4 */ bpf.LoadAbsolute{Off: 12, Size: 4}, // source
-		/* 5 */ bpf.TAX{},
-		/* 6 */ bpf.LoadAbsolute{Off: 16, Size: 4}, // destination
-		/* 7 */ bpf.ALUOpX{Op: bpf.ALUOpXor},
-		/* 8 */ bpf.StoreScratch{Src: bpf.RegA, N: 0},
-		/* 9 */ bpf.LoadAbsolute{Off: 9, Size: 1}, // protocol
-		/* 10 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 6, SkipTrue: 1},
-		/* 11 */ bpf.JumpIf{Cond: bpf.JumpNotEqual, Val: 17, SkipTrue: 11},
-		/* 12 */ bpf.LoadAbsolute{Off: 6, Size: 2}, // flags, fragment offset
-		/* 13 */ bpf.JumpIf{Cond: bpf.JumpBitsSet, Val: 0x3fff, SkipTrue: 9},
-		/* 14 */ bpf.LoadMemShift{Off: 0}, // X = IHL*4
-		/* 15 */ bpf.LoadIndirect{Off: 0, Size: 2}, // source port
-		/* 16 */ bpf.StoreScratch{Src: bpf.RegA, N: 1},
-		/* 17 */ bpf.LoadIndirect{Off: 2, Size: 2}, // destination port
-		/* 18 */ bpf.LoadScratch{Dst: bpf.RegX, N: 1},
-		/* 19 */ bpf.ALUOpX{Op: bpf.ALUOpXor},
-		/* 20 */ bpf.LoadScratch{Dst: bpf.RegX, N: 0},
-		/* 21 */ bpf.ALUOpX{Op: bpf.ALUOpXor},
-		/* 22 */ bpf.StoreScratch{Src: bpf.RegA, N: 0},
-		/* 23 */ bpf.LoadScratch{Dst: bpf.RegA, N: 0}, // the flow, symmetric
-		/* 24 */ bpf.ALUOpConstant{Op: bpf.ALUOpMul, Val: 0x9e3779b1},
-		/* 25 */ bpf.ALUOpConstant{Op: bpf.ALUOpShiftRight, Val: 16},
-		/* 26 */ bpf.ALUOpConstant{Op: bpf.ALUOpMod, Val: uint32(n)},
-		/* 27 */ bpf.RetA{},
-	}, nil
+		/* 2 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 0x40, SkipTrue: 2},
+		/* 3 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 0x60, SkipTrue: 25}, // to 29
+		/* 4 */ bpf.RetConstant{Val: 0xffffffff},
+		// IPv4
+		/* 5 */ bpf.LoadAbsolute{Off: 12, Size: 4}, // source
+		/* 6 */ bpf.TAX{},
+		/* 7 */ bpf.LoadAbsolute{Off: 16, Size: 4}, // destination
+		/* 8 */ bpf.ALUOpX{Op: bpf.ALUOpXor},
+		/* 9 */ bpf.StoreScratch{Src: bpf.RegA, N: 0},
+		/* 10 */ bpf.LoadAbsolute{Off: 9, Size: 1}, // protocol
+		/* 11 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 6, SkipTrue: 1},
+		/* 12 */ bpf.JumpIf{Cond: bpf.JumpNotEqual, Val: 17, SkipTrue: 11}, // to 24
+		/* 13 */ bpf.LoadAbsolute{Off: 6, Size: 2}, // flags, fragment offset
+		/* 14 */ bpf.JumpIf{Cond: bpf.JumpBitsSet, Val: 0x3fff, SkipTrue: 9}, // to 24
+		/* 15 */ bpf.LoadMemShift{Off: 0}, // X = IHL*4
+		/* 16 */ bpf.LoadIndirect{Off: 0, Size: 2}, // source port
+		/* 17 */ bpf.StoreScratch{Src: bpf.RegA, N: 1},
+		/* 18 */ bpf.LoadIndirect{Off: 2, Size: 2}, // destination port
+		/* 19 */ bpf.LoadScratch{Dst: bpf.RegX, N: 1},
+		/* 20 */ bpf.ALUOpX{Op: bpf.ALUOpXor},
+		/* 21 */ bpf.LoadScratch{Dst: bpf.RegX, N: 0},
+		/* 22 */ bpf.ALUOpX{Op: bpf.ALUOpXor},
+		/* 23 */ bpf.StoreScratch{Src: bpf.RegA, N: 0},
+	}
+	prog = append(prog, hash...) // 24-28
+	// IPv6, from 29: the address words XORed into X.
+	prog = append(prog, bpf.LoadAbsolute{Off: 8, Size: 4}, bpf.TAX{}) // 29, 30
+	// 31-51: the other 7 words, 3 instructions each.
+	for off := uint32(12); off < 40; off += 4 {
+		prog = append(prog, bpf.LoadAbsolute{Off: off, Size: 4}, bpf.ALUOpX{Op: bpf.ALUOpXor}, bpf.TAX{})
+	}
+	prog = append(prog,
+		/* 52 */ bpf.StoreScratch{Src: bpf.RegX, N: 0},
+		/* 53 */ bpf.LoadAbsolute{Off: 6, Size: 1}, // next header
+		/* 54 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 6, SkipTrue: 1},
+		/* 55 */ bpf.JumpIf{Cond: bpf.JumpNotEqual, Val: 17, SkipTrue: 7}, // to 63
+		/* 56 */ bpf.LoadAbsolute{Off: 40, Size: 2}, // source port
+		/* 57 */ bpf.TAX{},
+		/* 58 */ bpf.LoadAbsolute{Off: 42, Size: 2}, // destination port
+		/* 59 */ bpf.ALUOpX{Op: bpf.ALUOpXor},
+		/* 60 */ bpf.LoadScratch{Dst: bpf.RegX, N: 0},
+		/* 61 */ bpf.ALUOpX{Op: bpf.ALUOpXor},
+		/* 62 */ bpf.StoreScratch{Src: bpf.RegA, N: 0},
+	)
+	return append(prog, hash...), nil // 63-67
 }
 
 // steerFilter assembles steerProgram(n) for SO_ATTACH_REUSEPORT_CBPF.

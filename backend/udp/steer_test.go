@@ -2,6 +2,7 @@ package udp
 
 import (
 	"encoding/binary"
+	"fmt"
 	"net"
 	"net/netip"
 	"testing"
@@ -95,13 +96,72 @@ func TestSteeringUsesPortsOnlyOfUnfragmentedTCPAndUDP(t *testing.T) {
 	}
 }
 
-func TestSteeringLeavesNonIPv4ToTheKernel(t *testing.T) {
+func TestSteeringLeavesNonIPToTheKernel(t *testing.T) {
 	vm := steerVM(t, 2)
-	if v := steer(t, vm, append([]byte{0x60}, make([]byte, 59)...)); v < 2 {
-		t.Errorf("IPv6 steered to socket %d, want an index past the group (the kernel's hash)", v)
+	if v := steer(t, vm, append([]byte{0x50}, make([]byte, 59)...)); v < 2 {
+		t.Errorf("version 5 steered to socket %d, want an index past the group (the kernel's hash)", v)
 	}
 	if v := steer(t, vm, []byte{0x45, 0}); v != 0 {
 		t.Errorf("a truncated packet steered to %d, want 0 (a load past the end ends the program with 0)", v)
+	}
+	if v := steer(t, vm, []byte{0x60, 0, 0, 0, 0, 0, 6, 64}); v != 0 {
+		t.Errorf("a truncated IPv6 packet steered to %d, want 0", v)
+	}
+}
+
+// flowPacket6 is an inner IPv6 packet with next header p between the
+// given addresses and ports.
+func flowPacket6(src, dst string, p uint8, sport, dport uint16) []byte {
+	b := make([]byte, 40+20)
+	b[0], b[6], b[7] = 0x60, p, 64
+	binary.BigEndian.PutUint16(b[4:], 20)
+	s, d := netip.MustParseAddr(src).As16(), netip.MustParseAddr(dst).As16()
+	copy(b[8:], s[:])
+	copy(b[24:], d[:])
+	binary.BigEndian.PutUint16(b[40:], sport)
+	binary.BigEndian.PutUint16(b[42:], dport)
+	return b
+}
+
+func TestSteeringOfIPv6KeepsAFlowOnOneWorkerAndSpreadsFlows(t *testing.T) {
+	for _, n := range []int{1, 2, 3, 8} {
+		vm := steerVM(t, n)
+		counts := make([]int, n)
+		for i := range 256 {
+			sport := uint16(30000 + i)
+			fwd := steer(t, vm, flowPacket6("2001:db8:1:1::5", "2001:db8:1:2::7", proto.ProtoTCP, sport, 5201))
+			rev := steer(t, vm, flowPacket6("2001:db8:1:2::7", "2001:db8:1:1::5", proto.ProtoTCP, 5201, sport))
+			if fwd != rev || fwd < 0 || fwd >= n {
+				t.Fatalf("n=%d: flow %d goes to socket %d, its reverse to %d", n, i, fwd, rev)
+			}
+			counts[fwd]++
+		}
+		for k, c := range counts {
+			if c < 256/n/2 {
+				t.Errorf("n=%d: socket %d gets %d of 256 flows: %v", n, k, c, counts)
+			}
+		}
+	}
+	vm := steerVM(t, 4)
+	seen := func(p uint8, src func(i int) string) map[int]bool {
+		s := map[int]bool{}
+		for i := range 64 {
+			s[steer(t, vm, flowPacket6(src(i), "2001:db8:1:2::7", p, uint16(1000+i), 80))] = true
+		}
+		return s
+	}
+	one := func(int) string { return "2001:db8:1:1::5" }
+	if s := seen(proto.ProtoUDP, one); len(s) < 2 {
+		t.Errorf("UDP flows with different ports all on %v", s)
+	}
+	for _, p := range []uint8{proto.ProtoICMPv6, 60 /* destination options */, 44 /* fragment */} {
+		if s := seen(p, one); len(s) != 1 {
+			t.Errorf("next header %d: spread by bytes that are not ports: %v", p, s)
+		}
+	}
+	// Every word of the addresses counts.
+	if s := seen(proto.ProtoICMPv6, func(i int) string { return fmt.Sprintf("2001:db8:%x:1::5", i) }); len(s) < 2 {
+		t.Errorf("flows from 64 sources all on %v", s)
 	}
 }
 

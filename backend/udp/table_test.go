@@ -20,7 +20,7 @@ import (
 
 // newPureBackend builds a Backend with its control side, route table, loops
 // and counters but no device and no sockets, for tests of the pure parts.
-func newPureBackend(t testing.TB, network string, subnetLen int, own string, workers int) *Backend {
+func newPureBackend(t testing.TB, network string, subnetLen int, own string, workers int, mods ...func(*Options)) *Backend {
 	t.Helper()
 	opts := Options{
 		Network:   netip.MustParsePrefix(network),
@@ -31,18 +31,21 @@ func newPureBackend(t testing.TB, network string, subnetLen int, own string, wor
 		Workers:   workers,
 		Logger:    slog.New(slog.NewTextHandler(io.Discard, nil)),
 	}
+	for _, m := range mods {
+		m(&opts)
+	}
 	if err := checkOptions(&opts); err != nil {
 		t.Fatal(err)
 	}
 	b := &Backend{opts: opts, log: opts.Logger}
 	b.ownPartial.Store(true) // a Tulle host
-	b.prober = &mtuProber{b: b, fd: -1, wake: make(chan struct{}, 1)}
+	b.prober = &mtuProber{b: b, fd: -1, fd6: -1, wake: make(chan struct{}, 1)}
 	b.ctl.init()
-	b.table.Store(newTable(opts.Network, opts.SubnetLen, opts.Lease.Subnet))
+	b.table.Store(newTableFor(&opts))
 	for i := range workers {
 		w := &worker{id: i, b: b}
 		w.tx.init(w, true, 64)
-		w.rx.init(w, true, true)
+		w.rx.init(w, nil, true, true)
 		b.workers = append(b.workers, w)
 		b.stats = append(b.stats, w.tx.stats, w.rx.stats)
 	}
@@ -106,7 +109,7 @@ func TestLookupFindsTheLeaseHolderOfADestination(t *testing.T) {
 	if !tb.isOwn(addr32("198.18.1.9")) || tb.isOwn(addr32("198.18.2.9")) {
 		t.Error("isOwn wrong")
 	}
-	if !tb.isSender(addr32("192.0.2.3")) || tb.isSender(addr32("192.0.2.1")) || tb.isSender(addr32("192.0.2.9")) {
+	if !tb.isSender(netip.MustParseAddr("192.0.2.3")) || tb.isSender(netip.MustParseAddr("192.0.2.1")) || tb.isSender(netip.MustParseAddr("192.0.2.9")) {
 		t.Error("isSender wrong")
 	}
 }

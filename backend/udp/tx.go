@@ -35,8 +35,9 @@ const (
 	icmpBatch = 8
 	icmpRate  = time.Millisecond
 	icmpBurst = 100
-	// icmpBufLen holds the largest ICMPv4 error built here (20 + 8 + 60 + 8).
-	icmpBufLen = 128
+	// icmpBufLen holds the largest ICMP error built here: an ICMPv6 error
+	// fills the IPv6 minimum MTU (an ICMPv4 one is at most 20 + 8 + 60 + 8).
+	icmpBufLen = proto.IPv6MinMTU
 )
 
 // txLoop moves packets from the TUN queue to the socket without copying
@@ -55,9 +56,10 @@ type txLoop struct {
 	used   int      // bytes of arena in use
 	pieces [][]byte // iovec pool of this batch
 	npiece int      // pieces in use
-	msgs   []udpconn.Message
-	meta   []train
-	split  tundev.Split
+	// out are the messages of this batch by underlay: out[underlay4] go
+	// to the IPv4 socket, out[underlay6] to the IPv6 one.
+	out   [2]outbox
+	split tundev.Split
 
 	maxSegs int
 	bytes   int // bytes read in this batch
@@ -73,11 +75,19 @@ type txLoop struct {
 	run   peerRun
 }
 
+// outbox is the messages of one batch for one of the worker's sockets.
+type outbox struct {
+	conn *udpconn.Conn
+	msgs []udpconn.Message
+	meta []train // meta[k] describes msgs[k]
+}
+
 // train describes msgs[k]: packets to one peer, all segSize bytes but the
 // last, which may be shorter and then closes the train.
 type train struct {
 	peer    *peer
 	packets int
+	ipv6    int // how many of the packets are IPv6 (drops are counted by family)
 	segSize int
 	bytes   int
 	first   int // index of its first piece in the pool
@@ -92,14 +102,13 @@ func (tx *txLoop) init(w *worker, vnet bool, maxSegs int) {
 		slotSize = proto.MaxIPv4Len
 	}
 	*tx = txLoop{
-		w:       w,
-		stats:   newLoopStats(),
-		vnet:    vnet,
-		slots:   make([][]byte, txSlots),
-		arena:   make([]byte, txHeaderArena),
-		pieces:  make([][]byte, txPieces),
-		msgs:    make([]udpconn.Message, 0, txMessages),
-		meta:    make([]train, 0, txMessages),
+		w:      w,
+		stats:  newLoopStats(),
+		vnet:   vnet,
+		slots:  make([][]byte, txSlots),
+		arena:  make([]byte, txHeaderArena),
+		pieces: make([][]byte, txPieces),
+
 		maxSegs: max(maxSegs, 1),
 		icmp:    make([][]byte, icmpBatch),
 		icmpOut: make([][]byte, 0, icmpBatch),
@@ -107,19 +116,23 @@ func (tx *txLoop) init(w *worker, vnet bool, maxSegs int) {
 	for i := range tx.slots {
 		tx.slots[i] = make([]byte, slotSize)
 	}
+	for i, c := range []*udpconn.Conn{w.conn, w.conn6} {
+		tx.out[i] = outbox{conn: c, msgs: make([]udpconn.Message, 0, txMessages), meta: make([]train, 0, txMessages)}
+	}
 	for i := range tx.icmp {
 		tx.icmp[i] = make([]byte, headroom+icmpBufLen)
 	}
 }
 
 // handle routes one read: a packet, or with a virtio header a packet or a
-// superpacket. Drops are counted (an ICMP error may be queued).
+// superpacket, of either family. Drops are counted (an ICMP error may be
+// queued).
 func (tx *txLoop) handle(t *table, raw []byte) error {
 	var h tundev.VirtioHdr
 	pkt := raw
 	if tx.vnet {
 		if len(raw) <= tundev.VirtioHdrLen {
-			tx.drops[dropMalformed]++
+			tx.drops[famUnknown][dropMalformed]++
 			return nil
 		}
 		h = tundev.DecodeVirtioHdr(raw)
@@ -129,14 +142,31 @@ func (tx *txLoop) handle(t *table, raw []byte) error {
 	// n is what this read stands for in the counters: the packets that
 	// would go out, a superpacket's segments as Split cuts them.
 	n, gso := 1, h.GSOType != tundev.GSONone
-	splitErr := error(nil)
 	if gso {
-		if splitErr = tx.split.Init(h, pkt); splitErr == nil {
-			n = tx.split.Segments()
+		if err := tx.split.Init(h, pkt); err != nil {
+			tx.packets++
+			tx.drops[familyOf(pkt)][dropMalformed]++
+			return nil
 		}
+		n = tx.split.Segments()
 	}
 	tx.packets += n
-	p, pkt := tx.route(t, pkt, n)
+	// The one branch on the family: each forwards a packet or the
+	// segments of a superpacket (Split checked it is exactly its IP length).
+	switch proto.Version(pkt) {
+	case 4:
+		return tx.forward4(t, pkt, h, n, gso)
+	case 6:
+		return tx.forward6(t, pkt, h, n, gso)
+	}
+	tx.drops[famUnknown][dropMalformed] += uint32(n)
+	return nil
+}
+
+// forward4 routes an IPv4 packet or superpacket (n packets, in the
+// counters) and hands it to single or segments.
+func (tx *txLoop) forward4(t *table, pkt []byte, h tundev.VirtioHdr, n int, gso bool) error {
+	p, pkt := tx.route4(t, pkt, n)
 	if p == nil {
 		return nil
 	}
@@ -144,38 +174,84 @@ func (tx *txLoop) handle(t *table, raw []byte) error {
 	// socket's; RFC 791: must be zero) is cleared, so that no peer takes
 	// it for our mark and trusts a checksum nobody checked (mark.go).
 	clearMark(pkt)
-	if !gso {
-		return tx.single(p, pkt, h)
+	size := len(pkt)
+	if gso {
+		size = tx.split.SegmentSize()
 	}
-	if splitErr != nil {
-		tx.drops[dropMalformed]++
+	ok, alone := tx.fits4(p, pkt, size, n)
+	if !ok {
 		return nil
 	}
-	return tx.segments(p, pkt)
+	partial := tx.w.b.partialWith(p)
+	if gso {
+		if partial {
+			setMark(pkt) // Split copies it into every segment
+		}
+		return tx.segments(p, alone, partial, false)
+	}
+	if h.Flags&tundev.VirtioNeedsCsum != 0 {
+		if partial && partialTransport(pkt) && int(h.CsumStart) == proto.IPv4HeaderLength(pkt) &&
+			int(h.CsumOffset) == proto.TransportChecksumOffset(proto.IPv4Protocol(pkt)) {
+			setMark(pkt)
+		} else if err := tundev.CompleteChecksum(pkt, int(h.CsumStart), int(h.CsumOffset)); err != nil {
+			tx.drops[famIPv4][dropMalformed]++
+			return nil
+		}
+	}
+	return tx.single(p, pkt, alone)
 }
 
-// route checks pkt, decrements its TTL and finds the peer it goes to. It
+// forward6 is forward4 for IPv6: no fragmenting (an oversize packet gets
+// Packet Too Big), and the partial-checksum mark is the payload length
+// (mark.go), set in each segment.
+func (tx *txLoop) forward6(t *table, pkt []byte, h tundev.VirtioHdr, n int, gso bool) error {
+	p, pkt := tx.route6(t, pkt, n)
+	if p == nil {
+		return nil
+	}
+	size := len(pkt)
+	if gso {
+		size = tx.split.SegmentSize()
+	}
+	ok, alone := tx.fits6(p, pkt, size, n)
+	if !ok {
+		return nil
+	}
+	partial := tx.w.b.partialWith(p)
+	if gso {
+		return tx.segments(p, alone, partial, partial)
+	}
+	if h.Flags&tundev.VirtioNeedsCsum != 0 {
+		if partial && partialTransport6(pkt) && int(h.CsumStart) == proto.IPv6HeaderLen &&
+			int(h.CsumOffset) == proto.TransportChecksumOffset(proto.IPv6NextHeader(pkt)) {
+			markIPv6(pkt)
+		} else if err := tundev.CompleteChecksum(pkt, int(h.CsumStart), int(h.CsumOffset)); err != nil {
+			tx.drops[famIPv6][dropMalformed]++
+			return nil
+		}
+	}
+	return tx.single(p, pkt, alone)
+}
+
+// route4 checks pkt, decrements its TTL and finds the peer it goes to. It
 // returns nil if pkt is dropped (counted n times; an ICMP error may be
 // queued), else the peer and the packet trimmed to its IP length.
-func (tx *txLoop) route(t *table, pkt []byte, n int) (*peer, []byte) {
+func (tx *txLoop) route4(t *table, pkt []byte, n int) (*peer, []byte) {
+	d := &tx.drops[famIPv4]
 	total, err := proto.CheckIPv4(pkt)
 	if err != nil {
-		if proto.Version(pkt) == 6 {
-			tx.drops[dropNoRoute] += uint32(n) // IPv6 is not carried by flannel's udp backend
-		} else {
-			tx.drops[dropMalformed] += uint32(n)
-		}
+		d[dropMalformed] += uint32(n)
 		return nil, nil
 	}
 	pkt = pkt[:total]
 	if !proto.DecrementTTL(pkt) {
-		tx.drops[dropTTLExpired] += uint32(n)
+		d[dropTTLExpired] += uint32(n)
 		return nil, nil
 	}
 	dst := proto.IPv4DstUint32(pkt)
 	p := t.lookup(dst)
 	if p == nil {
-		tx.drops[dropNoRoute] += uint32(n)
+		d[dropNoRoute] += uint32(n)
 		code := uint8(proto.ICMPv4CodeHostUnreach)
 		if !t.inNetwork(dst) {
 			code = proto.ICMPv4CodeNetUnreach
@@ -189,12 +265,43 @@ func (tx *txLoop) route(t *table, pkt []byte, n int) (*peer, []byte) {
 	return p, pkt
 }
 
-// fits applies the path MTU to a packet (or the segments of a
+// route6 is route4 for IPv6: the hop limit is decremented, and the peer
+// is one that carries IPv6 (a flannel host is no route).
+func (tx *txLoop) route6(t *table, pkt []byte, n int) (*peer, []byte) {
+	d := &tx.drops[famIPv6]
+	total, err := proto.CheckIPv6(pkt)
+	if err != nil {
+		d[dropMalformed] += uint32(n)
+		return nil, nil
+	}
+	pkt = pkt[:total]
+	if !proto.DecrementHopLimit(pkt) {
+		d[dropTTLExpired] += uint32(n)
+		return nil, nil
+	}
+	hi, lo := proto.IPv6DstWords(pkt)
+	p := t.lookup6(hi, lo)
+	if p == nil {
+		d[dropNoRoute] += uint32(n)
+		code := uint8(proto.ICMPv6CodeAddressUnreachable)
+		if !t.inNetwork6(hi, lo) {
+			code = proto.ICMPv6CodeNoRoute
+		}
+		if buf := tx.icmpSlot(); buf != nil {
+			m, err := proto.ICMPv6DestinationUnreachable(buf[headroom:], proto.IPv6Dst(pkt), pkt, code)
+			tx.icmpQueue(buf, m, err)
+		}
+		return nil, nil
+	}
+	return p, pkt
+}
+
+// fits4 applies the path MTU to a packet (or the segments of a
 // superpacket, n of them) of size bytes to p: ok says whether to send it,
 // alone that it must not join a GSO train (a non-DF packet above the path
 // MTU, for the kernel to fragment). A DF packet that does not fit is
 // counted and answered with ICMP "fragmentation needed".
-func (tx *txLoop) fits(p *peer, pkt []byte, size, n int) (ok, alone bool) {
+func (tx *txLoop) fits4(p *peer, pkt []byte, size, n int) (ok, alone bool) {
 	limit := int(p.innerMTU.Load())
 	if limit == 0 || size <= limit {
 		return true, false
@@ -202,7 +309,7 @@ func (tx *txLoop) fits(p *peer, pkt []byte, size, n int) (ok, alone bool) {
 	if !proto.IPv4DontFragment(pkt) {
 		return true, true
 	}
-	tx.drops[dropOversize] += uint32(n)
+	tx.drops[famIPv4][dropOversize] += uint32(n)
 	if buf := tx.icmpSlot(); buf != nil {
 		m, err := proto.ICMPv4FragmentationNeeded(buf[headroom:], proto.IPv4Dst(pkt), pkt, limit)
 		tx.icmpQueue(buf, m, err)
@@ -210,42 +317,42 @@ func (tx *txLoop) fits(p *peer, pkt []byte, size, n int) (ok, alone bool) {
 	return false, false
 }
 
-// single forwards one packet: its checksum, if the kernel left it partial,
-// is completed, or for a peer that takes partial checksums marked.
-func (tx *txLoop) single(p *peer, pkt []byte, h tundev.VirtioHdr) error {
-	ok, alone := tx.fits(p, pkt, len(pkt), 1)
-	if !ok {
-		return nil
+// fits6 is fits4 for IPv6, where nothing is fragmented on the way: a
+// packet above the path MTU is counted and answered with ICMPv6 Packet Too
+// Big, except one within the IPv6 minimum MTU, which every path must carry
+// (RFC 8200 5): it goes alone and the kernel fragments the outer datagram.
+func (tx *txLoop) fits6(p *peer, pkt []byte, size, n int) (ok, alone bool) {
+	limit := int(p.innerMTU.Load())
+	if limit == 0 || size <= limit {
+		return true, false
 	}
-	if h.Flags&tundev.VirtioNeedsCsum != 0 {
-		if tx.w.b.partialWith(p) && partialTransport(pkt) && int(h.CsumStart) == proto.IPv4HeaderLength(pkt) &&
-			int(h.CsumOffset) == proto.TransportChecksumOffset(proto.IPv4Protocol(pkt)) {
-			setMark(pkt)
-		} else if err := tundev.CompleteChecksum(pkt, int(h.CsumStart), int(h.CsumOffset)); err != nil {
-			tx.drops[dropMalformed]++
-			return nil
-		}
+	if size <= proto.IPv6MinMTU {
+		return true, true
 	}
+	tx.drops[famIPv6][dropOversize] += uint32(n)
+	if buf := tx.icmpSlot(); buf != nil {
+		m, err := proto.ICMPv6PacketTooBig(buf[headroom:], proto.IPv6Dst(pkt), pkt, limit)
+		tx.icmpQueue(buf, m, err)
+	}
+	return false, false
+}
+
+// single forwards one packet, its checksum already completed or marked
+// partial by forward4/6.
+func (tx *txLoop) single(p *peer, pkt []byte, alone bool) error {
 	if err := tx.room(0, 1); err != nil {
 		return err
 	}
-	tx.add(p, len(pkt), alone, pkt, nil)
+	tx.add(p, len(pkt), alone, proto.Version(pkt) == 6, pkt, nil)
 	return nil
 }
 
-// segments forwards the segments of the superpacket pkt, which handle
-// gave to tx.split (route trims nothing from a superpacket: Init checked
-// that it is exactly its IP length).
-func (tx *txLoop) segments(p *peer, pkt []byte) error {
+// segments forwards the segments of the superpacket handle gave to
+// tx.split, with partial checksums if partial; with mark6 each segment's
+// IPv6 header gets the mark (forward4 marked the IPv4 superpacket's header,
+// which every segment copies).
+func (tx *txLoop) segments(p *peer, alone, partial, mark6 bool) error {
 	s := &tx.split
-	ok, alone := tx.fits(p, pkt, s.SegmentSize(), s.Segments())
-	if !ok {
-		return nil
-	}
-	partial := tx.w.b.partialWith(p)
-	if partial {
-		setMark(s.Header())
-	}
 	hl := s.HeaderLen()
 	for i := range s.Segments() {
 		if err := tx.room(hl, 2); err != nil {
@@ -254,7 +361,10 @@ func (tx *txLoop) segments(p *peer, pkt []byte) error {
 		hdr := tx.arena[tx.used : tx.used+hl : tx.used+hl]
 		tx.used += hl
 		payload := s.Segment(i, hdr, partial)
-		tx.add(p, hl+len(payload), alone, hdr, payload)
+		if mark6 {
+			markIPv6(hdr)
+		}
+		tx.add(p, hl+len(payload), alone, mark6 || proto.Version(hdr) == 6, hdr, payload)
 	}
 	return nil
 }
@@ -263,23 +373,30 @@ func (tx *txLoop) segments(p *peer, pkt []byte) error {
 // header bytes and np pieces, possibly in a new message, by sending the
 // batch so far if it has not.
 func (tx *txLoop) room(hdrBytes, np int) error {
-	if tx.used+hdrBytes > len(tx.arena) || tx.npiece+np > len(tx.pieces) || len(tx.msgs) == cap(tx.msgs) {
+	if tx.used+hdrBytes > len(tx.arena) || tx.npiece+np > len(tx.pieces) ||
+		len(tx.out[0].msgs) == cap(tx.out[0].msgs) || len(tx.out[1].msgs) == cap(tx.out[1].msgs) {
 		return tx.send()
 	}
 	return nil
 }
 
 // add appends a packet of size bytes for p, given as one or two pieces
-// (b may be nil), to the last train if it may join it (same peer, not
-// longer than its segments, room left), else starts a new message. The
-// caller made room.
-func (tx *txLoop) add(p *peer, size int, alone bool, a, b []byte) {
-	if k := len(tx.msgs) - 1; k >= 0 && !alone {
-		m, msg := &tx.meta[k], &tx.msgs[k]
+// (b may be nil), to the last train for p's underlay if it may join it
+// (same peer, not longer than its segments, room left), else starts a new
+// message. The caller made room.
+func (tx *txLoop) add(p *peer, size int, alone, ipv6 bool, a, b []byte) {
+	six := 0
+	if ipv6 {
+		six = 1
+	}
+	o := &tx.out[p.underlay]
+	if k := len(o.msgs) - 1; k >= 0 && !alone {
+		m, msg := &o.meta[k], &o.msgs[k]
 		if m.peer == p && !m.closed && size <= m.segSize && m.packets < tx.maxSegs && m.bytes+size <= maxGSOPayload {
 			tx.putPieces(a, b)
 			msg.Iov = tx.pieces[m.first:tx.npiece]
 			m.packets++
+			m.ipv6 += six
 			m.bytes += size
 			m.closed = size < m.segSize
 			return
@@ -293,8 +410,8 @@ func (tx *txLoop) add(p *peer, size int, alone bool, a, b []byte) {
 	}
 	first := tx.npiece
 	tx.putPieces(a, b)
-	tx.msgs = append(tx.msgs, udpconn.Message{Iov: tx.pieces[first:tx.npiece], Addr: p.addr, SegSize: size})
-	tx.meta = append(tx.meta, train{peer: p, packets: 1, segSize: size, bytes: size, first: first, closed: alone})
+	o.msgs = append(o.msgs, udpconn.Message{Iov: tx.pieces[first:tx.npiece], Addr: p.addr, SegSize: size})
+	o.meta = append(o.meta, train{peer: p, packets: 1, ipv6: six, segSize: size, bytes: size, first: first, closed: alone})
 }
 
 func (tx *txLoop) putPieces(a, b []byte) {
@@ -306,33 +423,43 @@ func (tx *txLoop) putPieces(a, b []byte) {
 	}
 }
 
-// send sends the messages built so far, counts the outcome per peer and
-// frees the pools.
+// send sends the messages built so far, each outbox on its socket, counts
+// the outcome per peer and frees the pools.
 func (tx *txLoop) send() error {
-	if len(tx.msgs) == 0 {
-		tx.used, tx.npiece = 0, 0
-		return nil
-	}
-	sent, err := tx.w.conn.WriteBatch(tx.msgs)
-	packets := 0
-	for k := range tx.msgs {
-		m := &tx.meta[k]
-		packets += m.packets
-		if k >= sent || tx.msgs[k].Err != 0 {
-			tx.drops[dropSendError] += uint32(m.packets)
-			if k < sent && (tx.msgs[k].Err == syscall.EMSGSIZE || tx.msgs[k].Err == syscall.EINVAL) {
-				m.peer.suspect.Store(true)
-				tx.w.b.prober.poke()
-			}
+	var err error
+	packets, sending := 0, false
+	for i := range tx.out {
+		o := &tx.out[i]
+		if len(o.msgs) == 0 {
 			continue
 		}
-		tx.run.add(tx.stats, m.peer, m.packets, m.bytes)
+		sending = true
+		sent, e := o.conn.WriteBatch(o.msgs)
+		if err == nil {
+			err = e
+		}
+		for k := range o.msgs {
+			m := &o.meta[k]
+			packets += m.packets
+			if k >= sent || o.msgs[k].Err != 0 {
+				tx.drops[famIPv4][dropSendError] += uint32(m.packets - m.ipv6)
+				tx.drops[famIPv6][dropSendError] += uint32(m.ipv6)
+				if k < sent && (o.msgs[k].Err == syscall.EMSGSIZE || o.msgs[k].Err == syscall.EINVAL) {
+					m.peer.suspect.Store(true)
+					tx.w.b.prober.poke()
+				}
+				continue
+			}
+			tx.run.add(tx.stats, m.peer, m.packets, m.bytes)
+		}
+		clear(o.msgs) // keep no references to packet buffers between batches
+		o.msgs, o.meta = o.msgs[:0], o.meta[:0]
 	}
-	tx.run.flush(tx.stats)
-	tx.stats.udp.observe(packets)
-	clear(tx.msgs) // keep no references to packet buffers between batches
-	clear(tx.pieces[:tx.npiece])
-	tx.msgs, tx.meta = tx.msgs[:0], tx.meta[:0]
+	if sending {
+		tx.run.flush(tx.stats)
+		tx.stats.udp.observe(packets)
+		clear(tx.pieces[:tx.npiece])
+	}
 	tx.used, tx.npiece = 0, 0
 	return err
 }

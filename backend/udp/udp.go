@@ -2,20 +2,26 @@
 // backend: IPv4 packets routed into the TUN device are sent, bare, as the
 // payload of a UDP datagram to port Options.Port of the host that holds the
 // lease of their destination; datagrams received on that port are checked
-// and written into the TUN device.
+// and written into the TUN device. In a dual-stack network inner IPv6
+// packets travel the same way, told apart by the version nibble, to the
+// Tulle hosts that carry them (dualstack.go); the loops branch once on the
+// version nibble (tx.go forward4/forward6, rx.go accept4/accept6).
 //
 // Guarantees:
-//   - Trust: a datagram is accepted only from the PublicIP of a current
-//     lease, only if its inner source lies in that lease and its inner
-//     destination in ours; the sender's source port does not matter.
-//     Everything else is dropped and counted by reason.
+//   - Trust: a datagram is accepted only from the PublicIP (or PublicIPv6)
+//     of a current lease, only if its inner source lies in that lease (its
+//     IPv6 lease, for IPv6) and its inner destination in ours; the
+//     sender's source port does not matter. Everything else is dropped and
+//     counted by family and reason.
 //   - Never truncate: receive buffers hold the largest datagram (64 KiB);
 //     what does not fit is dropped and counted.
-//   - TTL: decremented on send and on receive, as flannel does; a packet
-//     whose TTL would reach 0 is dropped.
-//   - PMTU: a DF packet larger than the path to its peer carries (the path
-//     MTU less 28, learned from the kernel on the slow path) is answered with
-//     ICMP "fragmentation needed" written back into the TUN.
+//   - TTL and hop limit: decremented on send and on receive, as flannel
+//     does; a packet whose TTL would reach 0 is dropped.
+//   - PMTU: a DF IPv4 packet, or any IPv6 packet above the IPv6 minimum
+//     MTU, larger than the path to its peer carries (the path MTU less 28,
+//     or 48 on the IPv6 underlay, learned from the kernel on the slow path)
+//     is answered with ICMP "fragmentation needed" or ICMPv6 "packet too
+//     big" written back into the TUN; IPv6 is never fragmented.
 //   - Steady state: no allocation, logging or map lookup per packet. The
 //     route table is immutable, swapped by Apply, loaded once per batch;
 //     lookups are O(1). Counters are per-loop atomics added once per batch
@@ -26,16 +32,20 @@
 //     superpackets gathered from the receive buffer.
 //   - Checksums: between Tulle hosts whose leases both advertise
 //     FeaturePartialChecksum, TCP and UDP checksums the kernel left partial
-//     travel partial (marked, see mark.go) and no host sums the payload; a
-//     mark is honoured only then, and a reserved bit we did not set is
-//     cleared on send. A flannel host gets and sends complete checksums,
-//     which are verified before segments are merged.
+//     travel partial (marked, see mark.go; for IPv6 by the payload length)
+//     and no host sums the payload; a mark is honoured only then, and a
+//     reserved bit we did not set is cleared on send. A flannel host gets
+//     and sends complete checksums, which are verified before segments are
+//     merged.
 //
 // Each worker owns one TUN queue and one UDP socket (SO_REUSEPORT, bound to
 // 0.0.0.0:Port; a BPF program spreads received flows over the sockets by
 // the inner flow, see steer.go) and runs two loops, TX (TUN -> UDP) and RX
 // (UDP -> TUN), each on a goroutine locked to its OS thread that blocks in
-// ppoll when idle.
+// ppoll when idle. With the IPv6 underlay (Options.IPv6Underlay and a
+// PublicIPv6) each worker also has an IPv6-only socket bound to [::]:Port
+// (steered the same way) with an RX loop of its own; its TX loop sends to
+// each peer by the socket of the peer's underlay.
 package udp
 
 import (
@@ -49,6 +59,8 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/tulle-net/tulle/backend"
 	"github.com/tulle-net/tulle/backend/tundev"
 	"github.com/tulle-net/tulle/backend/udpconn"
@@ -58,16 +70,35 @@ import (
 
 // Options configure New.
 type Options struct {
-	TunName   string       // default "tulle0"
-	Driver    string       // "offload" (default) or "water"
-	Workers   int          // 0 = runtime.NumCPU()
-	Port      int          // UDP port to listen on and send to (Backend.Port); 0 = 8285
-	PublicIP  netip.Addr   // our underlay address (the lease's PublicIP); sockets bind 0.0.0.0:Port
-	MTU       int          // TUN MTU = underlay MTU - 28 (the daemon computes it)
+	TunName  string     // default "tulle0"
+	Driver   string     // "offload" (default) or "water"
+	Workers  int        // 0 = runtime.NumCPU()
+	Port     int        // UDP port to listen on and send to (Backend.Port); 0 = 8285
+	PublicIP netip.Addr // our underlay address (the lease's PublicIP); sockets bind 0.0.0.0:Port
+	// MTU is the TUN MTU the daemon computes: underlay MTU - 28, or - 48
+	// when IPv6Underlay is on and we have a PublicIPv6.
+	MTU       int
 	Network   netip.Prefix // overlay network: route "<Network> dev tun"
 	SubnetLen int          // length of every lease in Network
-	Lease     subnet.Lease // our own lease (its BackendData tells which features peers see us offer)
-	Logger    *slog.Logger // nil = slog.Default()
+	// Lease is our own lease: its IPv6Subnet is our IPv6 lease, its
+	// BackendData tells which features peers see us offer.
+	Lease  subnet.Lease
+	Logger *slog.Logger // nil = slog.Default()
+	// IPv6Network is the IPv6 overlay network (route "<IPv6Network> dev
+	// tun"); zero for an IPv4-only overlay. Inner IPv6 packets are then
+	// carried (dualstack.go), and Lease.IPv6Subnet must be a lease of it.
+	IPv6Network netip.Prefix
+	// IPv6SubnetLen is the length of every IPv6 lease (flannel's
+	// IPv6SubnetLen); 0 = 64.
+	IPv6SubnetLen int
+	// PublicIPv6 is our IPv6 underlay address (the lease's PublicIPv6);
+	// zero if none.
+	PublicIPv6 netip.Addr
+	// IPv6Underlay is the network config's Backend.IPv6Underlay: with a
+	// PublicIPv6, IPv6 sockets are also bound to [PublicIPv6]:Port ([::]
+	// if it is not on this host) and peers whose leases offer it
+	// (FeatureIPv6Underlay) are talked to over IPv6.
+	IPv6Underlay bool
 	// DirectRouting routes on-link peers that advertise FeatureDirect
 	// through the kernel, via Underlay (the underlay interface's index;
 	// see direct.go). Off, New removes direct routes an earlier run left.
@@ -78,9 +109,11 @@ type Options struct {
 // Defaults and limits.
 const (
 	DefaultTunName = "tulle0"
-	// maxSubnets bounds the route table's top level (see table.go): a /8
-	// in /30s, 1,024 pointers copied per update.
-	maxSubnets = 1 << 22
+	// maxSubnetBits bounds the route tables' top levels (see table.go): a
+	// /8 in /30s, 1,024 pointers copied per update; an IPv6 network may
+	// hold as many leases (a /48 in /64s is 16 bits).
+	maxSubnetBits = 22
+	maxSubnets    = 1 << maxSubnetBits
 	// socketBuffer is the receive and send buffer of each socket.
 	socketBuffer = 8 << 20
 )
@@ -152,45 +185,87 @@ func New(opts Options) (*Backend, error) {
 	if b.link, err = setupDevice(dev.Name(), opts); err != nil {
 		return nil, err
 	}
-	if err := checkPortFree(opts.Port); err != nil {
+	if err := checkPortFree(opts.Port, false); err != nil {
 		return nil, err
+	}
+	if b.underlay6() {
+		if err := checkPortFree(opts.Port, true); err != nil {
+			return nil, err
+		}
 	}
 	if b.prober, err = newMTUProber(b); err != nil {
 		return nil, err
 	}
 
 	b.ctl.init()
-	b.table.Store(newTable(opts.Network, opts.SubnetLen, opts.Lease.Subnet))
-	for i, q := range dev.Queues() {
-		conn, err := udpconn.Listen(netip.AddrPortFrom(netip.IPv4Unspecified(), uint16(opts.Port)), udpconn.Options{
+	b.table.Store(newTableFor(&opts))
+	listen := func(any netip.Addr) (*udpconn.Conn, error) {
+		return udpconn.Listen(netip.AddrPortFrom(any, uint16(opts.Port)), udpconn.Options{
 			ReusePort:  true,
 			RecvBuffer: socketBuffer,
 			SendBuffer: socketBuffer,
 			BatchSize:  max(rxMessages, txMessages),
 			Logger:     opts.Logger,
 		})
+	}
+	// The IPv6 sockets are bound to our PublicIPv6, not [::]: a host often
+	// has several IPv6 addresses on its underlay (temporary, SLAAC and
+	// static ones), and a datagram from another one would be a stranger's
+	// to our peers. A PublicIPv6 that is not on this host (a 1:1 NAT)
+	// cannot be bound: then [::], and the kernel picks the source.
+	bind6 := opts.PublicIPv6
+	for i, q := range dev.Queues() {
+		conn, err := listen(netip.IPv4Unspecified())
 		if err != nil {
 			return nil, fmt.Errorf("worker %d: %w", i, err)
 		}
-		w, err := newWorker(b, i, q, conn, dev.UDPOffload())
+		var conn6 *udpconn.Conn
+		if b.underlay6() {
+			conn6, err = listen(bind6)
+			if errors.Is(err, unix.EADDRNOTAVAIL) && i == 0 {
+				b.log.Warn("public IPv6 address is not on this host; the IPv6 underlay sockets listen on [::] and the kernel picks their source address",
+					"public_ipv6", bind6)
+				bind6 = netip.IPv6Unspecified()
+				conn6, err = listen(bind6)
+			}
+			if err != nil {
+				conn.Close()
+				return nil, fmt.Errorf("worker %d: IPv6 underlay: %w", i, err)
+			}
+		}
+		w, err := newWorker(b, i, q, conn, conn6, dev.UDPOffload())
 		if err != nil {
 			conn.Close()
+			if conn6 != nil {
+				conn6.Close()
+			}
 			return nil, err
 		}
 		b.workers = append(b.workers, w)
-		b.stats = append(b.stats, w.tx.stats, w.rx.stats)
+		b.stats = append(b.stats, w.tx.stats)
+		for _, rx := range w.receivers() {
+			b.stats = append(b.stats, rx.stats)
+		}
 	}
 	if len(b.workers) > 1 {
 		b.steer(b.workers[0].conn)
+		if b.underlay6() {
+			b.steer(b.workers[0].conn6)
+		}
 	}
 	if b.direct, err = newDirectRouter(opts); err != nil {
 		return nil, err
 	}
 	b.log.Info("data plane ready", "device", dev.Name(), "driver", dev.Driver(), "offload", dev.Offload(),
 		"udp_offload", dev.UDPOffload(), "workers", len(b.workers), "mtu", opts.MTU,
-		"network", opts.Network, "lease", opts.Lease.Subnet, "port", opts.Port,
+		"network", opts.Network, "lease", opts.Lease.Subnet, "ipv6_network", opts.IPv6Network,
+		"ipv6_lease", opts.Lease.IPv6Subnet, "port", opts.Port,
 		"gso", b.workers[0].conn.GSO(), "gro", b.workers[0].conn.GRO(),
-		"gso_max_segments", b.workers[0].conn.MaxSegments())
+		"gso_max_segments", b.workers[0].conn.MaxSegments(), "public_ipv6", opts.PublicIPv6,
+		"ipv6_underlay", b.underlay6())
+	if opts.IPv6Underlay && !b.underlay6() {
+		b.log.Info("the network config enables the IPv6 underlay but this host has no public IPv6 address; peers reach it over IPv4")
+	}
 	ok = true
 	return b, nil
 }
@@ -225,7 +300,7 @@ func checkOptions(o *Options) error {
 	if o.SubnetLen <= o.Network.Bits() || o.SubnetLen > 32 {
 		return fmt.Errorf("udp backend: SubnetLen %d: must be longer than the network's /%d and at most 32", o.SubnetLen, o.Network.Bits())
 	}
-	if n := 1 << (o.SubnetLen - o.Network.Bits()); o.SubnetLen-o.Network.Bits() > 22 {
+	if n := 1 << (o.SubnetLen - o.Network.Bits()); o.SubnetLen-o.Network.Bits() > maxSubnetBits {
 		return fmt.Errorf("udp backend: network %v in /%d subnets: more than %d subnets (%d) are not supported", o.Network, o.SubnetLen, maxSubnets, n)
 	}
 	l := o.Lease.Subnet
@@ -236,6 +311,35 @@ func checkOptions(o *Options) error {
 		return fmt.Errorf("udp backend: public IP %v: must be IPv4", o.PublicIP)
 	}
 	o.PublicIP = o.PublicIP.Unmap()
+	if o.PublicIPv6.IsValid() && !isPublicIPv6(o.PublicIPv6) {
+		return fmt.Errorf("udp backend: public IPv6 %v: must be an IPv6 unicast address", o.PublicIPv6)
+	}
+	return checkIPv6Options(o)
+}
+
+// checkIPv6Options validates the IPv6 network and our IPv6 lease.
+func checkIPv6Options(o *Options) error {
+	nw := o.IPv6Network
+	if !nw.IsValid() {
+		return nil
+	}
+	if !nw.Addr().Is6() || nw.Addr().Is4In6() || nw != nw.Masked() {
+		return fmt.Errorf("udp backend: IPv6 network %v: must be an IPv6 prefix with no host bits", nw)
+	}
+	if o.IPv6SubnetLen == 0 {
+		o.IPv6SubnetLen = 64
+	}
+	if o.IPv6SubnetLen <= nw.Bits() || o.IPv6SubnetLen > 128 {
+		return fmt.Errorf("udp backend: IPv6SubnetLen %d: must be longer than the IPv6 network's /%d and at most 128", o.IPv6SubnetLen, nw.Bits())
+	}
+	if o.IPv6SubnetLen-nw.Bits() > maxSubnetBits {
+		return fmt.Errorf("udp backend: IPv6 network %v in /%d subnets: more than %d subnets are not supported (use a longer IPv6Network or a shorter IPv6SubnetLen, e.g. a /48 in /64s)",
+			nw, o.IPv6SubnetLen, maxSubnets)
+	}
+	l := o.Lease.IPv6Subnet
+	if !l.IsValid() || !l.Addr().Is6() || l.Bits() != o.IPv6SubnetLen || l != l.Masked() || !nw.Contains(l.Addr()) {
+		return fmt.Errorf("udp backend: own IPv6 lease %v: must be a /%d subnet of %v", l, o.IPv6SubnetLen, nw)
+	}
 	return nil
 }
 
@@ -280,11 +384,13 @@ func (b *Backend) Run(ctx context.Context) error {
 				fail(err)
 			}
 		})
-		loops.Go(func() {
-			if err := w.runRX(); err != nil {
-				fail(err)
-			}
-		})
+		for _, rx := range w.receivers() {
+			loops.Go(func() {
+				if err := w.runRX(rx); err != nil {
+					fail(err)
+				}
+			})
+		}
 	}
 	var prober sync.WaitGroup
 	prober.Go(func() { b.prober.run(ctx) })
@@ -350,7 +456,9 @@ func (b *Backend) stopLoops() {
 	b.stopping.Store(true)
 	for _, w := range b.workers {
 		w.stop.Signal()
-		w.conn.Interrupt()
+		for _, c := range w.conns() {
+			c.Interrupt()
+		}
 	}
 	if b.dev != nil {
 		b.dev.Interrupt()
@@ -370,8 +478,10 @@ func (b *Backend) closeIO() {
 	b.closeIOOnce.Do(func() {
 		for _, w := range b.workers {
 			w.stop.Close()
-			if err := w.conn.Close(); err != nil {
-				b.log.Warn("close UDP socket", "worker", w.id, "error", err)
+			for _, c := range w.conns() {
+				if err := c.Close(); err != nil {
+					b.log.Warn("close UDP socket", "worker", w.id, "addr", c.LocalAddr(), "error", err)
+				}
 			}
 		}
 		if b.dev != nil {

@@ -13,9 +13,10 @@ import (
 	"github.com/tulle-net/tulle/backend/udpconn"
 )
 
-// worker owns one TUN queue and one UDP socket and runs two loops on them,
-// TX (TUN -> UDP) and RX (UDP -> TUN), each on a goroutine locked to its
-// own OS thread: when a loop finds nothing to do it blocks its thread in
+// worker owns one TUN queue and one UDP socket (and with the IPv6
+// underlay a second, IPv6 one) and runs two loops on them, TX (TUN -> UDP)
+// and RX (UDP -> TUN; a second RX loop for the IPv6 socket), each on a
+// goroutine locked to its own OS thread: when a loop finds nothing to do it blocks its thread in
 // ppoll, so a packet wakes exactly the loop that handles it, and the two
 // directions of a flow run in parallel. (Measured against one loop per
 // worker serving both directions: that saves wakeups but serializes a TCP
@@ -28,20 +29,44 @@ type worker struct {
 	b     *Backend
 	queue tundev.Queue
 	conn  *udpconn.Conn
-	stop  *fdpoll.Stop // wakes the loop for shutdown
+	conn6 *udpconn.Conn // the IPv6 underlay's socket; nil without it
+	stop  *fdpoll.Stop  // wakes the loops for shutdown
 	tx    txLoop
 	rx    rxLoop
+	rx6   rxLoop // reads conn6 (when it is not nil)
 }
 
-func newWorker(b *Backend, id int, q tundev.Queue, conn *udpconn.Conn, udpGRO bool) (*worker, error) {
+func newWorker(b *Backend, id int, q tundev.Queue, conn, conn6 *udpconn.Conn, udpGRO bool) (*worker, error) {
 	stop, err := fdpoll.NewStop()
 	if err != nil {
 		return nil, fmt.Errorf("worker %d: %w", id, err)
 	}
-	w := &worker{id: id, b: b, queue: q, conn: conn, stop: stop}
+	w := &worker{id: id, b: b, queue: q, conn: conn, conn6: conn6, stop: stop}
 	w.tx.init(w, q.VirtioHeader(), conn.MaxSegments())
-	w.rx.init(w, q.VirtioHeader(), udpGRO)
+	w.rx.init(w, conn, q.VirtioHeader(), udpGRO)
+	if conn6 != nil {
+		w.rx6.init(w, conn6, q.VirtioHeader(), udpGRO)
+	}
 	return w, nil
+}
+
+// conns are the worker's open sockets (none in pure tests).
+func (w *worker) conns() []*udpconn.Conn {
+	var cs []*udpconn.Conn
+	for _, c := range []*udpconn.Conn{w.conn, w.conn6} {
+		if c != nil {
+			cs = append(cs, c)
+		}
+	}
+	return cs
+}
+
+// receivers are the worker's RX loops: one per socket.
+func (w *worker) receivers() []*rxLoop {
+	if w.conn6 == nil {
+		return []*rxLoop{&w.rx}
+	}
+	return []*rxLoop{&w.rx, &w.rx6}
 }
 
 // loopErr turns an I/O error into the loop's result: nil while the backend
@@ -63,12 +88,12 @@ func (w *worker) runTX() error {
 	return w.loop(w.transmit, w.queue.Fd(), w.tx.stats)
 }
 
-// runRX delivers from the socket to the TUN queue likewise.
-func (w *worker) runRX() error {
+// runRX delivers from rx's socket to the TUN queue likewise.
+func (w *worker) runRX(rx *rxLoop) error {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 
-	return w.loop(w.receive, w.conn.Fd(), w.rx.stats)
+	return w.loop(func() (bool, error) { return w.receive(rx) }, rx.conn.Fd(), rx.stats)
 }
 
 // loop runs step while it finds work, and waits for fd to be readable
@@ -127,16 +152,16 @@ func (w *worker) transmit() (bool, error) {
 	return true, nil
 }
 
-// receive delivers one batch from the socket; false if it held nothing.
-func (w *worker) receive() (bool, error) {
-	n, err := w.conn.TryReadBatch(w.rx.msgs)
+// receive delivers one batch from rx's socket; false if it held nothing.
+func (w *worker) receive(rx *rxLoop) (bool, error) {
+	n, err := rx.conn.TryReadBatch(rx.msgs)
 	if err == udpconn.ErrWouldBlock {
 		return false, nil
 	}
 	if err != nil {
 		return false, w.loopErr("udp receive", err)
 	}
-	if err := w.rx.deliver(w.b.table.Load(), n); err != nil {
+	if err := rx.deliver(w.b.table.Load(), n); err != nil {
 		return false, w.loopErr("tun write", err)
 	}
 	return true, nil

@@ -1,6 +1,7 @@
-// Package udpconn is the UDP socket layer of the data plane: an IPv4 UDP
-// socket that moves many datagrams per syscall (recvmmsg, sendmmsg), with
-// UDP GSO on send (UDP_SEGMENT) and UDP GRO on receive (UDP_GRO).
+// Package udpconn is the UDP socket layer of the data plane: an IPv4 or
+// IPv6 UDP socket that moves many datagrams per syscall (recvmmsg,
+// sendmmsg), with UDP GSO on send (UDP_SEGMENT) and UDP GRO on receive
+// (UDP_GRO), for either family.
 //
 // Every message header, iovec, address and control buffer is allocated once
 // in Listen; ReadBatch and WriteBatch allocate nothing. The socket is
@@ -30,7 +31,9 @@ const (
 )
 
 // MaxMessageBytes is the most payload one message may carry, GSO or not:
-// an IPv4 packet's 65535 bytes less the IPv4 and UDP headers.
+// an IPv4 packet's 65535 bytes less the IPv4 and UDP headers (over IPv6 the
+// limit is 65527, the payload length less the UDP header: this one fits
+// both).
 const MaxMessageBytes = 65535 - 20 - 8
 
 // GROBufferSize is the Buf size that always holds a GRO batch (at most
@@ -51,8 +54,9 @@ type Message struct {
 	Iov [][]byte
 	// N is, for a read, the number of bytes received into Buf.
 	N int
-	// Addr is, for a write, the destination (IPv4, or IPv4-mapped IPv6);
-	// for a read, the source (IPv4, unmapped).
+	// Addr is, for a write, the destination: IPv4 (or IPv4-mapped IPv6)
+	// for an IPv4 Conn, IPv6 for an IPv6 one; for a read, the source
+	// (IPv4 unmapped, or IPv6).
 	Addr netip.AddrPort
 	// SegSize is, for a write, the GSO segment size (0 = Buf is one
 	// datagram). For a read, the GRO segment size: Buf[:N] holds datagrams
@@ -62,7 +66,7 @@ type Message struct {
 	// fit in Buf (MSG_TRUNC): Buf[:N] holds only its start; drop and count it.
 	Truncated bool
 	// Err is set by a write to the error of this message (e.g. EMSGSIZE,
-	// EAFNOSUPPORT for a non-IPv4 Addr), 0 if it was sent.
+	// EAFNOSUPPORT for an Addr of the other family), 0 if it was sent.
 	Err syscall.Errno
 }
 
@@ -109,12 +113,14 @@ var ErrWouldBlock = errors.New("no datagram queued")
 // UIO_MAXIOV).
 const MaxIovecs = 1024
 
-// Conn is an IPv4 UDP socket with batched I/O. ReadBatch may run
+// Conn is an IPv4 or IPv6 UDP socket with batched I/O. ReadBatch may run
 // concurrently with WriteBatch; each is serialized with itself.
 type Conn struct {
 	fd      int
 	stop    *fdpoll.Stop
 	laddr   netip.AddrPort
+	v6      bool   // an IPv6 socket (IPV6_V6ONLY)
+	nameLen uint32 // the length of its socket addresses
 	batch   int
 	gro     bool
 	maxSegs int
@@ -156,8 +162,8 @@ func (c *Conn) MaxSegments() int { return c.maxSegs }
 // carries).
 func (c *Conn) BatchSize() int { return c.batch }
 
-// LocalAddr returns the bound address (IPv4, unmapped), with the port the
-// kernel chose if Listen was given port 0.
+// LocalAddr returns the bound address (IPv4 unmapped, or IPv6), with the
+// port the kernel chose if Listen was given port 0.
 func (c *Conn) LocalAddr() netip.AddrPort { return c.laddr }
 
 // Stats returns the Conn's counters.

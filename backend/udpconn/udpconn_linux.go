@@ -19,8 +19,11 @@ import (
 	"github.com/tulle-net/tulle/backend/internal/fdpoll"
 )
 
+// sockaddr is the room for one message's address: a sockaddr_in6, which
+// also holds a sockaddr_in (an IPv4 Conn passes the shorter length).
+type sockaddr = unix.RawSockaddrInet6
+
 const (
-	sizeofSockaddr = unix.SizeofSockaddrInet4
 	// rctrlLen is the control buffer per received message: room for the
 	// UDP_GRO cmsg (an int) and a spare one.
 	rctrlLen = 64
@@ -40,7 +43,7 @@ var (
 type readState struct {
 	hdrs  []unix.Mmsghdr
 	iovs  []unix.Iovec
-	names []unix.RawSockaddrInet4
+	names []sockaddr
 	ctrl  []byte
 }
 
@@ -48,13 +51,13 @@ type readState struct {
 type writeState struct {
 	hdrs  []unix.Mmsghdr
 	iovs  []unix.Iovec // pool: each message takes one per piece
-	names []unix.RawSockaddrInet4
+	names []sockaddr
 	ctrl  []byte
 
 	// split sends: one datagram per segment of one message
 	shdrs []unix.Mmsghdr
 	siovs []unix.Iovec
-	sname unix.RawSockaddrInet4
+	sname sockaddr
 
 	msgs      []Message     // the chunk being sent
 	next      int           // next message to send
@@ -64,11 +67,14 @@ type writeState struct {
 	errno     syscall.Errno // fatal errno
 }
 
-// Listen opens an IPv4 UDP socket bound to laddr (an invalid or IPv4
-// unspecified address binds 0.0.0.0). The path MTU discovery mode is left
-// at the Linux default (IP_PMTUDISC_WANT unless the host sets
-// net.ipv4.ip_no_pmtu_disc): datagrams that fit the path MTU carry DF, as
-// flannel's do, and larger ones are fragmented by the kernel.
+// Listen opens a UDP socket bound to laddr: an IPv4 one for an IPv4
+// address (an invalid or unspecified address binds 0.0.0.0), an IPv6-only
+// one (IPV6_V6ONLY: IPv4 goes to an IPv4 socket of its own) for an IPv6
+// address such as [::]. The path MTU discovery mode is left at the Linux
+// default (IP_PMTUDISC_WANT unless the host sets net.ipv4.ip_no_pmtu_disc;
+// IPV6_PMTUDISC_WANT): datagrams that fit the path MTU carry DF, as
+// flannel's do (IPv6 has no DF: routers never fragment), and larger ones
+// are fragmented by the kernel.
 func Listen(laddr netip.AddrPort, opts Options) (*Conn, error) {
 	if opts.BatchSize <= 0 {
 		opts.BatchSize = DefaultBatchSize
@@ -82,21 +88,29 @@ func Listen(laddr netip.AddrPort, opts Options) (*Conn, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	addr := laddr.Addr().Unmap()
+	addr := laddr.Addr()
 	if !addr.IsValid() {
 		addr = netip.IPv4Unspecified()
 	}
-	if !addr.Is4() {
-		return nil, fmt.Errorf("udp listen %s: not an IPv4 address", laddr)
-	}
+	v6 := addr.Is6() && !addr.Is4In6()
+	addr = addr.Unmap()
 	bind := netip.AddrPortFrom(addr, laddr.Port())
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	family := unix.AF_INET
+	if v6 {
+		family = unix.AF_INET6
+	}
+	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("udp listen %s: socket: %w", bind, err)
 	}
 	fail := func(format string, args ...any) (*Conn, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("udp listen %s: "+format, append([]any{bind}, args...)...)
+	}
+	if v6 {
+		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 1); err != nil {
+			return fail("set IPV6_V6ONLY: %w", err)
+		}
 	}
 	if opts.ReusePort {
 		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
@@ -109,15 +123,28 @@ func Listen(laddr netip.AddrPort, opts Options) (*Conn, error) {
 	if err := setBuffer(fd, unix.SO_SNDBUFFORCE, unix.SO_SNDBUF, opts.SendBuffer); err != nil {
 		return fail("set send buffer %d: %w", opts.SendBuffer, err)
 	}
-	if err := unix.Bind(fd, &unix.SockaddrInet4{Port: int(bind.Port()), Addr: bind.Addr().As4()}); err != nil {
+	var sa unix.Sockaddr
+	if v6 {
+		sa = &unix.SockaddrInet6{Port: int(bind.Port()), Addr: addr.As16()}
+	} else if addr.Is4() {
+		sa = &unix.SockaddrInet4{Port: int(bind.Port()), Addr: addr.As4()}
+	} else {
+		return fail("not an IPv4 or IPv6 address")
+	}
+	if err := unix.Bind(fd, sa); err != nil {
 		return fail("bind: %w", err)
 	}
-	sa, err := unix.Getsockname(fd)
+	sa, err = unix.Getsockname(fd)
 	if err != nil {
 		return fail("getsockname: %w", err)
 	}
-	local, _ := sa.(*unix.SockaddrInet4)
-	if local == nil {
+	var local netip.AddrPort
+	switch a := sa.(type) {
+	case *unix.SockaddrInet4:
+		local = netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port))
+	case *unix.SockaddrInet6:
+		local = netip.AddrPortFrom(netip.AddrFrom16(a.Addr), uint16(a.Port))
+	default:
 		return fail("getsockname returned %T", sa)
 	}
 	stop, err := fdpoll.NewStop()
@@ -127,10 +154,15 @@ func Listen(laddr netip.AddrPort, opts Options) (*Conn, error) {
 	c := &Conn{
 		fd:      fd,
 		stop:    stop,
-		laddr:   netip.AddrPortFrom(netip.AddrFrom4(local.Addr), uint16(local.Port)),
+		laddr:   local,
+		v6:      v6,
+		nameLen: unix.SizeofSockaddrInet4,
 		batch:   opts.BatchSize,
 		maxSegs: maxSegmentsForKernel(),
 		logger:  opts.Logger,
+	}
+	if v6 {
+		c.nameLen = unix.SizeofSockaddrInet6
 	}
 	var gso, gro bool
 	// UDP_SEGMENT as a socket option exists where the cmsg does (4.18).
@@ -267,7 +299,7 @@ func (c *Conn) initBuffers() {
 	r := &c.r
 	r.hdrs = make([]unix.Mmsghdr, n)
 	r.iovs = make([]unix.Iovec, n)
-	r.names = make([]unix.RawSockaddrInet4, n)
+	r.names = make([]sockaddr, n)
 	r.ctrl = make([]byte, n*rctrlLen)
 	for i := range r.hdrs {
 		h := &r.hdrs[i].Hdr
@@ -280,12 +312,12 @@ func (c *Conn) initBuffers() {
 	w := &c.w
 	w.hdrs = make([]unix.Mmsghdr, n)
 	w.iovs = make([]unix.Iovec, max(2*n, 2*MaxIovecs))
-	w.names = make([]unix.RawSockaddrInet4, n)
+	w.names = make([]sockaddr, n)
 	w.ctrl = make([]byte, n*wctrlLen)
 	for i := range w.hdrs {
 		h := &w.hdrs[i].Hdr
 		h.Name = (*byte)(unsafe.Pointer(&w.names[i]))
-		h.Namelen = sizeofSockaddr
+		h.Namelen = c.nameLen
 		cm := (*unix.Cmsghdr)(unsafe.Pointer(&w.ctrl[i*wctrlLen]))
 		cm.Level = unix.IPPROTO_UDP
 		cm.Type = unix.UDP_SEGMENT
@@ -296,7 +328,7 @@ func (c *Conn) initBuffers() {
 	for i := range w.shdrs {
 		h := &w.shdrs[i].Hdr
 		h.Name = (*byte)(unsafe.Pointer(&w.sname))
-		h.Namelen = sizeofSockaddr
+		h.Namelen = c.nameLen
 	}
 }
 
@@ -377,7 +409,7 @@ func (c *Conn) readBatch(msgs []Message, wait bool) (int, error) {
 		}
 		for i := 0; i < n; i++ {
 			h := &r.hdrs[i].Hdr
-			h.Namelen = sizeofSockaddr
+			h.Namelen = c.nameLen
 			h.SetControllen(ctrlLen)
 			h.Flags = 0
 			r.hdrs[i].Len = 0
@@ -423,22 +455,41 @@ func (c *Conn) readBatch(msgs []Message, wait bool) (int, error) {
 	return got, nil
 }
 
-// addrPort reads a sockaddr_in.
-func addrPort(sa *unix.RawSockaddrInet4) netip.AddrPort {
-	p := (*[2]byte)(unsafe.Pointer(&sa.Port))
-	return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(p[0])<<8|uint16(p[1]))
+// addrPort reads a sockaddr_in or sockaddr_in6.
+func addrPort(sa *sockaddr) netip.AddrPort {
+	if sa.Family == unix.AF_INET6 {
+		p := (*[2]byte)(unsafe.Pointer(&sa.Port))
+		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(p[0])<<8|uint16(p[1]))
+	}
+	sa4 := (*unix.RawSockaddrInet4)(unsafe.Pointer(sa))
+	p := (*[2]byte)(unsafe.Pointer(&sa4.Port))
+	return netip.AddrPortFrom(netip.AddrFrom4(sa4.Addr), uint16(p[0])<<8|uint16(p[1]))
 }
 
-// putAddrPort writes ap into sa; false if ap is not IPv4.
-func putAddrPort(sa *unix.RawSockaddrInet4, ap netip.AddrPort) bool {
-	a := ap.Addr().Unmap()
+// putAddrPort writes ap into sa as the Conn's family takes it; false if
+// ap is not of that family (an IPv4-mapped address is IPv4).
+func (c *Conn) putAddrPort(sa *sockaddr, ap netip.AddrPort) bool {
+	a := ap.Addr()
+	if c.v6 {
+		if !a.Is6() || a.Is4In6() {
+			return false
+		}
+		sa.Family = unix.AF_INET6
+		p := (*[2]byte)(unsafe.Pointer(&sa.Port))
+		p[0], p[1] = byte(ap.Port()>>8), byte(ap.Port())
+		sa.Flowinfo, sa.Scope_id = 0, 0
+		sa.Addr = a.As16()
+		return true
+	}
+	a = a.Unmap()
 	if !a.Is4() {
 		return false
 	}
-	sa.Family = unix.AF_INET
-	p := (*[2]byte)(unsafe.Pointer(&sa.Port))
+	sa4 := (*unix.RawSockaddrInet4)(unsafe.Pointer(sa))
+	sa4.Family = unix.AF_INET
+	p := (*[2]byte)(unsafe.Pointer(&sa4.Port))
 	p[0], p[1] = byte(ap.Port()>>8), byte(ap.Port())
-	sa.Addr = a.As4()
+	sa4.Addr = a.As4()
 	return true
 }
 
@@ -528,7 +579,7 @@ func (c *Conn) writeChunk(msgs []Message) (int, error) {
 		if used+pieces > len(w.iovs) {
 			break // next chunk
 		}
-		if !putAddrPort(&w.names[k], m.Addr) {
+		if !c.putAddrPort(&w.names[k], m.Addr) {
 			m.Err = unix.EAFNOSUPPORT
 			continue
 		}
@@ -722,7 +773,7 @@ func (c *Conn) sendSplit(fd uintptr, m *Message) bool {
 	if !w.splitting {
 		w.splitting = true
 		c.splitSends.Add(1)
-		putAddrPort(&w.sname, m.Addr)
+		c.putAddrPort(&w.sname, m.Addr)
 	}
 	seg := m.SegSize
 	total := msgLen(m)

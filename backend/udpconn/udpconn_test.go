@@ -22,9 +22,16 @@ import (
 
 var loopback = netip.MustParseAddrPort("127.0.0.1:0")
 
+var loopback6 = netip.MustParseAddrPort("[::1]:0")
+
 func listen(t testing.TB, opts udpconn.Options) *udpconn.Conn {
 	t.Helper()
-	c, err := udpconn.Listen(loopback, opts)
+	return listenOn(t, loopback, opts)
+}
+
+func listenOn(t testing.TB, addr netip.AddrPort, opts udpconn.Options) *udpconn.Conn {
+	t.Helper()
+	c, err := udpconn.Listen(addr, opts)
 	if err != nil {
 		t.Fatalf("Listen: %v", err)
 	}
@@ -298,8 +305,13 @@ func TestSegmentsAreSentWithGSODisabled(t *testing.T) {
 }
 
 func TestReadBatchAndWriteBatchAllocateNothing(t *testing.T) {
-	a := listen(t, udpconn.Options{})
-	b := listen(t, udpconn.Options{})
+	t.Run("ipv4", func(t *testing.T) { testBatchesAllocateNothing(t, loopback) })
+	t.Run("ipv6", func(t *testing.T) { testBatchesAllocateNothing(t, loopback6) })
+}
+
+func testBatchesAllocateNothing(t *testing.T, addr netip.AddrPort) {
+	a := listenOn(t, addr, udpconn.Options{})
+	b := listenOn(t, addr, udpconn.Options{})
 	out := make([]udpconn.Message, 17)
 	for i := range 16 {
 		out[i] = udpconn.Message{Buf: payload(byte(i), 1400), Addr: b.LocalAddr()}
@@ -387,9 +399,79 @@ func TestReadDeadlineExpires(t *testing.T) {
 	}
 }
 
-func TestListenRejectsIPv6(t *testing.T) {
-	if _, err := udpconn.Listen(netip.MustParseAddrPort("[2001:db8::1]:0"), udpconn.Options{}); err == nil {
-		t.Fatal("Listen on an IPv6 address succeeded")
+// TestIPv6BatchesWithGSOAndGRO: an IPv6 Conn sends single datagrams and a
+// GSO train, and receives the train as one GRO message, as an IPv4 one.
+func TestIPv6BatchesWithGSOAndGRO(t *testing.T) {
+	a := listenOn(t, loopback6, udpconn.Options{})
+	b := listenOn(t, loopback6, udpconn.Options{})
+	if a.LocalAddr().Addr() != netip.IPv6Loopback() || a.LocalAddr().Port() == 0 {
+		t.Fatalf("LocalAddr %v", a.LocalAddr())
+	}
+	if !a.GSO() || !b.GRO() {
+		nstest.SkipMissing(t, fmt.Sprintf("kernel lacks UDP GSO (%v) or GRO (%v) over IPv6", a.GSO(), b.GRO()))
+	}
+	train := payload(3, gsoLen)
+	msgs := []udpconn.Message{
+		{Buf: payload(1, 100), Addr: b.LocalAddr()},
+		{Iov: [][]byte{train[:10], train[10:]}, SegSize: gsoSeg, Addr: b.LocalAddr()},
+	}
+	if n, err := a.WriteBatch(msgs); n != 2 || err != nil || msgs[0].Err != 0 || msgs[1].Err != 0 {
+		t.Fatalf("WriteBatch = %d, %v, Err %v %v", n, err, msgs[0].Err, msgs[1].Err)
+	}
+	got := readDatagrams(t, b, 1+11, udpconn.GROBufferSize)
+	if !bytes.Equal(got[0].data, msgs[0].Buf) || got[0].from != a.LocalAddr() {
+		t.Fatalf("single datagram: %d bytes from %v", len(got[0].data), got[0].from)
+	}
+	var joined []byte
+	for _, d := range got[1:] {
+		joined = append(joined, d.data...)
+	}
+	if !bytes.Equal(joined, train) {
+		t.Fatal("the GSO train arrived changed")
+	}
+	in := []udpconn.Message{{Buf: make([]byte, udpconn.GROBufferSize)}}
+	if _, err := a.WriteBatch(msgs[1:]); err != nil {
+		t.Fatal(err)
+	}
+	b.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := b.ReadBatch(in); err != nil || n != 1 || in[0].SegSize != gsoSeg || in[0].N != gsoLen {
+		t.Fatalf("ReadBatch = %d, %v: N %d SegSize %d, want one GRO message of %d in %d", n, err, in[0].N, in[0].SegSize, gsoLen, gsoSeg)
+	}
+}
+
+// TestEachFamilyHasItsOwnSocket: an IPv6 Conn is IPv6-only (it shares a
+// port with an IPv4 Conn, and IPv4 never reaches it), and a message to an
+// address of the other family fails alone with EAFNOSUPPORT.
+func TestEachFamilyHasItsOwnSocket(t *testing.T) {
+	c4 := listenOn(t, netip.MustParseAddrPort("0.0.0.0:0"), udpconn.Options{ReusePort: true})
+	port := c4.LocalAddr().Port()
+	c6 := listenOn(t, netip.AddrPortFrom(netip.IPv6Unspecified(), port), udpconn.Options{ReusePort: true})
+	if c6.LocalAddr() != netip.AddrPortFrom(netip.IPv6Unspecified(), port) {
+		t.Fatalf("IPv6 Conn bound to %v, want [::]:%d beside 0.0.0.0:%d", c6.LocalAddr(), port, port)
+	}
+	to4 := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port)
+	to6 := netip.AddrPortFrom(netip.IPv6Loopback(), port)
+	for _, c := range []struct {
+		name string
+		from *udpconn.Conn
+		to   netip.AddrPort
+		err  syscall.Errno
+	}{
+		{"IPv6 to an IPv4 address", c6, to4, unix.EAFNOSUPPORT},
+		{"IPv6 to an IPv4-mapped address", c6, netip.AddrPortFrom(netip.AddrFrom16(to4.Addr().As16()), port), unix.EAFNOSUPPORT},
+		{"IPv4 to an IPv6 address", c4, to6, unix.EAFNOSUPPORT},
+		{"IPv4 to an IPv4-mapped address", c4, netip.AddrPortFrom(netip.AddrFrom16(to4.Addr().As16()), port), 0},
+		{"IPv6 to IPv6", c6, to6, 0},
+	} {
+		msgs := []udpconn.Message{{Buf: []byte(c.name), Addr: c.to}}
+		if _, err := c.from.WriteBatch(msgs); err != nil || msgs[0].Err != c.err {
+			t.Errorf("%s: %v, Err %v, want %v", c.name, err, msgs[0].Err, c.err)
+		}
+	}
+	got4 := readDatagrams(t, c4, 1, 2048)
+	got6 := readDatagrams(t, c6, 1, 2048)
+	if string(got4[0].data) != "IPv4 to an IPv4-mapped address" || string(got6[0].data) != "IPv6 to IPv6" || got6[0].from != netip.AddrPortFrom(netip.IPv6Loopback(), port) {
+		t.Errorf("IPv4 socket got %q, IPv6 socket %q from %v", got4[0].data, got6[0].data, got6[0].from)
 	}
 }
 
