@@ -102,3 +102,12 @@ func (d *daemon) newMasqRules() ([]*ipmasq.Rules, error) {
 	}
 	return rules, nil
 }
+
+// envIPv6Subnet is FLANNEL_IPV6_SUBNET as subnet.env holds it (the lease's
+// first address, <lease>::1/64), for the log; "" in an IPv4-only network.
+func envIPv6Subnet(e subnet.Env) string {
+	if !e.IPv6Subnet.IsValid() {
+		return ""
+	}
+	return subnet.FirstHost(e.IPv6Subnet).String()
+}

@@ -99,9 +99,13 @@ func TestDaemonDualStackTakesBothSubnetsAndGivesThemOut(t *testing.T) {
 	if got := features(t, value); got != "partial-checksum,ipv6" {
 		t.Errorf("features %q, want partial-checksum,ipv6 (no ipv6-underlay: the config's switch is off)", got)
 	}
-	for _, line := range []string{`msg="network config"`, `msg="subnet file written"`, `msg=ready`} {
-		if !strings.Contains(r.logs.String(), line) || !strings.Contains(logLine(r.logs.String(), line), "ipv6_subnet="+l6.String()) {
-			t.Errorf("log line %s does not name the IPv6 subnet %s:\n%s", line, l6, logLine(r.logs.String(), line))
+	for line, want := range map[string]string{
+		`msg="network config"`:      "ipv6_subnet=" + l6.String(),
+		`msg="subnet file written"`: "ipv6_subnet=" + subnet.FirstHost(l6).String(), // as FLANNEL_IPV6_SUBNET
+		`msg=ready`:                 "ipv6_subnet=" + l6.String(),
+	} {
+		if got := logLine(r.logs.String(), line); !strings.Contains(got, want) {
+			t.Errorf("log line %s lacks %s:\n%s", line, want, got)
 		}
 	}
 	out, err := tools.Command(context.Background(), "ip6tables", "-w", "-t", "nat", "-S", "TULLE-POSTRTG").CombinedOutput()

@@ -454,7 +454,7 @@ func (d *daemon) finishStartup() error {
 		return fmt.Errorf("subnet file: %w", err)
 	}
 	d.envWritten = true
-	d.log.Info("subnet file written", "file", d.cfg.SubnetFile, "subnet", dockerBIP(d.lease.Subnet), "ipv6_subnet", env.IPv6Subnet, "mtu", env.MTU, "ip_masq", env.IPMasq)
+	d.log.Info("subnet file written", "file", d.cfg.SubnetFile, "subnet", dockerBIP(d.lease.Subnet), "ipv6_subnet", envIPv6Subnet(env), "mtu", env.MTU, "ip_masq", env.IPMasq)
 	if d.cfg.IPMasq {
 		d.phase = "installing ip-masq rules"
 		d.tryMasq(time.Now())
