@@ -30,11 +30,12 @@ func inNetns(t *testing.T) bool {
 	return false
 }
 
-func iptablesS(t *testing.T, chain string) string {
+// natS lists chain of the nat table with tool (iptables or ip6tables).
+func natS(t *testing.T, tool, chain string) string {
 	t.Helper()
-	out, err := tools.Command(context.Background(), "iptables", "-w", "-t", "nat", "-S", chain).CombinedOutput()
+	out, err := tools.Command(context.Background(), tool, "-w", "-t", "nat", "-S", chain).CombinedOutput()
 	if err != nil {
-		t.Fatalf("iptables -t nat -S %s: %v\n%s", chain, err, out)
+		t.Fatalf("%s -t nat -S %s: %v\n%s", tool, chain, err, out)
 	}
 	return string(out)
 }
@@ -55,11 +56,19 @@ func mustEnsure(t *testing.T, r *Rules, wantChanged bool) {
 	}
 }
 
-// wantRules checks the chain holds flannel's rules for our network and lease
-// and that POSTROUTING jumps to it first.
+// wantRules checks the IPv4 chain holds flannel's rules for our network
+// and lease and that POSTROUTING jumps to it first.
 func wantRules(t *testing.T, r *Rules) {
 	t.Helper()
-	got := iptablesS(t, Chain)
+	wantRulesIn(t, r, "iptables", "198.18.0.0/16", "198.18.79.0/24", "224.0.0.0/4")
+}
+
+// wantRulesIn checks that tool's nat chain holds flannel's rules for
+// network and lease (mcast the family's multicast range) and that tool's
+// POSTROUTING jumps to it first.
+func wantRulesIn(t *testing.T, r *Rules, tool, network, lease, mcast string) {
+	t.Helper()
+	got := natS(t, tool, Chain)
 	masq := "-j MASQUERADE"
 	if r.ipt.HasRandomFully() {
 		masq += " --random-fully"
@@ -68,17 +77,17 @@ func wantRules(t *testing.T, r *Rules) {
 	want := []string{
 		"-N " + Chain,
 		"-A " + Chain + " -m mark --mark 0x4000/0x4000 " + c + " -j RETURN",
-		"-A " + Chain + " -s 198.18.0.0/16 -d 198.18.0.0/16 " + c + " -j RETURN",
-		"-A " + Chain + " -s 198.18.0.0/16 ! -d 224.0.0.0/4 " + c + " " + masq,
-		"-A " + Chain + " ! -s 198.18.0.0/16 -d 198.18.79.0/24 " + c + " -j RETURN",
-		"-A " + Chain + " ! -s 198.18.0.0/16 -d 198.18.0.0/16 " + c + " " + masq,
+		"-A " + Chain + " -s " + network + " -d " + network + " " + c + " -j RETURN",
+		"-A " + Chain + " -s " + network + " ! -d " + mcast + " " + c + " " + masq,
+		"-A " + Chain + " ! -s " + network + " -d " + lease + " " + c + " -j RETURN",
+		"-A " + Chain + " ! -s " + network + " -d " + network + " " + c + " " + masq,
 	}
 	if strings.TrimSpace(got) != strings.Join(want, "\n") {
-		t.Errorf("chain %s:\n%s\nwant:\n%s", Chain, got, strings.Join(want, "\n"))
+		t.Errorf("%s chain %s:\n%s\nwant:\n%s", tool, Chain, got, strings.Join(want, "\n"))
 	}
-	post := strings.Split(strings.TrimSpace(iptablesS(t, "POSTROUTING")), "\n")
+	post := strings.Split(strings.TrimSpace(natS(t, tool, "POSTROUTING")), "\n")
 	if len(post) < 2 || post[1] != "-A POSTROUTING "+c+" -j "+Chain {
-		t.Errorf("POSTROUTING does not jump to %s first:\n%s", Chain, strings.Join(post, "\n"))
+		t.Errorf("%s POSTROUTING does not jump to %s first:\n%s", tool, Chain, strings.Join(post, "\n"))
 	}
 }
 
@@ -104,7 +113,7 @@ func TestEnsureInstallsFlannelRulesAndRemoveDeletesThem(t *testing.T) {
 	if chainExists(t) {
 		t.Errorf("chain %s still there after Remove", Chain)
 	}
-	post := iptablesS(t, "POSTROUTING")
+	post := natS(t, "iptables", "POSTROUTING")
 	if strings.Contains(post, Chain) || !strings.Contains(post, "-s 198.51.100.0/24 -j RETURN") {
 		t.Errorf("POSTROUTING after Remove:\n%s", post)
 	}
@@ -165,7 +174,7 @@ func TestKeepReassertsPeriodically(t *testing.T) {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(5 * time.Second)
-	for !chainExists(t) || !strings.Contains(iptablesS(t, "POSTROUTING"), Chain) {
+	for !chainExists(t) || !strings.Contains(natS(t, "iptables", "POSTROUTING"), Chain) {
 		if time.Now().After(deadline) {
 			t.Fatal("rules not put back within 5s")
 		}

@@ -18,36 +18,74 @@ import (
 //
 // outside has no route back to 198.18.0.0/16, so only a masqueraded
 // datagram can even be answered; peer stands for a container on another
-// host of the overlay.
-const masqNamespacesEnv = "TULLE_IPMASQ_TEST_NETNS" // "host,container,outside,peer"
+// host of the overlay. The IPv6 one is the same:
+//
+//	[container] 2001:db8:1:4f::2 --- ::1 [host] 2001:db8:ffff::1 --- 2001:db8:ffff::2 [outside]
+//	                                     [host] 2001:db8:1:50::1 --- 2001:db8:1:50::2 [peer]
+type masqNet struct {
+	env        string // "host,container,outside,peer" for the inner run
+	forwarding string // the family's forwarding sysctl
+	network    netip.Prefix
+	lease      netip.Prefix
+	// The veths from host to each namespace: host's end, the other end.
+	container, outside, peer [2]netip.Prefix
+}
 
 func TestContainerTrafficIsMasqueradedOnlyWhenLeavingTheOverlay(t *testing.T) {
+	p := netip.MustParsePrefix
+	masqTraffic(t, masqNet{
+		env: "TULLE_IPMASQ_TEST_NETNS", forwarding: "/proc/sys/net/ipv4/ip_forward",
+		network: network, lease: lease,
+		container: [2]netip.Prefix{p("198.18.79.1/24"), p("198.18.79.2/24")},
+		outside:   [2]netip.Prefix{p("192.0.2.1/24"), p("192.0.2.2/24")},
+		peer:      [2]netip.Prefix{p("198.18.80.1/24"), p("198.18.80.2/24")},
+	})
+}
+
+func TestContainerIPv6TrafficIsMasqueradedOnlyWhenLeavingTheOverlay(t *testing.T) {
+	p := netip.MustParsePrefix
+	masqTraffic(t, masqNet{
+		env: "TULLE_IPMASQ6_TEST_NETNS", forwarding: "/proc/sys/net/ipv6/conf/all/forwarding",
+		network: network6, lease: lease6,
+		container: [2]netip.Prefix{p("2001:db8:1:4f::1/64"), p("2001:db8:1:4f::2/64")},
+		outside:   [2]netip.Prefix{p("2001:db8:ffff::1/64"), p("2001:db8:ffff::2/64")},
+		peer:      [2]netip.Prefix{p("2001:db8:1:50::1/64"), p("2001:db8:1:50::2/64")},
+	})
+}
+
+// masqTraffic builds n and, inside host, checks which datagrams the rules
+// masquerade, and that none is after Remove.
+func masqTraffic(t *testing.T, n masqNet) {
 	if !nstest.InChild() {
 		host := nstest.NewNetns(t)
 		container, outside, peer := nstest.NewNetns(t), nstest.NewNetns(t), nstest.NewNetns(t)
-		host.Veth(t, "198.18.79.1/24", container, "198.18.79.2/24")
-		host.Veth(t, "192.0.2.1/24", outside, "192.0.2.2/24")
-		host.Veth(t, "198.18.80.1/24", peer, "198.18.80.2/24")
-		container.DefaultRoute(t, "198.18.79.1")
-		peer.DefaultRoute(t, "198.18.80.1")
-		t.Setenv(masqNamespacesEnv, host.Name+","+container.Name+","+outside.Name+","+peer.Name)
+		host.Veth(t, n.container[0].String(), container, n.container[1].String())
+		host.Veth(t, n.outside[0].String(), outside, n.outside[1].String())
+		host.Veth(t, n.peer[0].String(), peer, n.peer[1].String())
+		container.DefaultRoute(t, n.container[0].Addr().String())
+		peer.DefaultRoute(t, n.peer[0].Addr().String())
+		t.Setenv(n.env, host.Name+","+container.Name+","+outside.Name+","+peer.Name)
 		host.RunTestInNetns(t, t.Name())
 		return
 	}
-	names := strings.Split(os.Getenv(masqNamespacesEnv), ",")
+	names := strings.Split(os.Getenv(n.env), ",")
 	if len(names) != 4 {
-		t.Fatalf("%s=%q", masqNamespacesEnv, os.Getenv(masqNamespacesEnv))
+		t.Fatalf("%s=%q", n.env, os.Getenv(n.env))
 	}
 	hostNS, containerNS, outsideNS, peerNS := names[0], names[1], names[2], names[3]
-	if err := os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0o644); err != nil {
+	if err := os.WriteFile(n.forwarding, []byte("1"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	r, err := New(network, lease, nil)
+	r, err := New(n.network, n.lease, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if _, err := r.Ensure(); err != nil {
 		t.Fatal(err)
+	}
+	udp := "udp4"
+	if n.network.Addr().Is6() {
+		udp = "udp6"
 	}
 
 	// source sends one datagram from srcNS (bound to bind, if valid) to dst
@@ -56,7 +94,7 @@ func TestContainerTrafficIsMasqueradedOnlyWhenLeavingTheOverlay(t *testing.T) {
 		t.Helper()
 		var rx *net.UDPConn
 		if err := nstest.Do(dstNS, func() (err error) {
-			rx, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(dst))
+			rx, err = net.ListenUDP(udp, net.UDPAddrFromAddrPort(dst))
 			return err
 		}); err != nil {
 			t.Fatal(err)
@@ -68,7 +106,7 @@ func TestContainerTrafficIsMasqueradedOnlyWhenLeavingTheOverlay(t *testing.T) {
 			if bind.IsValid() {
 				laddr = net.UDPAddrFromAddrPort(netip.AddrPortFrom(bind, 0))
 			}
-			tx, err = net.ListenUDP("udp4", laddr)
+			tx, err = net.ListenUDP(udp, laddr)
 			return err
 		}); err != nil {
 			t.Fatal(err)
@@ -86,22 +124,33 @@ func TestContainerTrafficIsMasqueradedOnlyWhenLeavingTheOverlay(t *testing.T) {
 		return from.Addr()
 	}
 
-	if got := source(containerNS, netip.Addr{}, outsideNS, netip.MustParseAddrPort("192.0.2.2:5000")); got != netip.MustParseAddr("192.0.2.1") {
-		t.Errorf("container -> outside arrived from %s, want the host's 192.0.2.1 (masqueraded)", got)
-	}
-	if got := source(containerNS, netip.Addr{}, peerNS, netip.MustParseAddrPort("198.18.80.2:5001")); got != netip.MustParseAddr("198.18.79.2") {
-		t.Errorf("container -> overlay peer arrived from %s, want the container's own 198.18.79.2", got)
-	}
-	// The host itself, from its underlay address, to a remote container:
-	// masqueraded to an overlay address the peer can answer.
-	if got := source(hostNS, netip.MustParseAddr("192.0.2.1"), peerNS, netip.MustParseAddrPort("198.18.80.2:5002")); got != netip.MustParseAddr("198.18.80.1") {
-		t.Errorf("host (192.0.2.1) -> overlay peer arrived from %s, want 198.18.80.1 (masqueraded)", got)
+	ctr, hostOut, hostPeer := n.container[1].Addr(), n.outside[0].Addr(), n.peer[0].Addr()
+	out := func(port uint16) netip.AddrPort { return netip.AddrPortFrom(n.outside[1].Addr(), port) }
+	peer := func(port uint16) netip.AddrPort { return netip.AddrPortFrom(n.peer[1].Addr(), port) }
+	for _, c := range []struct {
+		what  string
+		srcNS string
+		bind  netip.Addr
+		dstNS string
+		dst   netip.AddrPort
+		want  netip.Addr
+		why   string
+	}{
+		{"container -> outside", containerNS, netip.Addr{}, outsideNS, out(5000), hostOut, "the host's, masqueraded"},
+		{"container -> overlay peer", containerNS, netip.Addr{}, peerNS, peer(5001), ctr, "the container's own"},
+		// The host itself, from its underlay address, to a remote
+		// container: masqueraded to an overlay address the peer can answer.
+		{"host (" + hostOut.String() + ") -> overlay peer", hostNS, hostOut, peerNS, peer(5002), hostPeer, "masqueraded"},
+	} {
+		if got := source(c.srcNS, c.bind, c.dstNS, c.dst); got != c.want {
+			t.Errorf("%s arrived from %s, want %s (%s)", c.what, got, c.want, c.why)
+		}
 	}
 
 	if err := r.Remove(); err != nil {
 		t.Fatal(err)
 	}
-	if got := source(containerNS, netip.Addr{}, outsideNS, netip.MustParseAddrPort("192.0.2.2:5003")); got != netip.MustParseAddr("198.18.79.2") {
-		t.Errorf("after Remove: container -> outside arrived from %s, want 198.18.79.2 (no masquerade left)", got)
+	if got := source(containerNS, netip.Addr{}, outsideNS, out(5003)); got != ctr {
+		t.Errorf("after Remove: container -> outside arrived from %s, want %s (no masquerade left)", got, ctr)
 	}
 }

@@ -18,6 +18,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/tulle-net/tulle/tests/tools"
 )
@@ -294,8 +295,9 @@ func (n *Netns) AddUnderlay(t testing.TB, addr string, mtu int, gw string) strin
 }
 
 // Veth links n to other with a veth pair: the end in n gets addr, the end
-// in other gets otherAddr (CIDRs; "" for none); both up. It returns the
-// names of the two ends.
+// in other gets otherAddr (CIDRs; "" for none); both up. An IPv6 address
+// skips duplicate address detection, so it is usable at once. It returns
+// the names of the two ends.
 func (n *Netns) Veth(t testing.TB, addr string, other *Netns, otherAddr string) (string, string) {
 	t.Helper()
 	a, b := Name("a"), Name("b")
@@ -315,6 +317,9 @@ func (n *Netns) Veth(t testing.TB, addr string, other *Netns, otherAddr string) 
 			ad, err := netlink.ParseAddr(end.addr)
 			if err != nil {
 				t.Fatal(err)
+			}
+			if ad.IP.To4() == nil {
+				ad.Flags = unix.IFA_F_NODAD
 			}
 			if err := end.h.AddrAdd(l, ad); err != nil {
 				t.Fatalf("address %s on %s: %v", end.addr, end.name, err)
