@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/tulle-net/tulle/daemon/config"
+	"github.com/tulle-net/tulle/tests/procstat"
 	"github.com/tulle-net/tulle/tests/testbed"
 )
 
@@ -42,12 +43,12 @@ type Result struct {
 
 	// Start-up, from launching tulled: its "ready" log line, and the
 	// route table holding every lease (tulled's own log timestamps).
-	ReadySeconds     float64 `json:"ready_seconds"`
-	StartPhases      []phase `json:"start_phases"` // tulled's log lines up to ready, seconds after launch
-	AllRoutesSeconds float64 `json:"all_routes_seconds"`
-	StartCPUSeconds  float64 `json:"start_cpu_seconds"`   // tulled's CPU up to then
-	StartRSS         memory  `json:"start_memory"`        // then
-	StartRxBytes     uint64  `json:"start_etcd_rx_bytes"` // etcd to host, start-up
+	ReadySeconds     float64         `json:"ready_seconds"`
+	StartPhases      []phase         `json:"start_phases"` // tulled's log lines up to ready, seconds after launch
+	AllRoutesSeconds float64         `json:"all_routes_seconds"`
+	StartCPUSeconds  float64         `json:"start_cpu_seconds"`   // tulled's CPU up to then
+	StartRSS         procstat.Memory `json:"start_memory"`        // then
+	StartRxBytes     uint64          `json:"start_etcd_rx_bytes"` // etcd to host, start-up
 
 	IdleCPUPercent float64 `json:"idle_cpu_percent_of_one_core"` // before the churn, nothing changing
 
@@ -55,7 +56,7 @@ type Result struct {
 	Burst burstResult `json:"burst"`
 
 	// PeakRSS is tulled's VmHWM after churn and burst, before any scrape.
-	PeakRSS memory `json:"peak_memory"`
+	PeakRSS procstat.Memory `json:"peak_memory"`
 	// Scrape is the cost of one full /metrics scrape (four series a peer).
 	Scrape scrapeCost `json:"scrape"`
 	// TableEqualsEtcd: the route table (tulled's per-peer series) equals
@@ -134,10 +135,10 @@ type burstResult struct {
 }
 
 type scrapeCost struct {
-	Seconds    float64 `json:"seconds"`
-	Bytes      int     `json:"bytes"`
-	CPUSeconds float64 `json:"cpu_seconds"`
-	RSSAfter   memory  `json:"memory_after"`
+	Seconds    float64         `json:"seconds"`
+	Bytes      int             `json:"bytes"`
+	CPUSeconds float64         `json:"cpu_seconds"`
+	RSSAfter   procstat.Memory `json:"memory_after"`
 }
 
 // session is one run at one number of leases: the bed, the fake hosts and
@@ -167,7 +168,7 @@ type snapshot struct {
 }
 
 func (s *session) snap() (snapshot, error) {
-	cpu, err := processCPU(s.tl.Pid())
+	cpu, err := procstat.CPU(s.tl.Pid())
 	if err != nil {
 		return snapshot{}, err
 	}
@@ -279,7 +280,7 @@ func (s *session) start(ctx context.Context) error {
 	}
 	res.StartCPUSeconds = now.cpu.Seconds()
 	res.StartRxBytes = now.rx - rx0
-	if res.StartRSS, err = processMemory(s.tl.Pid()); err != nil {
+	if res.StartRSS, err = procstat.ReadMemory(s.tl.Pid()); err != nil {
 		return err
 	}
 	s.logf("tulled ready after %.3f s, every route after %.3f s, %.2f CPU s, RSS %.1f MiB, %.1f MiB from etcd",
@@ -434,7 +435,7 @@ func (s *session) verify(ctx context.Context) error {
 	res := s.res
 	pid := s.tl.Pid()
 	var err error
-	if res.PeakRSS, err = processMemory(pid); err != nil {
+	if res.PeakRSS, err = procstat.ReadMemory(pid); err != nil {
 		return err
 	}
 	if s.cfg.ProfileDir != "" {
@@ -442,7 +443,7 @@ func (s *session) verify(ctx context.Context) error {
 			return err
 		}
 	}
-	cpu0, err := processCPU(pid)
+	cpu0, err := procstat.CPU(pid)
 	if err != nil {
 		return err
 	}
@@ -453,12 +454,12 @@ func (s *session) verify(ctx context.Context) error {
 	}
 	res.Scrape.Seconds = time.Since(t0).Seconds()
 	res.Scrape.Bytes = len(body)
-	cpu1, err := processCPU(pid)
+	cpu1, err := procstat.CPU(pid)
 	if err != nil {
 		return err
 	}
 	res.Scrape.CPUSeconds = (cpu1 - cpu0).Seconds()
-	if res.Scrape.RSSAfter, err = processMemory(pid); err != nil {
+	if res.Scrape.RSSAfter, err = procstat.ReadMemory(pid); err != nil {
 		return err
 	}
 	m, err := testbed.ParseMetrics(body)

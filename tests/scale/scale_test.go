@@ -127,17 +127,6 @@ func TestLogLinesAreReadWholeAndInOrder(t *testing.T) {
 	}
 }
 
-func TestProcParsers(t *testing.T) {
-	cpu, err := parseStatCPU("1234 (tulled (x)) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0")
-	if err != nil || cpu != 3*time.Second {
-		t.Errorf("cpu = %v, %v; want 3s", cpu, err)
-	}
-	m, err := parseStatusMemory("Name:\ttulled\nVmHWM:\t   2048 kB\nVmRSS:\t   1024 kB\n")
-	if err != nil || m.PeakRSS != 2<<20 || m.RSS != 1<<20 {
-		t.Errorf("memory = %+v, %v", m, err)
-	}
-}
-
 func TestPublicIPsAreUniqueOutsideTheOverlayOrDocumentationAddresses(t *testing.T) {
 	pubs, _ := choosePublics(netip.MustParsePrefix("198.18.0.0/16"), 20000)
 	seen := map[netip.Addr]bool{}
