@@ -225,6 +225,18 @@ var policyFields = []string{"Order", "Selector", "Ingress", "Egress"}
 // Every problem is reported, each naming its field; the error wraps
 // ErrInvalid.
 func ParsePolicy(name string, data []byte) (*Policy, error) {
+	p, err := parseStored("policy", name, data, policyFields, netsetHint, policyBody)
+	if err != nil {
+		return nil, err
+	}
+	p.Name = name
+	return p, nil
+}
+
+// parseStored reads an object of kind stored under name: the name, the
+// JSON object, its fields (unknown ones named, with hint's advice) and,
+// through body, their values.
+func parseStored[T any](kind, name string, data []byte, fields []string, hint func(string) string, body func(*problems, *object) *T) (*T, error) {
 	var ps problems
 	if err := CheckName(name); err != nil {
 		ps.add("", nil, "%v", err)
@@ -232,15 +244,14 @@ func ParsePolicy(name string, data []byte) (*Policy, error) {
 	o, err := readObject(data)
 	if err != nil {
 		ps.add("", nil, "%v", err)
-		return nil, &InvalidError{What: "policy " + name, Problems: ps}
+		return nil, &InvalidError{What: kind + " " + name, Problems: ps}
 	}
-	o.unknown(&ps, "", policyFields, netsetHint)
-	p := policyBody(&ps, o)
-	p.Name = name
+	o.unknown(&ps, "", fields, hint)
+	v := body(&ps, o)
 	if len(ps) > 0 {
-		return nil, &InvalidError{What: "policy " + name, Problems: ps}
+		return nil, &InvalidError{What: kind + " " + name, Problems: ps}
 	}
-	return p, nil
+	return v, nil
 }
 
 func netsetHint(k string) string {
@@ -397,21 +408,11 @@ var netsetFields = []string{"Nets"}
 // ParseNetset reads a netset as stored at <prefix>/netsets/<name>:
 // {"Nets": ["198.18.4.0/24", "2001:db8:4::/64", "198.18.9.7"]}.
 func ParseNetset(name string, data []byte) (*Netset, error) {
-	var ps problems
-	if err := CheckName(name); err != nil {
-		ps.add("", nil, "%v", err)
-	}
-	o, err := readObject(data)
+	n, err := parseStored("netset", name, data, netsetFields, nil, netsetBody)
 	if err != nil {
-		ps.add("", nil, "%v", err)
-		return nil, &InvalidError{What: "netset " + name, Problems: ps}
+		return nil, err
 	}
-	o.unknown(&ps, "", netsetFields, nil)
-	n := netsetBody(&ps, o)
 	n.Name = name
-	if len(ps) > 0 {
-		return nil, &InvalidError{What: "netset " + name, Problems: ps}
-	}
 	return n, nil
 }
 
