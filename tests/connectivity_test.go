@@ -125,30 +125,12 @@ func checkDatagram(d []byte) (uint32, error) {
 	return seq, nil
 }
 
-func TestUDPDatagramsArriveIntact(t *testing.T) {
-	b := cluster(t, testbed.Options{}, "")
-	ctx := testCtx(t, 2*time.Minute)
-	c1, c2 := container(t, b, 1), container(t, b, 2)
-	reach(t, ctx, c1, c2, 1)
-
-	rx, err := c2.ListenUDP(netip.AddrPortFrom(c2.Addr, 0))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rx.Close()
-	_ = rx.SetReadBuffer(8 << 20)
-	tx, err := c1.ListenUDP(netip.AddrPortFrom(c1.Addr, 0))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer tx.Close()
+// sendIntact sends rounds of datagrams of each size from tx to rx, paced
+// (this is about integrity, not loss under load), and checks that each
+// arrives once, whole and from from.
+func sendIntact(t *testing.T, tx, rx *net.UDPConn, from netip.Addr, sizes []int, rounds int) {
+	t.Helper()
 	dst := rx.LocalAddr().(*net.UDPAddr).AddrPort()
-
-	// Sizes from tiny to the largest unfragmented one (MTU 1472 - 28) and
-	// beyond (IP fragments, each carried on its own and reassembled).
-	mtu := b.Host(1).Container().MTU
-	sizes := []int{40, 100, 512, 1000, mtu - 28, mtu - 27, 4000, 9000}
-	const rounds = 25
 	want := map[uint32]int{} // sequence number -> size
 	seq := uint32(0)
 	for r := 0; r < rounds; r++ {
@@ -159,17 +141,17 @@ func TestUDPDatagramsArriveIntact(t *testing.T) {
 			want[seq] = size
 			seq++
 		}
-		time.Sleep(2 * time.Millisecond) // paced: this test is about integrity, not loss under load
+		time.Sleep(2 * time.Millisecond)
 	}
 	buf := make([]byte, 65536)
 	_ = rx.SetReadDeadline(time.Now().Add(5 * time.Second))
 	for len(want) > 0 {
-		n, from, err := rx.ReadFromUDPAddrPort(buf)
+		n, src, err := rx.ReadFromUDPAddrPort(buf)
 		if err != nil {
 			break
 		}
-		if from.Addr() != c1.Addr {
-			t.Errorf("datagram from %s, want from %s", from, c1.Addr)
+		if src.Addr() != from {
+			t.Errorf("datagram from %s, want from %s", src, from)
 		}
 		s, err := checkDatagram(buf[:n])
 		if err != nil {
@@ -188,6 +170,30 @@ func TestUDPDatagramsArriveIntact(t *testing.T) {
 		}
 		t.Errorf("%d of %d datagrams did not arrive; missing by size: %v", len(want), int(seq), missing)
 	}
+}
+
+func TestUDPDatagramsArriveIntact(t *testing.T) {
+	b := cluster(t, testbed.Options{}, "")
+	ctx := testCtx(t, 2*time.Minute)
+	c1, c2 := container(t, b, 1), container(t, b, 2)
+	reach(t, ctx, c1, c2, 1)
+
+	rx, err := c2.ListenUDP(netip.AddrPortFrom(c2.Addr, 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rx.Close()
+	_ = rx.SetReadBuffer(8 << 20)
+	tx, err := c1.ListenUDP(netip.AddrPortFrom(c1.Addr, 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Close()
+
+	// Sizes from tiny to the largest unfragmented one (MTU 1472 - 28) and
+	// beyond (IP fragments, each carried on its own and reassembled).
+	mtu := b.Host(1).Container().MTU
+	sendIntact(t, tx, rx, c1.Addr, []int{40, 100, 512, 1000, mtu - 28, mtu - 27, 4000, 9000}, 25)
 	if drops := metric(t, ctx, b.Host(2), "tulle_dropped_packets_total", "direction", "receive"); drops != 0 {
 		t.Errorf("host 2 dropped %v received packets", drops)
 	}

@@ -163,47 +163,10 @@ func TestDualStackContainers(t *testing.T) {
 		rx := listener6(t, c2)
 		_ = rx.SetReadBuffer(8 << 20)
 		tx := listener6(t, c1)
-		dst := rx.LocalAddr().(*net.UDPAddr).AddrPort()
 		// From tiny to the largest unfragmented (MTU - 40 - 8) and beyond
 		// (IPv6 fragments, each carried on its own and reassembled).
 		mtu := h1.Container().MTU
-		sizes := []int{40, 100, 512, 1000, mtu - 48, mtu - 47, 4000, 9000}
-		want := map[uint32]int{}
-		seq := uint32(0)
-		for r := 0; r < 20; r++ {
-			for _, size := range sizes {
-				if _, err := tx.WriteToUDPAddrPort(udpDatagram(seq, size), dst); err != nil {
-					t.Fatalf("send datagram %d (%d bytes): %v", seq, size, err)
-				}
-				want[seq] = size
-				seq++
-			}
-			time.Sleep(2 * time.Millisecond) // paced: integrity, not loss under load
-		}
-		buf := make([]byte, 65536)
-		_ = rx.SetReadDeadline(time.Now().Add(5 * time.Second))
-		for len(want) > 0 {
-			n, from, err := rx.ReadFromUDPAddrPort(buf)
-			if err != nil {
-				break
-			}
-			if from.Addr() != c1.Addr6 {
-				t.Errorf("datagram from %s, want from %s", from, c1.Addr6)
-			}
-			s, err := checkDatagram(buf[:n])
-			if err != nil {
-				t.Error(err)
-				continue
-			}
-			delete(want, s)
-		}
-		if len(want) > 0 {
-			missing := map[int]int{}
-			for _, size := range want {
-				missing[size]++
-			}
-			t.Errorf("%d of %d datagrams did not arrive; missing by size: %v", len(want), int(seq), missing)
-		}
+		sendIntact(t, tx, rx, c1.Addr6, []int{40, 100, 512, 1000, mtu - 48, mtu - 47, 4000, 9000}, 20)
 	})
 
 	t.Run("spoofed inner IPv6 source and foreign IPv6 destination are dropped and counted", func(t *testing.T) {
