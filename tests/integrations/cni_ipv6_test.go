@@ -2,12 +2,10 @@ package integrations
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
@@ -47,43 +45,9 @@ func TestCNIGivesContainersBothFamiliesInADualStackNetwork(t *testing.T) {
 		if !env.IPv6Subnet.IsValid() {
 			t.Fatalf("host %s: subnet.env without FLANNEL_IPV6_SUBNET", h.Name)
 		}
-		ns := addNetns(ctx, t, b, fmt.Sprintf("d%d", i+1))
-		path := "/run/netns/" + ns
-		out, err := c.cnitool(ctx, t, cnitool, cniPath, "add", path)
-		if err != nil {
-			t.Fatalf("host %s: cnitool add: %v\n%s", h.Name, err, out)
-		}
-		var res struct {
-			IPs []struct{ Address string } `json:"ips"`
-		}
-		if err := json.Unmarshal([]byte(out), &res); err != nil || len(res.IPs) != 2 {
-			t.Fatalf("host %s: cnitool add printed %q (%v): want two addresses", h.Name, out, err)
-		}
-		ctr := &testbed.Node{Name: fmt.Sprintf("d%d", i+1), NS: ns}
-		for _, ip := range res.IPs {
-			p, err := netip.ParsePrefix(ip.Address)
-			switch {
-			case err != nil:
-				t.Fatalf("host %s: address %q: %v", h.Name, ip.Address, err)
-			case p.Addr().Is4() && env.Lease().Contains(p.Addr()) && p.Bits() == env.Lease().Bits():
-				ctr.Addr = p.Addr()
-			case p.Addr().Is6() && env.IPv6Lease().Contains(p.Addr()) && p.Bits() == env.IPv6Lease().Bits():
-				ctr.Addr6 = p.Addr()
-			default:
-				t.Fatalf("host %s: address %s is in neither lease (%s, %s)", h.Name, p, env.Lease(), env.IPv6Lease())
-			}
-		}
-		if !ctr.Addr.IsValid() || !ctr.Addr6.IsValid() {
-			t.Fatalf("host %s: addresses %v: want one of each family", h.Name, res.IPs)
-		}
-		routes, _ := testbed.Exec(ctx, ns, "ip", "-6", "route")
-		if !strings.Contains(routes, env.IPv6Network.String()+" via "+env.IPv6Subnet.Addr().String()) {
-			t.Errorf("host %s: container routes lack %s via %s:\n%s", h.Name, env.IPv6Network, env.IPv6Subnet.Addr(), routes)
-		}
-		routes, _ = testbed.Exec(ctx, ns, "ip", "-4", "route")
-		if !strings.Contains(routes, env.Network.String()+" via "+env.Subnet.Addr().String()) {
-			t.Errorf("host %s: container routes lack %s via %s:\n%s", h.Name, env.Network, env.Subnet.Addr(), routes)
-		}
+		ctr, path, _ := c.cniAdd(ctx, t, b, cnitool, cniPath, fmt.Sprintf("d%d", i+1))
+		wantContainerRoute(ctx, t, h.Name, ctr.NS, env.IPv6Network, env.IPv6Subnet.Addr())
+		wantContainerRoute(ctx, t, h.Name, ctr.NS, env.Network, env.Subnet.Addr())
 		ctrs, paths = append(ctrs, ctr), append(paths, path)
 	}
 

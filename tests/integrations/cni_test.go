@@ -132,17 +132,7 @@ func cnitoolCacheFile(netnsPath string) string {
 // 2 after subnet.env is gone, leaves no veth, no reservation, no saved
 // config and no masquerade chain behind.
 func TestCNIPluginConnectsContainersOnTwoHostsAndDelLeavesNothing(t *testing.T) {
-	testbed.RequireRoot(t)
-	for _, p := range []string{"bridge", "host-local", "loopback", "portmap"} {
-		requireTool(t, filepath.Join(debianCNIDir, p))
-	}
-	cnitool := buildTool(t, "github.com/containernetworking/cni/cnitool")
-	binDir := t.TempDir()
-	if err := os.Symlink(buildTool(t, "./cmd/tulle-cni"), filepath.Join(binDir, "tulle-cni")); err != nil {
-		t.Fatal(err)
-	}
-	cniPath := binDir + ":" + debianCNIDir
-
+	cnitool, cniPath := cniTestSetup(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	b := testbed.NewT(t, testbed.Options{Hosts: 2})
@@ -168,30 +158,16 @@ func TestCNIPluginConnectsContainersOnTwoHostsAndDelLeavesNothing(t *testing.T) 
 		if err != nil {
 			t.Fatal(err)
 		}
-		ns := addNetns(ctx, t, b, fmt.Sprintf("k%d", i+1))
-		path := "/run/netns/" + ns
+		ctr, path, addr := c.cniAdd(ctx, t, b, cnitool, cniPath, fmt.Sprintf("k%d", i+1))
+		ns := ctr.NS
 		netnsPaths = append(netnsPaths, path)
-		out, err := c.cnitool(ctx, t, cnitool, cniPath, "add", path)
-		if err != nil {
-			t.Fatalf("host %s: cnitool add: %v\n%s", c.h.Name, err, out)
-		}
-		var res struct {
-			IPs []struct{ Address string } `json:"ips"`
-		}
-		if err := json.Unmarshal([]byte(out), &res); err != nil || len(res.IPs) != 1 {
-			t.Fatalf("host %s: cnitool add printed %q: %v", c.h.Name, out, err)
-		}
-		p, err := netip.ParsePrefix(res.IPs[0].Address)
-		if err != nil || !env.Lease().Contains(p.Addr()) || p.Bits() != env.Lease().Bits() {
-			t.Fatalf("host %s: container address %s is not in the lease %s", c.h.Name, res.IPs[0].Address, env.Lease())
-		}
-		addrs = append(addrs, p.Addr())
+		addrs = append(addrs, addr)
 		// What DEL must remove is there now (so the checks after DEL are not
 		// looking in the wrong place).
 		for _, f := range []string{
-			filepath.Join(c.ipamDir, "tulle", p.Addr().String()),            // host-local's reservation
+			filepath.Join(c.ipamDir, "tulle", addr.String()),                // host-local's reservation
 			filepath.Join(c.dataDir, cnitoolContainerID(path)+"@eth0.json"), // tulle-cni's saved config
-			cnitoolCacheFile(path), // libcni's cached result
+			cnitoolCacheFile(path),                                          // libcni's cached result
 		} {
 			if _, err := os.Stat(f); err != nil {
 				t.Errorf("host %s: after ADD: %v", c.h.Name, err)
@@ -202,10 +178,7 @@ func TestCNIPluginConnectsContainersOnTwoHostsAndDelLeavesNothing(t *testing.T) 
 		if !strings.Contains(link, fmt.Sprintf("mtu %d ", env.MTU)) {
 			t.Errorf("host %s: container eth0 %q, want mtu %d", c.h.Name, link, env.MTU)
 		}
-		routes, _ := testbed.Exec(ctx, ns, "ip", "-4", "route")
-		if !strings.Contains(routes, env.Network.String()+" via "+env.Subnet.Addr().String()) {
-			t.Errorf("host %s: container routes lack %s via %s:\n%s", c.h.Name, env.Network, env.Subnet.Addr(), routes)
-		}
+		wantContainerRoute(ctx, t, c.h.Name, ns, env.Network, env.Subnet.Addr())
 	}
 
 	ctr1 := &testbed.Node{Name: "k1", NS: b.Prefix + "-k1"}
@@ -290,7 +263,9 @@ func assertNothingLeft(ctx context.Context, t *testing.T, c cniHost, ctrNS, netn
 
 // cniAdd runs cnitool add for a new container namespace (named with the
 // bed's prefix and suffix) and returns the namespace's node, its path and
-// the address the plugins gave it, checked to be in the host's lease.
+// its IPv4 address. The plugins must give it one address of each lease the
+// host holds (IPv4, and IPv6 in a dual-stack network), in that lease and
+// with its length; the node has them as Addr and Addr6.
 func (c cniHost) cniAdd(ctx context.Context, t *testing.T, b *testbed.Bed, cnitool, cniPath, suffix string) (*testbed.Node, string, netip.Addr) {
 	t.Helper()
 	env, err := c.h.SubnetEnv()
@@ -304,17 +279,47 @@ func (c cniHost) cniAdd(ctx context.Context, t *testing.T, b *testbed.Bed, cnito
 		t.Fatalf("host %s: cnitool add (%s): %v\n%s", c.h.Name, c.confDir, err, out)
 	}
 	var res struct {
-		CNIVersion string                     `json:"cniVersion"`
-		IPs        []struct{ Address string } `json:"ips"`
+		IPs []struct{ Address string } `json:"ips"`
 	}
-	if err := json.Unmarshal([]byte(out), &res); err != nil || len(res.IPs) != 1 {
-		t.Fatalf("host %s: cnitool add printed %q: %v", c.h.Name, out, err)
+	want := 1
+	if env.IPv6Subnet.IsValid() {
+		want = 2
 	}
-	p, err := netip.ParsePrefix(res.IPs[0].Address)
-	if err != nil || !env.Lease().Contains(p.Addr()) {
-		t.Fatalf("host %s: container address %s is not in the lease %s", c.h.Name, res.IPs[0].Address, env.Lease())
+	if err := json.Unmarshal([]byte(out), &res); err != nil || len(res.IPs) != want {
+		t.Fatalf("host %s: cnitool add printed %q (%v): want %d address(es)", c.h.Name, out, err, want)
 	}
-	return &testbed.Node{Name: suffix, NS: ns, Addr: p.Addr()}, path, p.Addr()
+	ctr := &testbed.Node{Name: suffix, NS: ns}
+	for _, ip := range res.IPs {
+		p, err := netip.ParsePrefix(ip.Address)
+		switch {
+		case err != nil:
+			t.Fatalf("host %s: address %q: %v", c.h.Name, ip.Address, err)
+		case p.Addr().Is4() && env.Lease().Contains(p.Addr()) && p.Bits() == env.Lease().Bits():
+			ctr.Addr = p.Addr()
+		case p.Addr().Is6() && env.IPv6Subnet.IsValid() && env.IPv6Lease().Contains(p.Addr()) && p.Bits() == env.IPv6Lease().Bits():
+			ctr.Addr6 = p.Addr()
+		default:
+			t.Fatalf("host %s: container address %s is in no lease of the host (%s, %s)", c.h.Name, p, env.Lease(), env.IPv6Subnet)
+		}
+	}
+	if !ctr.Addr.IsValid() || (env.IPv6Subnet.IsValid() && !ctr.Addr6.IsValid()) {
+		t.Fatalf("host %s: addresses %v: want one of each lease", c.h.Name, res.IPs)
+	}
+	return ctr, path, ctr.Addr
+}
+
+// wantContainerRoute checks that container namespace ns (of host) routes
+// network via gw.
+func wantContainerRoute(ctx context.Context, t *testing.T, host, ns string, network netip.Prefix, gw netip.Addr) {
+	t.Helper()
+	family := "-4"
+	if network.Addr().Is6() {
+		family = "-6"
+	}
+	routes, _ := testbed.Exec(ctx, ns, "ip", family, "route")
+	if !strings.Contains(routes, network.String()+" via "+gw.String()) {
+		t.Errorf("host %s: container routes lack %s via %s:\n%s", host, network, gw, routes)
+	}
 }
 
 // cniTestSetup builds the plugins directory (our tulle-cni, Debian's
