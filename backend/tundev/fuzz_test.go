@@ -290,14 +290,39 @@ next:
 // superUDP builds what a TUN with USO hands over: a UDP superpacket with
 // the pseudo-header sum in the checksum field, and its virtio header.
 func superUDP(payload, size int) (tundev.VirtioHdr, []byte) {
+	return superUDPOf(flowSrc, flowDst, 77, payload, size)
+}
+
+// superTCPOf is a TSO superpacket of flow src -> dst (IPv4 or IPv6): the
+// pseudo-header sum in the checksum field, and its virtio header.
+func superTCPOf(src, dst netip.AddrPort, payload, mss int) (tundev.VirtioHdr, []byte) {
+	data := make([]byte, payload)
+	for i := range data {
+		data[i] = byte(i * 31)
+	}
+	ihl := ipHeaderLen(src.Addr())
+	pkt := buildTCP(make([]byte, ihl+32+payload), 0, src, dst, 7, 9, tcpACK|tcpPSH, tsOpts, data)
+	binary.BigEndian.PutUint16(pkt[ihl+16:], ^checksum(nil, pseudoSum(src.Addr(), dst.Addr(), 6, len(pkt)-ihl)))
+	gso := uint8(tundev.GSOTCPv4)
+	if src.Addr().Is6() {
+		gso = tundev.GSOTCPv6
+	}
+	return tundev.VirtioHdr{Flags: tundev.VirtioNeedsCsum, GSOType: gso, HdrLen: uint16(ihl + 32),
+		GSOSize: uint16(mss), CsumStart: uint16(ihl), CsumOffset: 16}, pkt
+}
+
+// superUDPOf is a USO superpacket of flow src -> dst (IPv4 or IPv6; id
+// the IPv4 ID).
+func superUDPOf(src, dst netip.AddrPort, id uint16, payload, size int) (tundev.VirtioHdr, []byte) {
 	data := make([]byte, payload)
 	for i := range data {
 		data[i] = byte(i*13 + 5)
 	}
-	pkt := buildUDP(make([]byte, 28+payload), 0, flowSrc, flowDst, data, 77)
-	binary.BigEndian.PutUint16(pkt[26:], ^checksum(nil, pseudoSum(flowSrc.Addr(), flowDst.Addr(), 17, len(pkt)-20)))
-	return tundev.VirtioHdr{Flags: tundev.VirtioNeedsCsum, GSOType: tundev.GSOUDPL4, HdrLen: 28,
-		GSOSize: uint16(size), CsumStart: 20, CsumOffset: 6}, pkt
+	ihl := ipHeaderLen(src.Addr())
+	pkt := buildUDP(make([]byte, ihl+8+payload), 0, src, dst, data, id)
+	binary.BigEndian.PutUint16(pkt[ihl+6:], ^checksum(nil, pseudoSum(src.Addr(), dst.Addr(), 17, len(pkt)-ihl)))
+	return tundev.VirtioHdr{Flags: tundev.VirtioNeedsCsum, GSOType: tundev.GSOUDPL4, HdrLen: uint16(ihl + 8),
+		GSOSize: uint16(size), CsumStart: uint16(ihl), CsumOffset: 6}, pkt
 }
 
 // withIPOptions returns a copy of the IPv4 packet pkt (20-byte header) with

@@ -29,26 +29,12 @@ func segment6(i, mss int, extra byte) []byte {
 // superTCP6 is what a TUN with TSO6 hands over: IPv6 + TCP with the
 // pseudo-header sum in the checksum field, and its virtio header.
 func superTCP6(payload, mss int) (tundev.VirtioHdr, []byte) {
-	data := make([]byte, payload)
-	for i := range data {
-		data[i] = byte(i * 31)
-	}
-	pkt := buildTCP(make([]byte, 72+payload), 0, flowSrc6, flowDst6, 7, 9, tcpACK|tcpPSH, tsOpts, data)
-	binary.BigEndian.PutUint16(pkt[56:], ^checksum(nil, pseudoSum(flowSrc6.Addr(), flowDst6.Addr(), 6, len(pkt)-40)))
-	return tundev.VirtioHdr{Flags: tundev.VirtioNeedsCsum, GSOType: tundev.GSOTCPv6, HdrLen: 72,
-		GSOSize: uint16(mss), CsumStart: 40, CsumOffset: 16}, pkt
+	return superTCPOf(flowSrc6, flowDst6, payload, mss)
 }
 
 // superUDP6 is a USO superpacket over IPv6.
 func superUDP6(payload, size int) (tundev.VirtioHdr, []byte) {
-	data := make([]byte, payload)
-	for i := range data {
-		data[i] = byte(i*13 + 5)
-	}
-	pkt := buildUDP(make([]byte, 48+payload), 0, flowSrc6, flowDst6, data, 0)
-	binary.BigEndian.PutUint16(pkt[46:], ^checksum(nil, pseudoSum(flowSrc6.Addr(), flowDst6.Addr(), 17, len(pkt)-40)))
-	return tundev.VirtioHdr{Flags: tundev.VirtioNeedsCsum, GSOType: tundev.GSOUDPL4, HdrLen: 48,
-		GSOSize: uint16(size), CsumStart: 40, CsumOffset: 6}, pkt
+	return superUDPOf(flowSrc6, flowDst6, 0, payload, size)
 }
 
 // withDestOptions returns a copy of the IPv6 packet pkt with an 8-byte
@@ -104,14 +90,7 @@ func TestSplitRejectsInconsistentIPv6Headers(t *testing.T) {
 		"no payload":              func(h *tundev.VirtioHdr, p []byte) []byte { binary.BigEndian.PutUint16(p[4:], 32); return p[:72] },
 		"TCP type on UDP":         func(h *tundev.VirtioHdr, p []byte) []byte { p[6] = 17; return p },
 	}
-	for name, f := range bad {
-		hh, pp := h, append([]byte(nil), pkt...)
-		pp = f(&hh, pp)
-		var s tundev.Split
-		if err := s.Init(hh, pp); err == nil {
-			t.Errorf("%s: accepted", name)
-		}
-	}
+	wantSplitRejects(t, h, pkt, bad)
 }
 
 func TestCoalescerMergesIPv6SegmentsIntoOneGSOTCPv6Packet(t *testing.T) {

@@ -125,6 +125,14 @@ func TestOffloadReadSplitsUDPSuperpacket(t *testing.T) {
 	if _, err := conn.WriteBatch(msgs); err != nil || msgs[0].Err != 0 {
 		t.Fatalf("WriteBatch: %v, Err %v", err, msgs[0].Err)
 	}
+	wantUSOSplit(t, packets, peer, data, seg)
+}
+
+// wantUSOSplit checks that the datagram train data (segments of seg bytes)
+// sent to peer comes out of one read, split into its datagrams.
+func wantUSOSplit(t *testing.T, packets <-chan packet, peer netip.AddrPort, data []byte, seg int) {
+	t.Helper()
+	segs := len(data) / seg
 	var got []byte
 	for i := 0; i < segs; i++ {
 		p, ip := waitPacket(t, packets, func(ip ipPacket) bool { return ip.dst == peer })
@@ -165,20 +173,7 @@ func TestOffloadReadSplitsUDPSuperpacketOverIPv6(t *testing.T) {
 	if err := unix.Sendto(fd, data, 0, &unix.SockaddrInet6{Port: int(peer.Port()), Addr: peer.Addr().As16()}); err != nil {
 		t.Fatalf("GSO send: %v", err)
 	}
-	var got []byte
-	for i := 0; i < segs; i++ {
-		p, ip := waitPacket(t, packets, func(ip ipPacket) bool { return ip.dst == peer })
-		if p.batch != segs {
-			t.Errorf("segment %d came in a read of %d packets, want all %d in one (USO split)", i, p.batch, segs)
-		}
-		if len(ip.payload) != seg {
-			t.Fatalf("segment %d: %d bytes, want %d", i, len(ip.payload), seg)
-		}
-		got = append(got, ip.payload...)
-	}
-	if !bytes.Equal(got, data) {
-		t.Fatal("split segments do not add up to the datagram train sent")
-	}
+	wantUSOSplit(t, packets, peer, data, seg)
 }
 
 func TestOffloadWriteCoalescesUDPSegments(t *testing.T) { testWriteCoalescesUDP(t, false) }

@@ -251,14 +251,7 @@ func TestCoalescerMergesUDPOnlyWithUSO(t *testing.T) {
 // superTCP builds what a TUN with TSO hands over: headers with the
 // pseudo-header sum in the TCP checksum field, and its virtio header.
 func superTCP(payload, mss int) (tundev.VirtioHdr, []byte) {
-	data := make([]byte, payload)
-	for i := range data {
-		data[i] = byte(i * 31)
-	}
-	pkt := buildTCP(make([]byte, 52+payload), 0, flowSrc, flowDst, 7, 9, tcpACK|tcpPSH, tsOpts, data)
-	binary.BigEndian.PutUint16(pkt[36:], ^checksum(nil, pseudoSum(flowSrc.Addr(), flowDst.Addr(), 6, len(pkt)-20)))
-	return tundev.VirtioHdr{Flags: tundev.VirtioNeedsCsum, GSOType: tundev.GSOTCPv4, HdrLen: 52,
-		GSOSize: uint16(mss), CsumStart: 20, CsumOffset: 16}, pkt
+	return superTCPOf(flowSrc, flowDst, payload, mss)
 }
 
 func TestSplitCutsATSOSuperpacketIntoValidSegments(t *testing.T) {
@@ -300,6 +293,20 @@ func TestSplitCutsATSOSuperpacketIntoValidSegments(t *testing.T) {
 	}
 }
 
+// wantSplitRejects checks that Split refuses the superpacket h, pkt after
+// each of the damages in bad.
+func wantSplitRejects(t *testing.T, h tundev.VirtioHdr, pkt []byte, bad map[string]func(*tundev.VirtioHdr, []byte) []byte) {
+	t.Helper()
+	for name, f := range bad {
+		hh, pp := h, append([]byte(nil), pkt...)
+		pp = f(&hh, pp)
+		var s tundev.Split
+		if err := s.Init(hh, pp); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}
+
 func TestSplitRejectsInconsistentHeaders(t *testing.T) {
 	h, pkt := superTCP(3000, 1000)
 	bad := map[string]func(*tundev.VirtioHdr, []byte) []byte{
@@ -312,14 +319,7 @@ func TestSplitRejectsInconsistentHeaders(t *testing.T) {
 		"TCP header past the end":      func(h *tundev.VirtioHdr, p []byte) []byte { binary.BigEndian.PutUint16(p[2:], 30); return p[:30] },
 		"truncated":                    func(h *tundev.VirtioHdr, p []byte) []byte { return p[:2000] },
 	}
-	for name, f := range bad {
-		hh, pp := h, append([]byte(nil), pkt...)
-		pp = f(&hh, pp)
-		var s tundev.Split
-		if err := s.Init(hh, pp); err == nil {
-			t.Errorf("%s: accepted", name)
-		}
-	}
+	wantSplitRejects(t, h, pkt, bad)
 }
 
 // BenchmarkSplit cuts a 64 KiB TSO superpacket into 45 segments' headers
