@@ -417,17 +417,27 @@ func (b *Bed) StopEtcd() error {
 	return errors.Join(errs...)
 }
 
-// StopEtcdMember stops member i (1-based) as systemd does (SIGTERM).
-func (b *Bed) StopEtcdMember(i int) error {
+// runningMember returns member i (1-based) and its process, or an error if
+// it is not running.
+func (b *Bed) runningMember(i int) (*etcdMember, *proc, error) {
 	m, err := b.member(i)
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
 	b.mu.Lock()
 	p := m.proc
 	b.mu.Unlock()
 	if p == nil || p.exited() {
-		return fmt.Errorf("testbed %s: etcd %s is not running", b.Prefix, m.name)
+		return nil, nil, fmt.Errorf("testbed %s: etcd %s is not running", b.Prefix, m.name)
+	}
+	return m, p, nil
+}
+
+// StopEtcdMember stops member i (1-based) as systemd does (SIGTERM).
+func (b *Bed) StopEtcdMember(i int) error {
+	m, p, err := b.runningMember(i)
+	if err != nil {
+		return err
 	}
 	if err := stopEtcdProc(p, 15*time.Second); err != nil {
 		return fmt.Errorf("testbed %s: stop etcd %s: %w", b.Prefix, m.name, err)
@@ -439,15 +449,9 @@ func (b *Bed) StopEtcdMember(i int) error {
 // KillEtcdMember kills member i (1-based) with SIGKILL: no leadership
 // transfer, its connections reset.
 func (b *Bed) KillEtcdMember(i int) error {
-	m, err := b.member(i)
+	m, p, err := b.runningMember(i)
 	if err != nil {
 		return err
-	}
-	b.mu.Lock()
-	p := m.proc
-	b.mu.Unlock()
-	if p == nil || p.exited() {
-		return fmt.Errorf("testbed %s: etcd %s is not running", b.Prefix, m.name)
 	}
 	if err := p.kill(); err != nil {
 		return fmt.Errorf("testbed %s: kill etcd %s: %w", b.Prefix, m.name, err)
@@ -583,12 +587,6 @@ func FlannelLeaseKey(subnet netip.Prefix) string {
 // attached to an etcd lease of ttl (ttl 0 writes a reservation: no etcd
 // lease). It returns the etcd lease ID (0 for a reservation).
 func (b *Bed) PutFlannelLease(ctx context.Context, subnet netip.Prefix, publicIP netip.Addr, ttl time.Duration) (clientv3.LeaseID, error) {
-	c, err := b.EtcdClient()
-	if err != nil {
-		return 0, err
-	}
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
 	value, err := json.Marshal(struct {
 		PublicIP   string
 		PublicIPv6 *string
@@ -596,7 +594,18 @@ func (b *Bed) PutFlannelLease(ctx context.Context, subnet netip.Prefix, publicIP
 	if err != nil {
 		return 0, err
 	}
-	key := FlannelLeaseKey(subnet)
+	return b.putLeaseKey(ctx, FlannelLeaseKey(subnet), string(value), ttl)
+}
+
+// putLeaseKey writes value at key, attached to an etcd lease of ttl (0: no
+// etcd lease), and returns the etcd lease ID (0 without one).
+func (b *Bed) putLeaseKey(ctx context.Context, key, value string, ttl time.Duration) (clientv3.LeaseID, error) {
+	c, err := b.EtcdClient()
+	if err != nil {
+		return 0, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
 	var opts []clientv3.OpOption
 	var id clientv3.LeaseID
 	if ttl > 0 {
@@ -607,7 +616,7 @@ func (b *Bed) PutFlannelLease(ctx context.Context, subnet netip.Prefix, publicIP
 		id = g.ID
 		opts = append(opts, clientv3.WithLease(id))
 	}
-	if _, err := c.Put(ctx, key, string(value), opts...); err != nil {
+	if _, err := c.Put(ctx, key, value, opts...); err != nil {
 		return 0, fmt.Errorf("testbed %s: put %s: %w", b.Prefix, key, err)
 	}
 	return id, nil

@@ -94,12 +94,6 @@ func FlannelDualStackLeaseKey(subnet, subnet6 netip.Prefix) string {
 // publicIPv6 is zero), no BackendData (so no IPv6 data plane), attached to
 // an etcd lease of ttl (0: a reservation).
 func (b *Bed) PutFlannelDualStackLease(ctx context.Context, subnet, subnet6 netip.Prefix, publicIP, publicIPv6 netip.Addr, ttl time.Duration) (clientv3.LeaseID, error) {
-	c, err := b.EtcdClient()
-	if err != nil {
-		return 0, err
-	}
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
 	v := struct {
 		PublicIP   string
 		PublicIPv6 *string
@@ -112,19 +106,5 @@ func (b *Bed) PutFlannelDualStackLease(ctx context.Context, subnet, subnet6 neti
 	if err != nil {
 		return 0, err
 	}
-	key := FlannelDualStackLeaseKey(subnet, subnet6)
-	var opts []clientv3.OpOption
-	var id clientv3.LeaseID
-	if ttl > 0 {
-		g, err := c.Grant(ctx, int64((ttl+time.Second-1)/time.Second))
-		if err != nil {
-			return 0, fmt.Errorf("testbed %s: grant an etcd lease for %s: %w", b.Prefix, key, err)
-		}
-		id = g.ID
-		opts = append(opts, clientv3.WithLease(id))
-	}
-	if _, err := c.Put(ctx, key, string(value), opts...); err != nil {
-		return 0, fmt.Errorf("testbed %s: put %s: %w", b.Prefix, key, err)
-	}
-	return id, nil
+	return b.putLeaseKey(ctx, FlannelDualStackLeaseKey(subnet, subnet6), string(value), ttl)
 }
