@@ -106,16 +106,8 @@ func TestAuthTokenLossIsRecoveredByTheRunningWatchAndRenewal(t *testing.T) {
 			if kv := getKV(t, c, prefix+"/subnets/"+own.Key()); len(kv.Kvs) != 1 || kv.Kvs[0].Lease != own.LeaseID {
 				t.Errorf("own key %+v, want it on etcd lease %x", kv.Kvs, own.LeaseID)
 			}
-			for _, k := range []string{own.Subnet.String(), "198.18.201.0/24", "198.18.202.0/24"} {
-				if n := w.count(subnet.EventAdded, k); n != 1 {
-					t.Errorf("%s added %d times, want once", k, n)
-				}
-			}
-			select {
-			case err := <-done:
-				t.Fatalf("Run returned %v", err)
-			default:
-			}
+			w.wantAddedOnce(t, own.Subnet.String(), "198.18.201.0/24", "198.18.202.0/24")
+			wantRunning(t, done)
 		})
 	}
 }

@@ -2,7 +2,6 @@ package etcd
 
 import (
 	"net/netip"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -102,7 +101,6 @@ func TestManagerWritesPublicIPv6OnlyInADualStackNetworkAndReusesSubnetEnv(t *tes
 	}
 
 	s, c, prefix := startEtcdWithConfig(t, dualStackConfig)
-	envPath := filepath.Join(t.TempDir(), "subnet.env")
 	first := subnet.Allocation{Subnet: netip.MustParsePrefix("198.18.222.0/24"), IPv6Subnet: netip.MustParsePrefix("2001:db8:1:77::/64")}
 	r1 := newRegistry(t, s.Endpoint(), prefix, nil)
 	_, cfg, l1 := startManager(t, r1, subnet.ManagerOptions{LeaseTTL: time.Second, PublicIPv6: netip.MustParseAddr("2001:db8:ffff::1"),
@@ -113,20 +111,7 @@ func TestManagerWritesPublicIPv6OnlyInADualStackNetworkAndReusesSubnetEnv(t *tes
 	if got, want := string(getKV(t, c, prefix+"/subnets/"+l1.Key()).Kvs[0].Value), `{"PublicIP":"192.0.2.1","PublicIPv6":"2001:db8:ffff::1"}`; got != want {
 		t.Errorf("dual-stack network: value %s, want %s", got, want)
 	}
-	if err := subnet.WriteEnv(envPath, subnet.Env{Network: cfg.Network, Subnet: l1.Subnet, IPv6Network: cfg.IPv6Network, IPv6Subnet: l1.IPv6Subnet, MTU: 1472}); err != nil {
-		t.Fatal(err)
-	}
-	r1.Close() // the host goes away without renewing
-	eventually(t, 10*time.Second, "the key to expire", func() bool {
-		return len(getKV(t, c, prefix+"/subnets/"+l1.Key()).Kvs) == 0
-	})
-
-	env, err := subnet.ReadEnv(envPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	r2 := newRegistry(t, s.Endpoint(), prefix, nil)
-	_, _, l2 := startManager(t, r2, subnet.ManagerOptions{LeaseTTL: time.Minute, PreviousSubnet: env.Subnet, PreviousIPv6Subnet: env.IPv6Subnet})
+	l2 := restartFromSubnetEnv(t, s, c, prefix, r1, cfg, l1)
 	if l2.Subnet != first.Subnet || l2.IPv6Subnet != first.IPv6Subnet {
 		t.Errorf("restart got %v, want %v from subnet.env", l2, first)
 	}

@@ -160,14 +160,15 @@ func leaseCount(t *testing.T, c *clientv3.Client) int {
 	return len(ls.Leases)
 }
 
-// collector drains an event channel and keeps every batch.
-type collector struct {
+// batchCollector drains a channel of event batches until the end of the
+// test and keeps every batch.
+type batchCollector[T any] struct {
 	mu      sync.Mutex
-	batches [][]subnet.Event
+	batches [][]T
 }
 
-func collect(t *testing.T, ch <-chan []subnet.Event) *collector {
-	c := &collector{}
+func collectBatches[T any](t *testing.T, ch <-chan []T) *batchCollector[T] {
+	c := &batchCollector[T]{}
 	done := make(chan struct{})
 	cx, cancel := context.WithCancel(context.Background())
 	go func() {
@@ -187,20 +188,42 @@ func collect(t *testing.T, ch <-chan []subnet.Event) *collector {
 	return c
 }
 
-func (c *collector) events() []subnet.Event {
+// events returns the events of every batch, in order.
+func (c *batchCollector[T]) events() []T {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	var out []subnet.Event
+	var out []T
 	for _, b := range c.batches {
 		out = append(out, b...)
 	}
 	return out
 }
 
-func (c *collector) nbatches() int {
+func (c *batchCollector[T]) nbatches() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return len(c.batches)
+}
+
+// collector keeps the lease events of a channel.
+type collector struct{ *batchCollector[subnet.Event] }
+
+func collect(t *testing.T, ch <-chan []subnet.Event) *collector {
+	return &collector{collectBatches(t, ch)}
+}
+
+// runUntilEnd runs run until the end of the test and fails the test if it
+// returns an error (what names it).
+func runUntilEnd(t *testing.T, what string, run func(context.Context) error) {
+	cx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- run(cx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("%s: %v", what, err)
+		}
+	})
 }
 
 // count returns how many events of type typ there were for subnet s.
@@ -212,6 +235,16 @@ func (c *collector) count(typ subnet.EventType, s string) int {
 		}
 	}
 	return n
+}
+
+// wantAddedOnce checks that each of subnets was added exactly once.
+func (c *collector) wantAddedOnce(t *testing.T, subnets ...string) {
+	t.Helper()
+	for _, s := range subnets {
+		if n := c.count(subnet.EventAdded, s); n != 1 {
+			t.Errorf("%s added %d times, want once", s, n)
+		}
+	}
 }
 
 // state applies all events and returns the resulting set of subnets.
@@ -242,14 +275,6 @@ func eventually(t *testing.T, timeout time.Duration, what string, cond func() bo
 func watch(t *testing.T, r subnet.Registry) *collector {
 	ch := make(chan []subnet.Event)
 	c := collect(t, ch)
-	cx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- r.WatchLeases(cx, ch) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("WatchLeases: %v", err)
-		}
-	})
+	runUntilEnd(t, "WatchLeases", func(cx context.Context) error { return r.WatchLeases(cx, ch) })
 	return c
 }

@@ -14,6 +14,41 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
+// restartFromSubnetEnv writes subnet.env for the lease l1 that r1 holds
+// (in network cfg), lets the host go without renewing until its key
+// expired, and starts a new host from that subnet.env; it returns the new
+// host's lease.
+func restartFromSubnetEnv(t *testing.T, s *etcdtest.Server, c *clientv3.Client, prefix string, r1 *Registry, cfg *subnet.Config, l1 subnet.Lease) subnet.Lease {
+	t.Helper()
+	envPath := filepath.Join(t.TempDir(), "subnet.env")
+	if err := subnet.WriteEnv(envPath, subnet.Env{Network: cfg.Network, Subnet: l1.Subnet, IPv6Network: cfg.IPv6Network, IPv6Subnet: l1.IPv6Subnet, MTU: 1472}); err != nil {
+		t.Fatal(err)
+	}
+	r1.Close() // the host goes away without renewing
+	eventually(t, 10*time.Second, "the key to expire", func() bool {
+		return len(getKV(t, c, prefix+"/subnets/"+l1.Key()).Kvs) == 0
+	})
+
+	env, err := subnet.ReadEnv(envPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r2 := newRegistry(t, s.Endpoint(), prefix, nil)
+	_, _, l2 := startManager(t, r2, subnet.ManagerOptions{LeaseTTL: time.Minute, PreviousSubnet: env.Subnet, PreviousIPv6Subnet: env.IPv6Subnet})
+	return l2
+}
+
+// wantRunning fails the test if Run, whose result arrives on done, has
+// returned.
+func wantRunning(t *testing.T, done <-chan error) {
+	t.Helper()
+	select {
+	case err := <-done:
+		t.Fatalf("Run returned %v", err)
+	default:
+	}
+}
+
 // runManager runs m.Run until the end of the test; its result arrives on
 // the returned channel.
 func runManager(t *testing.T, m *subnet.Manager) (*collector, <-chan error) {
@@ -120,7 +155,6 @@ func TestReservationStaysAReservation(t *testing.T) {
 func TestRestartReusesSubnetFromSubnetEnvAfterTheKeyExpired(t *testing.T) {
 	t.Parallel()
 	s, c, prefix := startEtcdWithConfig(t, `{"Network":"198.18.0.0/16"}`)
-	envPath := filepath.Join(t.TempDir(), "subnet.env")
 	// 198.18.222.0/24 is beyond the first 100 free subnets, so only the
 	// previous subnet can bring a host there.
 	first := netip.MustParsePrefix("198.18.222.0/24")
@@ -129,20 +163,7 @@ func TestRestartReusesSubnetFromSubnetEnvAfterTheKeyExpired(t *testing.T) {
 	if l1.Subnet != first {
 		t.Fatalf("first start got %s", l1.Subnet)
 	}
-	if err := subnet.WriteEnv(envPath, subnet.Env{Network: cfg.Network, Subnet: l1.Subnet, MTU: 1472}); err != nil {
-		t.Fatal(err)
-	}
-	r1.Close() // the host goes away without renewing
-	eventually(t, 10*time.Second, "the key to expire", func() bool {
-		return len(getKV(t, c, prefix+"/subnets/"+l1.Key()).Kvs) == 0
-	})
-
-	env, err := subnet.ReadEnv(envPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	r2 := newRegistry(t, s.Endpoint(), prefix, nil)
-	_, _, l2 := startManager(t, r2, subnet.ManagerOptions{LeaseTTL: time.Minute, PreviousSubnet: env.Subnet})
+	l2 := restartFromSubnetEnv(t, s, c, prefix, r1, cfg, l1)
 	if l2.Subnet != first {
 		t.Errorf("restart got %s, want %s from subnet.env", l2.Subnet, first)
 	}
@@ -168,11 +189,7 @@ func TestOwnKeyDeletedByAnotherClientIsReacquired(t *testing.T) {
 	if st := m.Status(); st.Lease.LeaseID == l.LeaseID {
 		t.Error("re-acquired on the old etcd lease")
 	}
-	select {
-	case err := <-done:
-		t.Fatalf("Run returned %v", err)
-	default:
-	}
+	wantRunning(t, done)
 	assertNoOrphanLeases(t, c)
 }
 

@@ -111,11 +111,7 @@ func TestWatchSurvivesEtcdRestartWithoutLossOrDuplicates(t *testing.T) {
 	// A last change: anything the watch would send twice comes before it.
 	putLease(t, c2, prefix, "198.18.214.0-24", otherValue(214), 600)
 	eventually(t, 10*time.Second, "the last change", func() bool { return w.count(subnet.EventAdded, "198.18.214.0/24") == 1 })
-	for _, k := range want {
-		if n := w.count(subnet.EventAdded, k); n != 1 {
-			t.Errorf("%s added %d times, want once", k, n)
-		}
-	}
+	w.wantAddedOnce(t, want...)
 	if a, rm := w.count(subnet.EventAdded, "198.18.201.0/24"), w.count(subnet.EventRemoved, "198.18.201.0/24"); a != 1 || rm != 1 {
 		t.Errorf("198.18.201.0/24 added %d and removed %d times, want once each", a, rm)
 	}
@@ -125,11 +121,7 @@ func TestWatchSurvivesEtcdRestartWithoutLossOrDuplicates(t *testing.T) {
 	if total, limit := r.Status().WatchAttempts-attemptsBefore, 6+uint64(time.Since(outage)/time.Second); total > limit {
 		t.Errorf("%d watch attempts for one outage of %s, want at most %d", total, time.Since(outage).Round(time.Millisecond), limit)
 	}
-	select {
-	case err := <-done:
-		t.Fatalf("Run returned %v", err)
-	default:
-	}
+	wantRunning(t, done)
 }
 
 func TestWatchAfterCompactionSendsTheExactDiff(t *testing.T) {

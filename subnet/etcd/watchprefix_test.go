@@ -3,7 +3,6 @@ package etcd
 import (
 	"context"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -11,47 +10,16 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
-// keyCollector runs WatchPrefix until the end of the test and keeps every
-// batch.
-type keyCollector struct {
-	mu      sync.Mutex
-	batches [][]KeyEvent
-}
+// keyCollector keeps the batches of a WatchPrefix.
+type keyCollector struct{ *batchCollector[KeyEvent] }
 
+// watchPrefix runs WatchPrefix until the end of the test.
 func watchPrefix(t *testing.T, r *Registry, suffix string) *keyCollector {
 	t.Helper()
 	ch := make(chan []KeyEvent)
-	c := &keyCollector{}
-	cx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		for {
-			select {
-			case b := <-ch:
-				c.mu.Lock()
-				c.batches = append(c.batches, b)
-				c.mu.Unlock()
-			case <-cx.Done():
-				return
-			}
-		}
-	})
-	done := make(chan error, 1)
-	go func() { done <- r.WatchPrefix(cx, suffix, ch) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("WatchPrefix: %v", err)
-		}
-		wg.Wait()
-	})
+	c := &keyCollector{collectBatches(t, ch)}
+	runUntilEnd(t, "WatchPrefix", func(cx context.Context) error { return r.WatchPrefix(cx, suffix, ch) })
 	return c
-}
-
-func (c *keyCollector) nbatches() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return len(c.batches)
 }
 
 // lines renders the events from batch i on, one per line: "put a=1" or
