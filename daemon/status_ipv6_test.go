@@ -2,13 +2,9 @@ package daemon
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"strings"
 	"testing"
-	"time"
-
-	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/tulle-net/tulle/subnet"
 )
@@ -17,24 +13,14 @@ import (
 // lease, both subnets and both public addresses.
 func TestStatusShowsBothFamilies(t *testing.T) {
 	ep, cli := loopbackEtcd(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
 	p := subnet.DefaultPrefix
-	grant, err := cli.Grant(ctx, 3600)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := cli.Put(ctx, p+"/config", `{"Network":"198.18.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:1::/48","Backend":{"Type":"udp"}}`); err != nil {
-		t.Fatal(err)
-	}
-	for k, v := range map[string]string{
+	putKeys(t, cli, false, map[string]string{
+		p + "/config": `{"Network":"198.18.0.0/16","EnableIPv6":true,"IPv6Network":"2001:db8:1::/48","Backend":{"Type":"udp"}}`,
+	})
+	putKeys(t, cli, true, map[string]string{
 		p + "/subnets/198.18.1.0-24&2001:db8:1:1::-64": `{"PublicIP":"192.0.2.1","PublicIPv6":"2001:db8:ffff::1","BackendData":{"tulle":{"version":"v0.1.0","features":["ipv6"]}}}`,
 		p + "/subnets/198.18.2.0-24&2001:db8:1:2::-64": `{"PublicIP":"192.0.2.2","PublicIPv6":null}`,
-	} {
-		if _, err := cli.Put(ctx, k, v, clientv3.WithLease(grant.ID)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	})
 	var out, errOut bytes.Buffer
 	if code := Main([]string{"status", "--etcd-endpoints=" + ep}, nil, &out, &errOut); code != 0 {
 		t.Fatalf("exit %d: %s", code, errOut.String())

@@ -25,34 +25,41 @@ func loopbackEtcd(t *testing.T) (string, *clientv3.Client) {
 	return e.Endpoint(), e.Client()
 }
 
-func TestStatusListsEveryLeaseAndTellsTulleFromFlannel(t *testing.T) {
-	ep, cli := loopbackEtcd(t)
+// putKeys writes kv to etcd; if leased, on an etcd lease of an hour, as a
+// live host's lease is (else as a reservation or the config are).
+func putKeys(t *testing.T, cli *clientv3.Client, leased bool, kv map[string]string) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	p := subnet.DefaultPrefix
-	grant, err := cli.Grant(ctx, 3600)
-	if err != nil {
-		t.Fatal(err)
+	var opts []clientv3.OpOption
+	if leased {
+		grant, err := cli.Grant(ctx, 3600)
+		if err != nil {
+			t.Fatal(err)
+		}
+		opts = append(opts, clientv3.WithLease(grant.ID))
 	}
-	for k, v := range map[string]string{
+	for k, v := range kv {
+		if _, err := cli.Put(ctx, k, v, opts...); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestStatusListsEveryLeaseAndTellsTulleFromFlannel(t *testing.T) {
+	ep, cli := loopbackEtcd(t)
+	p := subnet.DefaultPrefix
+	putKeys(t, cli, false, map[string]string{
 		p + "/config": `{"Network":"198.18.0.0/16","SubnetLen":24,"Backend":{"Type":"udp","Port":8285}}`,
 		// a reservation (no etcd lease) held by a flannel host
 		p + "/subnets/198.18.9.0-24": `{"PublicIP":"192.0.2.9","PublicIPv6":null}`,
 		// a key nobody can read
 		p + "/subnets/banana": `{"PublicIP":"192.0.2.66"}`,
-	} {
-		if _, err := cli.Put(ctx, k, v); err != nil {
-			t.Fatal(err)
-		}
-	}
-	for k, v := range map[string]string{
+	})
+	putKeys(t, cli, true, map[string]string{
 		p + "/subnets/198.18.2.0-24": `{"PublicIP":"192.0.2.2","PublicIPv6":null}`,
 		p + "/subnets/198.18.1.0-24": `{"PublicIP":"192.0.2.1","PublicIPv6":null,"BackendData":{"tulle":{"version":"v0.1.0"}}}`,
-	} {
-		if _, err := cli.Put(ctx, k, v, clientv3.WithLease(grant.ID)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	})
 
 	var out, errOut bytes.Buffer
 	if code := Main([]string{"status", "--etcd-endpoints=" + ep}, nil, &out, &errOut); code != 0 {
