@@ -29,17 +29,27 @@ func runMain(t *testing.T, env []string, args ...string) (code int, stdout, stde
 }
 
 // The format of flannel's mk-docker-opts.sh (../shared/reference/flannel-compat.md):
-// DOCKER_OPTS=" --bip=10.5.79.1/24 --ip-masq=false --mtu=1472"
+// DOCKER_OPTS=" --bip=10.5.79.1/24 --ip-masq=false --mtu=1472". In a
+// dual-stack network Docker's bridge gets the IPv6 lease too: --ipv6
+// --fixed-cidr-v6=<lease>, in mk-docker-opts.sh's alphabetical order.
 func TestDockerOptsPrintsWhatMkDockerOptsPrints(t *testing.T) {
-	p := writeSubnetEnv(t, flannelEnv)
-	code, out, errOut := runMain(t, nil, "docker-opts", "-f", p)
-	want := `DOCKER_OPT_BIP="--bip=198.18.79.1/24"
+	for _, c := range []struct{ env, want string }{
+		{flannelEnv, `DOCKER_OPT_BIP="--bip=198.18.79.1/24"
 DOCKER_OPT_IPMASQ="--ip-masq=false"
 DOCKER_OPT_MTU="--mtu=1472"
 DOCKER_OPTS=" --bip=198.18.79.1/24 --ip-masq=false --mtu=1472"
-`
-	if code != 0 || out != want {
-		t.Errorf("exit %d, stderr %q\ngot:\n%s\nwant:\n%s", code, errOut, out, want)
+`},
+		{dualStackEnv, `DOCKER_OPT_BIP="--bip=198.18.79.1/24"
+DOCKER_OPT_IPMASQ="--ip-masq=false"
+DOCKER_OPT_IPV6="--ipv6 --fixed-cidr-v6=2001:db8:1:4f::/64"
+DOCKER_OPT_MTU="--mtu=1472"
+DOCKER_OPTS=" --bip=198.18.79.1/24 --ip-masq=false --ipv6 --fixed-cidr-v6=2001:db8:1:4f::/64 --mtu=1472"
+`},
+	} {
+		code, out, errOut := runMain(t, nil, "docker-opts", "-f", writeSubnetEnv(t, c.env))
+		if code != 0 || out != c.want {
+			t.Errorf("exit %d, stderr %q\ngot:\n%s\nwant:\n%s", code, errOut, out, c.want)
+		}
 	}
 }
 
