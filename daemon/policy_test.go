@@ -47,6 +47,16 @@ func newRunnerBed(t *testing.T) *runnerBed {
 	return b
 }
 
+// startWithWeb starts the runner with webPolicy, no netsets and
+// hostLeases, and waits for web's rule.
+func (b *runnerBed) startWithWeb() {
+	b.start()
+	b.pol <- []etcdreg.KeyEvent{{Key: "web", Value: []byte(webPolicy)}}
+	b.net <- []etcdreg.KeyEvent{}
+	b.r.setLeases(hostLeases)
+	b.waitFor("web's rule", b.has("web ingress rule 1 allow ip"))
+}
+
 func (b *runnerBed) start() {
 	ctx, cancel := context.WithCancel(context.Background())
 	b.cancel = cancel
@@ -165,11 +175,7 @@ func TestPolicyRunnerReplacesRulesOnlyOnceEverythingIsRead(t *testing.T) {
 // keeps the whole ruleset; fixing it applies again. Refusals are counted.
 func TestInvalidPolicyLeavesThePreviousRulesInForce(t *testing.T) {
 	b := newRunnerBed(t)
-	b.start()
-	b.pol <- []etcdreg.KeyEvent{{Key: "web", Value: []byte(webPolicy)}}
-	b.net <- []etcdreg.KeyEvent{}
-	b.r.setLeases(hostLeases)
-	b.waitFor("web's rule", b.has("web ingress rule 1 allow ip"))
+	b.startWithWeb()
 
 	// web gets an unknown field: its previous version stays, other changes go on
 	b.pol <- []etcdreg.KeyEvent{{Key: "web", Value: []byte(`{"Selector":["198.18.2.2"],"Ingress":[],"Colour":"red"}`)}}
@@ -243,11 +249,7 @@ func TestPolicyRunnerFollowsLeasesAndNetsets(t *testing.T) {
 // costs the runner an index update, never a compile of the ruleset.
 func TestLeaseChurnRecompilesOnlyForHostsPoliciesName(t *testing.T) {
 	b := newRunnerBed(t)
-	b.start()
-	b.pol <- []etcdreg.KeyEvent{{Key: "web", Value: []byte(webPolicy)}}
-	b.net <- []etcdreg.KeyEvent{}
-	b.r.setLeases(hostLeases)
-	b.waitFor("web's rule", b.has("web ingress rule 1 allow ip"))
+	b.startWithWeb()
 	compiles := b.r.compiles.Load()
 
 	var churn []subnet.Event
