@@ -254,19 +254,8 @@ func TestDualStackContainers(t *testing.T) {
 		// 1400 bytes of echo + 48 of headers: tulled on host 1 answers
 		// ICMPv6 Packet Too Big, mtu 1372; ping prints it, or once the
 		// container's kernel has learned the path MTU, refuses locally.
-		var out string
-		deadline := time.Now().Add(15 * time.Second)
-		for {
-			out, _ = c1.Exec(ctx, "ping", "-n", "-M", "do", "-s", "1400", "-c", "1", "-W", "1", c2.Addr6.String())
-			if strings.Contains(out, fmt.Sprintf("mtu=%d", pathMTU)) || strings.Contains(out, fmt.Sprintf("mtu = %d", pathMTU)) {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("no ICMPv6 Packet Too Big with mtu %d within 15 s; last ping:\n%s", pathMTU, out)
-			}
-			time.Sleep(200 * time.Millisecond)
-		}
-		t.Logf("ping -6 -M do -s 1400: %s", strings.TrimSpace(out))
+		out := pingUntilTooBig(t, ctx, c1, c2.Addr6, 1400, pathMTU, "ICMPv6 Packet Too Big")
+		t.Logf("ping -6 -M do -s 1400: %s", out)
 		if v := metric(t, ctx, h1, "tulle_dropped_packets_total", "direction", "transmit", "reason", "oversize", "family", "ipv6"); v < 1 {
 			t.Errorf("host 1 counted %v IPv6 oversize drops, though it answered an oversize packet", v)
 		}

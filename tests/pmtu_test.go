@@ -1,7 +1,9 @@
 package tests
 
 import (
+	"context"
 	"fmt"
+	"net/netip"
 	"strconv"
 	"strings"
 	"testing"
@@ -35,19 +37,8 @@ func TestOversizeDFPacketGetsFragNeeded(t *testing.T) {
 		return metric(t, ctx, h1, "tulle_dropped_packets_total", "direction", "transmit", "reason", "oversize")
 	}
 	before := oversize()
-	var out string
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		out, _ = c1.Exec(ctx, "ping", "-n", "-M", "do", "-s", "1300", "-c", "1", "-W", "1", c3.Addr.String())
-		if strings.Contains(out, fmt.Sprintf("mtu = %d", pathMTU)) || strings.Contains(out, fmt.Sprintf("mtu=%d", pathMTU)) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no ICMP fragmentation needed with mtu %d within 15 s; last ping:\n%s", pathMTU, out)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
-	t.Logf("ping -M do -s 1300: %s", strings.TrimSpace(out))
+	out := pingUntilTooBig(t, ctx, c1, c3.Addr, 1300, pathMTU, "ICMP fragmentation needed")
+	t.Logf("ping -M do -s 1300: %s", out)
 	// tulled dropped (and counted) the packet it answered with the ICMP.
 	if after := oversize(); after <= before {
 		t.Errorf("host 1 transmit oversize drops %v -> %v, though it answered an oversize DF packet", before, after)
@@ -97,5 +88,23 @@ func TestTCPCompletesWithSmallerUnderlayMTUOnOneHost(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Logf("%s -> %s: %d bytes in %v (%s)", p[0].Name, p[1].Name, tr.Bytes, tr.Elapsed, testbed.FormatBits(tr.BitsPerSecond()))
+	}
+}
+
+// pingUntilTooBig pings dst from c with size bytes of echo and DF (for
+// IPv6, no fragmentation) until ping reports the path MTU pathMTU (what:
+// the ICMP error that tells it), within 15 s, and returns ping's output.
+func pingUntilTooBig(t *testing.T, ctx context.Context, c *testbed.Node, dst netip.Addr, size, pathMTU int, what string) string {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		out, _ := c.Exec(ctx, "ping", "-n", "-M", "do", "-s", strconv.Itoa(size), "-c", "1", "-W", "1", dst.String())
+		if strings.Contains(out, fmt.Sprintf("mtu = %d", pathMTU)) || strings.Contains(out, fmt.Sprintf("mtu=%d", pathMTU)) {
+			return strings.TrimSpace(out)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no %s with mtu %d within 15 s; last ping:\n%s", what, pathMTU, out)
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 }
