@@ -17,16 +17,30 @@ import (
 //
 // In a dual-stack network it also advertises the IPv6 features
 // (udp.IPv6Features: the IPv6 data plane, and the IPv6 underlay when the
-// config turns it on and this host has an IPv6 underlay address).
+// config turns it on and this host has an IPv6 underlay address), and,
+// with DirectRouting, udp.FeatureDirectIPv6 when this host's PublicIPv6
+// takes direct traffic (decided apart from IPv4's: either may hold alone).
 func (d *daemon) leaseBackendData(cfg *subnet.Config) json.RawMessage {
-	ipv6 := udp.IPv6Features(cfg, d.sel.PublicIPv6)
+	feats := udp.IPv6Features(cfg, d.sel.PublicIPv6)
 	if !cfg.DirectRouting {
-		return backendData(d.cfg.PartialChecksums, ipv6...)
+		return backendData(d.cfg.PartialChecksums, feats...)
 	}
+	var direct []string
 	if err := udp.CheckDirect(d.sel.Index, d.sel.PublicIP); err != nil {
 		d.log.Warn("DirectRouting is on in the network config, but this host cannot take direct traffic: every peer keeps the UDP path to and from it",
 			"error", err)
-		return backendData(d.cfg.PartialChecksums, ipv6...)
+	} else {
+		direct = append(direct, udp.FeatureDirect)
 	}
-	return backendData(d.cfg.PartialChecksums, append([]string{udp.FeatureDirect}, ipv6...)...)
+	if cfg.EnableIPv4 && cfg.EnableIPv6 {
+		if !d.sel.PublicIPv6.IsValid() {
+			d.log.Info("DirectRouting: this host has no IPv6 underlay address, so IPv6 keeps the UDP path to and from it (an IPv6 route needs an IPv6 gateway)")
+		} else if err := udp.CheckDirect(d.sel.Index, d.sel.PublicIPv6); err != nil {
+			d.log.Warn("DirectRouting is on in the network config, but this host cannot take direct IPv6 traffic: IPv6 keeps the UDP path to and from it",
+				"error", err)
+		} else {
+			direct = append(direct, udp.FeatureDirectIPv6)
+		}
+	}
+	return backendData(d.cfg.PartialChecksums, append(direct, feats...)...)
 }

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"net/http"
+	"net/netip"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/tulle-net/tulle/subnet"
 	"github.com/tulle-net/tulle/subnet/etcd/etcdtest"
 )
 
@@ -87,5 +89,28 @@ func waitMetricText(t *testing.T, want string, d time.Duration) {
 			t.Fatalf("/metrics lacks %q after %s", want, d)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// In a dual-stack network the not-ready reasons about the lease name both
+// of its subnets: the one key holds both, and both go when it expires.
+func TestLeaseProblemNamesBothSubnets(t *testing.T) {
+	now := time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC)
+	l := subnet.Lease{
+		Subnet:     netip.MustParsePrefix("198.18.7.0/24"),
+		IPv6Subnet: netip.MustParsePrefix("2001:db8:1:7::/64"),
+		Expiration: now.Add(time.Minute),
+	}
+	ms := subnet.ManagerStatus{Lease: l, LeaseHeld: true, RenewAt: now.Add(-time.Minute)}
+	const both = "lease 198.18.7.0/24 and 2001:db8:1:7::/64 "
+	if got := leaseProblem(ms, now); !strings.HasPrefix(got, both+"not renewed since it was due") {
+		t.Errorf("overdue renewal: %q, want it to start with %q", got, both)
+	}
+	if got := leaseProblem(ms, now.Add(2*time.Minute)); !strings.HasPrefix(got, both+"expired in etcd") {
+		t.Errorf("expired: %q, want it to start with %q", got, both)
+	}
+	ms.Lease.IPv6Subnet = netip.Prefix{}
+	if got := leaseProblem(ms, now); !strings.HasPrefix(got, "lease 198.18.7.0/24 not renewed") {
+		t.Errorf("IPv4 only: %q", got)
 	}
 }

@@ -58,6 +58,8 @@ var watchDownBound = 30 * time.Second
 func renewGrace(margin time.Duration) time.Duration { return min(margin/4, 10*time.Second) }
 
 // leaseProblem says why the held lease can not be trusted, "" if it can.
+// It names the lease by both its subnets in a dual-stack network: the
+// one key holds both, and both go when it expires.
 func leaseProblem(ms subnet.ManagerStatus, now time.Time) string {
 	l := ms.Lease
 	if !ms.LeaseHeld || l.Reservation || l.Expiration.IsZero() || ms.RenewAt.IsZero() {
@@ -69,9 +71,9 @@ func leaseProblem(ms subnet.ManagerStatus, now time.Time) string {
 	}
 	switch {
 	case !now.Before(l.Expiration):
-		return fmt.Sprintf("lease %s expired in etcd at %s, not renewed%s", l.Subnet, l.Expiration.UTC().Format(time.RFC3339), cause)
+		return fmt.Sprintf("lease %s expired in etcd at %s, not renewed%s", subnetsText(l), l.Expiration.UTC().Format(time.RFC3339), cause)
 	case now.Sub(ms.RenewAt) > renewGrace(l.Expiration.Sub(ms.RenewAt)):
-		return fmt.Sprintf("lease %s not renewed since it was due at %s; it expires at %s%s", l.Subnet,
+		return fmt.Sprintf("lease %s not renewed since it was due at %s; it expires at %s%s", subnetsText(l),
 			ms.RenewAt.UTC().Format(time.RFC3339), l.Expiration.UTC().Format(time.RFC3339), cause)
 	}
 	return ""

@@ -129,6 +129,7 @@ func (e *Enforcer) Apply(rs *Ruleset) (ApplyStats, error) {
 	ingress := c.AddChain(&nftables.Chain{Name: ChainIngress, Table: table})
 
 	b.rule(fwd, CommentEstablished, ruleMeta{}, ctEstablished(), verdict(expr.VerdictAccept, ""))
+	b.rule(fwd, CommentNeighbour, ruleMeta{}, neighbourDiscovery(), verdict(expr.VerdictAccept, ""))
 	for _, j := range rs.jumps() {
 		field := "saddr"
 		if j.chain == ChainIngress {
@@ -253,6 +254,27 @@ func ctEstablished() []expr.Any {
 			Mask: binaryutil.NativeEndian.PutUint32(expr.CtStateBitESTABLISHED | expr.CtStateBitRELATED),
 			Xor:  binaryutil.NativeEndian.PutUint32(0)},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)},
+	}
+}
+
+// neighbourDiscovery is `ip6 hoplimit 255 icmpv6 type {
+// nd-neighbor-solicit, nd-neighbor-advert }`: IPv6's address resolution
+// and reachability checks between two workloads on one bridge, which
+// conntrack leaves untracked (they are no connection, so never
+// "established"). Default deny must not drop them, as it never sees ARP:
+// a workload that could not resolve its neighbours would lose its allowed
+// connections too. Hop limit 255 is what a genuine one carries (RFC 4861
+// drops any other), so a routed packet never passes as one.
+func neighbourDiscovery() []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.NFPROTO_IPV6}},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 7, Len: 1}, // hop limit
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{255}},
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_ICMPV6}},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1}, // type
+		&expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: []byte{135}, ToData: []byte{136}},   // solicitation, advertisement
 	}
 }
 

@@ -198,7 +198,7 @@ func TestInstalledRulesetReadsBack(t *testing.T) {
 	mustApply(t, l.enf, rs)
 
 	var want []string
-	want = append(want, CommentEstablished)
+	want = append(want, CommentEstablished, CommentNeighbour)
 	for _, j := range rs.jumps() {
 		want = append(want, j.comment())
 	}

@@ -17,6 +17,7 @@ const (
 // Comments of the rules that are not a policy's.
 const (
 	CommentEstablished    = "established and related"
+	CommentNeighbour      = "IPv6 neighbour discovery"
 	CommentDefaultIngress = "default deny ingress"
 	CommentDefaultEgress  = "default deny egress"
 )
@@ -58,6 +59,7 @@ func (rs *Ruleset) WriteTo(w io.Writer) (int64, error) {
 	}
 	fmt.Fprintf(&b, "\tchain %s {\n\t\ttype filter hook forward priority filter; policy accept;\n", ChainForward)
 	fmt.Fprintf(&b, "\t\tct state established,related counter accept comment %q\n", CommentEstablished)
+	fmt.Fprintf(&b, "\t\tip6 hoplimit 255 icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } counter accept comment %q\n", CommentNeighbour)
 	for _, j := range rs.jumps() {
 		fmt.Fprintf(&b, "\t\t%s %s @%s counter jump %s comment %q\n", j.family.nft(), j.field, j.set, j.chain, j.comment())
 	}

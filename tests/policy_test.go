@@ -30,7 +30,15 @@ type policyBed struct {
 
 func newPolicyBed(t *testing.T, ctx context.Context) *policyBed {
 	t.Helper()
-	b := cluster(t, testbed.Options{}, "")
+	return newPolicyBedWith(t, ctx, "")
+}
+
+// newPolicyBedWith is newPolicyBed in the network config (default if
+// ""); in a dual-stack network the containers, c2b too, have IPv6
+// addresses and serve on both.
+func newPolicyBedWith(t *testing.T, ctx context.Context, config string) *policyBed {
+	t.Helper()
+	b := cluster(t, testbed.Options{}, config)
 	bin, err := testbed.BuildTulled(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -52,8 +60,13 @@ func newPolicyBed(t *testing.T, ctx context.Context) *policyBed {
 		t.Cleanup(stop)
 	}
 	for _, n := range []*testbed.Node{p.c1, p.c2b, p.c3} {
-		if _, err := n.WaitReachable(ctx, p.c2.Addr, 10*time.Second); err != nil {
-			t.Fatal(err)
+		for _, a := range []netip.Addr{p.c2.Addr, p.c2.Addr6} {
+			if !a.IsValid() {
+				continue
+			}
+			if _, err := n.WaitReachable(ctx, a, 10*time.Second); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
 	return p

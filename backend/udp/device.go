@@ -83,7 +83,7 @@ func setupIPv6(nl *netlink.Handle, link netlink.Link, opts Options) error {
 	if err := leaveMulticast(nl, link); err != nil {
 		return err
 	}
-	if err := writeIPv6Conf(name, "disable_ipv6", "0"); err != nil {
+	if err := setIPv6Conf(name, "disable_ipv6", "0"); err != nil {
 		return err
 	}
 	addr := netip.PrefixFrom(opts.Lease.IPv6Subnet.Addr(), 128)
@@ -107,19 +107,27 @@ const addrGenModeNone = 1
 // MLDv2 would queue a leave report), multicast is turned off, and both
 // switches are set back (forwarding then joins nothing without multicast,
 // also when an operator turns it on later). Forwarding through the device
-// follows net.ipv6.conf.all, not this switch.
+// follows net.ipv6.conf.all, not this switch. A device created with its
+// forwarding off (the host does not forward IPv6) joined no all-routers
+// group, and only multicast is turned off: no sysctl is written.
 func leaveMulticast(nl *netlink.Handle, link netlink.Link) error {
 	name := link.Attrs().Name
 	fwd, err := readIPv6Conf(name, "forwarding")
 	if err != nil {
 		return err
 	}
+	if fwd == "0" {
+		if err := nl.LinkSetMulticastOff(link); err != nil {
+			return fmt.Errorf("tun %s: multicast off: %w", name, err)
+		}
+		return nil
+	}
 	mld, err := readIPv6Conf(name, "force_mld_version")
 	if err != nil {
 		return err
 	}
 	for _, kv := range [][2]string{{"force_mld_version", "1"}, {"forwarding", "0"}} {
-		if err := writeIPv6Conf(name, kv[0], kv[1]); err != nil {
+		if err := setIPv6Conf(name, kv[0], kv[1]); err != nil {
 			return err
 		}
 	}
@@ -127,7 +135,7 @@ func leaveMulticast(nl *netlink.Handle, link netlink.Link) error {
 		return fmt.Errorf("tun %s: multicast off: %w", name, err)
 	}
 	for _, kv := range [][2]string{{"forwarding", fwd}, {"force_mld_version", mld}} {
-		if err := writeIPv6Conf(name, kv[0], kv[1]); err != nil {
+		if err := setIPv6Conf(name, kv[0], kv[1]); err != nil {
 			return err
 		}
 	}
@@ -167,7 +175,7 @@ func (b *Backend) removeDevice() error {
 // where the data plane can only count and drop them. A kernel without IPv6
 // has no such file, which is fine.
 func disableIPv6(name string) error {
-	err := writeIPv6Conf(name, "disable_ipv6", "1")
+	err := setIPv6Conf(name, "disable_ipv6", "1")
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
@@ -184,8 +192,13 @@ func readIPv6Conf(name, key string) (string, error) {
 	return strings.TrimSpace(string(b)), nil
 }
 
-// writeIPv6Conf writes the sysctl net.ipv6.conf.<name>.<key>.
-func writeIPv6Conf(name, key, value string) error {
+// setIPv6Conf sets the sysctl net.ipv6.conf.<name>.<key> to value,
+// writing it only when it has another value: under a read-only /proc/sys
+// (a container, a sandbox) a setting that is right already is no failure.
+func setIPv6Conf(name, key, value string) error {
+	if v, err := readIPv6Conf(name, key); err == nil && v == value {
+		return nil
+	}
 	path := "/proc/sys/net/ipv6/conf/" + name + "/" + key
 	if err := os.WriteFile(path, []byte(value), 0); err != nil {
 		return fmt.Errorf("tun %s: IPv6 %s=%s (%s): %w", name, key, value, path, err)

@@ -30,22 +30,32 @@ import (
 // (a route not yet added, or removed by hand) goes by UDP and is accepted
 // by its trust checks.
 //
-// Routes are symmetric: we route to a peer directly only while our own
-// lease advertises FeatureDirect as well, so the peer routes back to us
-// the same way and a strict rp_filter (the reverse path of a packet that
-// arrives on the underlay must be the underlay) holds on both ends.
+// In a dual-stack network the IPv6 lease of a peer we carry IPv6 to (see
+// grantIPv6) gets its own route, decided apart from the IPv4 one:
+//
+//	<peer IPv6 subnet> via <peer PublicIPv6> dev <underlay> proto 84
+//
+// when the peer's lease advertises FeatureDirectIPv6 and its PublicIPv6 is
+// on-link. Without an IPv6 underlay on both ends the IPv6 lease keeps the
+// UDP path: Linux has no IPv6 route through an IPv4 gateway (RTA_VIA, and
+// nexthop objects, take IPv4 routes through IPv6 gateways only; an IPv6
+// route is refused with "IPv6 does not support RTA_VIA attribute"), and a
+// peer's link-local address is not in its lease.
+//
+// Routes are symmetric: we route a family to a peer directly only while
+// our own lease advertises that family's feature as well, so the peer
+// routes back to us the same way and a strict rp_filter (the reverse path
+// of a packet that arrives on the underlay must be the underlay) holds on
+// both ends.
 //
 // The routes carry RouteProtocol. Whatever of that protocol lies inside
-// the network is ours: on the first lease batch the kernel's routes are
+// the networks is ours: on the first lease batch the kernel's routes are
 // reconciled with the leases (a killed tulled leaves its routes behind;
 // those of peers that left meanwhile are removed, the rest kept, missing
 // ones added); Close removes them all; with DirectRouting off, New removes
 // any a previous run left. On-link is decided when a lease arrives or
-// changes, not when the underlay's routes change later.
-//
-// The per-family parts are the feature check (leaseFits, IPv4 today), the
-// forwarding sysctl path and the route family, which a prefix carries;
-// everything else is keyed by netip values and serves IPv6 unchanged.
+// changes, not when the underlay's routes change later. Routes are keyed
+// by their destination, a netip.Prefix that carries its family.
 
 // RouteProtocol is the rtm_protocol of the routes Tulle owns
 // (`ip route show proto 84`). 84 ('T') is unassigned in iproute2's
@@ -58,6 +68,13 @@ const RouteProtocol netlink.RouteProtocol = 84
 // direct traffic: its network config enables DirectRouting and its PublicIP
 // is an address of its underlay interface (CheckDirect).
 const FeatureDirect = "direct-routing"
+
+// FeatureDirectIPv6 is the feature a Tulle host lists in a dual-stack
+// network when it takes direct IPv6 traffic on its PublicIPv6: its network
+// config enables DirectRouting and its PublicIPv6 is an address of its
+// underlay interface (CheckDirect). Peers on its segment then route its
+// IPv6 lease via its PublicIPv6.
+const FeatureDirectIPv6 = "direct-routing-ipv6"
 
 // dumpRetries bounds the retries of a route dump the kernel interrupted
 // (routes changed under it).
@@ -73,11 +90,18 @@ type directRouter struct {
 	networks []netip.Prefix
 	log      *slog.Logger
 
-	own     bool                        // our own lease advertises FeatureDirect
-	offered map[netip.Prefix]netip.Addr // peers whose lease advertises FeatureDirect: subnet -> PublicIP
-	routes  map[netip.Prefix]netip.Addr // our routes in the kernel: subnet -> gateway
-	synced  bool                        // the kernel's routes were reconciled with a lease snapshot
-	closed  bool
+	own  bool // our own lease advertises FeatureDirect
+	own6 bool // our own lease advertises FeatureDirectIPv6
+	// offered are the routes peers' leases offer, before our own and the
+	// on-link checks: destination (a peer's lease of either family) ->
+	// gateway (its PublicIP or PublicIPv6).
+	offered map[netip.Prefix]netip.Addr
+	// offered6 is the IPv6 lease each peer (by IPv4 lease) offers, so that
+	// its entry in offered goes when the peer's lease changes or goes.
+	offered6 map[netip.Prefix]netip.Prefix
+	routes   map[netip.Prefix]netip.Addr // our routes in the kernel: destination -> gateway
+	synced   bool                        // the kernel's routes were reconciled with a lease snapshot
+	closed   bool
 }
 
 // newDirectRouter prepares direct routing for opts in the network namespace
@@ -95,8 +119,13 @@ func newDirectRouter(opts Options) (*directRouter, error) {
 		networks: []netip.Prefix{opts.Network},
 		log:      opts.Logger,
 		own:      hasFeature(opts.Lease.Attrs.BackendData, FeatureDirect),
+		own6:     hasFeature(opts.Lease.Attrs.BackendData, FeatureDirectIPv6),
 		offered:  map[netip.Prefix]netip.Addr{},
+		offered6: map[netip.Prefix]netip.Prefix{},
 		routes:   map[netip.Prefix]netip.Addr{},
+	}
+	if opts.IPv6Network.IsValid() {
+		r.networks = append(r.networks, opts.IPv6Network)
 	}
 	if !r.enabled {
 		if n, err := r.purge(); err != nil {
@@ -112,13 +141,16 @@ func newDirectRouter(opts Options) (*directRouter, error) {
 		return nil, fmt.Errorf("direct routes: underlay interface %d: %w", opts.Underlay, err)
 	}
 	r.linkName = link.Attrs().Name
-	r.log.Info("direct routing on", "iface", r.linkName, "advertised", r.own, "route_protocol", int(RouteProtocol))
+	r.log.Info("direct routing on", "iface", r.linkName, "advertised", r.own, "advertised_ipv6", r.own6, "route_protocol", int(RouteProtocol))
 	if !r.own {
 		r.log.Warn("direct routing is on but our lease does not advertise it (see CheckDirect); every peer keeps the UDP path")
 	}
 	for _, nw := range r.networks {
-		if off, path := forwardingOff(nw.Addr(), r.linkName); off {
-			r.log.Warn("forwarding is off on the underlay interface: direct traffic for this host's containers arrives there and will be dropped; set net.ipv4.ip_forward=1 (Docker and CNI's bridge plugin do)",
+		if nw.Addr().Is6() && !r.own6 {
+			continue // no direct IPv6 traffic comes to us
+		}
+		if off, path, fix := forwardingOff(nw.Addr(), r.linkName); off {
+			r.log.Warn("forwarding is off on the underlay interface: direct traffic for this host's containers arrives there and will be dropped; "+fix+" (Docker and CNI's bridge plugin do)",
 				"iface", r.linkName, "sysctl", path)
 		}
 	}
@@ -126,9 +158,9 @@ func newDirectRouter(opts Options) (*directRouter, error) {
 }
 
 // applyDirect makes the direct routes follow one batch of lease events
-// (called by Apply, after the route table; a no-op unless DirectRouting is
-// on). The first batch is the snapshot of all leases: it reconciles the
-// kernel's routes with it.
+// (called by Apply with the control state locked, after the route table;
+// a no-op unless DirectRouting is on). The first batch is the snapshot of
+// all leases: it reconciles the kernel's routes with it.
 func (b *Backend) applyDirect(events []subnet.Event) {
 	r := b.direct
 	if r == nil || !r.enabled {
@@ -139,7 +171,7 @@ func (b *Backend) applyDirect(events []subnet.Event) {
 	if r.closed {
 		return
 	}
-	touched := map[netip.Prefix]struct{}{}
+	touched := map[netip.Prefix]struct{}{} // destinations whose route may change
 	ownChanged := false
 	for _, ev := range events {
 		l := ev.Lease
@@ -147,9 +179,10 @@ func (b *Backend) applyDirect(events []subnet.Event) {
 			continue
 		}
 		if l.Subnet == b.opts.Lease.Subnet {
-			if own := hasFeature(l.Attrs.BackendData, FeatureDirect); ev.Type == subnet.EventAdded && own != r.own {
-				r.own, ownChanged = own, true
-				r.log.Info("own lease features changed", "direct_routing", own)
+			own, own6 := hasFeature(l.Attrs.BackendData, FeatureDirect), hasFeature(l.Attrs.BackendData, FeatureDirectIPv6)
+			if ev.Type == subnet.EventAdded && (own != r.own || own6 != r.own6) {
+				r.own, r.own6, ownChanged = own, own6, true
+				r.log.Info("own lease features changed", "direct_routing", own, "direct_routing_ipv6", own6)
 			}
 			continue
 		}
@@ -158,10 +191,25 @@ func (b *Backend) applyDirect(events []subnet.Event) {
 			continue
 		}
 		touched[l.Subnet] = struct{}{}
-		if ev.Type == subnet.EventAdded && hasFeature(l.Attrs.BackendData, FeatureDirect) {
+		delete(r.offered, l.Subnet)
+		if s6, ok := r.offered6[l.Subnet]; ok {
+			touched[s6] = struct{}{}
+			delete(r.offered, s6)
+			delete(r.offered6, l.Subnet)
+		}
+		if ev.Type != subnet.EventAdded {
+			continue
+		}
+		feats := leaseFeatures(l.Attrs.BackendData)
+		if feats.has(FeatureDirect) {
 			r.offered[l.Subnet] = public
-		} else {
-			delete(r.offered, l.Subnet)
+		}
+		// The IPv6 lease only as the route table carries it (fits the
+		// network, the peer carries IPv6, no other lease holds it).
+		if p := b.ctl.peers[l.Subnet]; p != nil && p.subnet6.IsValid() && p.public6.IsValid() && feats.has(FeatureDirectIPv6) {
+			touched[p.subnet6] = struct{}{}
+			r.offered[p.subnet6] = p.public6
+			r.offered6[l.Subnet] = p.subnet6
 		}
 	}
 	switch {
@@ -180,14 +228,18 @@ func (b *Backend) applyDirect(events []subnet.Event) {
 	}
 }
 
-// wanted returns the gateway of the direct route subnet s should have, or
-// the zero Addr for none.
+// wanted returns the gateway of the direct route destination s should
+// have, or the zero Addr for none.
 func (r *directRouter) wanted(s netip.Prefix) netip.Addr {
-	public, ok := r.offered[s]
-	if !ok || !r.own || !r.onLink(public) {
+	gw, ok := r.offered[s]
+	own := r.own
+	if s.Addr().Is6() {
+		own = r.own6
+	}
+	if !ok || !own || !r.onLink(gw) {
 		return netip.Addr{}
 	}
-	return public
+	return gw
 }
 
 // onLink reports whether the kernel reaches a through our underlay
@@ -202,7 +254,7 @@ func (r *directRouter) onLink(a netip.Addr) bool {
 	return rt.Gw == nil && rt.LinkIndex == r.link && (rt.Type == unix.RTN_UNICAST || rt.Type == 0)
 }
 
-// update brings the routes of the touched subnets to what is wanted.
+// update brings the routes of the touched destinations to what is wanted.
 func (r *directRouter) update(touched map[netip.Prefix]struct{}) {
 	added, removed := 0, 0
 	for s := range touched {
@@ -224,7 +276,7 @@ func (r *directRouter) update(touched map[netip.Prefix]struct{}) {
 	}
 }
 
-// reconcile makes the kernel's routes of our protocol inside the network
+// reconcile makes the kernel's routes of our protocol inside the networks
 // exactly the wanted ones: stale routes (a peer that left while no tulled
 // ran, another gateway or interface) are deleted, wanted ones kept or added.
 func (r *directRouter) reconcile() {
@@ -259,8 +311,8 @@ func (r *directRouter) reconcile() {
 	r.log.Info("direct routes reconciled", "kept", kept, "added", added, "stale_removed", removed, "direct_peers", len(r.routes))
 }
 
-// add installs (or replaces) the route of subnet s via gw; false if the
-// kernel refused, and then the peer keeps the UDP path.
+// add installs (or replaces) the route to s via gw; false if the kernel
+// refused, and then the peer keeps the UDP path for s.
 func (r *directRouter) add(s netip.Prefix, gw netip.Addr) bool {
 	if err := r.nl.RouteReplace(r.route(s, gw)); err != nil {
 		r.log.Warn("direct route not added; the peer keeps the UDP path", "subnet", s, "via", gw, "iface", r.linkName, "error", err)
@@ -272,7 +324,7 @@ func (r *directRouter) add(s netip.Prefix, gw netip.Addr) bool {
 	return true
 }
 
-// del removes the route of subnet s via gw.
+// del removes the route to s via gw.
 func (r *directRouter) del(s netip.Prefix, gw netip.Addr) bool {
 	delete(r.routes, s)
 	if err := r.nl.RouteDel(r.route(s, gw)); err != nil && !errors.Is(err, unix.ESRCH) {
@@ -293,7 +345,8 @@ func (r *directRouter) route(s netip.Prefix, gw netip.Addr) *netlink.Route {
 	}
 }
 
-// list returns the main table's routes of our protocol inside the network.
+// list returns the main table's routes of our protocol inside the
+// networks, both families.
 func (r *directRouter) list() ([]netlink.Route, error) {
 	var (
 		all []netlink.Route
@@ -326,7 +379,7 @@ func (r *directRouter) inNetwork(s netip.Prefix) bool {
 	return false
 }
 
-// purge deletes every route of our protocol inside the network and returns
+// purge deletes every route of our protocol inside the networks and returns
 // how many it deleted.
 func (r *directRouter) purge() (int, error) {
 	existing, err := r.list()
@@ -413,15 +466,24 @@ func CheckDirect(link int, public netip.Addr) error {
 }
 
 // forwardingOff reports whether the kernel forwards nothing that arrives on
-// interface name for a's family (IPv4 checks the incoming interface's
-// flag), with the sysctl's path. An unreadable flag counts as on: the
-// warning is advice, not a gate.
-func forwardingOff(a netip.Addr, name string) (bool, string) {
-	family := "ipv4"
-	if !a.Unmap().Is4() {
-		family = "ipv6"
+// interface name for a's family, with the sysctl's path and the advice to
+// give. IPv4 checks the incoming interface's flag; IPv6 forwards by
+// net.ipv6.conf.all.forwarding (or, since Linux 6.17, the interface's
+// force_forwarding). An unreadable flag counts as on: the warning is
+// advice, not a gate.
+func forwardingOff(a netip.Addr, name string) (off bool, path, fix string) {
+	read := func(p string) string {
+		v, err := os.ReadFile(p)
+		if err != nil {
+			return ""
+		}
+		return strings.TrimSpace(string(v))
 	}
-	path := "/proc/sys/net/" + family + "/conf/" + name + "/forwarding"
-	v, err := os.ReadFile(path)
-	return err == nil && strings.TrimSpace(string(v)) == "0", path
+	if a.Unmap().Is4() {
+		path = "/proc/sys/net/ipv4/conf/" + name + "/forwarding"
+		return read(path) == "0", path, "set net.ipv4.ip_forward=1"
+	}
+	path = "/proc/sys/net/ipv6/conf/all/forwarding"
+	return read(path) == "0" && read("/proc/sys/net/ipv6/conf/"+name+"/force_forwarding") != "1", path,
+		"set net.ipv6.conf.all.forwarding=1"
 }

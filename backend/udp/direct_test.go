@@ -67,15 +67,15 @@ func gone(ev subnet.Event) subnet.Event {
 }
 
 // newBackend makes (without running) a Backend in A whose own lease is
-// own, with DirectRouting as given, closed in Cleanup; logs go to the
+// own, with DirectRouting as given and mods applied to its options,
+// closed in Cleanup; logs go to the
 // returned buffer, printed if the test fails.
-func (d *directBed) newBackend(t *testing.T, own subnet.Event, direct bool) (*Backend, *logBuffer) {
+func (d *directBed) newBackend(t *testing.T, own subnet.Event, direct bool, mods ...func(*Options)) (*Backend, *logBuffer) {
 	t.Helper()
 	logs := &logBuffer{}
 	var b *Backend
 	err := nstest.In(d.a, func() error {
-		var err error
-		b, err = New(Options{
+		opts := Options{
 			TunName:       d.prefix + "t",
 			Workers:       1,
 			PublicIP:      own.Lease.Attrs.PublicIP,
@@ -86,7 +86,12 @@ func (d *directBed) newBackend(t *testing.T, own subnet.Event, direct bool) (*Ba
 			Logger:        slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 			DirectRouting: direct,
 			Underlay:      d.underlay,
-		})
+		}
+		for _, m := range mods {
+			m(&opts)
+		}
+		var err error
+		b, err = New(opts)
 		return err
 	})
 	if err != nil {
@@ -122,6 +127,8 @@ func (d *directBed) protoRoutes(t *testing.T) []string {
 
 func (d *directBed) want(t *testing.T, what string, routes ...string) {
 	t.Helper()
+	routes = slices.Clone(routes)
+	slices.Sort(routes)
 	if got := d.protoRoutes(t); !slices.Equal(got, routes) {
 		t.Errorf("%s: routes of protocol %d:\n got  %q\n want %q", what, RouteProtocol, got, routes)
 	}

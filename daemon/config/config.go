@@ -419,7 +419,7 @@ func daemonFlagSet(c *Config, r *rawFlags) *FlagSet {
 	addEtcdFlags(fs, &c.Etcd, &r.endpoints)
 
 	fs.Var(listFlag{&c.Ifaces}, "iface", "underlay interface, by `name|IP`; repeatable, first found wins (default: that of the default route)")
-	fs.Var(listFlag{&r.ifaceRegexes}, "iface-regex", "`regexp` matched against interface names and IPv4 addresses, after --iface; repeatable")
+	fs.Var(listFlag{&r.ifaceRegexes}, "iface-regex", "`regexp` matched against interface names, IPv4 and IPv6 addresses, after --iface; repeatable")
 	fs.StringVar(&r.publicIP, "public-ip", "", "IPv4 `address` other hosts send to, e.g. behind NAT (default: the interface's)")
 	fs.StringVar(&r.publicIPv6, "public-ipv6", "", "IPv6 `address` other hosts send to over the IPv6 underlay, in a dual-stack network with Backend.IPv6Underlay on (default: the interface's global IPv6 address)")
 	fs.StringVar(&c.SubnetFile, "subnet-file", DefaultSubnetFile, "`file` telling Docker and CNI the lease (flannel's subnet.env)")

@@ -2,6 +2,8 @@ package netif
 
 import (
 	"net/netip"
+	"regexp"
+	"strings"
 	"testing"
 
 	"github.com/vishvananda/netlink"
@@ -95,5 +97,28 @@ func TestInterfaceWithoutGlobalIPv6HasNoIPv6Underlay(t *testing.T) {
 	}
 	if sel.Addr6.IsValid() || sel.PublicIPv6.IsValid() || sel.TunMTUFor(true) != 1372 {
 		t.Errorf("got %+v, TUN MTU %d; want no IPv6 underlay address and 1372", sel, sel.TunMTUFor(true))
+	}
+}
+
+// --iface-regex matches IPv6 addresses too (flannel matches the addresses
+// of its IP stack): the matching address is the IPv6 underlay address;
+// one unfit to be it (deprecated) is not matched.
+func TestIfaceRegexMatchesAnIPv6Address(t *testing.T) {
+	h, a, b := underlay(t)
+	addIPv6(t, h, a, "2001:db8:fffd::1/64", true)
+	addIPv6(t, h, b, "2001:db8:fffe::1/64", false)
+	addIPv6(t, h, b, "2001:db8:fffe::2/64", false)
+	sel, err := Select(h, Spec{Regexes: []*regexp.Regexp{regexp.MustCompile(`^2001:db8:fffe::2$`)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sel.Name != b || sel.Addr != netip.MustParseAddr("198.51.100.1") || sel.Addr6 != netip.MustParseAddr("2001:db8:fffe::2") ||
+		sel.PublicIPv6 != sel.Addr6 || sel.How != `--iface-regex ^2001:db8:fffe::2$` {
+		t.Errorf("got %+v", sel)
+	}
+	if sel, err := Select(h, Spec{Regexes: []*regexp.Regexp{regexp.MustCompile(`^2001:db8:fffd:`)}}); err == nil {
+		t.Errorf("a deprecated address matched: %+v", sel)
+	} else if !strings.Contains(err.Error(), "no interface name, IPv4 or IPv6 address matches") {
+		t.Errorf("no match: %v", err)
 	}
 }

@@ -1,6 +1,6 @@
 // Package netif chooses the underlay interface as flanneld does: by name or
 // address (--iface, in order, first found wins), then by regular
-// expression (--iface-regex), else the interface of the default route. The
+// expression (--iface-regex, against names and addresses), else the interface of the default route. The
 // advertised address is --public-ip when given, else the interface's; the
 // TUN MTU is the interface's MTU less the 28 bytes of IPv4 and UDP headers
 // (48 for IPv6 and UDP on an IPv6 underlay).
@@ -41,7 +41,7 @@ const minTunMTU = 68
 // Spec says how to choose the underlay interface.
 type Spec struct {
 	Ifaces     []string         // names, IPv4 or IPv6 addresses, tried in order
-	Regexes    []*regexp.Regexp // tried after Ifaces, against names and IPv4 addresses
+	Regexes    []*regexp.Regexp // tried after Ifaces, against names, IPv4 and IPv6 addresses
 	PublicIP   netip.Addr       // advertised address; zero = the interface's
 	PublicIPv6 netip.Addr       // advertised IPv6 underlay address; zero = the interface's, if any
 }
@@ -184,6 +184,9 @@ func byAddr(h *netlink.Handle, a netip.Addr) (Selection, error) {
 	return Selection{}, fmt.Errorf("no interface with address %s", a)
 }
 
+// byRegexp finds the first interface (by index) whose name, IPv4 address
+// or usable IPv6 address (see usableIPv6) re matches. A matching IPv6
+// address is the IPv6 underlay address, as with --iface naming it.
 func byRegexp(h *netlink.Handle, re *regexp.Regexp) (Selection, error) {
 	links, err := h.LinkList()
 	if err != nil {
@@ -206,8 +209,22 @@ func byRegexp(h *netlink.Handle, re *regexp.Regexp) (Selection, error) {
 				return fromLink(h, link, ip.Unmap())
 			}
 		}
+		addrs, err = h.AddrList(link, netlink.FAMILY_V6)
+		if err != nil {
+			continue
+		}
+		for _, ad := range addrs {
+			if ip, ok := usableIPv6(ad); ok && re.MatchString(ip.String()) {
+				sel, err := fromLink(h, link, netip.Addr{})
+				if err != nil {
+					break // no IPv4 address: not an underlay
+				}
+				sel.Addr6 = ip
+				return sel, nil
+			}
+		}
 	}
-	return Selection{}, fmt.Errorf("no interface name or IPv4 address matches --iface-regex %s", re)
+	return Selection{}, fmt.Errorf("no interface name, IPv4 or IPv6 address matches --iface-regex %s", re)
 }
 
 func byDefaultRoute(h *netlink.Handle) (Selection, error) {
@@ -301,20 +318,28 @@ func fromLink(h *netlink.Handle, link netlink.Link, want netip.Addr) (Selection,
 }
 
 // globalIPv6 is link's first IPv6 address fit to be the IPv6 underlay
-// address: global scope, not link-local, not temporary (privacy addresses
-// change), not deprecated, not a failed duplicate. Zero if there is none.
+// address (usableIPv6), zero if there is none.
 func globalIPv6(h *netlink.Handle, link netlink.Link) (netip.Addr, error) {
 	addrs, err := h.AddrList(link, netlink.FAMILY_V6)
 	if err != nil {
 		return netip.Addr{}, fmt.Errorf("list IPv6 addresses of %s: %w", link.Attrs().Name, err)
 	}
-	const unfit = unix.IFA_F_TEMPORARY | unix.IFA_F_DEPRECATED | unix.IFA_F_DADFAILED
 	for _, ad := range addrs {
-		ip, ok := netip.AddrFromSlice(ad.IP)
-		if !ok || ip.Is4In6() || !ip.IsGlobalUnicast() || ad.Scope != unix.RT_SCOPE_UNIVERSE || ad.Flags&unfit != 0 {
-			continue
+		if ip, ok := usableIPv6(ad); ok {
+			return ip, nil
 		}
-		return ip, nil
 	}
 	return netip.Addr{}, nil
+}
+
+// usableIPv6 returns ad's address if it is fit to be the IPv6 underlay
+// address: global scope, not link-local, not temporary (privacy addresses
+// change), not deprecated, not a failed duplicate.
+func usableIPv6(ad netlink.Addr) (netip.Addr, bool) {
+	const unfit = unix.IFA_F_TEMPORARY | unix.IFA_F_DEPRECATED | unix.IFA_F_DADFAILED
+	ip, ok := netip.AddrFromSlice(ad.IP)
+	if !ok || ip.Is4In6() || !ip.IsGlobalUnicast() || ad.Scope != unix.RT_SCOPE_UNIVERSE || ad.Flags&unfit != 0 {
+		return netip.Addr{}, false
+	}
+	return ip, true
 }

@@ -49,7 +49,9 @@ func (b *Bed) DeleteKey(ctx context.Context, key string) error {
 
 // AddContainerBeside adds a container on the bridge of c (same host, same
 // subnet) with the address after c's: the "c2b" of the policy tests, whose
-// traffic to c is bridged, not routed. tag names it as in AddContainer.
+// traffic to c is bridged, not routed. tag names it as in AddContainer. In
+// a dual-stack network (c has Addr6) it gets the IPv6 address after c's
+// too, and a default route via the bridge's.
 func (h *Host) AddContainerBeside(ctx context.Context, c *Container, tag string) (*Container, error) {
 	b := h.bed
 	nc := &Container{
@@ -61,8 +63,9 @@ func (h *Host) AddContainerBeside(ctx context.Context, c *Container, tag string)
 			MTU:  c.MTU,
 			bed:  b,
 		},
-		Gateway: c.Gateway,
-		Bridge:  c.Bridge,
+		Gateway:  c.Gateway,
+		Bridge:   c.Bridge,
+		Gateway6: c.Gateway6,
 	}
 	if err := b.addNetns(ctx, nc.NS); err != nil {
 		return nil, fmt.Errorf("host %s: container %s: %w", h.Name, nc.Name, err)
@@ -76,6 +79,12 @@ func (h *Host) AddContainerBeside(ctx context.Context, c *Container, tag string)
 		{"-n", nc.NS, "link", "set", nc.Link, "up"},
 		{"-n", nc.NS, "route", "add", "default", "via", c.Gateway.Addr().String(), "dev", nc.Link},
 	}
+	if c.Addr6.IsValid() {
+		nc.Addr6 = c.Addr6.Next()
+		steps = append(steps,
+			[]string{"-n", nc.NS, "addr", "add", netip.PrefixFrom(nc.Addr6, c.Gateway6.Bits()).String(), "dev", nc.Link, "nodad"},
+			[]string{"-n", nc.NS, "-6", "route", "add", "default", "via", c.Gateway6.Addr().String(), "dev", nc.Link})
+	}
 	for _, s := range steps {
 		if err := ipCmd(ctx, s...); err != nil {
 			return nil, fmt.Errorf("host %s: container %s: %w", h.Name, nc.Name, err)
@@ -85,24 +94,39 @@ func (h *Host) AddContainerBeside(ctx context.Context, c *Container, tag string)
 }
 
 // ServeTCP accepts (and closes at once) TCP connections on port at the
-// node's address until the returned stop is called.
+// node's address, and at its IPv6 address if it has one, until the
+// returned stop is called.
 func (n *Node) ServeTCP(port uint16) (stop func(), err error) {
-	ln, err := n.Listen("tcp", netip.AddrPortFrom(n.Addr, port).String())
-	if err != nil {
-		return nil, err
+	var lns []net.Listener
+	for _, a := range []netip.Addr{n.Addr, n.Addr6} {
+		if !a.IsValid() {
+			continue
+		}
+		ln, err := n.Listen("tcp", netip.AddrPortFrom(a, port).String())
+		if err != nil {
+			for _, l := range lns {
+				l.Close()
+			}
+			return nil, err
+		}
+		lns = append(lns, ln)
 	}
 	var wg sync.WaitGroup
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
+	for _, ln := range lns {
+		wg.Go(func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				c.Close()
 			}
-			c.Close()
-		}
-	})
+		})
+	}
 	return func() {
-		ln.Close()
+		for _, ln := range lns {
+			ln.Close()
+		}
 		wg.Wait()
 	}, nil
 }

@@ -32,6 +32,13 @@ var (
 	RouterAddr = netip.MustParseAddr("192.0.2.254")
 	// SecondRouterAddr is the router's address on the second segment.
 	SecondRouterAddr = netip.MustParseAddr("198.51.100.254")
+
+	// With IPv6 on the segments (Segment.AddIPv6): the bed's own segment is
+	// IPv6UnderlayPrefix, the second one SecondIPv6Prefix, and the router
+	// has an address on each.
+	SecondIPv6Prefix  = netip.MustParsePrefix("2001:db8:fffe::/64")
+	RouterAddr6       = netip.MustParseAddr("2001:db8:ffff::fe")
+	SecondRouterAddr6 = netip.MustParseAddr("2001:db8:fffe::fe")
 )
 
 // Segment is the second segment of a bed (see AddSegment).
@@ -159,6 +166,60 @@ func (s *Segment) AddHost(ctx context.Context, mtu int) (*Host, error) {
 	return h, nil
 }
 
+// AddIPv6 carries IPv6 on both segments: the router gets RouterAddr6 and
+// SecondRouterAddr6 and forwards IPv6, and every host the bed has gets an
+// IPv6 underlay address on its segment (AddIPv6Underlay's
+// 2001:db8:ffff::<index> on the bed's own, 2001:db8:fffe::<index> on the
+// second) and a route to the other segment's IPv6 prefix via the router:
+// reachable, not on-link. Call it once every host is added and before
+// tulled starts (tulled takes its interface's global IPv6 address as its
+// PublicIPv6).
+func (s *Segment) AddIPv6(ctx context.Context) error {
+	b := s.bed
+	r := s.Router
+	for _, step := range [][]string{
+		{"-n", r.NS, "addr", "add", netip.PrefixFrom(RouterAddr6, IPv6UnderlayPrefix.Bits()).String(), "dev", r.Link, "nodad"},
+		{"-n", r.NS, "addr", "add", netip.PrefixFrom(SecondRouterAddr6, SecondIPv6Prefix.Bits()).String(), "dev", b.Prefix + "rb", "nodad"},
+	} {
+		if err := ipCmd(ctx, step...); err != nil {
+			return fmt.Errorf("testbed: router: IPv6: %w", err)
+		}
+	}
+	if err := setSysctl(ctx, r.NS, "net/ipv6/conf/all/forwarding", "1"); err != nil {
+		return fmt.Errorf("testbed: router: %w", err)
+	}
+	b.mu.Lock()
+	hosts := append([]*Host(nil), b.Hosts...)
+	b.mu.Unlock()
+	for _, h := range hosts {
+		if !SecondPrefix.Contains(h.Addr) {
+			if _, err := h.AddIPv6Underlay(ctx); err != nil {
+				return err
+			}
+			if err := ipCmd(ctx, "-n", h.NS, "route", "add", SecondIPv6Prefix.String(), "via", RouterAddr6.String(), "dev", h.Link); err != nil {
+				return fmt.Errorf("testbed: host %s: %w", h.Name, err)
+			}
+			continue
+		}
+		a := SecondIPv6Prefix.Addr().As16()
+		a[14], a[15] = byte(h.Index>>8), byte(h.Index)
+		addr := netip.AddrFrom16(a)
+		for _, step := range [][]string{
+			{"-n", h.NS, "addr", "add", netip.PrefixFrom(addr, SecondIPv6Prefix.Bits()).String(), "dev", h.Link, "nodad"},
+			{"-n", h.NS, "route", "add", IPv6UnderlayPrefix.String(), "via", SecondRouterAddr6.String(), "dev", h.Link},
+		} {
+			if err := ipCmd(ctx, step...); err != nil {
+				return fmt.Errorf("testbed: host %s: IPv6 underlay: %w", h.Name, err)
+			}
+		}
+		h.mu.Lock()
+		h.Addr6 = addr
+		h.mu.Unlock()
+	}
+	b.logf("testbed %s: IPv6 on both segments (%s, %s) behind router %s / %s", b.Prefix, IPv6UnderlayPrefix, SecondIPv6Prefix, RouterAddr6, SecondRouterAddr6)
+	return nil
+}
+
 // SetSysctl writes value to /proc/sys/<path> in the node's namespace
 // ("net/ipv4/conf/all/rp_filter", "1").
 func (n *Node) SetSysctl(ctx context.Context, path, value string) error {
@@ -206,13 +267,13 @@ func (b *Bed) DeleteLease(ctx context.Context, subnet netip.Prefix) error {
 	return nil
 }
 
-// RoutesOfProtocol lists the node's main-table IPv4 routes of routing
-// protocol proto (`ip route show proto <proto>`) as "<dst> via <gw> dev
+// RoutesOfProtocol lists the node's main-table routes (IPv4 and IPv6) of
+// routing protocol proto (`ip route show proto <proto>`) as "<dst> via <gw> dev
 // <link>", sorted.
 func (n *Node) RoutesOfProtocol(proto int) ([]string, error) {
 	var out []string
 	err := InNetns(n.NS, func() error {
-		rs, err := netlink.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Protocol: netlink.RouteProtocol(proto)}, netlink.RT_FILTER_PROTOCOL)
+		rs, err := netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Protocol: netlink.RouteProtocol(proto)}, netlink.RT_FILTER_PROTOCOL)
 		if err != nil {
 			return err
 		}
