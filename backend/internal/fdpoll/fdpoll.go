@@ -79,6 +79,45 @@ func (s *Stop) Wait(fd int, events int16, deadline time.Time) error {
 	return s.wait(&fds, deadline)
 }
 
+// WaitHot is Wait for a loop that has just had work and expects more
+// soon: its thread blocks in ppoll for at most timeout (a positive
+// duration) without handing its P back to the Go scheduler (a raw system
+// call). It returns nil when fd is ready, on a signal and when timeout
+// passes, ErrStopped once s is signalled.
+//
+// Why: Wait hands the P back. Blocked for more than 10 ms, the thread has
+// the P taken away by sysmon; on waking it needs another, and when every P
+// was idle it wakes sysmon too, which then polls every 20 us for about a
+// millisecond. In a virtual machine each of those wakeups costs tens of
+// microseconds on the data path's CPUs (docs/PERFORMANCE.md, "Wakeups").
+// A raw wait has nothing to hand back and nobody to wake.
+//
+// What it costs: the P stays with this thread (the data plane raises
+// GOMAXPROCS for its loops); sysmon preempts a goroutine it sees running
+// for 10 ms, with a signal that ends the ppoll (EINTR), and the garbage
+// collector's stop-the-world reaches the thread the same way. Without
+// those signals (GODEBUG=asyncpreemptoff=1) a stop-the-world waits for
+// the timeout, which is why it is bounded; and the thread wakes at least
+// every timeout, so that callers switch to Wait once they have been idle.
+func (s *Stop) WaitHot(fd int, events int16, timeout time.Duration) error {
+	if s.signalled.Load() {
+		return ErrStopped
+	}
+	fds := [3]unix.PollFd{{Fd: int32(fd), Events: events}, {Fd: -1}, {Fd: int32(s.fd), Events: unix.POLLIN}}
+	ts := unix.NsecToTimespec(int64(max(timeout, time.Microsecond)))
+	_, _, e := syscall.RawSyscall6(unix.SYS_PPOLL, uintptr(unsafe.Pointer(&fds[0])), 3,
+		uintptr(unsafe.Pointer(&ts)), 0, 0, 0)
+	switch {
+	case e == unix.EINTR:
+		return nil
+	case e != 0:
+		return fmt.Errorf("ppoll: %w", e)
+	case fds[2].Revents != 0 || s.signalled.Load():
+		return ErrStopped
+	}
+	return nil
+}
+
 // wait polls fds[0] (and fds[1], unless its Fd is -1) and the stop event.
 func (s *Stop) wait(fds *[3]unix.PollFd, deadline time.Time) error {
 	if s.signalled.Load() {

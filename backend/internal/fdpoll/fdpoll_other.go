@@ -23,6 +23,9 @@ func (s *Stop) Signalled() bool                  { return true }
 func (s *Stop) Close() error                     { return nil }
 func (s *Stop) Wait(int, int16, time.Time) error { return ErrStopped }
 
+// WaitHot is only implemented on Linux.
+func (s *Stop) WaitHot(int, int16, time.Duration) error { return ErrStopped }
+
 // Waiting is only implemented on Linux.
 func Waiting() (int, error) { return 0, fmt.Errorf("fdpoll: not supported on %s", runtime.GOOS) }
 
