@@ -32,6 +32,9 @@ var (
 	descUDPSend = prometheus.NewDesc("tulle_udp_send_batch_size",
 		"Datagrams passed to one send batch (sendmmsg; GSO trains count each datagram).",
 		nil, nil)
+	descSteerMisses = prometheus.NewDesc("tulle_receive_steering_misses_total",
+		"Inner packets received by a data-plane worker other than the one the receive steering gives their flow to: the GRO train they came in was steered by another flow's packet, so their flow's packets were handled by two workers and may have been reordered. Tulle hosts send each flow in trains of its own; a receiver's GRO may still merge the datagrams of several flows (from flannel hosts, or on a NIC with UDP GRO).",
+		nil, nil)
 	descPeers = prometheus.NewDesc("tulle_peers",
 		"Leases in the route table, our own excluded.",
 		nil, nil)
@@ -50,7 +53,7 @@ type collector struct{ b *Backend }
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		descPeerTxPackets, descPeerTxBytes, descPeerRxPackets, descPeerRxBytes,
-		descDropped, descTunRead, descTunWrite, descUDPReceive, descUDPSend, descPeers,
+		descDropped, descTunRead, descTunWrite, descUDPReceive, descUDPSend, descSteerMisses, descPeers,
 	} {
 		ch <- d
 	}
@@ -98,6 +101,12 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(descDropped, prometheus.CounterValue, float64(rxDrops[f][r]), "receive", f.String(), r.String())
 		}
 	}
+
+	var misses uint64
+	for _, s := range rxLoops {
+		misses += s.steerMisses.Load()
+	}
+	ch <- prometheus.MustNewConstMetric(descSteerMisses, prometheus.CounterValue, float64(misses))
 
 	ch <- histogramMetric(descTunRead, txLoops, func(s *loopStats) *histogram { return &s.tun })
 	ch <- histogramMetric(descUDPSend, txLoops, func(s *loopStats) *histogram { return &s.udp })

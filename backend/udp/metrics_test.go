@@ -69,6 +69,7 @@ func TestCollectorSumsLoopsAndNamesMetricsAsTheBrief(t *testing.T) {
 		`tulle_udp_receive_batch_size_bucket{le="1"} 2`,
 		`tulle_tun_write_batch_size_count 0`,
 		`tulle_udp_send_batch_size_count 0`,
+		"tulle_receive_steering_misses_total 0",
 		"tulle_peers 1",
 	} {
 		if !strings.Contains(text, want+"\n") {

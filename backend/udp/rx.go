@@ -28,6 +28,12 @@ type rxLoop struct {
 	written int               // packets written into the TUN in this batch
 	drops   batchCounts
 	run     peerRun
+	// group is the size of the socket's SO_REUSEPORT group when the
+	// steering program picks its sockets (steer.go), else 0; misses
+	// counts this batch's packets that the program gives to another
+	// worker (their GRO train was steered by another flow's packet).
+	group  int
+	misses uint32
 }
 
 // init allocates the RX loop's buffers for reading conn; udpGRO enables
@@ -70,6 +76,11 @@ func (rx *rxLoop) deliver(t *table, n int) error {
 			packets++
 			pkt := m.Buf[off:min(off+seg, m.N)]
 			if p, partial := rx.accept(t, src, pkt); p != nil {
+				if rx.group > 0 {
+					if k, ok := flowKey(pkt); ok && steerIndex(k, rx.group) != rx.w.id {
+						rx.misses++
+					}
+				}
 				rx.run.add(rx.stats, p, 1, len(pkt))
 				err = rx.write(pkt, partial)
 			}
@@ -83,6 +94,10 @@ func (rx *rxLoop) deliver(t *table, n int) error {
 	rx.written = 0
 	rx.run.flush(rx.stats)
 	rx.drops.flush(rx.stats)
+	if rx.misses > 0 {
+		rx.stats.steerMisses.Add(uint64(rx.misses))
+		rx.misses = 0
+	}
 	return err
 }
 

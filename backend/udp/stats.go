@@ -111,6 +111,9 @@ type loopStats struct {
 	// tun is the TUN read (TX) or write (RX) batch size; udp the send (TX)
 	// or receive (RX) batch size, in packets (GSO/GRO segments counted).
 	tun, udp histogram
+	// steerMisses (RX) counts packets received by this worker that the
+	// steering program gives to another one (rxLoop.misses).
+	steerMisses atomic.Uint64
 	// chunks[i>>8][i&255] are the counters of the peer with index i. The
 	// control side allocates chunks (and grows the directory, copying it)
 	// before it publishes a table that uses them, so the data path never

@@ -1,6 +1,7 @@
 package udp
 
 import (
+	"encoding/binary"
 	"fmt"
 
 	"golang.org/x/net/bpf"
@@ -29,7 +30,7 @@ func steerProgram(n int) ([]bpf.Instruction, error) {
 	}
 	hash := []bpf.Instruction{
 		bpf.LoadScratch{Dst: bpf.RegA, N: 0}, // the flow, symmetric
-		bpf.ALUOpConstant{Op: bpf.ALUOpMul, Val: 0x9e3779b1},
+		bpf.ALUOpConstant{Op: bpf.ALUOpMul, Val: steerMul},
 		bpf.ALUOpConstant{Op: bpf.ALUOpShiftRight, Val: 16},
 		bpf.ALUOpConstant{Op: bpf.ALUOpMod, Val: uint32(n)},
 		bpf.RetA{},
@@ -99,4 +100,54 @@ func steerFilter(n int) ([]unix.SockFilter, error) {
 		f[i] = unix.SockFilter{Code: r.Op, Jt: r.Jt, Jf: r.Jf, K: r.K}
 	}
 	return f, nil
+}
+
+// steerMul is the multiplier of the steering hash (Fibonacci hashing).
+const steerMul = 0x9e3779b1
+
+// flowKey is the value steerProgram hashes for the inner packet pkt: the
+// XOR of its addresses and, for unfragmented TCP and UDP, of its ports;
+// the same for both directions of a flow. ok is false where the program
+// picks no socket by the flow: not IPv4 or IPv6 (the kernel's hash), or
+// too short for what it loads (the program then ends with socket 0).
+func flowKey(pkt []byte) (key uint32, ok bool) {
+	if len(pkt) == 0 {
+		return 0, false
+	}
+	switch pkt[0] & 0xf0 {
+	case 0x40:
+		if len(pkt) < 20 {
+			return 0, false
+		}
+		key = binary.BigEndian.Uint32(pkt[12:]) ^ binary.BigEndian.Uint32(pkt[16:])
+		if p := pkt[9]; (p == 6 || p == 17) && (uint16(pkt[6])<<8|uint16(pkt[7]))&0x3fff == 0 {
+			x := int(pkt[0]&0x0f) * 4
+			if len(pkt) < x+4 {
+				return 0, false
+			}
+			key ^= uint32(binary.BigEndian.Uint16(pkt[x:]) ^ binary.BigEndian.Uint16(pkt[x+2:]))
+		}
+		return key, true
+	case 0x60:
+		if len(pkt) < 40 {
+			return 0, false
+		}
+		for off := 8; off < 40; off += 4 {
+			key ^= binary.BigEndian.Uint32(pkt[off:])
+		}
+		if p := pkt[6]; p == 6 || p == 17 {
+			if len(pkt) < 44 {
+				return 0, false
+			}
+			key ^= uint32(binary.BigEndian.Uint16(pkt[40:]) ^ binary.BigEndian.Uint16(pkt[42:]))
+		}
+		return key, true
+	}
+	return 0, false
+}
+
+// steerIndex is the socket of a group of n that steerProgram picks for a
+// flow of key.
+func steerIndex(key uint32, n int) int {
+	return int((key*steerMul)>>16) % n
 }

@@ -62,8 +62,9 @@ type txLoop struct {
 	split tundev.Split
 
 	maxSegs int
-	bytes   int // bytes read in this batch
-	packets int // packets read in this batch, a superpacket's segments counted
+	flow    uint32 // flowKey of the packet or superpacket being handled
+	bytes   int    // bytes read in this batch
+	packets int    // packets read in this batch, a superpacket's segments counted
 
 	icmp      [][]byte // ICMP errors to write back into the TUN (headroom + icmpBufLen each; the headroom is a zero virtio header)
 	icmpOut   [][]byte // views of the filled ones
@@ -82,10 +83,11 @@ type outbox struct {
 	meta []train // meta[k] describes msgs[k]
 }
 
-// train describes msgs[k]: packets to one peer, all segSize bytes but the
-// last, which may be shorter and then closes the train.
+// train describes msgs[k]: packets of one flow to one peer, all segSize
+// bytes but the last, which may be shorter and then closes the train.
 type train struct {
 	peer    *peer
+	flow    uint32 // flowKey of its packets
 	packets int
 	ipv6    int // how many of the packets are IPv6 (drops are counted by family)
 	segSize int
@@ -151,6 +153,12 @@ func (tx *txLoop) handle(t *table, raw []byte) error {
 		n = tx.split.Segments()
 	}
 	tx.packets += n
+	// A train carries one flow: the receiver's steering (steer.go) picks
+	// a worker for a whole GSO train by its first packet, so a train of
+	// two flows would put the second flow's packets on that flow's
+	// worker and the rest of them on another, where they could overtake
+	// each other.
+	tx.flow, _ = flowKey(pkt)
 	// The one branch on the family: each forwards a packet or the
 	// segments of a superpacket (Split checked it is exactly its IP length).
 	switch proto.Version(pkt) {
@@ -392,7 +400,7 @@ func (tx *txLoop) add(p *peer, size int, alone, ipv6 bool, a, b []byte) {
 	o := &tx.out[p.underlay]
 	if k := len(o.msgs) - 1; k >= 0 && !alone {
 		m, msg := &o.meta[k], &o.msgs[k]
-		if m.peer == p && !m.closed && size <= m.segSize && m.packets < tx.maxSegs && m.bytes+size <= maxGSOPayload {
+		if m.peer == p && m.flow == tx.flow && !m.closed && size <= m.segSize && m.packets < tx.maxSegs && m.bytes+size <= maxGSOPayload {
 			tx.putPieces(a, b)
 			msg.Iov = tx.pieces[m.first:tx.npiece]
 			m.packets++
@@ -411,7 +419,7 @@ func (tx *txLoop) add(p *peer, size int, alone, ipv6 bool, a, b []byte) {
 	first := tx.npiece
 	tx.putPieces(a, b)
 	o.msgs = append(o.msgs, udpconn.Message{Iov: tx.pieces[first:tx.npiece], Addr: p.addr, SegSize: size})
-	o.meta = append(o.meta, train{peer: p, packets: 1, ipv6: six, segSize: size, bytes: size, first: first, closed: alone})
+	o.meta = append(o.meta, train{peer: p, flow: tx.flow, packets: 1, ipv6: six, segSize: size, bytes: size, first: first, closed: alone})
 }
 
 func (tx *txLoop) putPieces(a, b []byte) {

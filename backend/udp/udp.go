@@ -248,9 +248,15 @@ func New(opts Options) (*Backend, error) {
 		}
 	}
 	if len(b.workers) > 1 {
-		b.steer(b.workers[0].conn)
-		if b.underlay6() {
-			b.steer(b.workers[0].conn6)
+		steered := b.steer(b.workers[0].conn)
+		steered6 := b.underlay6() && b.steer(b.workers[0].conn6)
+		for _, w := range b.workers {
+			if steered {
+				w.rx.group = len(b.workers)
+			}
+			if steered6 {
+				w.rx6.group = len(b.workers)
+			}
 		}
 	}
 	if b.direct, err = newDirectRouter(opts); err != nil {
@@ -430,15 +436,18 @@ func raiseGOMAXPROCS(workers int, log *slog.Logger) {
 }
 
 // steer attaches the receive steering program (steer.go) to the sockets'
-// SO_REUSEPORT group. Without it the kernel's hash spreads only by peer.
-func (b *Backend) steer(c *udpconn.Conn) {
+// SO_REUSEPORT group (false if it could not). Without it the kernel's hash
+// spreads only by peer.
+func (b *Backend) steer(c *udpconn.Conn) bool {
 	f, err := steerFilter(len(b.workers))
 	if err == nil {
 		err = c.AttachReusePortFilter(f)
 	}
 	if err != nil {
 		b.log.Warn("cannot steer received flows over the workers; the kernel spreads them by peer only", "error", err)
+		return false
 	}
+	return true
 }
 
 // Alive reports whether every worker is running (or has not started): false
