@@ -19,8 +19,7 @@
 // per queue) so that each data-plane worker owns a queue.
 //
 // Every call blocks its OS thread in ppoll(2) (package fdpoll), not the Go
-// netpoller: the data plane runs each loop on a goroutine locked to its
-// thread, and a packet then wakes exactly the thread that handles it.
+// netpoller: a packet then wakes exactly the thread that handles it.
 // Device.Close and Device.Interrupt wake every waiting call.
 //
 // Open creates the device and sets its MTU only; addresses, routes and the

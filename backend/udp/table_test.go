@@ -386,13 +386,17 @@ func TestGOMAXPROCSIsRaisedForTheLoopsUnlessTheOperatorSetIt(t *testing.T) {
 	t.Cleanup(func() { runtime.GOMAXPROCS(orig) })
 	runtime.GOMAXPROCS(1)
 	t.Setenv("GOMAXPROCS", "1")
-	raiseGOMAXPROCS(2, discardLogger())
+	if raiseGOMAXPROCS(4, discardLogger()) {
+		t.Error("GOMAXPROCS=1 for 4 loops: the loops may wait hot, holding every P")
+	}
 	if got := runtime.GOMAXPROCS(0); got != 1 {
 		t.Errorf("GOMAXPROCS=1 in the environment: raised to %d, want it kept", got)
 	}
 	os.Unsetenv("GOMAXPROCS")
-	raiseGOMAXPROCS(2, discardLogger())
+	if !raiseGOMAXPROCS(4, discardLogger()) {
+		t.Error("raised for 4 loops, yet they may not wait hot")
+	}
 	if got, want := runtime.GOMAXPROCS(0), runtime.NumCPU()+4; got != want {
-		t.Errorf("GOMAXPROCS %d after raising for 2 workers, want NumCPU+4 = %d", got, want)
+		t.Errorf("GOMAXPROCS %d after raising for 4 loops, want NumCPU+4 = %d", got, want)
 	}
 }

@@ -41,7 +41,7 @@
 // Each worker owns one TUN queue and one UDP socket (SO_REUSEPORT, bound to
 // 0.0.0.0:Port; a BPF program spreads received flows over the sockets by
 // the inner flow, see steer.go) and runs two loops, TX (TUN -> UDP) and RX
-// (UDP -> TUN), each on a goroutine locked to its OS thread that blocks in
+// (UDP -> TUN), each on a goroutine whose thread blocks in
 // ppoll when idle. With the IPv6 underlay (Options.IPv6Underlay and a
 // PublicIPv6) each worker also has an IPv6-only socket bound to [::]:Port
 // (steered the same way) with an RX loop of its own; its TX loop sends to
@@ -138,6 +138,9 @@ type Backend struct {
 
 	prober *mtuProber
 	direct *directRouter // kernel routes to on-link peers (direct.go)
+
+	// hot: the loops may wait hot (worker.go); set by Run before they start.
+	hot atomic.Bool
 
 	running  atomic.Bool
 	stopping atomic.Bool
@@ -353,7 +356,7 @@ func checkIPv6Options(o *Options) error {
 // fails (then Alive turns false and Run returns the worker's error). It
 // also returns, with nil, when Close stopped the loops. On return the
 // sockets and TUN queues are closed; Close removes what is left. Run may be
-// called once. It raises GOMAXPROCS to NumCPU + 2 per worker if it is lower
+// called once. It raises GOMAXPROCS to NumCPU + 1 per loop if it is lower
 // (each loop blocks its own thread; see raiseGOMAXPROCS).
 func (b *Backend) Run(ctx context.Context) error {
 	b.runMu.Lock()
@@ -383,7 +386,11 @@ func (b *Backend) Run(ctx context.Context) error {
 		})
 		cancel()
 	}
-	raiseGOMAXPROCS(len(b.workers), b.log)
+	loopCount := 0
+	for _, w := range b.workers {
+		loopCount += 1 + len(w.receivers())
+	}
+	b.hot.Store(raiseGOMAXPROCS(loopCount, b.log))
 	for _, w := range b.workers {
 		loops.Go(func() {
 			if err := w.runTX(); err != nil {
@@ -418,21 +425,26 @@ func (b *Backend) Run(ctx context.Context) error {
 }
 
 // raiseGOMAXPROCS makes room for the data plane's loops, which block their
-// OS threads in system calls: when a loop wakes it needs a P at once, and
+// threads in system calls: when a loop wakes it needs a P at once, and
 // with GOMAXPROCS = NumCPU all Ps may be held by the other loops' threads
-// in their system calls, until sysmon takes them back (up to 10 ms). So
-// every loop gets a P of its own beyond the CPUs. Idle Ps cost nothing.
-// A GOMAXPROCS set in the environment is the operator's and is kept.
-func raiseGOMAXPROCS(workers int, log *slog.Logger) {
+// in their system calls, until sysmon takes them back (up to 10 ms); and a
+// loop waiting hot (worker.go) keeps its P. So every loop gets a P of its
+// own beyond the CPUs. Idle Ps cost nothing. A GOMAXPROCS set in the
+// environment is the operator's and is kept. It reports whether there
+// are that many Ps, which loops need to wait hot.
+func raiseGOMAXPROCS(loops int, log *slog.Logger) bool {
+	want := runtime.NumCPU() + loops
 	if v := os.Getenv("GOMAXPROCS"); v != "" {
-		log.Debug("GOMAXPROCS set in the environment; not raised for the data-plane loops", "GOMAXPROCS", v)
-		return
+		have := runtime.GOMAXPROCS(0)
+		log.Debug("GOMAXPROCS set in the environment; not raised for the data-plane loops", "GOMAXPROCS", v,
+			"loops_wait_hot", have >= want)
+		return have >= want
 	}
-	want := runtime.NumCPU() + 2*workers
 	if have := runtime.GOMAXPROCS(0); have < want {
 		runtime.GOMAXPROCS(want)
 		log.Debug("raised GOMAXPROCS for the data-plane loops", "from", have, "to", want)
 	}
+	return true
 }
 
 // steer attaches the receive steering program (steer.go) to the sockets'

@@ -3,7 +3,6 @@ package udp
 import (
 	"errors"
 	"fmt"
-	"runtime"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -15,15 +14,15 @@ import (
 
 // worker owns one TUN queue and one UDP socket (and with the IPv6
 // underlay a second, IPv6 one) and runs two loops on them, TX (TUN -> UDP)
-// and RX (UDP -> TUN; a second RX loop for the IPv6 socket), each on a
-// goroutine locked to its own OS thread: when a loop finds nothing to do it blocks its thread in
-// ppoll, so a packet wakes exactly the loop that handles it, and the two
-// directions of a flow run in parallel. (Measured against one loop per
-// worker serving both directions: that saves wakeups but serializes a TCP
-// sender's data with its ACKs, 0.57x against 0.67x of kernel VXLAN on one
-// stream.) Flows are spread over the workers by the multi-queue TUN on
-// transmit and by steer.go on receive. All buffers are allocated here,
-// once.
+// and RX (UDP -> TUN; a second RX loop for the IPv6 socket), each on its
+// own goroutine: when a loop finds nothing to do it blocks its thread in
+// ppoll (package fdpoll, not the Go netpoller), so a packet wakes exactly
+// the thread that handles it, and the two directions of a flow run in
+// parallel. (Measured against one loop per worker serving both
+// directions: that saves wakeups but serializes a TCP sender's data with
+// its ACKs, 0.57x against 0.67x of kernel VXLAN on one stream.) Flows are
+// spread over the workers by the multi-queue TUN on transmit and by
+// steer.go on receive. All buffers are allocated here, once.
 type worker struct {
 	id    int
 	b     *Backend
@@ -82,24 +81,39 @@ func (w *worker) loopErr(op string, err error) error {
 // runTX forwards from the TUN queue to the socket until the backend stops
 // it or I/O fails, waiting for the queue when it is empty.
 func (w *worker) runTX() error {
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-
 	return w.loop(w.transmit, w.queue.Fd(), w.tx.stats)
 }
 
 // runRX delivers from rx's socket to the TUN queue likewise.
 func (w *worker) runRX(rx *rxLoop) error {
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-
 	return w.loop(func() (bool, error) { return w.receive(rx) }, rx.conn.Fd(), rx.stats)
 }
+
+// Waiting. A loop that found work within hotFor waits hot (fdpoll.WaitHot:
+// its thread keeps its P, at most hotWait per wait), else cold (fdpoll.Wait:
+// the P goes back to the scheduler). A thread that waits cold for more
+// than 10 ms has its P taken by sysmon; to go on it needs another one and,
+// when every P was idle, wakes sysmon, which then polls every 20 us for a
+// millisecond: in the benchmark's virtual machine a ping crossing four such
+// hops took 130-180 us longer (docs/PERFORMANCE.md, "Wakeups"). Waiting hot
+// for good cost 2 % of a core per idle tulled (sysmon preempts a goroutine
+// it sees running for 10 ms, with a signal that ends the wait), so a loop
+// idle for hotFor waits cold again (0.1 %, as before). The goroutines are
+// not locked to their threads: a preempted loop then goes on on whichever
+// thread has a P, where a locked one has to hand its P over and wake its
+// own thread back (measured: 5-8 % less CPU per GB, 20 us less RTT).
+// Loops wait hot only while GOMAXPROCS leaves a P for every loop and the
+// CPUs' worth for the rest of the daemon (raiseGOMAXPROCS).
+const (
+	hotFor  = time.Second
+	hotWait = 100 * time.Millisecond
+)
 
 // loop runs step while it finds work, and waits for fd to be readable
 // when it does not. Each step is bracketed in the loop's stats s, so that
 // the control side knows when no step holds an older route table.
 func (w *worker) loop(step func() (bool, error), fd int, s *loopStats) error {
+	var worked time.Time // when step last found work
 	for !w.b.stopping.Load() {
 		s.enterStep()
 		did, err := step()
@@ -107,10 +121,17 @@ func (w *worker) loop(step func() (bool, error), fd int, s *loopStats) error {
 		if err != nil {
 			return err
 		}
+		now := time.Now()
 		if did {
+			worked = now
 			continue
 		}
-		if err := w.stop.Wait(fd, unix.POLLIN, time.Time{}); err != nil {
+		if now.Sub(worked) < hotFor && w.b.hot.Load() {
+			err = w.stop.WaitHot(fd, unix.POLLIN, hotWait)
+		} else {
+			err = w.stop.Wait(fd, unix.POLLIN, time.Time{})
+		}
+		if err != nil {
 			if errors.Is(err, fdpoll.ErrStopped) {
 				return nil
 			}

@@ -7,9 +7,8 @@
 // in Listen; ReadBatch and WriteBatch allocate nothing. The socket is
 // non-blocking; when a call has to wait it blocks its OS thread in ppoll(2)
 // (package fdpoll) rather than the Go netpoller, so that a datagram wakes
-// exactly the thread that handles it (the data plane runs each loop on a
-// goroutine locked to its thread). Close and Interrupt wake every waiting
-// call.
+// exactly the thread that handles it. Close and Interrupt wake every
+// waiting call.
 package udpconn
 
 import (

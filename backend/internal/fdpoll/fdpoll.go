@@ -3,8 +3,8 @@
 // Package fdpoll blocks a data-plane thread in ppoll(2) until a file
 // descriptor is ready, until a stop event is signalled, or until a deadline.
 //
-// The data plane does its I/O with non-blocking system calls on a goroutine
-// locked to its OS thread. When a call would block, the thread waits here in
+// The data plane does its I/O with non-blocking system calls, one goroutine
+// per loop. When a call would block, the thread waits here in
 // the kernel, so that the packet that ends the wait wakes exactly this thread:
 // one wakeup per hop, as for a kernel path, instead of the Go netpoller's
 // hand-over between threads (measured: over 150 us more round-trip time on a
