@@ -25,14 +25,27 @@ type endpoint struct {
 
 // session is one mode set up for one repetition.
 type session struct {
-	client, server endpoint
-	daemons        []*testbed.Tulled // the tulleds of a Tulle mode
-	reachTimeout   time.Duration
+	ends         map[string]ends   // by path (-path); a mode may lack one (underlay: host only)
+	daemons      []*testbed.Tulled // the tulleds of a Tulle mode
+	reachTimeout time.Duration
 }
 
-// Sample is everything measured in one mode in one repetition.
+// ends are the two ends of one path's traffic.
+type ends struct{ client, server endpoint }
+
+// set records path's ends: a client in namespace cns, the server at saddr
+// in namespace sns.
+func (s *session) set(path, cname, cns string, caddr netip.Addr, sname, sns string, saddr netip.Addr) {
+	if s.ends == nil {
+		s.ends = map[string]ends{}
+	}
+	s.ends[path] = ends{endpoint{cname, cns, caddr}, endpoint{sname, sns, saddr}}
+}
+
+// Sample is everything measured in one mode on one path in one repetition.
 type Sample struct {
 	Mode    string        `json:"mode"`
+	Path    string        `json:"path"`  // container or host
 	Rep     int           `json:"rep"`   // 1-based
 	Order   int           `json:"order"` // position of the mode within its repetition, 1-based
 	Start   time.Time     `json:"start"`
@@ -59,7 +72,15 @@ type tcpRun struct {
 	// CPUSecondsPerGB is the sum of DaemonCPUSeconds per 10^9 bytes of
 	// payload moved (AllBytes); NaN-free: 0 when not measured.
 	CPUSecondsPerGB float64 `json:"daemon_cpu_seconds_per_gb,omitempty"`
-	Error           string  `json:"error,omitempty"`
+	// ServerCPUSeconds and SoftirqCPUSeconds are the iperf3 server's and
+	// the ksoftirqd threads' CPU time during the run (the client's is in
+	// iperfResult); PathCPUSeconds adds them, the client's and the
+	// daemons': the CPU the data took, PathCPUSecondsPerGB per 10^9 bytes.
+	ServerCPUSeconds    float64 `json:"server_cpu_seconds"`
+	SoftirqCPUSeconds   float64 `json:"softirq_cpu_seconds"`
+	PathCPUSeconds      float64 `json:"path_cpu_seconds"`
+	PathCPUSecondsPerGB float64 `json:"path_cpu_seconds_per_gb,omitempty"`
+	Error               string  `json:"error,omitempty"`
 }
 
 // daemonStat is what /proc says of one tulled at the end of its run.
@@ -81,10 +102,11 @@ type bench struct {
 	w     io.Writer
 	start time.Time
 
-	bed    *testbed.Bed
-	vx     *vxlanNet
-	report Report
-	mu     sync.Mutex // serialises progress output
+	bed      *testbed.Bed
+	vx       *vxlanNet
+	softirqs []int // the kernel's ksoftirqd threads
+	report   Report
+	mu       sync.Mutex // serialises progress output
 }
 
 func newBench(cfg Config, w io.Writer) *bench {
@@ -115,7 +137,7 @@ func (b *bench) failed() bool {
 
 func (b *bench) hasTulle() bool {
 	return contains(b.cfg.Modes, modeTulleOffload) || contains(b.cfg.Modes, modeTulleWater) || contains(b.cfg.Modes, modeTulleDirect) ||
-		contains(b.cfg.Modes, modeTulleIPv6) ||
+		contains(b.cfg.Modes, modeTulleIPv6) || contains(b.cfg.Modes, modeTulleBaseline) ||
 		contains(b.cfg.Modes, modePolicyOne) || contains(b.cfg.Modes, modePolicyLarge)
 }
 
@@ -133,10 +155,10 @@ func (b *bench) run(ctx context.Context) (err error) {
 		if len(b.report.Samples) > 0 {
 			b.report.Summary = summarizeModes(b.cfg, b.report.Samples)
 			if !b.cfg.Smoke {
-				b.report.Targets = evaluateTargets(b.report.Summary)
-				b.report.Targets = append(b.report.Targets, directTargets(b.report.Summary)...)
+				b.report.Targets = evaluateTargets(b.cfg, b.report.Summary)
+				b.report.Targets = append(b.report.Targets, directTargets(b.cfg, b.report.Summary)...)
 				b.report.Targets = append(b.report.Targets, policyTargets(b.report.Summary, b.report.Samples)...)
-				b.report.Targets = append(b.report.Targets, ipv6Targets(b.report.Summary)...)
+				b.report.Targets = append(b.report.Targets, ipv6Targets(b.cfg, b.report.Summary)...)
 			}
 			b.mu.Lock()
 			printTable(b.w, b.cfg, b.report)
@@ -150,8 +172,8 @@ func (b *bench) run(ctx context.Context) (err error) {
 	if err := os.MkdirAll(b.cfg.Out, 0o755); err != nil {
 		return fmt.Errorf("results folder: %w", err)
 	}
-	b.logf("bench: modes %s, %d repetition(s), path %s; iperf3 %ds (+%ds ramp-up) with 1 and %d streams, %d pings; about %v",
-		strings.Join(b.cfg.Modes, ", "), b.cfg.Reps, b.cfg.Path, b.cfg.Duration, b.cfg.Omit, b.cfg.Streams, b.cfg.Pings,
+	b.logf("bench: modes %s, %d repetition(s), paths %s; iperf3 %ds (+%ds ramp-up) with 1 and %d streams, %d pings; about %v",
+		strings.Join(b.cfg.Modes, ", "), b.cfg.Reps, strings.Join(b.cfg.Paths, " and "), b.cfg.Duration, b.cfg.Omit, b.cfg.Streams, b.cfg.Pings,
 		b.estimate().Round(10*time.Second))
 	b.report.Env = collectEnv(ctx)
 
@@ -163,6 +185,14 @@ func (b *bench) run(ctx context.Context) (err error) {
 		}
 		b.report.Env.Tulled = tulledVersion(ctx, bin)
 	}
+	if b.cfg.Baseline != "" {
+		b.logf("preparing the baseline tulled (%s)", b.cfg.Baseline)
+		if err := b.prepareBaseline(ctx); err != nil {
+			return err
+		}
+		b.logf("baseline: %s", b.report.Env.Baseline)
+	}
+	b.softirqs = softirqThreads()
 	b.logf("building the testbed (2 hosts, etcd)")
 	opts := testbed.Options{Hosts: 2, NoEtcd: !b.hasTulle()}
 	if b.cfg.Verbose {
@@ -198,7 +228,7 @@ func (b *bench) run(ctx context.Context) (err error) {
 		for k := 0; k < n; k++ {
 			mode := b.cfg.Modes[(rep+k)%n] // rotate, so no mode always runs first
 			s := b.measureMode(ctx, mode, rep+1, k+1)
-			b.report.Samples = append(b.report.Samples, s)
+			b.report.Samples = append(b.report.Samples, s...)
 			if ctx.Err() != nil {
 				return fmt.Errorf("stopped in %s, repetition %d: %w", mode, rep+1, ctx.Err())
 			}
@@ -211,22 +241,25 @@ func (b *bench) run(ctx context.Context) (err error) {
 func (b *bench) estimate() time.Duration {
 	per := 3*b.cfg.Settle + time.Duration(b.cfg.Pings)*b.cfg.PingInterval +
 		2*time.Duration(b.cfg.Duration+b.cfg.Omit)*time.Second + 2*time.Second
-	total := time.Duration(b.cfg.Reps*len(b.cfg.Modes)) * per
+	total := time.Duration(b.cfg.Reps*len(b.cfg.Modes)*len(b.cfg.Paths)) * per
 	if b.hasTulle() {
 		total += time.Duration(b.cfg.Reps) * 2 * 3 * time.Second // tulled start and stop
 	}
 	return total + 10*time.Second
 }
 
-// measureMode sets the mode up, measures it and tears it down.
-func (b *bench) measureMode(ctx context.Context, mode string, rep, order int) Sample {
-	s := Sample{Mode: mode, Rep: rep, Order: order, Start: time.Now()}
-	fail := func(err error) { s.Errors = append(s.Errors, err.Error()) }
+// measureMode sets the mode up, measures it on each path and tears it
+// down: one sample per path (a set-up failure is recorded in each).
+func (b *bench) measureMode(ctx context.Context, mode string, rep, order int) []Sample {
+	start := time.Now()
+	var pre Sample // what the set-up recorded (a policy mode's apply)
+	var setupErrs []string
+	fail := func(err error) { setupErrs = append(setupErrs, err.Error()) }
 
 	var sess *session
 	var err error
 	if contains(policyModes, mode) {
-		sess, err = b.beginPolicy(ctx, mode, &s)
+		sess, err = b.beginPolicy(ctx, mode, &pre)
 		if err != nil && sess != nil {
 			err = errors.Join(err, b.stopDaemons(sess))
 		}
@@ -240,41 +273,64 @@ func (b *bench) measureMode(ctx context.Context, mode string, rep, order int) Sa
 			}
 		}
 	}
+	var out []Sample
 	if err != nil {
 		fail(err)
 		endPolicy()
-		s.Elapsed = time.Since(s.Start)
+		for _, path := range b.cfg.Paths {
+			out = append(out, Sample{Mode: mode, Path: path, Rep: rep, Order: order, Start: start, Elapsed: time.Since(start), Errors: setupErrs})
+		}
 		b.logf("rep %d/%d %-13s set-up failed: %v", rep, b.cfg.Reps, mode, err)
-		return s
+		return out
 	}
-	s.Client, s.Server = sess.client, sess.server
-	b.measure(ctx, sess, &s, fail)
-	if err := b.end(sess, &s); err != nil {
+	for _, path := range b.cfg.Paths {
+		e, ok := sess.ends[path]
+		if !ok {
+			continue
+		}
+		s := Sample{Mode: mode, Path: path, Rep: rep, Order: order, Start: time.Now(), Client: e.client, Server: e.server,
+			PolicyApplySeconds: pre.PolicyApplySeconds, PolicyRules: pre.PolicyRules}
+		b.measure(ctx, sess, e, &s, func(err error) { s.Errors = append(s.Errors, err.Error()) })
+		s.Elapsed = time.Since(s.Start)
+		out = append(out, s)
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	if len(out) == 0 { // the mode has none of the paths asked for
+		out = append(out, Sample{Mode: mode, Rep: rep, Order: order, Start: start,
+			Errors: []string{fmt.Sprintf("%s: none of the paths %v", mode, b.cfg.Paths)}})
+	}
+	last := &out[len(out)-1]
+	if err := b.end(sess, last); err != nil {
 		fail(err)
 		b.logf("rep %d/%d %-13s tear-down: %v", rep, b.cfg.Reps, mode, err)
 	}
 	endPolicy()
-	s.Elapsed = time.Since(s.Start)
-	b.logf("rep %d/%d %-13s %s", rep, b.cfg.Reps, mode, progressLine(s))
-	return s
+	for i := range out {
+		out[i].Daemons = last.Daemons // one tulled run for every path
+		out[i].Errors = append(out[i].Errors, setupErrs...)
+		b.logf("rep %d/%d %-13s %-9s %s", rep, b.cfg.Reps, mode, out[i].Path, progressLine(out[i]))
+	}
+	return out
 }
 
-// measure runs the ping and the two iperf3 tests of one session.
-func (b *bench) measure(ctx context.Context, sess *session, s *Sample, fail func(error)) {
-	srv, err := startIperfServer(ctx, sess.server.NS)
+// measure runs the ping and the two iperf3 tests of one path of a session.
+func (b *bench) measure(ctx context.Context, sess *session, e ends, s *Sample, fail func(error)) {
+	srv, err := startIperfServer(ctx, e.server.NS)
 	if err != nil {
 		fail(err)
 		return
 	}
 	defer srv.stop()
-	if err := waitReachable(ctx, sess.client.NS, sess.server.Addr, sess.reachTimeout); err != nil {
+	if err := waitReachable(ctx, e.client.NS, e.server.Addr, sess.reachTimeout); err != nil {
 		fail(fmt.Errorf("%s: %w", s.Mode, err))
 		return
 	}
 	if sleepCtx(ctx, b.cfg.Settle) != nil {
 		return
 	}
-	if p, err := runPing(ctx, sess.client.NS, sess.server.Addr, b.cfg.Pings, b.cfg.PingInterval); err != nil {
+	if p, err := runPing(ctx, e.client.NS, e.server.Addr, b.cfg.Pings, b.cfg.PingInterval); err != nil {
 		fail(err)
 	} else {
 		s.Ping = &p
@@ -283,7 +339,7 @@ func (b *bench) measure(ctx context.Context, sess *session, s *Sample, fail func
 		if sleepCtx(ctx, b.cfg.Settle) != nil {
 			return
 		}
-		run := b.measureTCP(ctx, sess, streams)
+		run := b.measureTCP(ctx, sess, e, srv, streams)
 		if run.Error != "" {
 			fail(errors.New(run.Error))
 		}
@@ -294,15 +350,20 @@ func (b *bench) measure(ctx context.Context, sess *session, s *Sample, fail func
 	}
 }
 
-// measureTCP runs iperf3 with the given streams and samples the daemons'
-// CPU time around it.
-func (b *bench) measureTCP(ctx context.Context, sess *session, streams int) tcpRun {
+// measureTCP runs iperf3 with the given streams and samples around it the
+// CPU time of the tulleds and of everything that moves the data: both
+// iperf3 processes, the kernel's softirq threads and the tulleds (network
+// processing runs mostly in the context of the process whose system call
+// set it off, so these are where it is counted).
+func (b *bench) measureTCP(ctx context.Context, sess *session, e ends, srv *iperfServer, streams int) tcpRun {
 	before := make([]time.Duration, len(sess.daemons))
 	for i, t := range sess.daemons {
 		before[i], _ = processCPU(t.Pid())
 	}
+	srvBefore, srvErr := processCPU(srv.pid())
+	irqBefore := threadsCPU(b.softirqs)
 	res, _, err := runIperf(ctx, iperfSpec{
-		ClientNS: sess.client.NS, Server: sess.server.Addr, Streams: streams,
+		ClientNS: e.client.NS, Server: e.server.Addr, Streams: streams,
 		Duration: b.cfg.Duration, Omit: b.cfg.Omit,
 	})
 	run := tcpRun{iperfResult: res, Gbit: res.Gbps()}
@@ -322,8 +383,20 @@ func (b *bench) measureTCP(ctx context.Context, sess *session, streams int) tcpR
 		run.DaemonCPUSeconds = append(run.DaemonCPUSeconds, secs)
 		total += secs
 	}
-	if len(sess.daemons) > 0 && res.AllBytes > 0 {
-		run.CPUSecondsPerGB = total / (float64(res.AllBytes) / 1e9)
+	srvAfter, srvErr2 := processCPU(srv.pid())
+	if err := errors.Join(srvErr, srvErr2); err != nil {
+		run.Error = fmt.Sprintf("iperf3 server: %v", err)
+		return run
+	}
+	run.ServerCPUSeconds = (srvAfter - srvBefore).Seconds()
+	run.SoftirqCPUSeconds = (threadsCPU(b.softirqs) - irqBefore).Seconds()
+	run.PathCPUSeconds = total + run.ClientCPUSeconds + run.ServerCPUSeconds + run.SoftirqCPUSeconds
+	if res.AllBytes > 0 {
+		gb := float64(res.AllBytes) / 1e9
+		run.PathCPUSecondsPerGB = run.PathCPUSeconds / gb
+		if len(sess.daemons) > 0 {
+			run.CPUSecondsPerGB = total / gb
+		}
 	}
 	return run
 }
@@ -333,29 +406,23 @@ func (b *bench) begin(ctx context.Context, mode string) (*session, error) {
 	h1, h2 := b.bed.Host(1), b.bed.Host(2)
 	switch mode {
 	case modeUnderlay:
-		return &session{
-			client:       endpoint{h1.Name, h1.NS, h1.Addr},
-			server:       endpoint{h2.Name, h2.NS, h2.Addr},
-			reachTimeout: 5 * time.Second,
-		}, nil
+		sess := &session{reachTimeout: 5 * time.Second}
+		sess.set(pathHost, h1.Name, h1.NS, h1.Addr, h2.Name, h2.NS, h2.Addr)
+		return sess, nil
 	case modeVXLAN:
 		x1, x2 := b.vx.Hosts[0], b.vx.Hosts[1]
-		if b.cfg.Path == pathHost {
-			return &session{
-				client:       endpoint{h1.Name, h1.NS, x1.DevAddr},
-				server:       endpoint{h2.Name, h2.NS, x2.Container.Gateway.Addr()},
-				reachTimeout: 5 * time.Second,
-			}, nil
-		}
-		return &session{
-			client:       endpoint{x1.Container.Name, x1.Container.NS, x1.Container.Addr},
-			server:       endpoint{x2.Container.Name, x2.Container.NS, x2.Container.Addr},
-			reachTimeout: 5 * time.Second,
-		}, nil
+		sess := &session{reachTimeout: 5 * time.Second}
+		sess.set(pathHost, h1.Name, h1.NS, x1.DevAddr, h2.Name, h2.NS, x2.Container.Gateway.Addr())
+		sess.set(pathContainer, x1.Container.Name, x1.Container.NS, x1.Container.Addr, x2.Container.Name, x2.Container.NS, x2.Container.Addr)
+		return sess, nil
 	case modeVXLANIPv6:
 		return b.vxlanIPv6Session(), nil
-	case modeTulleOffload, modeTulleWater, modeTulleDirect, modeTulleIPv6:
+	case modeTulleOffload, modeTulleWater, modeTulleDirect, modeTulleIPv6, modeTulleBaseline:
 		driver, config := tulleMode(mode)
+		if mode == modeTulleBaseline {
+			restore := useTulled(b.cfg.BaselineBin)
+			defer restore()
+		}
 		if err := b.bed.WriteNetworkConfig(ctx, b.runConfig(config)); err != nil {
 			return nil, err
 		}
@@ -377,22 +444,16 @@ func (b *bench) begin(ctx context.Context, mode string) (*session, error) {
 		if c1 == nil || c2 == nil {
 			return nil, errors.Join(errors.New("tulled started but the testbed set up no containers"), b.stopDaemons(sess))
 		}
-		switch {
-		case mode == modeTulleIPv6 && (!c1.Addr6.IsValid() || !c2.Addr6.IsValid()):
-			return nil, errors.Join(errors.New("tulle-ipv6: the containers have no IPv6 address (no FLANNEL_IPV6_SUBNET?)"), b.stopDaemons(sess))
-		case mode == modeTulleIPv6 && b.cfg.Path == pathHost:
-			sess.client = endpoint{h1.Name, h1.NS, c1.Gateway6.Addr()}
-			sess.server = endpoint{h2.Name, h2.NS, c2.Gateway6.Addr()}
-		case mode == modeTulleIPv6:
-			sess.client = endpoint{c1.Name, c1.NS, c1.Addr6}
-			sess.server = endpoint{c2.Name, c2.NS, c2.Addr6}
-		case b.cfg.Path == pathHost:
-			sess.client = endpoint{h1.Name, h1.NS, c1.Gateway.Addr()}
-			sess.server = endpoint{h2.Name, h2.NS, c2.Gateway.Addr()}
-		default:
-			sess.client = endpoint{c1.Name, c1.NS, c1.Addr}
-			sess.server = endpoint{c2.Name, c2.NS, c2.Addr}
+		if mode == modeTulleIPv6 {
+			if !c1.Addr6.IsValid() || !c2.Addr6.IsValid() {
+				return nil, errors.Join(errors.New("tulle-ipv6: the containers have no IPv6 address (no FLANNEL_IPV6_SUBNET?)"), b.stopDaemons(sess))
+			}
+			sess.set(pathHost, h1.Name, h1.NS, c1.Gateway6.Addr(), h2.Name, h2.NS, c2.Gateway6.Addr())
+			sess.set(pathContainer, c1.Name, c1.NS, c1.Addr6, c2.Name, c2.NS, c2.Addr6)
+			return sess, nil
 		}
+		sess.set(pathHost, h1.Name, h1.NS, c1.Gateway.Addr(), h2.Name, h2.NS, c2.Gateway.Addr())
+		sess.set(pathContainer, c1.Name, c1.NS, c1.Addr, c2.Name, c2.NS, c2.Addr)
 		return sess, nil
 	}
 	return nil, fmt.Errorf("unknown mode %q", mode)

@@ -9,6 +9,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -124,15 +125,21 @@ func TestSummarizeTakesMedianAndRangeIgnoringFailures(t *testing.T) {
 	}
 }
 
-// fakeSamples is a finished run of every mode, two repetitions.
+// fakeSamples is a finished run of every mode on both paths (the underlay
+// on the host path only), two repetitions; the host path moves 1 Gbit/s
+// more and answers pings 20 us sooner.
 func fakeSamples() []Sample {
-	mk := func(mode string, rep int, g1, gN, rtt float64, cpu float64, rss int64) Sample {
-		s := Sample{Mode: mode, Rep: rep, Ping: &pingResult{Sent: 50, Received: 50, MedianUs: rtt, MeanUs: rtt + 3}}
+	mk := func(mode, path string, rep int, g1, gN, rtt float64, cpu float64, rss int64) Sample {
+		if path == pathHost {
+			g1, gN, rtt = g1+1, gN+1, rtt-20
+		}
+		s := Sample{Mode: mode, Path: path, Rep: rep, Ping: &pingResult{Sent: 50, Received: 50, MedianUs: rtt, MeanUs: rtt + 3}}
 		for _, r := range []struct {
 			streams int
 			g       float64
 		}{{1, g1}, {4, gN}} {
 			run := tcpRun{iperfResult: iperfResult{Streams: r.streams, BitsPerSecond: r.g * 1e9}, Gbit: r.g}
+			run.PathCPUSecondsPerGB = 0.5 + cpu
 			if cpu > 0 {
 				run.DaemonCPUSeconds = []float64{cpu / 2, cpu / 2}
 				run.CPUSecondsPerGB = cpu
@@ -144,69 +151,85 @@ func fakeSamples() []Sample {
 		}
 		return s
 	}
-	return []Sample{
-		mk(modeUnderlay, 1, 20, 40, 40, 0, 0), mk(modeUnderlay, 2, 22, 42, 44, 0, 0),
-		mk(modeVXLAN, 1, 14, 30, 90, 0, 0), mk(modeVXLAN, 2, 16, 34, 100, 0, 0),
-		mk(modeTulleOffload, 1, 10, 16, 120, 1.5, 30<<20), mk(modeTulleOffload, 2, 12, 18, 130, 1.7, 34<<20),
-		mk(modeTulleWater, 1, 2, 3, 200, 6, 20<<20),
-		{Mode: modeTulleWater, Rep: 2, Errors: []string{"start tulled: boom"}},
-		mk(modeVXLANIPv6, 1, 10, 20, 100, 0, 0),
-		mk(modeTulleIPv6, 1, 8, 10, 130, 1.8, 30<<20),
+	out := []Sample{mk(modeUnderlay, pathHost, 1, 20, 40, 40, 0, 0), mk(modeUnderlay, pathHost, 2, 22, 42, 44, 0, 0)}
+	for _, path := range []string{pathContainer, pathHost} {
+		out = append(out,
+			mk(modeVXLAN, path, 1, 14, 30, 90, 0, 0), mk(modeVXLAN, path, 2, 16, 34, 100, 0, 0),
+			mk(modeTulleOffload, path, 1, 10, 16, 120, 1.5, 30<<20), mk(modeTulleOffload, path, 2, 12, 18, 130, 1.7, 34<<20),
+			mk(modeTulleWater, path, 1, 2, 3, 200, 6, 20<<20),
+			Sample{Mode: modeTulleWater, Path: path, Rep: 2, Errors: []string{"start tulled: boom"}},
+			mk(modeVXLANIPv6, path, 1, 10, 20, 100, 0, 0),
+			mk(modeTulleIPv6, path, 1, 8, 10, 130, 1.8, 30<<20),
+			mk(modeTulleBaseline, path, 1, 9, 15, 160, 2.5, 30<<20),
+		)
 	}
+	return out
 }
 
-func TestSummaryGivesTulleAsRatioOfKernelVXLAN(t *testing.T) {
-	cfg := Config{Modes: allModes, Streams: 4}
+var bothPaths = []string{pathContainer, pathHost}
+
+func TestSummaryGivesTulleAsRatioOfKernelVXLANOnEachPath(t *testing.T) {
+	modes := append(slices.Clone(allModes), modeTulleBaseline)
+	cfg := Config{Modes: modes, Paths: bothPaths, Streams: 4}
 	sum := summarizeModes(cfg, fakeSamples())
-	if len(sum) != len(allModes) {
-		t.Fatalf("%d summaries, want %d", len(sum), len(allModes))
+	// tulle-direct has no samples; the underlay none on the container path
+	if want := 2*(len(modes)-1) - 1; len(sum) != want {
+		t.Fatalf("%d summaries, want %d", len(sum), want)
 	}
-	off := sum[2]
-	if off.Mode != modeTulleOffload || off.TCP1Gbit.Median != 11 || off.TCPNGbit.Median != 17 || off.RTTMedianUs.Median != 125 {
+	if summaryOf(sum, modeUnderlay, pathContainer) != nil || summaryOf(sum, modeUnderlay, pathHost) == nil {
+		t.Error("the underlay is summarized on the container path, or not on the host path")
+	}
+	off := summaryOf(sum, modeTulleOffload, pathContainer)
+	if off == nil || off.TCP1Gbit.Median != 11 || off.TCPNGbit.Median != 17 || off.RTTMedianUs.Median != 125 {
 		t.Fatalf("tulle-offload summary %+v", off)
 	}
 	if off.VsVXLAN == nil || math.Abs(off.VsVXLAN.TCP1-11.0/15) > 1e-9 || math.Abs(off.VsVXLAN.TCPN-17.0/32) > 1e-9 || off.VsVXLAN.RTTDiffUs != 30 {
 		t.Errorf("ratios %+v, want TCP1 11/15, TCPN 17/32, RTT +30 us", off.VsVXLAN)
 	}
-	if off.CPUPerGB1.Median != 1.6 || off.PeakRSSMiB.Max != 34 {
-		t.Errorf("CPU/GB %+v, peak RSS %+v; want median 1.6 s/GB and max 34 MiB (the larger tulled)", off.CPUPerGB1, off.PeakRSSMiB)
+	if off.CPUPerGB1.Median != 1.6 || off.PathCPUPerGB1.Median != 2.1 || off.PeakRSSMiB.Max != 34 {
+		t.Errorf("CPU/GB %+v (all %+v), peak RSS %+v; want medians 1.6 and 2.1 s/GB and max 34 MiB (the larger tulled)", off.CPUPerGB1, off.PathCPUPerGB1, off.PeakRSSMiB)
 	}
-	if sum[1].VsVXLAN != nil {
-		t.Error("vxlan has a ratio to itself")
+	if host := summaryOf(sum, modeTulleOffload, pathHost); host == nil || host.VsVXLAN == nil || math.Abs(host.VsVXLAN.TCP1-12.0/16) > 1e-9 {
+		t.Errorf("host path ratios %+v, want TCP1 12/16 (against the host path's VXLAN)", host)
 	}
-	if w := sum[3]; w.FailedSamples != 1 || w.TCP1Gbit.N != 1 {
+	if vx := summaryOf(sum, modeVXLAN, pathContainer); vx.VsVXLAN != nil || vx.PathCPUPerGB1.Median != 0.5 {
+		t.Errorf("vxlan: ratio to itself %+v, CPU all %+v", vx.VsVXLAN, vx.PathCPUPerGB1)
+	}
+	if w := summaryOf(sum, modeTulleWater, pathContainer); w.FailedSamples != 1 || w.TCP1Gbit.N != 1 {
 		t.Errorf("water: %d failed, %d measured; want 1 and 1", w.FailedSamples, w.TCP1Gbit.N)
 	}
 	// The IPv6 modes: Tulle against the kernel VXLAN carrying IPv6.
-	byMode := map[string]ModeSummary{}
-	for _, m := range sum {
-		byMode[m.Mode] = m
-	}
-	if m := byMode[modeVXLANIPv6]; m.VsVXLAN != nil || m.TCP1Gbit.Median != 10 {
+	if m := summaryOf(sum, modeVXLANIPv6, pathContainer); m.VsVXLAN != nil || m.TCP1Gbit.Median != 10 {
 		t.Errorf("vxlan-ipv6 summary %+v: a reference has no ratio", m)
 	}
-	if v6 := byMode[modeTulleIPv6]; v6.VsVXLAN == nil || v6.VsVXLAN.TCP1 != 0.8 || v6.VsVXLAN.TCPN != 0.5 || v6.VsVXLAN.RTTDiffUs != 30 {
+	if v6 := summaryOf(sum, modeTulleIPv6, pathContainer); v6.VsVXLAN == nil || v6.VsVXLAN.TCP1 != 0.8 || v6.VsVXLAN.TCPN != 0.5 || v6.VsVXLAN.RTTDiffUs != 30 {
 		t.Errorf("tulle-ipv6 ratios %+v, want TCP1 8/10, TCPN 10/20, RTT +30 us (vs vxlan-ipv6)", v6.VsVXLAN)
 	}
 	v6met := map[string]bool{}
-	for _, tg := range ipv6Targets(sum) {
+	for _, tg := range ipv6Targets(cfg, sum) {
 		v6met[tg.Name] = tg.Met
 	}
-	if len(v6met) != 2 || !v6met["IPv6: TCP 1 stream >= 0.7x kernel VXLAN carrying IPv6"] || v6met["IPv6: TCP 4 streams >= 0.6x kernel VXLAN carrying IPv6"] {
-		t.Errorf("IPv6 targets %v, want 1 stream met and 4 streams not met", v6met)
+	if len(v6met) != 4 || !v6met["container: IPv6: TCP 1 stream >= 0.7x kernel VXLAN carrying IPv6"] || v6met["container: IPv6: TCP 4 streams >= 0.6x kernel VXLAN carrying IPv6"] {
+		t.Errorf("IPv6 targets %v, want 1 stream met and 4 streams not met on each path", v6met)
 	}
 
-	targets := evaluateTargets(sum)
+	targets := evaluateTargets(cfg, sum)
 	met := map[string]bool{}
 	for _, tg := range targets {
 		met[tg.Name] = tg.Met
 	}
 	want := map[string]bool{
-		"TCP 1 stream >= 0.7x kernel VXLAN":     true,
-		"TCP 4 streams >= 0.5x kernel VXLAN":    true,
-		"TCP 4 streams >= Tulle's own 1 stream": true,
-		"ping RTT within 50 us of kernel VXLAN": true,
-		"tulled peak RSS < 64 MiB":              true,
+		"container: TCP 1 stream >= 0.7x kernel VXLAN":                         true,  // 11/15
+		"container: TCP 4 streams >= 0.6x kernel VXLAN":                        false, // 17/32
+		"container: ping RTT at most 2x kernel VXLAN's":                        true,
+		"container: tulled CPU per GB, 1 stream, >= 30% below the baseline's":  true, // 1.6 vs 2.5
+		"container: tulled CPU per GB, 4 streams, >= 30% below the baseline's": true,
+		"host: TCP 1 stream >= 0.7x kernel VXLAN":                              true,
+		"host: TCP 4 streams >= 0.6x kernel VXLAN":                             false,
+		"host: ping RTT at most 2x kernel VXLAN's":                             true,
+		"host: tulled CPU per GB, 1 stream, >= 30% below the baseline's":       true,
+		"host: tulled CPU per GB, 4 streams, >= 30% below the baseline's":      true,
+		"tulled peak RSS < 64 MiB":                                             true,
 	}
 	if len(met) != len(want) {
 		t.Errorf("targets %+v, want %v", targets, want)
@@ -219,16 +242,17 @@ func TestSummaryGivesTulleAsRatioOfKernelVXLAN(t *testing.T) {
 }
 
 func TestTableAndJSONAndChartAreWritten(t *testing.T) {
-	cfg := Config{Modes: allModes, Streams: 4, Reps: 2, Duration: 5, Omit: 1, Pings: 50, PingInterval: 10 * time.Millisecond, Path: pathContainer, Out: t.TempDir()}
+	cfg := Config{Modes: allModes, Streams: 4, Reps: 2, Duration: 5, Omit: 1, Pings: 50, PingInterval: 10 * time.Millisecond, Paths: bothPaths, Out: t.TempDir()}
 	b := newBench(cfg, io.Discard)
 	b.report.Samples = fakeSamples()
 	b.report.Summary = summarizeModes(cfg, b.report.Samples)
-	b.report.Targets = evaluateTargets(b.report.Summary)
+	b.report.Targets = evaluateTargets(cfg, b.report.Summary)
 
 	var buf bytes.Buffer
 	printTable(&buf, cfg, b.report)
 	table := buf.String()
-	for _, want := range []string{"tulle-offload", "11.00 [10.00-12.00]", "0.73x", "+30 us", "1.60 [1.50-1.70]", "32.0 [30.0-34.0] | 16.0 [15.0-17.0]", "tulle-water (1 failed)", "start tulled: boom", "met"} {
+	for _, want := range []string{"container to container:", "host namespace to host namespace:", "tulle-offload", "11.00 [10.00-12.00]", "0.73x", "+30 us",
+		"2.10 [2.00-2.20] | 2.10 [2.00-2.20]", "1.60 [1.50-1.70]", "32.0 [30.0-34.0] | 16.0 [15.0-17.0]", "tulle-water (1 failed)", "start tulled: boom", "met"} {
 		if !strings.Contains(table, want) {
 			t.Errorf("table lacks %q:\n%s", want, table)
 		}
@@ -241,15 +265,15 @@ func TestTableAndJSONAndChartAreWritten(t *testing.T) {
 	if err := json.Unmarshal(readFile(t, filepath.Join(cfg.Out, "results.json")), &back); err != nil {
 		t.Fatalf("results.json: %v", err)
 	}
-	if len(back.Samples) != len(b.report.Samples) || len(back.Summary) != len(allModes) || back.Summary[2].VsVXLAN == nil {
+	if len(back.Samples) != len(b.report.Samples) || len(back.Summary) != len(b.report.Summary) || summaryOf(back.Summary, modeTulleOffload, pathHost).VsVXLAN == nil {
 		t.Errorf("results.json round trip lost data: %d samples, %d summaries", len(back.Samples), len(back.Summary))
 	}
 	img, err := png.Decode(bytes.NewReader(readFile(t, filepath.Join(cfg.Out, "chart.png"))))
 	if err != nil {
 		t.Fatalf("chart.png: %v", err)
 	}
-	if r := img.Bounds(); r.Dx() != 1200 || r.Dy() != 500 {
-		t.Errorf("chart is %dx%d, want 1200x500", r.Dx(), r.Dy())
+	if r := img.Bounds(); r.Dx() != 2000 || r.Dy() != 900 {
+		t.Errorf("chart is %dx%d, want 2000x900 (a row per path)", r.Dx(), r.Dy())
 	}
 }
 
@@ -278,6 +302,8 @@ func TestBadFlagsAreRejectedWithTheRule(t *testing.T) {
 		{"-reps", "0"},
 		{"-streams", "1"},
 		{"-path", "bridge"},
+		{"-path", "host,bridge"},
+		{"-modes", "vxlan," + modeTulleBaseline},
 		{"-ping-interval", "1ms"},
 		{"extra"},
 	} {
@@ -291,5 +317,15 @@ func TestBadFlagsAreRejectedWithTheRule(t *testing.T) {
 	}
 	if strings.Join(c.Modes, ",") != "vxlan,underlay" || strings.Join(c.TulledArgs, " ") != "--workers=1 --log-level=debug" {
 		t.Errorf("modes %q, tulled args %q", c.Modes, c.TulledArgs)
+	}
+	if strings.Join(c.Paths, ",") != "container,host" {
+		t.Errorf("paths %q, want both by default", c.Paths)
+	}
+	c, err = parseFlags([]string{"-modes", "vxlan,tulle-offload", "-path", "host", "-baseline", "main"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(c.Paths, ",") != "host" || strings.Join(c.Modes, ",") != "vxlan,tulle-offload,"+modeTulleBaseline || c.Baseline != "main" {
+		t.Errorf("-path host -baseline main: paths %q, modes %q, baseline %q", c.Paths, c.Modes, c.Baseline)
 	}
 }

@@ -12,32 +12,60 @@ import (
 	"gonum.org/v1/plot/vg/vgimg"
 )
 
-// Chart geometry.
+// Chart geometry: one row of plots per path.
 const (
-	chartWidth  = 12 * vg.Inch
-	chartHeight = 5 * vg.Inch
+	chartWidth  = 20 * vg.Inch
+	rowHeight   = 4.5 * vg.Inch
 	chartDPI    = 100
+	chartTiles  = 3 // throughput, RTT, CPU per GB
+	chartMargin = vg.Inch / 8
 )
 
-// writeChart draws the summary as a PNG: TCP throughput per mode (1 stream
-// and N streams side by side) and ping RTT per mode; bars are medians, the
-// whiskers span min-max, the labels give the median and, for the other
-// modes, the ratio of kernel VXLAN.
+// writeChart draws the summary as a PNG, a row per path (-path) of three
+// plots, bars the medians and whiskers min-max over the repetitions: TCP throughput per mode (1 stream and N streams side by side),
+// ping RTT per mode, and CPU seconds per GB (everything on the path, and
+// the tulleds alone); the labels give the median and, for the other
+// modes, the ratio of (or difference to) kernel VXLAN on the same path.
 func writeChart(path string, cfg Config, rep Report) error {
-	thr, err := throughputPlot(cfg, rep.Summary)
-	if err != nil {
-		return fmt.Errorf("chart: %w", err)
+	var rows [][]*plot.Plot
+	for _, p := range cfg.Paths {
+		var sum []ModeSummary
+		for _, m := range rep.Summary {
+			if m.Path == p {
+				sum = append(sum, m)
+			}
+		}
+		if len(sum) == 0 {
+			continue
+		}
+		title := p // "container" (to container) or "host" (namespace to host namespace)
+		thr, err := throughputPlot(cfg, sum, title)
+		if err != nil {
+			return fmt.Errorf("chart: %w", err)
+		}
+		rtt, err := rttPlot(sum, title)
+		if err != nil {
+			return fmt.Errorf("chart: %w", err)
+		}
+		cpu, err := cpuPlot(cfg, sum, title)
+		if err != nil {
+			return fmt.Errorf("chart: %w", err)
+		}
+		rows = append(rows, []*plot.Plot{thr, rtt, cpu})
 	}
-	rtt, err := rttPlot(rep.Summary)
-	if err != nil {
-		return fmt.Errorf("chart: %w", err)
+	if len(rows) == 0 {
+		return nil
 	}
-	img := vgimg.NewWith(vgimg.UseWH(chartWidth, chartHeight), vgimg.UseDPI(chartDPI))
+	img := vgimg.NewWith(vgimg.UseWH(chartWidth, rowHeight*vg.Length(len(rows))), vgimg.UseDPI(chartDPI))
 	dc := draw.New(img)
-	tiles := draw.Tiles{Rows: 1, Cols: 2, PadX: vg.Inch / 3, PadTop: vg.Inch / 8, PadBottom: vg.Inch / 8, PadLeft: vg.Inch / 8, PadRight: vg.Inch / 8}
-	canvases := plot.Align([][]*plot.Plot{{thr, rtt}}, tiles, dc)
-	thr.Draw(canvases[0][0])
-	rtt.Draw(canvases[0][1])
+	tiles := draw.Tiles{Rows: len(rows), Cols: chartTiles, PadX: vg.Inch / 3, PadY: vg.Inch / 4,
+		PadTop: chartMargin, PadBottom: chartMargin, PadLeft: chartMargin, PadRight: chartMargin}
+	canvases := plot.Align(rows, tiles, dc)
+	for i, row := range rows {
+		for j, p := range row {
+			p.Draw(canvases[i][j])
+		}
+	}
 
 	f, err := os.Create(path)
 	if err != nil {
@@ -55,7 +83,7 @@ func writeChart(path string, cfg Config, rep Report) error {
 
 // barWidth is the width of one bar when n groups of k bars share a tile.
 func barWidth(n, k int) vg.Length {
-	unit := 0.8 * float64(chartWidth) / 2 / float64(max(n, 1))
+	unit := 0.8 * float64(chartWidth) / chartTiles / float64(max(n, 1))
 	return vg.Length(0.75 * unit / float64(k))
 }
 
@@ -118,9 +146,9 @@ func barSeries(p *plot.Plot, sum []ModeSummary, shift float64, width vg.Length, 
 	return nil
 }
 
-func throughputPlot(cfg Config, sum []ModeSummary) (*plot.Plot, error) {
+func throughputPlot(cfg Config, sum []ModeSummary, path string) (*plot.Plot, error) {
 	p := plot.New()
-	p.Title.Text = "iperf3 TCP throughput: median, whiskers min-max, ratio of kernel VXLAN"
+	p.Title.Text = path + ": TCP throughput (ratio: of kernel VXLAN)"
 	p.Y.Label.Text = "Gbit/s"
 	modeTicks(p, sum)
 	w := barWidth(len(sum), 2)
@@ -147,9 +175,9 @@ func throughputPlot(cfg Config, sum []ModeSummary) (*plot.Plot, error) {
 	return p, nil
 }
 
-func rttPlot(sum []ModeSummary) (*plot.Plot, error) {
+func rttPlot(sum []ModeSummary, path string) (*plot.Plot, error) {
 	p := plot.New()
-	p.Title.Text = "ping RTT: median of medians, whiskers min-max, difference to kernel VXLAN"
+	p.Title.Text = path + ": ping RTT (difference: to kernel VXLAN)"
 	p.Y.Label.Text = "microseconds"
 	p.Y.Tick.Marker = wholeTicks{}
 	modeTicks(p, sum)
@@ -165,6 +193,31 @@ func rttPlot(sum []ModeSummary) (*plot.Plot, error) {
 	}
 	p.Legend = plot.NewLegend() // one series: no legend
 	headroom(p, sum, func(m ModeSummary) float64 { return m.RTTMedianUs.Max })
+	return p, nil
+}
+
+// cpuPlot draws the CPU seconds per GB of 1-stream runs: of everything on
+// the path, and of the tulleds alone (Tulle modes).
+func cpuPlot(cfg Config, sum []ModeSummary, path string) (*plot.Plot, error) {
+	p := plot.New()
+	p.Title.Text = path + ": CPU seconds per GB, 1 stream"
+	p.Y.Label.Text = "CPU s/GB"
+	modeTicks(p, sum)
+	w := barWidth(len(sum), 2)
+	label := func(get func(ModeSummary) Stat) func(ModeSummary) string {
+		return func(m ModeSummary) string { return fmt.Sprintf("%.2f", get(m).Median) }
+	}
+	all := func(m ModeSummary) Stat { return m.PathCPUPerGB1 }
+	tulled := func(m ModeSummary) Stat { return m.CPUPerGB1 }
+	if err := barSeries(p, sum, -0.2, w, 3, "all: iperf3, ksoftirqd, tulleds", all, label(all)); err != nil {
+		return nil, err
+	}
+	if err := barSeries(p, sum, 0.2, w, 4, "tulleds", tulled, label(tulled)); err != nil {
+		return nil, err
+	}
+	p.Legend.Top = true
+	p.Legend.Left = true
+	headroom(p, sum, func(m ModeSummary) float64 { return max(m.PathCPUPerGB1.Max, m.CPUPerGB1.Max) })
 	return p, nil
 }
 

@@ -68,37 +68,35 @@ func waitDirectRoutes(ctx context.Context, hosts ...*testbed.Host) error {
 }
 
 // directTargets judges issue 11's goals for tulle-direct against the bare
-// underlay; nothing if either is missing.
-func directTargets(sum []ModeSummary) []Target {
-	var d, u *ModeSummary
-	for i := range sum {
-		switch sum[i].Mode {
-		case modeTulleDirect:
-			d = &sum[i]
-		case modeUnderlay:
-			u = &sum[i]
-		}
-	}
-	if d == nil || u == nil {
+// underlay (which has only the host path: it is the reference of both);
+// nothing if either is missing.
+func directTargets(cfg Config, sum []ModeSummary) []Target {
+	u := summaryOf(sum, modeUnderlay, pathHost)
+	if u == nil {
 		return nil
 	}
 	var out []Target
-	for _, c := range []struct {
-		what   string
-		d, u   Stat
-		suffix string
-	}{
-		{"TCP 1 stream", d.TCP1Gbit, u.TCP1Gbit, ""},
-		{fmt.Sprintf("TCP %d streams", d.Streams), d.TCPNGbit, u.TCPNGbit, ""},
-	} {
-		if c.d.Valid() && c.u.Valid() && c.u.Median > 0 {
-			r := c.d.Median / c.u.Median
-			out = append(out, Target{"tulle-direct " + c.what + " >= 0.95x underlay", fmt.Sprintf("%.2fx", r), r >= 0.95})
+	for _, path := range cfg.Paths {
+		d := summaryOf(sum, modeTulleDirect, path)
+		if d == nil {
+			continue
 		}
-	}
-	if d.RTTMedianUs.Valid() && u.RTTMedianUs.Valid() {
-		diff := d.RTTMedianUs.Median - u.RTTMedianUs.Median
-		out = append(out, Target{"tulle-direct ping RTT within 20 us of underlay", fmt.Sprintf("%+.0f us", diff), diff <= 20})
+		for _, c := range []struct {
+			what string
+			d, u Stat
+		}{
+			{"TCP 1 stream", d.TCP1Gbit, u.TCP1Gbit},
+			{fmt.Sprintf("TCP %d streams", d.Streams), d.TCPNGbit, u.TCPNGbit},
+		} {
+			if c.d.Valid() && c.u.Valid() && c.u.Median > 0 {
+				r := c.d.Median / c.u.Median
+				out = append(out, Target{path + ": tulle-direct " + c.what + " >= 0.95x underlay", fmt.Sprintf("%.2fx", r), r >= 0.95})
+			}
+		}
+		if d.RTTMedianUs.Valid() && u.RTTMedianUs.Valid() {
+			diff := d.RTTMedianUs.Median - u.RTTMedianUs.Median
+			out = append(out, Target{path + ": tulle-direct ping RTT within 20 us of underlay", fmt.Sprintf("%+.0f us", diff), diff <= 20})
+		}
 	}
 	return out
 }

@@ -89,6 +89,9 @@ func startIperfServer(ctx context.Context, ns string) (*iperfServer, error) {
 	}
 }
 
+// pid is the server's process (ip netns exec execs iperf3).
+func (s *iperfServer) pid() int { return s.cmd.Process.Pid }
+
 // stop ends the server by its PID: SIGTERM, then SIGKILL after 2 s.
 func (s *iperfServer) stop() {
 	select {
@@ -126,6 +129,8 @@ type iperfResult struct {
 	Retransmits int     `json:"retransmits"`
 	SenderCPU   float64 `json:"sender_cpu_percent"`   // iperf3's own, of one core
 	ReceiverCPU float64 `json:"receiver_cpu_percent"` // iperf3's own, of one core
+	// ClientCPUSeconds is the client process's CPU time (its rusage).
+	ClientCPUSeconds float64 `json:"client_cpu_seconds"`
 }
 
 // Gbps is the goodput in Gbit/s.
@@ -215,6 +220,8 @@ func runIperf(ctx context.Context, spec iperfSpec) (iperfResult, []byte, error) 
 		}
 		res, err := parseIperf(stdout.Bytes())
 		if err == nil && runErr == nil {
+			ps := cmd.ProcessState // ip netns exec execs iperf3: the same process
+			res.ClientCPUSeconds = (ps.UserTime() + ps.SystemTime()).Seconds()
 			return res, stdout.Bytes(), nil
 		}
 		if err == nil {

@@ -108,38 +108,27 @@ func (v *vxlanNet) addIPv6(ctx context.Context) error {
 // vxlanIPv6Session is the vxlan-ipv6 mode's traffic ends.
 func (b *bench) vxlanIPv6Session() *session {
 	x1, x2 := b.vx.Hosts[0], b.vx.Hosts[1]
-	if b.cfg.Path == pathHost {
-		return &session{
-			client:       endpoint{x1.Host.Name, x1.Host.NS, vxlanSubnet6(x1).Addr()},
-			server:       endpoint{x2.Host.Name, x2.Host.NS, x2.Container.Gateway6.Addr()},
-			reachTimeout: 5 * time.Second,
-		}
-	}
-	return &session{
-		client:       endpoint{x1.Container.Name, x1.Container.NS, x1.Container.Addr6},
-		server:       endpoint{x2.Container.Name, x2.Container.NS, x2.Container.Addr6},
-		reachTimeout: 5 * time.Second,
-	}
+	sess := &session{reachTimeout: 5 * time.Second}
+	sess.set(pathHost, x1.Host.Name, x1.Host.NS, vxlanSubnet6(x1).Addr(), x2.Host.Name, x2.Host.NS, x2.Container.Gateway6.Addr())
+	sess.set(pathContainer, x1.Container.Name, x1.Container.NS, x1.Container.Addr6, x2.Container.Name, x2.Container.NS, x2.Container.Addr6)
+	return sess
 }
 
 // ipv6Targets judges tulle-ipv6 against vxlan-ipv6 with issue 4's
-// throughput targets (issue 10: the same ratios as IPv4).
-func ipv6Targets(sum []ModeSummary) []Target {
-	var t *ModeSummary
-	for i := range sum {
-		if sum[i].Mode == modeTulleIPv6 {
-			t = &sum[i]
-		}
-	}
-	if t == nil || t.VsVXLAN == nil {
-		return nil
-	}
+// throughput targets (issue 10: the same ratios as IPv4), on each path.
+func ipv6Targets(cfg Config, sum []ModeSummary) []Target {
 	var out []Target
-	if t.VsVXLAN.TCP1 > 0 {
-		out = append(out, Target{"IPv6: TCP 1 stream >= 0.7x kernel VXLAN carrying IPv6", fmt.Sprintf("%.2fx", t.VsVXLAN.TCP1), t.VsVXLAN.TCP1 >= 0.7})
-	}
-	if t.VsVXLAN.TCPN > 0 {
-		out = append(out, Target{fmt.Sprintf("IPv6: TCP %d streams >= 0.6x kernel VXLAN carrying IPv6", t.Streams), fmt.Sprintf("%.2fx", t.VsVXLAN.TCPN), t.VsVXLAN.TCPN >= 0.6})
+	for _, path := range cfg.Paths {
+		t := summaryOf(sum, modeTulleIPv6, path)
+		if t == nil || t.VsVXLAN == nil {
+			continue
+		}
+		if t.VsVXLAN.TCP1 > 0 {
+			out = append(out, Target{path + ": IPv6: TCP 1 stream >= 0.7x kernel VXLAN carrying IPv6", fmt.Sprintf("%.2fx", t.VsVXLAN.TCP1), t.VsVXLAN.TCP1 >= 0.7})
+		}
+		if t.VsVXLAN.TCPN > 0 {
+			out = append(out, Target{fmt.Sprintf("%s: IPv6: TCP %d streams >= 0.6x kernel VXLAN carrying IPv6", path, t.Streams), fmt.Sprintf("%.2fx", t.VsVXLAN.TCPN), t.VsVXLAN.TCPN >= 0.6})
+		}
 	}
 	return out
 }

@@ -5,31 +5,41 @@
 // etcd, hosts 192.0.2.1 and 192.0.2.2), it measures one after another:
 //
 //   - underlay: host1 -> host2 over the bare underlay veths (192.0.2.x);
+//
 //   - vxlan: the kernel's VXLAN between the same two hosts, set up as
 //     flannel's vxlan backend does (VNI 1, dstport 8472, nolearning, static
 //     neigh and fdb entries, MTU underlay-50) on the overlay 198.19.0.0/16;
+//
 //   - tulle-offload and tulle-water: tulled on both hosts with
 //     --tun-driver offload or water (overlay 198.18.0.0/16);
+//
 //   - tulle-direct: tulled (offload) with DirectRouting in the network
 //     config: the kernel routes container traffic directly (direct.go);
+//
 //   - vxlan-ipv6 and tulle-ipv6: the same VXLAN devices and tulled
 //     (offload) carrying inner IPv6, container to container (ipv6.go),
 //     each IPv6 mode compared with the other.
 //
-// By default (-path container) the overlay traffic runs from container to
-// container, the path real workloads take: a namespace behind a veth on a
-// bridge in each host, as Docker or CNI build it from subnet.env (the
-// testbed's containers for Tulle; an identical pair built here, MTU 1450,
-// for VXLAN). -path host measures host namespace to host namespace instead
-// (the overlay device addresses), which leaves out the veth and bridge hops.
+//   - tulle-offload-baseline: tulle-offload with another tulled (-baseline:
+//     a binary or a git revision), for before and after in one run.
 //
-// For every mode and repetition: ping RTT (warm-up, then -pings echo
+// Each mode's session measures two paths one after the other (-path):
+// container to container, the path real workloads take (a namespace behind
+// a veth on a bridge in each host, as Docker or CNI build it from
+// subnet.env; the testbed's containers for Tulle, an identical pair built
+// here, MTU 1450, for VXLAN), and host namespace to host namespace (the
+// overlay device addresses), which leaves out the veth and bridge hops.
+// The underlay mode has only the second.
+//
+// For every mode, path and repetition: ping RTT (warm-up, then -pings echo
 // requests -ping-interval apart: median and mean), iperf3 TCP with 1 stream
 // and with -streams streams (-duration seconds each after -omit seconds of
-// ramp-up). For Tulle it also reads, from /proc, the CPU time each tulled
-// used during each iperf3 run (CPU seconds per GB moved) and each tulled's
-// peak RSS (VmHWM). The modes alternate (the order rotates every
-// repetition), each tulled run lasts one mode repetition.
+// ramp-up). It reads from /proc the CPU time used during each iperf3 run
+// by everything that moves the data (both iperf3 processes, the kernel's
+// softirq threads, the tulleds: CPU seconds per GB moved, every mode) and
+// by the tulleds alone, and each tulled's peak RSS (VmHWM). The modes
+// alternate (the order rotates every repetition), each tulled run lasts one
+// mode repetition.
 //
 // It prints progress, then a table of medians with min-max over the
 // repetitions, Tulle as a ratio of kernel VXLAN, and writes results.json and
@@ -81,12 +91,16 @@ type Config struct {
 	Pings        int           `json:"pings"`
 	PingInterval time.Duration `json:"ping_interval_ns"`
 	Modes        []string      `json:"modes"`
-	Path         string        `json:"path"`
-	Out          string        `json:"out"`
-	TulledArgs   []string      `json:"tulled_args,omitempty"`
-	Settle       time.Duration `json:"settle_ns"` // pause before each measurement
-	Timeout      time.Duration `json:"timeout_ns"`
-	Verbose      bool          `json:"-"`
+	Paths        []string      `json:"paths"` // container, host: each mode session measures each
+	// Baseline is the tulled the tulle-offload-baseline mode runs: a
+	// binary, or a git revision built for the run (-baseline).
+	Baseline    string        `json:"baseline,omitempty"`
+	BaselineBin string        `json:"-"`
+	Out         string        `json:"out"`
+	TulledArgs  []string      `json:"tulled_args,omitempty"`
+	Settle      time.Duration `json:"settle_ns"` // pause before each measurement
+	Timeout     time.Duration `json:"timeout_ns"`
+	Verbose     bool          `json:"-"`
 }
 
 type stringList []string
@@ -100,7 +114,7 @@ func parseFlags(args []string, stderr io.Writer) (Config, error) {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var c Config
-	var modes string
+	var modes, paths string
 	var tulledArgs stringList
 	fs.BoolVar(&c.Smoke, "smoke", false, "one short repetition (1 s per iperf3 run, 10 pings) for CI; no thresholds")
 	fs.IntVar(&c.Reps, "reps", 3, "repetitions of every mode (modes alternate)")
@@ -111,11 +125,12 @@ func parseFlags(args []string, stderr io.Writer) (Config, error) {
 	fs.DurationVar(&c.PingInterval, "ping-interval", 10*time.Millisecond, "interval between echo requests (>= 2ms)")
 	fs.StringVar(&modes, "modes", strings.Join(allModes, ","), "comma-separated modes to measure: "+strings.Join(append(allModes, policyModes...), ", ")+
 		" (the policy modes are judged against tulle-offload)")
-	fs.StringVar(&c.Path, "path", pathContainer, "overlay traffic path: container (container to container, as workloads) or host (host namespace to host namespace)")
+	fs.StringVar(&paths, "path", pathContainer+","+pathHost, "overlay traffic paths, measured one after the other in each mode's session: container (container to container, as workloads), host (host namespace to host namespace), or both")
+	fs.StringVar(&c.Baseline, "baseline", "", "a tulled binary, or a git revision of this repository to build one from, measured as mode "+modeTulleBaseline+" (offload driver) beside the others: before and after in one run")
 	fs.StringVar(&c.Out, "out", "", "results folder (default ./results/<timestamp>)")
 	fs.Var(&tulledArgs, "tulled-arg", "extra argument for tulled, repeatable (e.g. -tulled-arg=--workers=1)")
 	fs.DurationVar(&c.Settle, "settle", time.Second, "pause before each measurement, so the previous one's traffic has drained")
-	fs.DurationVar(&c.Timeout, "timeout", 20*time.Minute, "upper bound of the whole run")
+	fs.DurationVar(&c.Timeout, "timeout", 40*time.Minute, "upper bound of the whole run")
 	fs.BoolVar(&c.Verbose, "v", false, "also print the testbed's progress")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "usage: go run ./tests/bench [flags]   (as root)\n\n"+
@@ -140,11 +155,26 @@ func parseFlags(args []string, stderr io.Writer) (Config, error) {
 		if m == "" || seen[m] {
 			continue
 		}
-		if !contains(allModes, m) && !contains(policyModes, m) {
+		if !contains(allModes, m) && !contains(policyModes, m) && m != modeTulleBaseline {
 			return c, fmt.Errorf("-modes: unknown mode %q (want some of %s)", m, strings.Join(append(allModes, policyModes...), ","))
 		}
 		seen[m] = true
 		c.Modes = append(c.Modes, m)
+	}
+	for _, p := range strings.Split(paths, ",") {
+		p = strings.TrimSpace(p)
+		if p != pathContainer && p != pathHost {
+			return c, fmt.Errorf("-path %q: want %s, %s or both (comma-separated)", paths, pathContainer, pathHost)
+		}
+		if !contains(c.Paths, p) {
+			c.Paths = append(c.Paths, p)
+		}
+	}
+	if c.Baseline != "" && !contains(c.Modes, modeTulleBaseline) {
+		c.Modes = append(c.Modes, modeTulleBaseline)
+	}
+	if c.Baseline == "" && contains(c.Modes, modeTulleBaseline) {
+		return c, fmt.Errorf("-modes: %s needs -baseline", modeTulleBaseline)
 	}
 	switch {
 	case len(c.Modes) == 0:
@@ -161,8 +191,6 @@ func parseFlags(args []string, stderr io.Writer) (Config, error) {
 		return c, fmt.Errorf("-pings %d: want 1..1000", c.Pings)
 	case c.PingInterval < 2*time.Millisecond || c.PingInterval > time.Second:
 		return c, fmt.Errorf("-ping-interval %v: want 2ms..1s", c.PingInterval)
-	case c.Path != pathContainer && c.Path != pathHost:
-		return c, fmt.Errorf("-path %q: want %s or %s", c.Path, pathContainer, pathHost)
 	case c.Settle < 0 || c.Settle > time.Minute:
 		return c, fmt.Errorf("-settle %v: want 0..1m", c.Settle)
 	case c.Timeout < time.Minute:

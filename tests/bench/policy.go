@@ -82,9 +82,6 @@ func (b *bench) beginPolicy(ctx context.Context, mode string, s *Sample) (*sessi
 		}
 	}
 	server, client := b.bed.Host(2).Container().Addr, b.bed.Host(1).Container().Addr
-	if b.cfg.Path == pathHost {
-		return nil, fmt.Errorf("%s: policy filters workloads; use -path container", mode)
-	}
 	docs := policyDocs(mode, server.String(), client.String())
 	for k, v := range docs {
 		if err := b.bed.PutKey(ctx, k, v); err != nil {
@@ -95,6 +92,7 @@ func (b *bench) beginPolicy(ctx context.Context, mode string, s *Sample) (*sessi
 	if err != nil {
 		return nil, err
 	}
+	delete(sess.ends, pathHost) // policy filters workloads: container to container only
 	want := allowPolicy + " ingress rule 1 allow ip"
 	deadline := time.Now().Add(policyTimeout)
 	for {
@@ -146,16 +144,11 @@ func (b *bench) endPolicy(ctx context.Context, mode string) error {
 // force at least 0.95x of tulle-offload without, in the same run; the apply
 // time of the large ruleset is reported.
 func policyTargets(sum []ModeSummary, samples []Sample) []Target {
-	var base *ModeSummary
-	for i := range sum {
-		if sum[i].Mode == modeTulleOffload {
-			base = &sum[i]
-		}
-	}
+	base := summaryOf(sum, modeTulleOffload, pathContainer)
 	var out []Target
 	for i := range sum {
 		m := &sum[i]
-		if !slices.Contains(policyModes, m.Mode) || base == nil {
+		if !slices.Contains(policyModes, m.Mode) || m.Path != pathContainer || base == nil {
 			continue
 		}
 		if m.TCP1Gbit.Valid() && base.TCP1Gbit.Valid() {
