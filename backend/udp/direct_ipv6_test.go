@@ -212,7 +212,3 @@ func TestKernelHasNoIPv6RouteThroughAnIPv4Gateway(t *testing.T) {
 	}
 	t.Logf("refused as expected: %v", err)
 }
-
-func errorsIsEINVAL(err error) bool {
-	return err == unix.EINVAL || strings.Contains(err.Error(), "invalid argument")
-}

@@ -100,6 +100,7 @@ type Options struct {
 	// (FeatureIPv6Underlay) are talked to over IPv6.
 	IPv6Underlay bool
 	// DirectRouting routes on-link peers that advertise FeatureDirect
+	// (and the IPv6 leases of those that advertise FeatureDirectIPv6)
 	// through the kernel, via Underlay (the underlay interface's index;
 	// see direct.go). Off, New removes direct routes an earlier run left.
 	DirectRouting bool
