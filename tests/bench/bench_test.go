@@ -275,6 +275,21 @@ func TestTableAndJSONAndChartAreWritten(t *testing.T) {
 	if r := img.Bounds(); r.Dx() != 2000 || r.Dy() != 900 {
 		t.Errorf("chart is %dx%d, want 2000x900 (a row per path)", r.Dx(), r.Dy())
 	}
+
+	// -render prints the same table from results.json and writes the chart again.
+	if err := os.Remove(filepath.Join(cfg.Out, "chart.png")); err != nil {
+		t.Fatal(err)
+	}
+	var again bytes.Buffer
+	if err := render(cfg.Out, &again); err != nil {
+		t.Fatalf("render: %v", err)
+	}
+	if got := strings.TrimSuffix(again.String(), "wrote "+filepath.Join(cfg.Out, "chart.png")+"\n"); got != table {
+		t.Errorf("-render's table differs from the run's:\n%s\nwant:\n%s", got, table)
+	}
+	if _, err := png.Decode(bytes.NewReader(readFile(t, filepath.Join(cfg.Out, "chart.png")))); err != nil {
+		t.Errorf("chart.png written by -render: %v", err)
+	}
 }
 
 func readFile(t *testing.T, path string) []byte {

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"strings"
 
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
@@ -87,11 +88,20 @@ func barWidth(n, k int) vg.Length {
 	return vg.Length(0.75 * unit / float64(k))
 }
 
+// tickLabel breaks a long mode name at its last hyphen, so that neighbouring
+// names do not run into each other.
+func tickLabel(mode string) string {
+	if i := strings.LastIndexByte(mode, '-'); len(mode) > 12 && i > 0 {
+		return mode[:i] + "\n" + mode[i+1:]
+	}
+	return mode
+}
+
 // modeTicks labels the x axis with the mode names at 0..n-1.
 func modeTicks(p *plot.Plot, sum []ModeSummary) {
 	ticks := make([]plot.Tick, len(sum))
 	for i, m := range sum {
-		ticks[i] = plot.Tick{Value: float64(i), Label: m.Mode}
+		ticks[i] = plot.Tick{Value: float64(i), Label: tickLabel(m.Mode)}
 	}
 	p.X.Tick.Marker = plot.ConstantTicks(ticks)
 	p.X.Min, p.X.Max = -0.6, float64(len(sum))-0.4
@@ -148,7 +158,7 @@ func barSeries(p *plot.Plot, sum []ModeSummary, shift float64, width vg.Length, 
 
 func throughputPlot(cfg Config, sum []ModeSummary, path string) (*plot.Plot, error) {
 	p := plot.New()
-	p.Title.Text = path + ": TCP throughput (ratio: of kernel VXLAN)"
+	p.Title.Text = path + ": TCP throughput (Gbit/s; ratio to kernel VXLAN)"
 	p.Y.Label.Text = "Gbit/s"
 	modeTicks(p, sum)
 	w := barWidth(len(sum), 2)
@@ -177,7 +187,7 @@ func throughputPlot(cfg Config, sum []ModeSummary, path string) (*plot.Plot, err
 
 func rttPlot(sum []ModeSummary, path string) (*plot.Plot, error) {
 	p := plot.New()
-	p.Title.Text = path + ": ping RTT (difference: to kernel VXLAN)"
+	p.Title.Text = path + ": ping RTT (median; difference to kernel VXLAN)"
 	p.Y.Label.Text = "microseconds"
 	p.Y.Tick.Marker = wholeTicks{}
 	modeTicks(p, sum)

@@ -50,6 +50,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -101,6 +102,7 @@ type Config struct {
 	Settle      time.Duration `json:"settle_ns"` // pause before each measurement
 	Timeout     time.Duration `json:"timeout_ns"`
 	Verbose     bool          `json:"-"`
+	Render      string        `json:"-"` // a results folder to print and chart again
 }
 
 type stringList []string
@@ -132,6 +134,7 @@ func parseFlags(args []string, stderr io.Writer) (Config, error) {
 	fs.DurationVar(&c.Settle, "settle", time.Second, "pause before each measurement, so the previous one's traffic has drained")
 	fs.DurationVar(&c.Timeout, "timeout", 40*time.Minute, "upper bound of the whole run")
 	fs.BoolVar(&c.Verbose, "v", false, "also print the testbed's progress")
+	fs.StringVar(&c.Render, "render", "", "a results folder of an earlier run: print its table and write its chart.png again from its results.json; measures nothing")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "usage: go run ./tests/bench [flags]   (as root)\n\n"+
 			"Measures the underlay, kernel VXLAN and Tulle (offload and water TUN drivers)\n"+
@@ -220,7 +223,33 @@ func main() {
 		fmt.Fprintf(os.Stderr, "bench: %v\n", err)
 		os.Exit(2)
 	}
+	if cfg.Render != "" {
+		if err := render(cfg.Render, os.Stdout); err != nil {
+			fmt.Fprintf(os.Stderr, "bench: -render: %v\n", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
 	os.Exit(run(cfg))
+}
+
+// render prints the table of the run saved in dir and writes its chart again.
+func render(dir string, w io.Writer) error {
+	data, err := os.ReadFile(filepath.Join(dir, "results.json"))
+	if err != nil {
+		return err
+	}
+	var rep Report
+	if err := json.Unmarshal(data, &rep); err != nil {
+		return fmt.Errorf("%s: %w", filepath.Join(dir, "results.json"), err)
+	}
+	printTable(w, rep.Config, rep)
+	chart := filepath.Join(dir, "chart.png")
+	if err := writeChart(chart, rep.Config, rep); err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "wrote %s\n", chart)
+	return nil
 }
 
 // run performs the benchmark and returns the exit status: 0 when every
