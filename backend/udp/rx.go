@@ -86,6 +86,10 @@ func (rx *rxLoop) deliver(t *table, n int) error {
 			}
 		}
 	}
+	if rx.misses > 0 { // counted before the batch is written
+		rx.stats.steerMisses.Add(uint64(rx.misses))
+		rx.misses = 0
+	}
 	if err == nil {
 		err = rx.flush()
 	}
@@ -94,10 +98,6 @@ func (rx *rxLoop) deliver(t *table, n int) error {
 	rx.written = 0
 	rx.run.flush(rx.stats)
 	rx.drops.flush(rx.stats)
-	if rx.misses > 0 {
-		rx.stats.steerMisses.Add(uint64(rx.misses))
-		rx.misses = 0
-	}
 	return err
 }
 

@@ -54,8 +54,19 @@ func TestAFlowIsNeverSplitAcrossWorkers(t *testing.T) {
 			last[from.Port()] = got
 		}
 	}
-	var misses uint64
+	// A loop adds to its counters after it has written its batch: wait
+	// until they hold every packet the sink read.
 	p := b.table.Load().lookup(addr32("198.18.1.1"))
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		var n uint64
+		for _, w := range b.workers {
+			n += w.rx.stats.peer(p.index).packets.Load()
+		}
+		if n >= flows*bursts*rounds {
+			break
+		}
+	}
+	var misses uint64
 	for _, w := range b.workers {
 		misses += w.rx.stats.steerMisses.Load()
 		if n := w.rx.stats.peer(p.index).packets.Load(); n == 0 {
@@ -93,9 +104,17 @@ func TestPacketsSteeredByAnotherFlowAreCounted(t *testing.T) {
 	}
 	readUDP(t, app, 5*time.Second)
 	readUDP(t, app, 5*time.Second)
+	// The loop counts a batch's misses before it writes the batch; wait a
+	// little all the same, as for any counter another thread updates.
 	var misses uint64
-	for _, w := range b.workers {
-		misses += w.rx.stats.steerMisses.Load()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		misses = 0
+		for _, w := range b.workers {
+			misses += w.rx.stats.steerMisses.Load()
+		}
+		if misses != 0 || time.Now().After(deadline) {
+			break
+		}
 	}
 	if misses != 1 {
 		t.Errorf("%d steering misses counted, want 1 (the second flow's packet)", misses)
