@@ -5,8 +5,6 @@ import (
 	"math/rand/v2"
 	"slices"
 	"testing"
-
-	"golang.org/x/net/bpf"
 )
 
 // randomInner returns an inner packet as the steering program may see it:
@@ -40,14 +38,7 @@ func randomInner(r *rand.Rand) []byte {
 func TestFlowKeyPicksTheSocketTheSteeringProgramPicks(t *testing.T) {
 	r := rand.New(rand.NewPCG(1, 2))
 	for _, n := range []int{1, 2, 3, 4, 7, 8} {
-		prog, err := steerProgram(n)
-		if err != nil {
-			t.Fatal(err)
-		}
-		vm, err := bpf.NewVM(prog)
-		if err != nil {
-			t.Fatal(err)
-		}
+		vm := steerVM(t, n)
 		for i := range 20000 {
 			pkt := randomInner(r)
 			got, err := vm.Run(pkt)

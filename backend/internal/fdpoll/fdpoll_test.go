@@ -132,58 +132,6 @@ func TestWaitHonoursTheDeadline(t *testing.T) {
 // between ops lets both CPUs go idle, as between pings.
 func BenchmarkHandOff(b *testing.B) {
 	for _, gap := range []time.Duration{0, time.Millisecond} {
-		b.Run("gap="+gap.String(), func(b *testing.B) {
-			var ab, ba [2]int
-			for _, p := range []*[2]int{&ab, &ba} {
-				if err := unix.Pipe2(p[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
-					b.Fatal(err)
-				}
-			}
-			defer func() {
-				for _, fd := range []int{ab[0], ab[1], ba[0], ba[1]} {
-					unix.Close(fd)
-				}
-			}()
-			s, err := NewStop()
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer s.Close()
-			// recv waits for fd and reads one byte; false once stopped.
-			recv := func(fd int) bool {
-				var buf [1]byte
-				for {
-					if _, err := unix.Read(fd, buf[:]); err == nil {
-						return true
-					}
-					if s.Wait(fd, unix.POLLIN, time.Time{}) != nil {
-						return false
-					}
-				}
-			}
-			done := make(chan struct{})
-			go func() { // the echo side
-				defer close(done)
-				runtime.LockOSThread()
-				for recv(ab[0]) {
-					unix.Write(ba[1], []byte{1})
-				}
-			}()
-			runtime.LockOSThread()
-			defer runtime.UnlockOSThread()
-			var total time.Duration
-			for b.Loop() {
-				if gap > 0 {
-					time.Sleep(gap)
-				}
-				start := time.Now()
-				unix.Write(ab[1], []byte{1})
-				recv(ba[0])
-				total += time.Since(start)
-			}
-			b.ReportMetric(float64(total.Microseconds())/float64(b.N)/2, "us/hand-off")
-			s.Signal()
-			<-done
-		})
+		b.Run("gap="+gap.String(), func(b *testing.B) { handOff(b, "unpinned", false, gap) })
 	}
 }

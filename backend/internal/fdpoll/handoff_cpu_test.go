@@ -42,6 +42,10 @@ func pin(b *testing.B, cpu int) {
 	}
 }
 
+// handOff times hand-offs between this thread and an echo thread, both
+// locked, over two pipes: place is "same-cpu", "two-cpus" or "unpinned";
+// hot waits with WaitHot instead of Wait; gap is the idle time between
+// round trips.
 func handOff(b *testing.B, place string, hot bool, gap time.Duration) {
 	var ab, ba [2]int
 	for _, p := range []*[2]int{&ab, &ba} {
