@@ -206,7 +206,7 @@ func (tx *txLoop) forward4(t *table, pkt []byte, h tundev.VirtioHdr, n int, gso 
 			return nil
 		}
 	}
-	return tx.single(p, pkt, alone)
+	return tx.single(p, pkt, alone, false)
 }
 
 // forward6 is forward4 for IPv6: no fragmenting (an oversize packet gets
@@ -227,7 +227,7 @@ func (tx *txLoop) forward6(t *table, pkt []byte, h tundev.VirtioHdr, n int, gso 
 	}
 	partial := tx.w.b.partialWith(p)
 	if gso {
-		return tx.segments(p, alone, partial, partial)
+		return tx.segments(p, alone, partial, true)
 	}
 	if h.Flags&tundev.VirtioNeedsCsum != 0 {
 		if partial && partialTransport6(pkt) && int(h.CsumStart) == proto.IPv6HeaderLen &&
@@ -238,7 +238,7 @@ func (tx *txLoop) forward6(t *table, pkt []byte, h tundev.VirtioHdr, n int, gso 
 			return nil
 		}
 	}
-	return tx.single(p, pkt, alone)
+	return tx.single(p, pkt, alone, true)
 }
 
 // route4 checks pkt, decrements its TTL and finds the peer it goes to. It
@@ -345,21 +345,21 @@ func (tx *txLoop) fits6(p *peer, pkt []byte, size, n int) (ok, alone bool) {
 	return false, false
 }
 
-// single forwards one packet, its checksum already completed or marked
-// partial by forward4/6.
-func (tx *txLoop) single(p *peer, pkt []byte, alone bool) error {
+// single forwards one packet (IPv6 if ipv6), its checksum already
+// completed or marked partial by forward4/6.
+func (tx *txLoop) single(p *peer, pkt []byte, alone, ipv6 bool) error {
 	if err := tx.room(0, 1); err != nil {
 		return err
 	}
-	tx.add(p, len(pkt), alone, proto.Version(pkt) == 6, pkt, nil)
+	tx.add(p, len(pkt), alone, ipv6, pkt, nil)
 	return nil
 }
 
-// segments forwards the segments of the superpacket handle gave to
-// tx.split, with partial checksums if partial; with mark6 each segment's
-// IPv6 header gets the mark (forward4 marked the IPv4 superpacket's header,
-// which every segment copies).
-func (tx *txLoop) segments(p *peer, alone, partial, mark6 bool) error {
+// segments forwards the segments of the superpacket (IPv6 if ipv6) that
+// handle gave to tx.split, with partial checksums if partial. With partial
+// IPv6 each segment's header gets the mark; forward4 marked the IPv4
+// superpacket's header, which every segment copies.
+func (tx *txLoop) segments(p *peer, alone, partial, ipv6 bool) error {
 	s := &tx.split
 	hl := s.HeaderLen()
 	for i := range s.Segments() {
@@ -369,10 +369,10 @@ func (tx *txLoop) segments(p *peer, alone, partial, mark6 bool) error {
 		hdr := tx.arena[tx.used : tx.used+hl : tx.used+hl]
 		tx.used += hl
 		payload := s.Segment(i, hdr, partial)
-		if mark6 {
+		if partial && ipv6 {
 			markIPv6(hdr)
 		}
-		tx.add(p, hl+len(payload), alone, mark6 || proto.Version(hdr) == 6, hdr, payload)
+		tx.add(p, hl+len(payload), alone, ipv6, hdr, payload)
 	}
 	return nil
 }

@@ -95,7 +95,7 @@ func (w *worker) runRX(rx *rxLoop) error {
 // than 10 ms has its P taken by sysmon; to go on it needs another one and,
 // when every P was idle, wakes sysmon, which then polls every 20 us for a
 // millisecond: in the benchmark's virtual machine a ping crossing four such
-// hops took 130-180 us longer (docs/PERFORMANCE.md, "Wakeups"). Waiting hot
+// hops took 130-180 us longer (docs/PERFORMANCE.md, "RTT: four wake-ups"). Waiting hot
 // for good cost 2 % of a core per idle tulled (sysmon preempts a goroutine
 // it sees running for 10 ms, with a signal that ends the wait), so a loop
 // idle for hotFor waits cold again (0.1 %, as before). The goroutines are

@@ -89,7 +89,7 @@ func (s *Stop) Wait(fd int, events int16, deadline time.Time) error {
 // the P taken away by sysmon; on waking it needs another, and when every P
 // was idle it wakes sysmon too, which then polls every 20 us for about a
 // millisecond. In a virtual machine each of those wakeups costs tens of
-// microseconds on the data path's CPUs (docs/PERFORMANCE.md, "Wakeups").
+// microseconds on the data path's CPUs (docs/PERFORMANCE.md, "RTT: four wake-ups").
 // A raw wait has nothing to hand back and nobody to wake.
 //
 // What it costs: the P stays with this thread (the data plane raises
