@@ -353,50 +353,26 @@ func FuzzReceiveTrustBoundaryIPv6(f *testing.F) {
 	f.Add(ipv4("198.18.2.7", "198.18.1.5", 100, 64, false), uint8(0), uint16(0))
 	f.Add([]byte{0x60, 0, 0, 0, 0, 0, 6, 1}, uint8(2), uint16(3))
 	b := twoPeers6(f)
-	senders := []netip.Addr{netip.MustParseAddr("192.0.2.2"), netip.MustParseAddr("192.0.2.3"), netip.MustParseAddr("192.0.2.99")}
-	f.Fuzz(func(t *testing.T, data []byte, who uint8, seg uint16) {
-		if len(data) > 4096 {
-			data = data[:4096]
+	fuzzReceive(f, b, false, func(t *testing.T, tb *table, src netip.Addr, pkt []byte, p *peer, partial bool) bool {
+		if proto.Version(pkt) != 6 {
+			return false
 		}
-		rx := &b.workers[0].rx
-		tb := b.table.Load()
-		src := senders[int(who)%len(senders)]
-		n := len(data)
-		step := int(seg)
-		if step <= 0 || step > n {
-			step = n
+		total, err := proto.CheckIPv6(pkt)
+		if err != nil || total != len(pkt) {
+			t.Fatalf("accepted an IPv6 packet of %d bytes, payload length %d: %v", len(pkt), total, err)
 		}
-		for off := 0; off < n; off += step {
-			// Each datagram in a slice of its own length, as the fuzzer's
-			// bounds checks then catch any read past it.
-			pkt := append([]byte(nil), data[off:min(off+step, n)]...)
-			p, partial := rx.accept(tb, src, pkt)
-			if p == nil || proto.Version(pkt) != 6 {
-				continue
-			}
-			total, err := proto.CheckIPv6(pkt)
-			if err != nil || total != len(pkt) {
-				t.Fatalf("accepted an IPv6 packet of %d bytes, payload length %d: %v", len(pkt), total, err)
-			}
-			if partial && !partialTransport6(pkt) {
-				t.Fatal("a packet that cannot carry a partial checksum was taken as partial")
-			}
-			if q := tb.lookup6(proto.IPv6SrcWords(pkt)); q == nil || q != p || !q.sentFrom(src) || !q.subnet6.Contains(proto.IPv6SrcAddr(pkt)) {
-				t.Fatalf("accepted inner source %v from %v", proto.IPv6SrcAddr(pkt), src)
-			}
-			if !tb.isOwn6(proto.IPv6DstWords(pkt)) || !leaseA6.Contains(proto.IPv6DstAddr(pkt)) {
-				t.Fatalf("accepted foreign destination %v", proto.IPv6DstAddr(pkt))
-			}
-			if proto.IPv6HopLimit(pkt) == 0 {
-				t.Fatal("accepted with hop limit 0")
-			}
-			coalesce(rx, pkt, partial)
+		if partial && !partialTransport6(pkt) {
+			t.Fatal("a packet that cannot carry a partial checksum was taken as partial")
 		}
-		if rx.co.Pending() {
-			rx.co.Group()
-			rx.co.Reset()
+		if q := tb.lookup6(proto.IPv6SrcWords(pkt)); q == nil || q != p || !q.sentFrom(src) || !q.subnet6.Contains(proto.IPv6SrcAddr(pkt)) {
+			t.Fatalf("accepted inner source %v from %v", proto.IPv6SrcAddr(pkt), src)
 		}
-		rx.run = peerRun{}
-		rx.drops = batchCounts{}
+		if !tb.isOwn6(proto.IPv6DstWords(pkt)) || !leaseA6.Contains(proto.IPv6DstAddr(pkt)) {
+			t.Fatalf("accepted foreign destination %v", proto.IPv6DstAddr(pkt))
+		}
+		if proto.IPv6HopLimit(pkt) == 0 {
+			t.Fatal("accepted with hop limit 0")
+		}
+		return true
 	})
 }

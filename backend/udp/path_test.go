@@ -736,41 +736,62 @@ func FuzzReceiveTrustBoundary(f *testing.F) {
 	b := newPureBackend(f, "198.18.0.0/16", 24, "198.18.1.0/24", 1)
 	b.Apply([]subnet.Event{added("198.18.2.0/24", "192.0.2.2"), added("198.18.3.0/24", "192.0.2.3")})
 	b.table.Load().lookup(addr32("198.18.2.1")).partialCsum.Store(true)
+	fuzzReceive(f, b, true, func(t *testing.T, tb *table, src netip.Addr, pkt []byte, p *peer, partial bool) bool {
+		total, err := proto.CheckIPv4(pkt)
+		if err != nil || total != len(pkt) || !proto.IPv4HeaderChecksumValid(pkt) || marked(pkt) {
+			t.Fatalf("accepted a malformed or still marked packet: %v", err)
+		}
+		if partial && !partialTransport(pkt) {
+			t.Fatal("a packet that cannot carry a partial checksum was taken as partial")
+		}
+		if q := tb.lookup(proto.IPv4SrcUint32(pkt)); q == nil || !q.sentFrom(src) {
+			t.Fatalf("accepted inner source %v from %v", proto.IPv4SrcAddr(pkt), src)
+		}
+		if !tb.isOwn(proto.IPv4DstUint32(pkt)) {
+			t.Fatalf("accepted foreign destination %v", proto.IPv4DstAddr(pkt))
+		}
+		return true
+	})
+}
+
+// fuzzReceive fuzzes the receive path of b's first worker: an input is a
+// datagram, or a GRO train of seg-byte ones (seg 0 or past the end: one),
+// of at most 4 KiB (which keeps each run, and minimizing, fast; size
+// limits are tested elsewhere), from 192.0.2.2 (B), 192.0.2.3 (C) or
+// 192.0.2.99 (a stranger) by who. inBuf: the datagrams are read where the
+// RX loop's receive puts them (in place in its buffer); otherwise each is
+// copied to a slice of its own length, as the fuzzer's bounds checks then
+// catch any read past it. check fails t on a packet that accept must not
+// have let through (p its peer) and says whether to coalesce it.
+func fuzzReceive(f *testing.F, b *Backend, inBuf bool, check func(t *testing.T, tb *table, src netip.Addr, pkt []byte, p *peer, partial bool) bool) {
 	senders := []netip.Addr{netip.MustParseAddr("192.0.2.2"), netip.MustParseAddr("192.0.2.3"), netip.MustParseAddr("192.0.2.99")}
 	f.Fuzz(func(t *testing.T, data []byte, who uint8, seg uint16) {
 		if len(data) > 4096 {
-			data = data[:4096] // keeps each run (and minimizing) fast; size limits are tested elsewhere
+			data = data[:4096]
 		}
 		rx := &b.workers[0].rx
 		tb := b.table.Load()
 		src := senders[int(who)%len(senders)]
-		m := &rx.msgs[0]
-		m.N = copy(m.Buf, data)
-		m.SegSize = int(seg)
-		step := m.SegSize
-		if step <= 0 || step > m.N {
-			step = m.N
+		if inBuf {
+			m := &rx.msgs[0]
+			m.N = copy(m.Buf, data)
+			m.SegSize = int(seg)
+			data = m.Buf[:m.N]
 		}
-		for off := 0; off < m.N; off += step {
-			pkt := m.Buf[off:min(off+step, m.N)]
+		n := len(data)
+		step := int(seg)
+		if step <= 0 || step > n {
+			step = n
+		}
+		for off := 0; off < n; off += step {
+			pkt := data[off:min(off+step, n)]
+			if !inBuf {
+				pkt = append([]byte(nil), pkt...)
+			}
 			p, partial := rx.accept(tb, src, pkt)
-			if p == nil {
-				continue
+			if p != nil && check(t, tb, src, pkt, p, partial) {
+				coalesce(rx, pkt, partial)
 			}
-			total, err := proto.CheckIPv4(pkt)
-			if err != nil || total != len(pkt) || !proto.IPv4HeaderChecksumValid(pkt) || marked(pkt) {
-				t.Fatalf("accepted a malformed or still marked packet: %v", err)
-			}
-			if partial && !partialTransport(pkt) {
-				t.Fatal("a packet that cannot carry a partial checksum was taken as partial")
-			}
-			if q := tb.lookup(proto.IPv4SrcUint32(pkt)); q == nil || !q.sentFrom(src) {
-				t.Fatalf("accepted inner source %v from %v", proto.IPv4SrcAddr(pkt), src)
-			}
-			if !tb.isOwn(proto.IPv4DstUint32(pkt)) {
-				t.Fatalf("accepted foreign destination %v", proto.IPv4DstAddr(pkt))
-			}
-			coalesce(rx, pkt, partial)
 		}
 		if rx.co.Pending() {
 			rx.co.Group()
