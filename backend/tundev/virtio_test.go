@@ -326,28 +326,38 @@ func TestSplitRejectsInconsistentHeaders(t *testing.T) {
 // (payload not copied) with complete and with partial checksums, over
 // IPv4 and (ipv6-*) over IPv6.
 func BenchmarkSplit(b *testing.B) {
+	benchModes(b, func(b *testing.B, v6, partial bool, hl int) {
+		super := superTCP
+		if v6 {
+			super = superTCP6
+		}
+		h, pkt := super(45*1420, 1420)
+		hdrs := make([]byte, 45*hl)
+		var s tundev.Split
+		b.SetBytes(int64(len(pkt)))
+		b.ReportAllocs()
+		for b.Loop() {
+			if err := s.Init(h, pkt); err != nil {
+				b.Fatal(err)
+			}
+			for i := range s.Segments() {
+				s.Segment(i, hdrs[i*hl:], partial)
+			}
+		}
+	})
+}
+
+// benchModes runs fn as the sub-benchmarks complete, partial (checksums),
+// ipv6-complete and ipv6-partial; hl is the IP and TCP header length of
+// the family's segments.
+func benchModes(b *testing.B, fn func(b *testing.B, v6, partial bool, hl int)) {
 	for _, v6 := range []bool{false, true} {
 		for _, partial := range []bool{false, true} {
-			name := map[bool]string{false: "complete", true: "partial"}[partial]
-			super, hl := superTCP, 52
+			name, hl := map[bool]string{false: "complete", true: "partial"}[partial], 52
 			if v6 {
-				name, super, hl = "ipv6-"+name, superTCP6, 72
+				name, hl = "ipv6-"+name, 72
 			}
-			b.Run(name, func(b *testing.B) {
-				h, pkt := super(45*1420, 1420)
-				hdrs := make([]byte, 45*hl)
-				var s tundev.Split
-				b.SetBytes(int64(len(pkt)))
-				b.ReportAllocs()
-				for b.Loop() {
-					if err := s.Init(h, pkt); err != nil {
-						b.Fatal(err)
-					}
-					for i := range s.Segments() {
-						s.Segment(i, hdrs[i*hl:], partial)
-					}
-				}
-			})
+			b.Run(name, func(b *testing.B) { fn(b, v6, partial, hl) })
 		}
 	}
 }
@@ -356,34 +366,29 @@ func BenchmarkSplit(b *testing.B) {
 // verifying their checksums (complete) or trusting them (partial), over
 // IPv4 and (ipv6-*) over IPv6.
 func BenchmarkCoalesce(b *testing.B) {
-	for _, v6 := range []bool{false, true} {
-		for _, partial := range []bool{false, true} {
-			name := map[bool]string{false: "complete", true: "partial"}[partial]
-			seg, hl := segment, 52
-			if v6 {
-				name, seg, hl = "ipv6-"+name, segment6, 72
-			}
-			b.Run(name, func(b *testing.B) {
-				var segs [][]byte
-				for i := range 45 {
-					segs = append(segs, seg(i, 1420, 0))
-				}
-				c := tundev.NewCoalescer(true)
-				first := append([]byte(nil), segs[0][:hl]...)
-				b.SetBytes(45 * 1420)
-				b.ReportAllocs()
-				for b.Loop() {
-					for _, s := range segs {
-						if !c.Add(s, partial) {
-							b.Fatal("not merged")
-						}
-					}
-					// Group patches the first header; restore it for the next round.
-					c.Group()
-					c.Reset()
-					copy(segs[0], first)
-				}
-			})
+	benchModes(b, func(b *testing.B, v6, partial bool, hl int) {
+		seg := segment
+		if v6 {
+			seg = segment6
 		}
-	}
+		var segs [][]byte
+		for i := range 45 {
+			segs = append(segs, seg(i, 1420, 0))
+		}
+		c := tundev.NewCoalescer(true)
+		first := append([]byte(nil), segs[0][:hl]...)
+		b.SetBytes(45 * 1420)
+		b.ReportAllocs()
+		for b.Loop() {
+			for _, s := range segs {
+				if !c.Add(s, partial) {
+					b.Fatal("not merged")
+				}
+			}
+			// Group patches the first header; restore it for the next round.
+			c.Group()
+			c.Reset()
+			copy(segs[0], first)
+		}
+	})
 }

@@ -151,6 +151,19 @@ func underlay6Pair(t *testing.T, inner6 bool) func(*twoHosts) (*Backend, *Backen
 	}
 }
 
+// wantFewMallocs logs the packets forwarded over both directions in
+// elapsed and the mallocs meanwhile, and wants fewer than 0.01 mallocs
+// per packet.
+func wantFewMallocs(t *testing.T, packets, mallocs uint64, elapsed time.Duration) {
+	t.Helper()
+	perPacket := float64(mallocs) / float64(packets)
+	t.Logf("%d packets in %v (%.0f packets/s over both directions), %d mallocs: %.5f per packet",
+		packets, elapsed.Round(time.Millisecond), float64(packets)/elapsed.Seconds(), mallocs, perPacket)
+	if perPacket >= 0.01 {
+		t.Errorf("%.4f mallocs per packet, want < 0.01", perPacket)
+	}
+}
+
 func testForwardingAllocs(t *testing.T, startPair func(*twoHosts) (a, b *Backend, addrA, addrB netip.Addr)) {
 	h := newTwoHosts(t)
 	a, b, addrA, addrB := startPair(h)
@@ -194,14 +207,7 @@ func testForwardingAllocs(t *testing.T, startPair func(*twoHosts) (a, b *Backend
 	waitPackets(ba.received.Load() + allocWindow)
 	runtime.ReadMemStats(&m1)
 	elapsed := time.Since(start)
-	packets := ab.received.Load() + ba.received.Load() - r0
-	mallocs := m1.Mallocs - m0.Mallocs
-	perPacket := float64(mallocs) / float64(packets)
-	t.Logf("%d packets in %v (%.0f packets/s over both directions), %d mallocs: %.5f per packet",
-		packets, elapsed.Round(time.Millisecond), float64(packets)/elapsed.Seconds(), mallocs, perPacket)
-	if perPacket >= 0.01 {
-		t.Errorf("%.4f mallocs per packet, want < 0.01", perPacket)
-	}
+	wantFewMallocs(t, ab.received.Load()+ba.received.Load()-r0, m1.Mallocs-m0.Mallocs, elapsed)
 	for _, be := range []*Backend{a, b} {
 		if tx, rx := backendPackets(be); tx < allocWindow || rx < allocWindow {
 			t.Errorf("backend counted %d packets sent and %d received, want >= %d each", tx, rx, allocWindow)
@@ -374,13 +380,7 @@ func testForwardingTCPAllocs(t *testing.T, startPair func(*twoHosts) (a, b *Back
 	bread, bwrite := tunStats(t, h.b, h.tunName("b"))
 
 	packets := atx - atx0 + btx - btx0
-	mallocs := m1.Mallocs - m0.Mallocs
-	perPacket := float64(mallocs) / float64(packets)
-	t.Logf("%d packets in %v (%.0f packets/s over both directions), %d mallocs: %.5f per packet",
-		packets, elapsed.Round(time.Millisecond), float64(packets)/elapsed.Seconds(), mallocs, perPacket)
-	if perPacket >= 0.01 {
-		t.Errorf("%.4f mallocs per packet, want < 0.01", perPacket)
-	}
+	wantFewMallocs(t, packets, m1.Mallocs-m0.Mallocs, elapsed)
 	// TSO on read: the TX loops sent more than twice as many packets as
 	// they read from the TUN; GRO on write: the RX loops wrote fewer than
 	// half as many as they received.

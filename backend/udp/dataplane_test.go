@@ -96,36 +96,21 @@ func TestReceiveDeliversValidAndDropsUntrusted(t *testing.T) {
 				t.Fatalf("large datagram arrived with %d bytes, want %d", len(got), len(big))
 			}
 
-			cases := []struct {
-				name   string
-				sock   *net.UDPConn
-				pkt    []byte
-				reason dropReason
-			}{
+			cases := []sentDrop{
 				{"from a non-peer", strangerSock, innerUDP(fromB, local, []byte("x")), dropUnknownSender},
 				{"spoofed inner source", peerSock, innerUDP(netip.MustParseAddrPort("198.18.3.5:4444"), local, []byte("x")), dropSpoofedSource},
 				{"foreign destination", peerSock, innerUDP(fromB, netip.MustParseAddrPort("198.18.3.1:9999"), []byte("x")), dropForeignDestination},
 				{"truncated inner packet", peerSock, innerUDP(fromB, local, []byte("0123456789"))[:30], dropTruncated},
 				{"malformed inner packet", peerSock, []byte("not an IP packet at all"), dropMalformed},
 			}
-			for _, c := range cases {
-				before := dropped(b, "receive", c.reason)
-				send(c.sock, c.pkt)
-				waitFor(t, 2*time.Second, c.name+" counted as "+c.reason.String(), func() bool {
-					return dropped(b, "receive", c.reason) == before+1
-				})
-			}
+			wantReceiveDrops(t, b, numFamilies, send, cases)
 			expectNothing(t, app, 200*time.Millisecond)
 			text := collectText(t, b)
-			for _, want := range []string{
+			wantScrapeLines(t, text,
 				`tulle_dropped_packets_total{direction="receive",family="ipv4",reason="unknown_sender"} 1`,
 				`tulle_dropped_packets_total{direction="receive",family="ipv4",reason="spoofed_source"} 1`,
 				`tulle_peer_receive_packets_total{peer="192.0.2.2",subnet="198.18.2.0/24"} 2`,
-			} {
-				if !strings.Contains(text, want+"\n") {
-					t.Errorf("metrics lack %q", want)
-				}
-			}
+			)
 		})
 	}
 }
@@ -199,21 +184,7 @@ func TestDFPacketAbovePathMTUGetsFragmentationNeeded(t *testing.T) {
 	b := startBackend(t, h.a, h.tunName("a"), leaseA, hostA, "offload", 1, lease(leaseB, hostB))
 	dst := netip.MustParseAddrPort("198.18.2.5:7777")
 
-	var fd int
-	err = nstest.In(h.a, func() error {
-		var err error
-		if fd, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err != nil {
-			return err
-		}
-		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, unix.IP_PMTUDISC_DO); err != nil {
-			return err
-		}
-		return unix.Connect(fd, &unix.SockaddrInet4{Port: int(dst.Port()), Addr: dst.Addr().As4()})
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(fd)
+	fd := connectedDgram(t, h.a, netip.Addr{}, dst, unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, unix.IP_PMTUDISC_DO)
 
 	// A first small packet makes B an active peer; the prober learns the path.
 	if _, err := unix.Write(fd, []byte("hi")); err != nil {

@@ -67,20 +67,11 @@ func TestDirectIPv6RouteOnlyViaAnOnLinkPublicIPv6(t *testing.T) {
 		t.Errorf("a direct route was tried and refused:\n%s", logs.String())
 	}
 	// The kernel picks it over <IPv6Network> dev tun for B's IPv6 lease only.
-	for dst, wantGw := range map[netip.Addr]netip.Addr{
+	d.wantKernelGateways(t, map[netip.Addr]netip.Addr{
 		netip.MustParseAddr("2001:db8:1:2::9"): hostB6,
 		netip.MustParseAddr("2001:db8:1:3::9"): {},
 		netip.MustParseAddr("2001:db8:1:4::9"): {},
-	} {
-		rs, err := d.nl.RouteGet(dst.AsSlice())
-		if err != nil || len(rs) != 1 {
-			t.Fatalf("route get %v: %v %v", dst, rs, err)
-		}
-		gw, _ := netip.AddrFromSlice(rs[0].Gw)
-		if gw != wantGw {
-			t.Errorf("the kernel routes %v via %v (link %d), want via %v", dst, gw, rs[0].LinkIndex, wantGw)
-		}
-	}
+	})
 
 	v4 := []string{d.route(leaseC, stranger), d.route(leaseD, hostD), d.route(leaseE, hostE), d.route(leaseF, hostF)}
 	with := func(r ...string) []string { out := append(slices.Clone(v4), r...); slices.Sort(out); return out }
@@ -111,13 +102,7 @@ func TestDirectIPv6RouteOnlyViaAnOnLinkPublicIPv6(t *testing.T) {
 // DirectRouting off New removes them all.
 func TestDirectIPv6RoutesReconciledWithTheFirstLeaseBatch(t *testing.T) {
 	d := newDirectBed6(t)
-	add := func(dst string, gw netip.Addr) {
-		t.Helper()
-		r := &netlink.Route{Dst: ipNet(netip.MustParsePrefix(dst)), Gw: gw.AsSlice(), LinkIndex: d.underlay, Protocol: RouteProtocol}
-		if err := d.nl.RouteAdd(r); err != nil {
-			t.Fatalf("add %s via %v: %v", dst, gw, err)
-		}
-	}
+	add := func(dst string, gw netip.Addr) { t.Helper(); d.addRoute(t, dst, gw, RouteProtocol) }
 	stale6 := netip.MustParsePrefix("2001:db8:1:9::/64")
 	add(leaseB.String(), hostB)
 	add(leaseB6.String(), hostB6)     // wanted: kept

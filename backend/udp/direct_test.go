@@ -134,6 +134,32 @@ func (d *directBed) want(t *testing.T, what string, routes ...string) {
 	}
 }
 
+// wantKernelGateways checks the gateway by which A's kernel routes each
+// destination (none: the zero address).
+func (d *directBed) wantKernelGateways(t *testing.T, want map[netip.Addr]netip.Addr) {
+	t.Helper()
+	for dst, wantGw := range want {
+		rs, err := d.nl.RouteGet(dst.AsSlice())
+		if err != nil || len(rs) != 1 {
+			t.Fatalf("route get %v: %v %v", dst, rs, err)
+		}
+		gw, _ := netip.AddrFromSlice(rs[0].Gw)
+		if gw != wantGw {
+			t.Errorf("the kernel routes %v via %v (link %d), want via %v", dst, gw, rs[0].LinkIndex, wantGw)
+		}
+	}
+}
+
+// addRoute adds a route to dst via gw on the underlay of protocol p, as
+// a killed tulled (or another program) would have left it.
+func (d *directBed) addRoute(t *testing.T, dst string, gw netip.Addr, p netlink.RouteProtocol) {
+	t.Helper()
+	r := &netlink.Route{Dst: ipNet(netip.MustParsePrefix(dst)), Gw: gw.AsSlice(), LinkIndex: d.underlay, Protocol: p}
+	if err := d.nl.RouteAdd(r); err != nil {
+		t.Fatalf("add %s via %v proto %d: %v", dst, gw, p, err)
+	}
+}
+
 func (d *directBed) route(s netip.Prefix, gw netip.Addr) string {
 	return fmt.Sprintf("%v via %v dev %d", s, gw, d.underlay)
 }
@@ -159,20 +185,11 @@ func TestDirectRouteOnlyToOnLinkPeersThatOfferIt(t *testing.T) {
 	}
 
 	// The kernel picks it over <Network> dev tun for B's subnet only.
-	for dst, wantGw := range map[netip.Addr]netip.Addr{
+	d.wantKernelGateways(t, map[netip.Addr]netip.Addr{
 		netip.MustParseAddr("198.18.2.9"): hostB,
 		netip.MustParseAddr("198.18.3.9"): {},
 		netip.MustParseAddr("198.18.5.9"): {},
-	} {
-		rs, err := d.nl.RouteGet(dst.AsSlice())
-		if err != nil || len(rs) != 1 {
-			t.Fatalf("route get %v: %v %v", dst, rs, err)
-		}
-		gw, _ := netip.AddrFromSlice(rs[0].Gw)
-		if gw != wantGw {
-			t.Errorf("the kernel routes %v via %v (link %d), want via %v", dst, gw, rs[0].LinkIndex, wantGw)
-		}
-	}
+	})
 	// Every peer stays in the UDP table, the direct one included.
 	if n := b.table.Load().count; n != 4 {
 		t.Errorf("route table holds %d peers, want 4", n)
@@ -218,13 +235,7 @@ func TestDirectRoutesOnlyWhileOurOwnLeaseOffersIt(t *testing.T) {
 func TestDirectRoutesReconciledWithTheFirstLeaseBatch(t *testing.T) {
 	d := newDirectBed(t)
 	// What a tulled killed with SIGKILL leaves, and what is not ours.
-	add := func(dst string, gw netip.Addr, p netlink.RouteProtocol) {
-		t.Helper()
-		r := &netlink.Route{Dst: ipNet(netip.MustParsePrefix(dst)), Gw: gw.AsSlice(), LinkIndex: d.underlay, Protocol: p}
-		if err := d.nl.RouteAdd(r); err != nil {
-			t.Fatalf("add %s via %v proto %d: %v", dst, gw, p, err)
-		}
-	}
+	add := func(dst string, gw netip.Addr, p netlink.RouteProtocol) { t.Helper(); d.addRoute(t, dst, gw, p) }
 	add("198.18.9.0/24", netip.MustParseAddr("192.0.2.9"), RouteProtocol) // its peer left while no tulled ran
 	add("198.18.2.0/24", stranger, RouteProtocol)                         // B's subnet, but another gateway
 	add("198.18.3.0/24", stranger, RouteProtocol)                         // C: still wanted, kept

@@ -6,7 +6,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -231,37 +230,22 @@ func TestIPv6SpoofedSourceAndForeignDestinationAreDroppedAndCounted(t *testing.T
 	if string(got) != "hello" || from.Addr() != netip.MustParseAddr("2001:db8:1:2::5") {
 		t.Fatalf("app got %q from %v", got, from)
 	}
-	cases := []struct {
-		name   string
-		sock   *net.UDPConn
-		pkt    []byte
-		reason dropReason
-	}{
+	cases := []sentDrop{
 		{"from a stranger", strangerSock, inner("2001:db8:1:2::5", leaseA6Addr.String()), dropUnknownSender},
 		{"spoofed inner source (C's IPv6 lease, from B)", peerSock, inner("2001:db8:1:3::5", leaseA6Addr.String()), dropSpoofedSource},
 		{"from C, which does not carry IPv6", cSock, inner("2001:db8:1:3::5", leaseA6Addr.String()), dropSpoofedSource},
 		{"foreign destination", peerSock, inner("2001:db8:1:2::5", "2001:db8:1:3::1"), dropForeignDestination},
 		{"truncated", peerSock, inner("2001:db8:1:2::5", leaseA6Addr.String())[:50], dropTruncated},
 	}
-	for _, c := range cases {
-		before := droppedOf(a, "receive", famIPv6, c.reason)
-		send(c.sock, c.pkt)
-		waitFor(t, 2*time.Second, c.name+" counted as ipv6/"+c.reason.String(), func() bool {
-			return droppedOf(a, "receive", famIPv6, c.reason) == before+1
-		})
-	}
+	wantReceiveDrops(t, a, famIPv6, send, cases)
 	expectNothing(t, app, 200*time.Millisecond)
 	text := collectText(t, a)
-	for _, want := range []string{
+	wantScrapeLines(t, text,
 		`tulle_dropped_packets_total{direction="receive",family="ipv6",reason="spoofed_source"} 2`,
 		`tulle_dropped_packets_total{direction="receive",family="ipv6",reason="unknown_sender"} 1`,
 		`tulle_dropped_packets_total{direction="receive",family="ipv4",reason="spoofed_source"} 0`,
 		`tulle_peer_receive_packets_total{peer="192.0.2.2",subnet="198.18.2.0/24"} 1`,
-	} {
-		if !strings.Contains(text, want+"\n") {
-			t.Errorf("metrics lack %q", want)
-		}
-	}
+	)
 }
 
 // TestIPv6PacketTooBigAndPathMTUDiscovery lowers the underlay route MTU
@@ -311,24 +295,7 @@ func testPacketTooBig(t *testing.T, six bool) {
 	dst := netip.MustParseAddrPort("[2001:db8:1:2::5]:7777")
 	inner := pathMTU - overhead
 
-	var fd int
-	err = nstest.In(h.a, func() error {
-		var err error
-		if fd, err = unix.Socket(unix.AF_INET6, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err != nil {
-			return err
-		}
-		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_DONTFRAG, 1); err != nil {
-			return err
-		}
-		if err := unix.Bind(fd, &unix.SockaddrInet6{Addr: leaseA6Addr.As16()}); err != nil {
-			return err
-		}
-		return unix.Connect(fd, &unix.SockaddrInet6{Port: int(dst.Port()), Addr: dst.Addr().As16()})
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(fd)
+	fd := connectedDgram(t, h.a, leaseA6Addr, dst, unix.IPPROTO_IPV6, unix.IPV6_DONTFRAG, 1)
 
 	// A first small packet makes B an active peer; the prober learns the path.
 	if _, err := unix.Write(fd, []byte("hi")); err != nil {
@@ -370,24 +337,7 @@ func TestPeerWithoutTheIPv6FeatureIsNeverSentIPv6(t *testing.T) {
 	// A connected socket that takes ICMPv6 errors (IPV6_RECVERR: without
 	// it the kernel reports only hard errors, and address unreachable is
 	// a soft one).
-	var fd int
-	err := nstest.In(h.a, func() error {
-		var err error
-		if fd, err = unix.Socket(unix.AF_INET6, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0); err != nil {
-			return err
-		}
-		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_RECVERR, 1); err != nil {
-			return err
-		}
-		if err := unix.Bind(fd, &unix.SockaddrInet6{Addr: leaseA6Addr.As16()}); err != nil {
-			return err
-		}
-		return unix.Connect(fd, &unix.SockaddrInet6{Port: 7777, Addr: netip.MustParseAddr("2001:db8:1:2::5").As16()})
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(fd)
+	fd := connectedDgram(t, h.a, leaseA6Addr, netip.MustParseAddrPort("[2001:db8:1:2::5]:7777"), unix.IPPROTO_IPV6, unix.IPV6_RECVERR, 1)
 	if _, err := unix.Write(fd, []byte("v6")); err != nil {
 		t.Fatal(err)
 	}

@@ -92,15 +92,7 @@ func TestIPv6SuperpacketGoesOutAsOneTrainMarkedOrComplete(t *testing.T) {
 		if len(tx.out[0].msgs) != 1 || tx.out[0].meta[0].packets != 11 || tx.out[0].meta[0].ipv6 != 11 {
 			t.Fatalf("partial %v: %d messages, want 1 train of 11 IPv6 packets", partial, len(tx.out[0].msgs))
 		}
-		m := tx.out[0].msgs[0]
-		if m.SegSize != 72+mss || m.Addr != netip.MustParseAddrPort("192.0.2.2:8285") || len(m.Iov) != 22 {
-			t.Fatalf("train: segsize %d, to %v, %d pieces", m.SegSize, m.Addr, len(m.Iov))
-		}
-		for i := 1; i < len(m.Iov); i += 2 {
-			if !inSlots(tx, m.Iov[i]) {
-				t.Fatalf("payload piece %d was copied out of the read slot", i)
-			}
-		}
+		wantOneZeroCopyTrain(t, tx, 72+mss, 22)
 		for i, seg := range datagrams(tx, 0) {
 			if proto.IPv6HopLimit(seg) != 63 || !bytes.Equal(seg[:4], pkt[:4]) {
 				t.Fatalf("segment %d: hop limit %d, first word % x", i, proto.IPv6HopLimit(seg), seg[:4])
@@ -222,12 +214,7 @@ func TestIPv6ReceiveChecksTrustAndCountsByReason(t *testing.T) {
 	truncated := valid()[:90]
 	ext := valid() // a hop-by-hop header the receiver's kernel may read; we do not
 	ext[6] = 0
-	cases := []struct {
-		name   string
-		src    netip.Addr
-		pkt    []byte
-		reason dropReason // numDropReasons = accepted
-	}{
+	cases := []rxCase{
 		{"valid", peerB, valid(), numDropReasons},
 		{"valid, behind an extension header", peerB, ext, numDropReasons},
 		{"from a stranger", stranger, valid(), dropUnknownSender},
@@ -244,23 +231,15 @@ func TestIPv6ReceiveChecksTrustAndCountsByReason(t *testing.T) {
 		{"hop limit 1", peerB, ipv6("2001:db8:1:2::7", "2001:db8:1:1::5", 100, 1), dropTTLExpired},
 	}
 	for _, c := range cases {
-		rx.drops = batchCounts{}
-		pkt := append([]byte(nil), c.pkt...)
-		p, partial := rx.accept(tb, c.src, pkt)
-		if c.reason == numDropReasons {
-			if p == nil || partial || rx.drops != (batchCounts{}) {
-				t.Errorf("%s: not accepted (drops %v)", c.name, rx.drops)
-				continue
-			}
-			if proto.IPv6HopLimit(pkt) != 63 {
-				t.Errorf("%s: delivered with hop limit %d, want 63", c.name, proto.IPv6HopLimit(pkt))
-			}
-			continue
-		}
-		if p != nil || rx.drops[famIPv6][c.reason] != 1 {
-			t.Errorf("%s: want dropped as ipv6/%v; accepted %v, drops %v", c.name, c.reason, p != nil, rx.drops)
+		if familyOf(c.pkt) != famIPv6 {
+			t.Fatalf("%s: not an IPv6 case", c.name)
 		}
 	}
+	wantReceiveVerdicts(t, rx, tb, cases, func(name string, pkt []byte) {
+		if proto.IPv6HopLimit(pkt) != 63 {
+			t.Errorf("%s: delivered with hop limit %d, want 63", name, proto.IPv6HopLimit(pkt))
+		}
+	})
 }
 
 func TestIPv6MarkIsHonouredOnlyWhenBothLeasesAdvertiseIt(t *testing.T) {
@@ -306,9 +285,6 @@ func TestIPv6MarkIsHonouredOnlyWhenBothLeasesAdvertiseIt(t *testing.T) {
 
 func TestIPv6PathDoesNotAllocate(t *testing.T) {
 	b := twoPeers6(t)
-	tx := &b.workers[0].tx
-	rx := &b.workers[0].rx
-	tb := b.table.Load()
 	h, super := tcpSuper6("2001:db8:1:1::5", "2001:db8:1:2::7", 45*1380, 1380, 1)
 	small := ipv6("2001:db8:1:1::5", "2001:db8:1:2::7", 60, 64)
 	noRoute := ipv6("2001:db8:1:1::5", "2001:db8:1:3::7", 60, 64)
@@ -319,102 +295,43 @@ func TestIPv6PathDoesNotAllocate(t *testing.T) {
 		binary.BigEndian.PutUint32(ins[i][44:], 1+uint32(i*1380))
 		markIPv6(ins[i])
 	}
-	from := netip.MustParseAddr("192.0.2.2")
-	allocs := testing.AllocsPerRun(200, func() {
-		resetTx(tx)
-		txRead(t, tx, tb, 0, h, super)
-		txRead(t, tx, tb, 1, tundev.VirtioHdr{}, small)
-		txRead(t, tx, tb, 2, tundev.VirtioHdr{}, noRoute)
-		tx.run.add(tx.stats, tx.out[0].meta[0].peer, 1, 1)
-		tx.run.flush(tx.stats)
-		tx.drops.flush(tx.stats)
-		for _, p := range ins {
-			p[7] = 255
-			markIPv6(p)
-			if peer, partial := rx.accept(tb, from, p); peer != nil {
-				rx.run.add(rx.stats, peer, 1, len(p))
-				if !rx.co.Add(p, partial) {
-					rx.co.Group()
-					rx.co.Reset()
-					rx.co.Add(p, partial)
-				}
-			}
-		}
-		rx.co.Group()
-		rx.co.Reset()
-		rx.run.flush(rx.stats)
+	wantPathAllocFree(t, b, netip.MustParseAddr("192.0.2.2"), h, super, [][]byte{small, noRoute}, ins, func(p []byte) {
+		p[7] = 255
+		markIPv6(p)
 	})
-	if allocs != 0 {
-		t.Errorf("allocs per batch = %v, want 0", allocs)
-	}
 }
+
+// peerB6 is B's peer, found by its IPv6 subnet.
+func peerB6(tb *table) *peer { return lookup6(tb, "2001:db8:1:2::1") }
 
 // BenchmarkTransmitSplitIPv6 is BenchmarkTransmitSplit for a TSO6
 // superpacket (IPv6 lookup, hop limit, split into a GSO train, marked for
 // a peer that takes partial checksums).
 func BenchmarkTransmitSplitIPv6(b *testing.B) {
-	for _, partial := range []bool{false, true} {
-		b.Run(map[bool]string{false: "complete-checksums", true: "partial-checksums"}[partial], func(b *testing.B) {
-			be := twoPeers6(b)
-			tb := be.table.Load()
-			lookup6(tb, "2001:db8:1:2::1").partialCsum.Store(partial)
-			tx := &be.workers[0].tx
-			h, pkt := tcpSuper6("2001:db8:1:1::5", "2001:db8:1:2::7", 45*1400, 1400, 1)
-			b.ReportAllocs()
-			b.SetBytes(int64(len(pkt)))
-			for b.Loop() {
-				resetTx(tx)
-				txRead(b, tx, tb, 0, h, pkt)
-			}
-		})
-	}
+	benchPeerModes(b, twoPeers6, peerB6, func(b *testing.B, be *Backend, tb *table, partial bool) {
+		h, pkt := tcpSuper6("2001:db8:1:1::5", "2001:db8:1:2::7", 45*1400, 1400, 1)
+		benchTransmitSplit(b, &be.workers[0].tx, tb, h, pkt)
+	})
 }
 
 // BenchmarkReceiveAcceptAndCoalesceIPv6 is BenchmarkReceiveAcceptAndCoalesce
 // for IPv6: trust checks and coalescing of 45 segments.
 func BenchmarkReceiveAcceptAndCoalesceIPv6(b *testing.B) {
-	for _, partial := range []bool{false, true} {
-		b.Run(map[bool]string{false: "complete-checksums", true: "partial-checksums"}[partial], func(b *testing.B) {
-			be := twoPeers6(b)
-			tb := be.table.Load()
-			lookup6(tb, "2001:db8:1:2::1").partialCsum.Store(partial)
-			rx := &be.workers[0].rx
-			var segs [][]byte
-			for i := range 45 {
-				_, p := tcpSuper6("2001:db8:1:2::7", "2001:db8:1:1::5", 1400, 1400, 1+uint32(i*1400))
-				p[53] = 0x10 // ACK
-				if partial {
-					markIPv6(p)
-				} else {
-					binary.BigEndian.PutUint16(p[56:], 0)
-					binary.BigEndian.PutUint16(p[56:], proto.Checksum(p[40:], uint64(proto.PseudoHeaderSumIPv6(proto.IPv6Src(p), proto.IPv6Dst(p), proto.ProtoTCP, len(p)-40))))
-				}
-				segs = append(segs, p)
+	benchPeerModes(b, twoPeers6, peerB6, func(b *testing.B, be *Backend, tb *table, partial bool) {
+		var segs [][]byte
+		for i := range 45 {
+			_, p := tcpSuper6("2001:db8:1:2::7", "2001:db8:1:1::5", 1400, 1400, 1+uint32(i*1400))
+			p[53] = 0x10 // ACK
+			if partial {
+				markIPv6(p)
+			} else {
+				binary.BigEndian.PutUint16(p[56:], 0)
+				binary.BigEndian.PutUint16(p[56:], proto.Checksum(p[40:], uint64(proto.PseudoHeaderSumIPv6(proto.IPv6Src(p), proto.IPv6Dst(p), proto.ProtoTCP, len(p)-40))))
 			}
-			pristine := make([][]byte, len(segs))
-			for i := range segs {
-				pristine[i] = append([]byte(nil), segs[i]...)
-			}
-			src := netip.MustParseAddr("192.0.2.2")
-			b.ReportAllocs()
-			b.SetBytes(int64(len(segs) * len(segs[0])))
-			for b.Loop() {
-				for i, p := range segs {
-					copy(p[:72], pristine[i][:72]) // headers only: hop limit, mark, lengths
-					if peer, partial := rx.accept(tb, src, p); peer != nil && !rx.co.Add(p, partial) {
-						rx.co.Group()
-						rx.co.Reset()
-						rx.co.Add(p, partial)
-					}
-				}
-				if rx.co.Packets() != len(segs) {
-					b.Fatalf("coalesced %d of %d segments", rx.co.Packets(), len(segs))
-				}
-				rx.co.Group()
-				rx.co.Reset()
-			}
-		})
-	}
+			segs = append(segs, p)
+		}
+		benchAcceptAndCoalesce(b, &be.workers[0].rx, tb, segs, 72)
+	})
 }
 
 // FuzzReceiveTrustBoundaryIPv6 is FuzzReceiveTrustBoundary in a dual-stack
@@ -436,54 +353,26 @@ func FuzzReceiveTrustBoundaryIPv6(f *testing.F) {
 	f.Add(ipv4("198.18.2.7", "198.18.1.5", 100, 64, false), uint8(0), uint16(0))
 	f.Add([]byte{0x60, 0, 0, 0, 0, 0, 6, 1}, uint8(2), uint16(3))
 	b := twoPeers6(f)
-	senders := []netip.Addr{netip.MustParseAddr("192.0.2.2"), netip.MustParseAddr("192.0.2.3"), netip.MustParseAddr("192.0.2.99")}
-	f.Fuzz(func(t *testing.T, data []byte, who uint8, seg uint16) {
-		if len(data) > 4096 {
-			data = data[:4096]
+	fuzzReceive(f, b, false, func(t *testing.T, tb *table, src netip.Addr, pkt []byte, p *peer, partial bool) bool {
+		if proto.Version(pkt) != 6 {
+			return false
 		}
-		rx := &b.workers[0].rx
-		tb := b.table.Load()
-		src := senders[int(who)%len(senders)]
-		n := len(data)
-		step := int(seg)
-		if step <= 0 || step > n {
-			step = n
+		total, err := proto.CheckIPv6(pkt)
+		if err != nil || total != len(pkt) {
+			t.Fatalf("accepted an IPv6 packet of %d bytes, payload length %d: %v", len(pkt), total, err)
 		}
-		for off := 0; off < n; off += step {
-			// Each datagram in a slice of its own length, as the fuzzer's
-			// bounds checks then catch any read past it.
-			pkt := append([]byte(nil), data[off:min(off+step, n)]...)
-			p, partial := rx.accept(tb, src, pkt)
-			if p == nil || proto.Version(pkt) != 6 {
-				continue
-			}
-			total, err := proto.CheckIPv6(pkt)
-			if err != nil || total != len(pkt) {
-				t.Fatalf("accepted an IPv6 packet of %d bytes, payload length %d: %v", len(pkt), total, err)
-			}
-			if partial && !partialTransport6(pkt) {
-				t.Fatal("a packet that cannot carry a partial checksum was taken as partial")
-			}
-			if q := tb.lookup6(proto.IPv6SrcWords(pkt)); q == nil || q != p || !q.sentFrom(src) || !q.subnet6.Contains(proto.IPv6SrcAddr(pkt)) {
-				t.Fatalf("accepted inner source %v from %v", proto.IPv6SrcAddr(pkt), src)
-			}
-			if !tb.isOwn6(proto.IPv6DstWords(pkt)) || !leaseA6.Contains(proto.IPv6DstAddr(pkt)) {
-				t.Fatalf("accepted foreign destination %v", proto.IPv6DstAddr(pkt))
-			}
-			if proto.IPv6HopLimit(pkt) == 0 {
-				t.Fatal("accepted with hop limit 0")
-			}
-			if !rx.co.Add(pkt, partial) {
-				rx.co.Group()
-				rx.co.Reset()
-				rx.co.Add(pkt, partial)
-			}
+		if partial && !partialTransport6(pkt) {
+			t.Fatal("a packet that cannot carry a partial checksum was taken as partial")
 		}
-		if rx.co.Pending() {
-			rx.co.Group()
-			rx.co.Reset()
+		if q := tb.lookup6(proto.IPv6SrcWords(pkt)); q == nil || q != p || !q.sentFrom(src) || !q.subnet6.Contains(proto.IPv6SrcAddr(pkt)) {
+			t.Fatalf("accepted inner source %v from %v", proto.IPv6SrcAddr(pkt), src)
 		}
-		rx.run = peerRun{}
-		rx.drops = batchCounts{}
+		if !tb.isOwn6(proto.IPv6DstWords(pkt)) || !leaseA6.Contains(proto.IPv6DstAddr(pkt)) {
+			t.Fatalf("accepted foreign destination %v", proto.IPv6DstAddr(pkt))
+		}
+		if proto.IPv6HopLimit(pkt) == 0 {
+			t.Fatal("accepted with hop limit 0")
+		}
+		return true
 	})
 }

@@ -38,6 +38,16 @@ func collectText(t testing.TB, b *Backend) string {
 	return sb.String()
 }
 
+// wantScrapeLines checks that the scrape text holds each of lines whole.
+func wantScrapeLines(t *testing.T, text string, lines ...string) {
+	t.Helper()
+	for _, want := range lines {
+		if !strings.Contains(text, want+"\n") {
+			t.Errorf("scrape lacks %q", want)
+		}
+	}
+}
+
 func TestCollectorSumsLoopsAndNamesMetricsAsTheBrief(t *testing.T) {
 	b := newPureBackend(t, "198.18.0.0/16", 24, "198.18.1.0/24", 2)
 	b.Apply([]subnet.Event{added("198.18.2.0/24", "192.0.2.2")})
@@ -54,7 +64,7 @@ func TestCollectorSumsLoopsAndNamesMetricsAsTheBrief(t *testing.T) {
 		w.rx.stats.udp.observe(1)
 	}
 	text := collectText(t, b)
-	for _, want := range []string{
+	wantScrapeLines(t, text,
 		`tulle_peer_transmit_packets_total{peer="192.0.2.2",subnet="198.18.2.0/24"} 6`,
 		`tulle_peer_transmit_bytes_total{peer="192.0.2.2",subnet="198.18.2.0/24"} 600`,
 		`tulle_peer_receive_packets_total{peer="192.0.2.2",subnet="198.18.2.0/24"} 4`,
@@ -71,11 +81,7 @@ func TestCollectorSumsLoopsAndNamesMetricsAsTheBrief(t *testing.T) {
 		`tulle_udp_send_batch_size_count 0`,
 		"tulle_receive_steering_misses_total 0",
 		"tulle_peers 1",
-	} {
-		if !strings.Contains(text, want+"\n") {
-			t.Errorf("scrape lacks %q", want)
-		}
-	}
+	)
 	if t.Failed() {
 		t.Log(text)
 	}
@@ -166,17 +172,13 @@ func TestTunReadCountsTheSegmentsThatAreSent(t *testing.T) {
 		t.Fatal(err)
 	}
 	text := collectText(t, b)
-	for _, want := range []string{
+	wantScrapeLines(t, text,
 		`tulle_tun_read_batch_size_sum 90`,
 		`tulle_tun_read_batch_size_count 2`,
 		`tulle_peer_transmit_packets_total{peer="127.0.0.2",subnet="198.18.2.0/24"} 45`,
 		`tulle_udp_send_batch_size_sum 45`,
 		`tulle_dropped_packets_total{direction="transmit",family="ipv4",reason="no_route"} 45`,
-	} {
-		if !strings.Contains(text, want+"\n") {
-			t.Errorf("scrape lacks %q", want)
-		}
-	}
+	)
 	if t.Failed() {
 		t.Log(text)
 	}

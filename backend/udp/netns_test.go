@@ -16,6 +16,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/tulle-net/tulle/proto"
 	"github.com/tulle-net/tulle/subnet"
@@ -265,6 +266,82 @@ func droppedOf(b *Backend, direction string, f family, r dropReason) uint64 {
 		}
 	}
 	return sum
+}
+
+// connectedDgram opens in ns a datagram socket of dst's family with the
+// option level/opt set to value, bound to local (when valid) and
+// connected to dst; it is closed when the test ends.
+func connectedDgram(t *testing.T, ns netns.NsHandle, local netip.Addr, dst netip.AddrPort, level, opt, value int) int {
+	t.Helper()
+	fd := -1
+	err := nstest.In(ns, func() error {
+		var err error
+		if dst.Addr().Is4() {
+			fd, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		} else {
+			fd, err = unix.Socket(unix.AF_INET6, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		}
+		if err != nil {
+			return err
+		}
+		if err := unix.SetsockoptInt(fd, level, opt, value); err != nil {
+			return err
+		}
+		if local.IsValid() {
+			if err := unix.Bind(fd, sockaddr(netip.AddrPortFrom(local, 0))); err != nil {
+				return err
+			}
+		}
+		return unix.Connect(fd, sockaddr(dst))
+	})
+	if fd >= 0 {
+		t.Cleanup(func() { unix.Close(fd) })
+	}
+	if err != nil {
+		t.Fatalf("datagram socket to %v in the namespace: %v", dst, err)
+	}
+	return fd
+}
+
+// sockaddr is ap as a unix.Sockaddr of its family.
+func sockaddr(ap netip.AddrPort) unix.Sockaddr {
+	if ap.Addr().Is4() {
+		return &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
+	}
+	return &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
+}
+
+// sentDrop is a datagram that sock sends to A's port, and the reason A
+// must count it as a receive drop under.
+type sentDrop struct {
+	name   string
+	sock   *net.UDPConn
+	pkt    []byte
+	reason dropReason
+}
+
+// wantReceiveDrops sends each case's datagram with send and waits until
+// b counts one more receive drop of the case's reason, in family f (in
+// any family when f is numFamilies).
+func wantReceiveDrops(t *testing.T, b *Backend, f family, send func(*net.UDPConn, []byte), cases []sentDrop) {
+	t.Helper()
+	count := func(r dropReason) uint64 {
+		if f == numFamilies {
+			return dropped(b, "receive", r)
+		}
+		return droppedOf(b, "receive", f, r)
+	}
+	for _, c := range cases {
+		what := c.name + " counted as " + c.reason.String()
+		if f != numFamilies {
+			what = c.name + " counted as " + f.String() + "/" + c.reason.String()
+		}
+		before := count(c.reason)
+		send(c.sock, c.pkt)
+		waitFor(t, 2*time.Second, what, func() bool {
+			return count(c.reason) == before+1
+		})
+	}
 }
 
 // waitFor polls cond every 10 ms until it holds or timeout passes.

@@ -148,6 +148,100 @@ func tcpChecksumValid(pkt []byte) bool {
 	return proto.Sum(l4, uint64(proto.PseudoHeaderSum(proto.IPv4Src(pkt), proto.IPv4Dst(pkt), proto.IPv4Protocol(pkt), len(l4)))) == 0xffff
 }
 
+// coalesce adds pkt to rx's GRO table as the RX loop does: when it does
+// not join the group being built, that group is handed over first.
+func coalesce(rx *rxLoop, pkt []byte, partial bool) {
+	if !rx.co.Add(pkt, partial) {
+		rx.co.Group()
+		rx.co.Reset()
+		rx.co.Add(pkt, partial)
+	}
+}
+
+// wantOneZeroCopyTrain checks the first message to the IPv4 socket: a GSO
+// train to B (192.0.2.2:8285) of segments of segSize bytes in pieces
+// pieces (header, payload), every payload piece still in its read slot.
+func wantOneZeroCopyTrain(t *testing.T, tx *txLoop, segSize, pieces int) {
+	t.Helper()
+	m := tx.out[0].msgs[0]
+	if m.SegSize != segSize || m.Addr != netip.MustParseAddrPort("192.0.2.2:8285") || len(m.Iov) != pieces {
+		t.Fatalf("train: segsize %d, to %v, %d pieces", m.SegSize, m.Addr, len(m.Iov))
+	}
+	for i := 1; i < len(m.Iov); i += 2 {
+		if !inSlots(tx, m.Iov[i]) {
+			t.Fatalf("payload piece %d was copied out of the read slot", i)
+		}
+	}
+}
+
+// rxCase is a datagram from src and how the receive path must take it.
+type rxCase struct {
+	name   string
+	src    netip.Addr
+	pkt    []byte
+	reason dropReason // numDropReasons = accepted
+}
+
+// wantReceiveVerdicts hands a copy of each case's packet to rx.accept: an
+// accepted one must come back whole (not partial, nothing dropped) and
+// pass delivered; a refused one must be counted once, under its family
+// and reason.
+func wantReceiveVerdicts(t *testing.T, rx *rxLoop, tb *table, cases []rxCase, delivered func(name string, pkt []byte)) {
+	t.Helper()
+	for _, c := range cases {
+		rx.drops = batchCounts{}
+		pkt := append([]byte(nil), c.pkt...)
+		p, partial := rx.accept(tb, c.src, pkt)
+		if c.reason == numDropReasons {
+			if p == nil || partial || rx.drops != (batchCounts{}) {
+				t.Errorf("%s: not accepted (drops %v)", c.name, rx.drops)
+				continue
+			}
+			delivered(c.name, pkt)
+			continue
+		}
+		if p != nil || rx.drops[familyOf(c.pkt)][c.reason] != 1 {
+			t.Errorf("%s: want dropped as %v/%v; accepted %v, drops %v", c.name, familyOf(c.pkt), c.reason, p != nil, rx.drops)
+		}
+	}
+}
+
+// wantPathAllocFree runs a whole batch each way through b's first worker
+// and checks that neither allocates: the TX loop reads the superpacket
+// super (virtio header h) and then each of singles, counts and flushes;
+// the RX loop takes each of ins from B at from, each made fresh by
+// refresh first (the receive path rewrites TTL and mark in place), and
+// coalesces what it accepts.
+func wantPathAllocFree(t *testing.T, b *Backend, from netip.Addr, h tundev.VirtioHdr, super []byte, singles, ins [][]byte, refresh func(p []byte)) {
+	t.Helper()
+	tx := &b.workers[0].tx
+	rx := &b.workers[0].rx
+	tb := b.table.Load()
+	allocs := testing.AllocsPerRun(200, func() {
+		resetTx(tx)
+		txRead(t, tx, tb, 0, h, super)
+		for i, p := range singles {
+			txRead(t, tx, tb, 1+i, tundev.VirtioHdr{}, p)
+		}
+		tx.run.add(tx.stats, tx.out[0].meta[0].peer, 1, 1)
+		tx.run.flush(tx.stats)
+		tx.drops.flush(tx.stats)
+		for _, p := range ins {
+			refresh(p)
+			if peer, partial := rx.accept(tb, from, p); peer != nil {
+				rx.run.add(rx.stats, peer, 1, len(p))
+				coalesce(rx, p, partial)
+			}
+		}
+		rx.co.Group()
+		rx.co.Reset()
+		rx.run.flush(rx.stats)
+	})
+	if allocs != 0 {
+		t.Errorf("allocs per batch = %v, want 0", allocs)
+	}
+}
+
 func TestSuperpacketGoesOutAsOneGSOTrainWithoutCopyingItsPayload(t *testing.T) {
 	for _, partial := range []bool{false, true} {
 		b := twoPeers(t)
@@ -160,15 +254,7 @@ func TestSuperpacketGoesOutAsOneGSOTrainWithoutCopyingItsPayload(t *testing.T) {
 		if len(tx.out[0].msgs) != 1 || tx.out[0].meta[0].packets != 11 {
 			t.Fatalf("partial %v: %d messages, want 1 train of 11", partial, len(tx.out[0].msgs))
 		}
-		m := tx.out[0].msgs[0]
-		if m.SegSize != 52+mss || m.Addr != netip.MustParseAddrPort("192.0.2.2:8285") || len(m.Iov) != 22 {
-			t.Fatalf("train: segsize %d, to %v, %d pieces", m.SegSize, m.Addr, len(m.Iov))
-		}
-		for i := 1; i < len(m.Iov); i += 2 {
-			if !inSlots(tx, m.Iov[i]) {
-				t.Fatalf("payload piece %d was copied out of the read slot", i)
-			}
-		}
+		wantOneZeroCopyTrain(t, tx, 52+mss, 22)
 		for i, seg := range datagrams(tx, 0) {
 			want := 52 + mss
 			if i == 10 {
@@ -410,12 +496,7 @@ func TestReceiveChecksTrustAndCountsByReason(t *testing.T) {
 	trailing := append(ipv4("198.18.2.7", "198.18.1.5", 100, 64, false), 0)
 	badSum := ipv4("198.18.2.7", "198.18.1.5", 100, 64, false)
 	badSum[10] ^= 0xff
-	cases := []struct {
-		name   string
-		src    netip.Addr
-		pkt    []byte
-		reason dropReason // numDropReasons = accepted
-	}{
+	cases := []rxCase{
 		{"valid", peerA, ipv4("198.18.2.7", "198.18.1.5", 100, 64, false), numDropReasons},
 		{"from a stranger", stranger, ipv4("198.18.2.7", "198.18.1.5", 100, 64, false), dropUnknownSender},
 		{"garbage from a stranger", stranger, []byte{1, 2, 3}, dropUnknownSender},
@@ -430,24 +511,11 @@ func TestReceiveChecksTrustAndCountsByReason(t *testing.T) {
 		{"truncated inner packet", peerA, truncated, dropTruncated},
 		{"TTL 1", peerA, ipv4("198.18.2.7", "198.18.1.5", 100, 1, false), dropTTLExpired},
 	}
-	for _, c := range cases {
-		rx.drops = batchCounts{}
-		pkt := append([]byte(nil), c.pkt...)
-		p, partial := rx.accept(tb, c.src, pkt)
-		if c.reason == numDropReasons {
-			if p == nil || partial || rx.drops != (batchCounts{}) {
-				t.Errorf("%s: not accepted (drops %v)", c.name, rx.drops)
-				continue
-			}
-			if proto.IPv4TTL(pkt) != 63 || !proto.IPv4HeaderChecksumValid(pkt) {
-				t.Errorf("%s: delivered ttl %d, checksum valid %v", c.name, proto.IPv4TTL(pkt), proto.IPv4HeaderChecksumValid(pkt))
-			}
-			continue
+	wantReceiveVerdicts(t, rx, tb, cases, func(name string, pkt []byte) {
+		if proto.IPv4TTL(pkt) != 63 || !proto.IPv4HeaderChecksumValid(pkt) {
+			t.Errorf("%s: delivered ttl %d, checksum valid %v", name, proto.IPv4TTL(pkt), proto.IPv4HeaderChecksumValid(pkt))
 		}
-		if p != nil || rx.drops[familyOf(c.pkt)][c.reason] != 1 {
-			t.Errorf("%s: want dropped as %v; accepted %v, drops %v", c.name, c.reason, p != nil, rx.drops)
-		}
-	}
+	})
 }
 
 func TestMarkIsHonouredOnlyWhenBothLeasesAdvertiseIt(t *testing.T) {
@@ -544,9 +612,6 @@ func TestLeaseFeaturesSetAndUpdateThePeer(t *testing.T) {
 
 func TestPathDoesNotAllocate(t *testing.T) {
 	b := twoPeers(t)
-	tx := &b.workers[0].tx
-	rx := &b.workers[0].rx
-	tb := b.table.Load()
 	h, super := tcpSuper("198.18.1.5", "198.18.2.7", 45*1400, 1400, 1)
 	small := ipv4("198.18.1.5", "198.18.2.7", 60, 64, true)
 	_, in := tcpSuper("198.18.2.7", "198.18.1.5", 1400, 1400, 1)
@@ -557,51 +622,75 @@ func TestPathDoesNotAllocate(t *testing.T) {
 		ins[i] = append([]byte(nil), in...)
 		binary.BigEndian.PutUint32(ins[i][24:], 1+uint32(i*1400))
 	}
-	allocs := testing.AllocsPerRun(200, func() {
-		resetTx(tx)
-		txRead(t, tx, tb, 0, h, super)
-		txRead(t, tx, tb, 1, tundev.VirtioHdr{}, small)
-		tx.run.add(tx.stats, tx.out[0].meta[0].peer, 1, 1)
-		tx.run.flush(tx.stats)
-		tx.drops.flush(tx.stats)
-		for _, p := range ins {
-			p[8] = 255
-			binary.BigEndian.PutUint16(p[10:], 0)
-			binary.BigEndian.PutUint16(p[10:], proto.IPv4HeaderChecksum(p[:20]))
-			if peer, partial := rx.accept(tb, netip.MustParseAddr("192.0.2.2"), p); peer != nil {
-				rx.run.add(rx.stats, peer, 1, len(p))
-				if !rx.co.Add(p, partial) {
-					rx.co.Group()
-					rx.co.Reset()
-					rx.co.Add(p, partial)
-				}
-			}
-		}
-		rx.co.Group()
-		rx.co.Reset()
-		rx.run.flush(rx.stats)
+	wantPathAllocFree(t, b, netip.MustParseAddr("192.0.2.2"), h, super, [][]byte{small}, ins, func(p []byte) {
+		p[8] = 255
+		binary.BigEndian.PutUint16(p[10:], 0)
+		binary.BigEndian.PutUint16(p[10:], proto.IPv4HeaderChecksum(p[:20]))
 	})
-	if allocs != 0 {
-		t.Errorf("allocs per batch = %v, want 0", allocs)
-	}
 }
 
-// benchPeerModes runs fn as two sub-benchmarks, against one peer that
-// takes complete checksums (a flannel host) and one that takes partial
-// ones (a Tulle host).
-func benchPeerModes(b *testing.B, fn func(b *testing.B, be *Backend, tb *table, partial bool)) {
+// benchPeerModes runs fn as two sub-benchmarks on a backend from setup,
+// with B (the peer that peerB finds) taking complete checksums (a flannel
+// host) in one and partial ones (a Tulle host) in the other.
+func benchPeerModes(b *testing.B, setup func(testing.TB) *Backend, peerB func(*table) *peer, fn func(b *testing.B, be *Backend, tb *table, partial bool)) {
 	for _, partial := range []bool{false, true} {
 		name := "complete-checksums"
 		if partial {
 			name = "partial-checksums"
 		}
 		b.Run(name, func(b *testing.B) {
-			be := newPureBackend(b, "198.18.0.0/16", 24, "198.18.1.0/24", 1)
-			be.Apply([]subnet.Event{added("198.18.2.0/24", "192.0.2.2")})
+			be := setup(b)
 			tb := be.table.Load()
-			tb.lookup(addr32("198.18.2.1")).partialCsum.Store(partial)
+			peerB(tb).partialCsum.Store(partial)
 			fn(b, be, tb, partial)
 		})
+	}
+}
+
+// onePeer is a backend with one peer, B (198.18.2.0/24 at 192.0.2.2).
+func onePeer(t testing.TB) *Backend {
+	b := newPureBackend(t, "198.18.0.0/16", 24, "198.18.1.0/24", 1)
+	b.Apply([]subnet.Event{added("198.18.2.0/24", "192.0.2.2")})
+	return b
+}
+
+// peerB is B's peer, found by its IPv4 subnet.
+func peerB(tb *table) *peer { return tb.lookup(addr32("198.18.2.1")) }
+
+// benchTransmitSplit measures the TX loop's handling of the superpacket
+// pkt (virtio header h) read from the TUN.
+func benchTransmitSplit(b *testing.B, tx *txLoop, tb *table, h tundev.VirtioHdr, pkt []byte) {
+	b.ReportAllocs()
+	b.SetBytes(int64(len(pkt)))
+	for b.Loop() {
+		resetTx(tx)
+		txRead(b, tx, tb, 0, h, pkt)
+	}
+}
+
+// benchAcceptAndCoalesce measures the RX loop's trust checks and GRO over
+// segs, all from B, each made fresh before every run by copying back its
+// first hdrLen bytes (TTL or hop limit, mark, lengths).
+func benchAcceptAndCoalesce(b *testing.B, rx *rxLoop, tb *table, segs [][]byte, hdrLen int) {
+	pristine := make([][]byte, len(segs))
+	for i := range segs {
+		pristine[i] = append([]byte(nil), segs[i]...)
+	}
+	src := netip.MustParseAddr("192.0.2.2")
+	b.ReportAllocs()
+	b.SetBytes(int64(len(segs) * len(segs[0])))
+	for b.Loop() {
+		for i, p := range segs {
+			copy(p[:hdrLen], pristine[i][:hdrLen])
+			if peer, partial := rx.accept(tb, src, p); peer != nil {
+				coalesce(rx, p, partial)
+			}
+		}
+		if rx.co.Packets() != len(segs) {
+			b.Fatalf("coalesced %d of %d segments", rx.co.Packets(), len(segs))
+		}
+		rx.co.Group()
+		rx.co.Reset()
 	}
 }
 
@@ -609,15 +698,9 @@ func benchPeerModes(b *testing.B, fn func(b *testing.B, be *Backend, tb *table, 
 // superpacket into GSO trains (headers built, payload not copied), for a
 // flannel peer (complete checksums) and a Tulle peer (partial).
 func BenchmarkTransmitSplit(b *testing.B) {
-	benchPeerModes(b, func(b *testing.B, be *Backend, tb *table, partial bool) {
-		tx := &be.workers[0].tx
+	benchPeerModes(b, onePeer, peerB, func(b *testing.B, be *Backend, tb *table, partial bool) {
 		h, pkt := tcpSuper("198.18.1.5", "198.18.2.7", 45*1420, 1420, 1)
-		b.ReportAllocs()
-		b.SetBytes(int64(len(pkt)))
-		for b.Loop() {
-			resetTx(tx)
-			txRead(b, tx, tb, 0, h, pkt)
-		}
+		benchTransmitSplit(b, &be.workers[0].tx, tb, h, pkt)
 	})
 }
 
@@ -625,8 +708,7 @@ func BenchmarkTransmitSplit(b *testing.B) {
 // coalescing of 45 TCP segments into one superpacket (no copy), per
 // segment, with complete checksums (verified) and partial ones (trusted).
 func BenchmarkReceiveAcceptAndCoalesce(b *testing.B) {
-	benchPeerModes(b, func(b *testing.B, be *Backend, tb *table, partial bool) {
-		rx := &be.workers[0].rx
+	benchPeerModes(b, onePeer, peerB, func(b *testing.B, be *Backend, tb *table, partial bool) {
 		var segs [][]byte
 		for i := range 45 {
 			_, p := tcpSuper("198.18.2.7", "198.18.1.5", 1420, 1420, 1+uint32(i*1420))
@@ -639,28 +721,7 @@ func BenchmarkReceiveAcceptAndCoalesce(b *testing.B) {
 			}
 			segs = append(segs, p)
 		}
-		pristine := make([][]byte, len(segs))
-		for i := range segs {
-			pristine[i] = append([]byte(nil), segs[i]...)
-		}
-		src := netip.MustParseAddr("192.0.2.2")
-		b.ReportAllocs()
-		b.SetBytes(int64(len(segs) * len(segs[0])))
-		for b.Loop() {
-			for i, p := range segs {
-				copy(p[:52], pristine[i][:52]) // headers only: TTL, mark, lengths
-				if peer, partial := rx.accept(tb, src, p); peer != nil && !rx.co.Add(p, partial) {
-					rx.co.Group()
-					rx.co.Reset()
-					rx.co.Add(p, partial)
-				}
-			}
-			if rx.co.Packets() != len(segs) {
-				b.Fatalf("coalesced %d of %d segments", rx.co.Packets(), len(segs))
-			}
-			rx.co.Group()
-			rx.co.Reset()
-		}
+		benchAcceptAndCoalesce(b, &be.workers[0].rx, tb, segs, 52)
 	})
 }
 
@@ -675,44 +736,61 @@ func FuzzReceiveTrustBoundary(f *testing.F) {
 	b := newPureBackend(f, "198.18.0.0/16", 24, "198.18.1.0/24", 1)
 	b.Apply([]subnet.Event{added("198.18.2.0/24", "192.0.2.2"), added("198.18.3.0/24", "192.0.2.3")})
 	b.table.Load().lookup(addr32("198.18.2.1")).partialCsum.Store(true)
+	fuzzReceive(f, b, true, func(t *testing.T, tb *table, src netip.Addr, pkt []byte, p *peer, partial bool) bool {
+		total, err := proto.CheckIPv4(pkt)
+		if err != nil || total != len(pkt) || !proto.IPv4HeaderChecksumValid(pkt) || marked(pkt) {
+			t.Fatalf("accepted a malformed or still marked packet: %v", err)
+		}
+		if partial && !partialTransport(pkt) {
+			t.Fatal("a packet that cannot carry a partial checksum was taken as partial")
+		}
+		if q := tb.lookup(proto.IPv4SrcUint32(pkt)); q == nil || !q.sentFrom(src) {
+			t.Fatalf("accepted inner source %v from %v", proto.IPv4SrcAddr(pkt), src)
+		}
+		if !tb.isOwn(proto.IPv4DstUint32(pkt)) {
+			t.Fatalf("accepted foreign destination %v", proto.IPv4DstAddr(pkt))
+		}
+		return true
+	})
+}
+
+// fuzzReceive fuzzes the receive path of b's first worker: an input is a
+// datagram, or a GRO train of seg-byte ones (seg 0 or past the end: one),
+// of at most 4 KiB (which keeps each run, and minimizing, fast; size
+// limits are tested elsewhere), from 192.0.2.2 (B), 192.0.2.3 (C) or
+// 192.0.2.99 (a stranger) by who. inBuf: the datagrams are read where the
+// RX loop's receive puts them (in place in its buffer); otherwise each is
+// copied to a slice of its own length, as the fuzzer's bounds checks then
+// catch any read past it. check fails t on a packet that accept must not
+// have let through (p its peer) and says whether to coalesce it.
+func fuzzReceive(f *testing.F, b *Backend, inBuf bool, check func(t *testing.T, tb *table, src netip.Addr, pkt []byte, p *peer, partial bool) bool) {
 	senders := []netip.Addr{netip.MustParseAddr("192.0.2.2"), netip.MustParseAddr("192.0.2.3"), netip.MustParseAddr("192.0.2.99")}
 	f.Fuzz(func(t *testing.T, data []byte, who uint8, seg uint16) {
 		if len(data) > 4096 {
-			data = data[:4096] // keeps each run (and minimizing) fast; size limits are tested elsewhere
+			data = data[:4096]
 		}
 		rx := &b.workers[0].rx
 		tb := b.table.Load()
 		src := senders[int(who)%len(senders)]
-		m := &rx.msgs[0]
-		m.N = copy(m.Buf, data)
-		m.SegSize = int(seg)
-		step := m.SegSize
-		if step <= 0 || step > m.N {
-			step = m.N
+		if inBuf {
+			m := &rx.msgs[0]
+			m.N = copy(m.Buf, data)
+			m.SegSize = int(seg)
+			data = m.Buf[:m.N]
 		}
-		for off := 0; off < m.N; off += step {
-			pkt := m.Buf[off:min(off+step, m.N)]
+		n := len(data)
+		step := int(seg)
+		if step <= 0 || step > n {
+			step = n
+		}
+		for off := 0; off < n; off += step {
+			pkt := data[off:min(off+step, n)]
+			if !inBuf {
+				pkt = append([]byte(nil), pkt...)
+			}
 			p, partial := rx.accept(tb, src, pkt)
-			if p == nil {
-				continue
-			}
-			total, err := proto.CheckIPv4(pkt)
-			if err != nil || total != len(pkt) || !proto.IPv4HeaderChecksumValid(pkt) || marked(pkt) {
-				t.Fatalf("accepted a malformed or still marked packet: %v", err)
-			}
-			if partial && !partialTransport(pkt) {
-				t.Fatal("a packet that cannot carry a partial checksum was taken as partial")
-			}
-			if q := tb.lookup(proto.IPv4SrcUint32(pkt)); q == nil || !q.sentFrom(src) {
-				t.Fatalf("accepted inner source %v from %v", proto.IPv4SrcAddr(pkt), src)
-			}
-			if !tb.isOwn(proto.IPv4DstUint32(pkt)) {
-				t.Fatalf("accepted foreign destination %v", proto.IPv4DstAddr(pkt))
-			}
-			if !rx.co.Add(pkt, partial) {
-				rx.co.Group()
-				rx.co.Reset()
-				rx.co.Add(pkt, partial)
+			if p != nil && check(t, tb, src, pkt, p, partial) {
+				coalesce(rx, pkt, partial)
 			}
 		}
 		if rx.co.Pending() {

@@ -111,30 +111,28 @@ func TestStopEndsATransmitLoopBlockedOnAFullSendBuffer(t *testing.T) {
 	// again) only after minutes at this rate: the loop waits from now on.
 
 	stopped := time.Now()
-	cancel()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Errorf("Run: %v", err)
+	// returns waits for what (Run, then Close) to return on done, at most
+	// stopBound from now; past that the underlay drains so that it returns
+	// at last and the test can end.
+	returns := func(what string, done <-chan error) {
+		t.Helper()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("%s: %v", what, err)
+			}
+		case <-time.After(stopBound):
+			drain()
+			err := <-done
+			t.Fatalf("%s did not return within %v with the send buffer full (it returned %v, %v after the stop, once the underlay drained)",
+				what, stopBound, err, time.Since(stopped).Round(time.Millisecond))
 		}
-	case <-time.After(stopBound):
-		drain()
-		err := <-done
-		t.Fatalf("Run did not return within %v of the stop while its send buffer was full (it returned %v, %v after the stop, once the underlay drained)",
-			stopBound, err, time.Since(stopped).Round(time.Millisecond))
 	}
+	cancel()
+	returns("Run", done)
 	closed := make(chan error, 1)
 	go func() { closed <- b.Close() }()
-	select {
-	case err := <-closed:
-		if err != nil {
-			t.Errorf("Close: %v", err)
-		}
-	case <-time.After(stopBound):
-		drain()
-		<-closed
-		t.Fatalf("Close did not return within %v", stopBound)
-	}
+	returns("Close", closed)
 	took := time.Since(stopped)
 	if took > stopBound {
 		t.Errorf("stopping took %v, want at most %v", took, stopBound)

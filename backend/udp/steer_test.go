@@ -49,14 +49,19 @@ func steer(t *testing.T, vm *bpf.VM, pkt []byte) int {
 	return v
 }
 
-func TestSteeringKeepsBothDirectionsOfAFlowOnOneWorker(t *testing.T) {
+// wantFlowsKeptTogetherAndSpread steers 256 TCP flows between a and b
+// (packets built by packet) over groups of 1, 2, 3 and 8 sockets: both
+// directions of a flow must go to the same socket, and every socket must
+// get at least half its fair share.
+func wantFlowsKeptTogetherAndSpread(t *testing.T, packet func(src, dst string, p uint8, sport, dport uint16) []byte, a, b string) {
+	t.Helper()
 	for _, n := range []int{1, 2, 3, 8} {
 		vm := steerVM(t, n)
 		counts := make([]int, n)
 		for i := range 256 {
 			sport := uint16(30000 + i)
-			fwd := steer(t, vm, flowPacket("198.18.1.5", "198.18.2.7", proto.ProtoTCP, sport, 5201))
-			rev := steer(t, vm, flowPacket("198.18.2.7", "198.18.1.5", proto.ProtoTCP, 5201, sport))
+			fwd := steer(t, vm, packet(a, b, proto.ProtoTCP, sport, 5201))
+			rev := steer(t, vm, packet(b, a, proto.ProtoTCP, 5201, sport))
 			if fwd != rev || fwd < 0 || fwd >= n {
 				t.Fatalf("n=%d: flow %d goes to socket %d, its reverse to %d", n, i, fwd, rev)
 			}
@@ -68,6 +73,10 @@ func TestSteeringKeepsBothDirectionsOfAFlowOnOneWorker(t *testing.T) {
 			}
 		}
 	}
+}
+
+func TestSteeringKeepsBothDirectionsOfAFlowOnOneWorker(t *testing.T) {
+	wantFlowsKeptTogetherAndSpread(t, flowPacket, "198.18.1.5", "198.18.2.7")
 }
 
 func TestSteeringUsesPortsOnlyOfUnfragmentedTCPAndUDP(t *testing.T) {
@@ -124,24 +133,7 @@ func flowPacket6(src, dst string, p uint8, sport, dport uint16) []byte {
 }
 
 func TestSteeringOfIPv6KeepsAFlowOnOneWorkerAndSpreadsFlows(t *testing.T) {
-	for _, n := range []int{1, 2, 3, 8} {
-		vm := steerVM(t, n)
-		counts := make([]int, n)
-		for i := range 256 {
-			sport := uint16(30000 + i)
-			fwd := steer(t, vm, flowPacket6("2001:db8:1:1::5", "2001:db8:1:2::7", proto.ProtoTCP, sport, 5201))
-			rev := steer(t, vm, flowPacket6("2001:db8:1:2::7", "2001:db8:1:1::5", proto.ProtoTCP, 5201, sport))
-			if fwd != rev || fwd < 0 || fwd >= n {
-				t.Fatalf("n=%d: flow %d goes to socket %d, its reverse to %d", n, i, fwd, rev)
-			}
-			counts[fwd]++
-		}
-		for k, c := range counts {
-			if c < 256/n/2 {
-				t.Errorf("n=%d: socket %d gets %d of 256 flows: %v", n, k, c, counts)
-			}
-		}
-	}
+	wantFlowsKeptTogetherAndSpread(t, flowPacket6, "2001:db8:1:1::5", "2001:db8:1:2::7")
 	vm := steerVM(t, 4)
 	seen := func(p uint8, src func(i int) string) map[int]bool {
 		s := map[int]bool{}

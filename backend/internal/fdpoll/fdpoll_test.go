@@ -36,12 +36,7 @@ func TestWaitReturnsWhenTheDescriptorIsReady(t *testing.T) {
 	s := newStop(t)
 	r, w := pipe(t)
 	before := waiting(t)
-	wrote := make(chan error, 1)
-	go func() { // once the Wait below blocks
-		err := AwaitWaiting(before+1, 5*time.Second)
-		unix.Write(w, []byte{1})
-		wrote <- err
-	}()
+	wrote := writeOnceWaiting(w, before+1) // once the Wait below blocks
 	if err := s.Wait(r, unix.POLLIN, time.Now().Add(5*time.Second)); err != nil {
 		t.Fatalf("Wait on a pipe that became readable: %v", err)
 	}
@@ -80,6 +75,18 @@ func TestSignalWakesEveryWaitNowAndLater(t *testing.T) {
 	if err := s.Wait(r, unix.POLLIN, time.Time{}); !errors.Is(err, ErrStopped) || !s.Signalled() {
 		t.Fatalf("Wait after Signal: %v", err)
 	}
+}
+
+// writeOnceWaiting writes a byte to w once n threads wait in ppoll (or
+// after 5 s), and then sends what AwaitWaiting returned.
+func writeOnceWaiting(w, n int) <-chan error {
+	wrote := make(chan error, 1)
+	go func() {
+		err := AwaitWaiting(n, 5*time.Second)
+		unix.Write(w, []byte{1})
+		wrote <- err
+	}()
+	return wrote
 }
 
 // waiting returns how many threads wait in ppoll now.

@@ -15,12 +15,7 @@ func TestWaitHotReturnsWhenTheDescriptorIsReadyOrStopped(t *testing.T) {
 	s := newStop(t)
 	r, w := pipe(t)
 	before := waiting(t)
-	wrote := make(chan error, 1)
-	go func() {
-		err := AwaitWaiting(before+1, 5*time.Second)
-		unix.Write(w, []byte{1})
-		wrote <- err
-	}()
+	wrote := writeOnceWaiting(w, before+1)
 	start := time.Now()
 	// WaitHot returns nil early when a signal ends its ppoll (sysmon
 	// preempts a thread that sits in a raw system call for 10 ms), so, like
