@@ -39,25 +39,11 @@ func TestDirectRoutingIPv6(t *testing.T) {
 	const ttl = 4 * time.Second
 	b := testbed.NewT(t, testbed.Options{Hosts: 2})
 	ctx := testCtx(t, 3*time.Minute)
-	seg, err := b.AddSegment(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := seg.AddHost(ctx, 0); err != nil {
-		t.Fatal(err)
-	}
-	if err := seg.AddIPv6(ctx); err != nil {
-		t.Fatal(err)
-	}
+	directSegments(t, ctx, b, true)
 	if err := b.WriteNetworkConfig(ctx, directDualStackConfig); err != nil {
 		t.Fatal(err)
 	}
 	h1, h2, h3 := b.Host(1), b.Host(2), b.Host(3)
-	for _, h := range b.Hosts {
-		if err := h.SetSysctl(ctx, "net/ipv4/conf/all/rp_filter", "1"); err != nil {
-			t.Fatal(err)
-		}
-	}
 	// A Tulle host on the segment that offers direct routing of both
 	// families, its lease written by hand (no etcd lease: it stays until
 	// deleted).

@@ -65,6 +65,31 @@ func countersOf(t *testing.T, ctx context.Context, h *testbed.Host, p netip.Addr
 	}
 }
 
+// directSegments gives bed b (hosts 1 and 2) a second segment behind the
+// router with host 3 on it, both segments IPv6 too if ipv6, and a strict
+// rp_filter on every host: direct routes are symmetric, so a packet from a
+// direct peer's container arrives on the link its reverse route leaves by.
+func directSegments(t *testing.T, ctx context.Context, b *testbed.Bed, ipv6 bool) {
+	t.Helper()
+	seg, err := b.AddSegment(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := seg.AddHost(ctx, 0); err != nil {
+		t.Fatal(err)
+	}
+	if ipv6 {
+		if err := seg.AddIPv6(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, h := range b.Hosts {
+		if err := h.SetSysctl(ctx, "net/ipv4/conf/all/rp_filter", "1"); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 // pathCase is traffic between containers a and b of hosts ha and hb.
 type pathCase struct {
 	ha, hb *testbed.Host
@@ -121,26 +146,12 @@ func pathTraffic(t *testing.T, ctx context.Context, p pathCase) (before, after p
 func TestDirectRoutingBypassesTulleOnlyBetweenOnLinkTulleHosts(t *testing.T) {
 	b := testbed.NewT(t, testbed.Options{Hosts: 2})
 	ctx := testCtx(t, 3*time.Minute)
-	seg, err := b.AddSegment(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := seg.AddHost(ctx, 0); err != nil {
-		t.Fatal(err)
-	}
+	directSegments(t, ctx, b, false)
 	if err := b.WriteNetworkConfig(ctx, directConfig); err != nil {
 		t.Fatal(err)
 	}
 	fl := addFlannelHost(t, ctx, b)
 	h1, h2, h3 := b.Host(1), b.Host(2), b.Host(3)
-	for _, h := range b.Hosts {
-		// Strict reverse-path filtering: direct routes are symmetric, so a
-		// packet from a direct peer's container arrives on the link its
-		// reverse route leaves by.
-		if err := h.SetSysctl(ctx, "net/ipv4/conf/all/rp_filter", "1"); err != nil {
-			t.Fatal(err)
-		}
-	}
 	if err := b.StartAll(ctx); err != nil {
 		t.Fatal(err)
 	}
