@@ -39,25 +39,11 @@ func TestDirectRoutingIPv6(t *testing.T) {
 	const ttl = 4 * time.Second
 	b := testbed.NewT(t, testbed.Options{Hosts: 2})
 	ctx := testCtx(t, 3*time.Minute)
-	seg, err := b.AddSegment(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := seg.AddHost(ctx, 0); err != nil {
-		t.Fatal(err)
-	}
-	if err := seg.AddIPv6(ctx); err != nil {
-		t.Fatal(err)
-	}
+	directSegments(t, ctx, b, true)
 	if err := b.WriteNetworkConfig(ctx, directDualStackConfig); err != nil {
 		t.Fatal(err)
 	}
 	h1, h2, h3 := b.Host(1), b.Host(2), b.Host(3)
-	for _, h := range b.Hosts {
-		if err := h.SetSysctl(ctx, "net/ipv4/conf/all/rp_filter", "1"); err != nil {
-			t.Fatal(err)
-		}
-	}
 	// A Tulle host on the segment that offers direct routing of both
 	// families, its lease written by hand (no etcd lease: it stays until
 	// deleted).
@@ -98,37 +84,10 @@ func TestDirectRoutingIPv6(t *testing.T) {
 	}
 
 	// 1 <-> 2 over IPv6: direct, tulled sees none of it.
-	before1, before2 := countersOf(t, ctx, h1, h2.Addr), countersOf(t, ctx, h2, h1.Addr)
-	reach6(t, ctx, c1, c2, 3)
-	reach6(t, ctx, c2, c1, 3)
-	tr, err := testbed.TransferTCPTo(ctx, c1, c2, c2.Addr6, 64<<20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("c1 -> c2 over IPv6 (direct): %d bytes in %v (%s)", tr.Bytes, tr.Elapsed, testbed.FormatBits(tr.BitsPerSecond()))
-	if after := countersOf(t, ctx, h1, h2.Addr); after != before1 {
-		t.Errorf("host 1's counters for direct peer %s moved: %+v -> %+v", h2.Addr, before1, after)
-	}
-	if after := countersOf(t, ctx, h2, h1.Addr); after != before2 {
-		t.Errorf("host 2's counters for direct peer %s moved: %+v -> %+v", h1.Addr, before2, after)
-	}
+	pathTraffic(t, ctx, pathCase{ha: h1, hb: h2, a: c1, b: c2, dst: c2.Addr6, size: 64 << 20, what: "c1 -> c2 over IPv6 (direct)", direct: true})
 
 	// 1 <-> 3 over IPv6: through tulled, both ways.
-	before13, before31 := countersOf(t, ctx, h1, h3.Addr), countersOf(t, ctx, h3, h1.Addr)
-	reach6(t, ctx, c1, c3, 3)
-	reach6(t, ctx, c3, c1, 3)
-	tr, err = testbed.TransferTCPTo(ctx, c1, c3, c3.Addr6, 16<<20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("c1 -> c3 over IPv6 (UDP, routed underlay): %d bytes in %v (%s)", tr.Bytes, tr.Elapsed, testbed.FormatBits(tr.BitsPerSecond()))
-	after13, after31 := countersOf(t, ctx, h1, h3.Addr), countersOf(t, ctx, h3, h1.Addr)
-	if d := after13.txBytes - before13.txBytes; d < 16<<20 {
-		t.Errorf("host 1 counted %v bytes sent to %s, want >= 16 MiB", d, h3.Addr)
-	}
-	if d := after31.rxBytes - before31.rxBytes; d < 16<<20 {
-		t.Errorf("host 3 counted %v bytes received from %s, want >= 16 MiB", d, h1.Addr)
-	}
+	pathTraffic(t, ctx, pathCase{ha: h1, hb: h3, a: c1, b: c3, dst: c3.Addr6, size: 16 << 20, what: "c1 -> c3 over IPv6 (UDP, routed underlay)"})
 
 	// kill -9 leaves host 2's routes of both families; its lease expires
 	// and host 1 drops both its routes to it.

@@ -65,6 +65,79 @@ func countersOf(t *testing.T, ctx context.Context, h *testbed.Host, p netip.Addr
 	}
 }
 
+// directSegments gives bed b (hosts 1 and 2) a second segment behind the
+// router with host 3 on it, both segments IPv6 too if ipv6, and a strict
+// rp_filter on every host: direct routes are symmetric, so a packet from a
+// direct peer's container arrives on the link its reverse route leaves by.
+func directSegments(t *testing.T, ctx context.Context, b *testbed.Bed, ipv6 bool) {
+	t.Helper()
+	seg, err := b.AddSegment(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := seg.AddHost(ctx, 0); err != nil {
+		t.Fatal(err)
+	}
+	if ipv6 {
+		if err := seg.AddIPv6(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, h := range b.Hosts {
+		if err := h.SetSysctl(ctx, "net/ipv4/conf/all/rp_filter", "1"); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// pathCase is traffic between containers a and b of hosts ha and hb.
+type pathCase struct {
+	ha, hb *testbed.Host
+	a, b   *testbed.Node
+	dst    netip.Addr // b's address to ping and send to: b.Addr or b.Addr6
+	size   int64      // bytes of TCP from a to dst
+	what   string     // names the transfer in the log
+	direct bool       // ha and hb are direct peers: their tulleds count none of it
+}
+
+// pathTraffic pings a <-> b both ways over dst's family and sends size
+// bytes of TCP from a to dst. Between direct peers neither tulled's
+// counters for the other may move; otherwise ha must count at least size
+// bytes sent to hb and hb at least size received from ha. It returns ha's
+// counters for hb from before and after, for further checks.
+func pathTraffic(t *testing.T, ctx context.Context, p pathCase) (before, after peerCounters) {
+	t.Helper()
+	ping := reach
+	if p.dst.Is6() {
+		ping = reach6
+	}
+	before, beforeB := countersOf(t, ctx, p.ha, p.hb.Addr), countersOf(t, ctx, p.hb, p.ha.Addr)
+	ping(t, ctx, p.a, p.b, 3)
+	ping(t, ctx, p.b, p.a, 3)
+	tr, err := testbed.TransferTCPTo(ctx, p.a, p.b, p.dst, p.size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%s: %d bytes in %v (%s)", p.what, tr.Bytes, tr.Elapsed, testbed.FormatBits(tr.BitsPerSecond()))
+	after, afterB := countersOf(t, ctx, p.ha, p.hb.Addr), countersOf(t, ctx, p.hb, p.ha.Addr)
+	if p.direct {
+		if after != before {
+			t.Errorf("host %s's counters for direct peer %s moved: %+v -> %+v", p.ha.Name, p.hb.Addr, before, after)
+		}
+		if afterB != beforeB {
+			t.Errorf("host %s's counters for direct peer %s moved: %+v -> %+v", p.hb.Name, p.ha.Addr, beforeB, afterB)
+		}
+		return before, after
+	}
+	if d := after.txBytes - before.txBytes; d < float64(p.size) {
+		t.Errorf("host %s counted %v bytes sent to %s, want >= %d MiB", p.ha.Name, d, p.hb.Addr, p.size>>20)
+	}
+	if d := afterB.rxBytes - beforeB.rxBytes; d < float64(p.size) {
+		t.Errorf("host %s counted %v bytes received from %s, want >= %d MiB", p.hb.Name, d, p.ha.Addr, p.size>>20)
+	}
+	return before, after
+}
+
 // TestDirectRoutingBypassesTulleOnlyBetweenOnLinkTulleHosts: hosts 1 and 2
 // share a segment, host 3 is behind a router, a flannel host shares the
 // segment of 1 and 2. Every host runs a strict rp_filter. Containers 1 and
@@ -73,37 +146,12 @@ func countersOf(t *testing.T, ctx context.Context, h *testbed.Host, p netip.Addr
 func TestDirectRoutingBypassesTulleOnlyBetweenOnLinkTulleHosts(t *testing.T) {
 	b := testbed.NewT(t, testbed.Options{Hosts: 2})
 	ctx := testCtx(t, 3*time.Minute)
-	seg, err := b.AddSegment(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := seg.AddHost(ctx, 0); err != nil {
-		t.Fatal(err)
-	}
+	directSegments(t, ctx, b, false)
 	if err := b.WriteNetworkConfig(ctx, directConfig); err != nil {
 		t.Fatal(err)
 	}
-	fl, err := b.AddNode(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := b.PutFlannelLease(ctx, flannelSubnet, fl.Addr, 10*time.Minute); err != nil {
-		t.Fatal(err)
-	}
-	flSock, err := fl.ListenUDP(netip.AddrPortFrom(fl.Addr, flannelPort))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { flSock.Close() })
+	fl := addFlannelHost(t, ctx, b)
 	h1, h2, h3 := b.Host(1), b.Host(2), b.Host(3)
-	for _, h := range b.Hosts {
-		// Strict reverse-path filtering: direct routes are symmetric, so a
-		// packet from a direct peer's container arrives on the link its
-		// reverse route leaves by.
-		if err := h.SetSysctl(ctx, "net/ipv4/conf/all/rp_filter", "1"); err != nil {
-			t.Fatal(err)
-		}
-	}
 	if err := b.StartAll(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -125,37 +173,10 @@ func TestDirectRoutingBypassesTulleOnlyBetweenOnLinkTulleHosts(t *testing.T) {
 	}
 
 	// 1 <-> 2: direct. tulled on either end sees none of it.
-	before1, before2 := countersOf(t, ctx, h1, h2.Addr), countersOf(t, ctx, h2, h1.Addr)
-	reach(t, ctx, c1, c2, 3)
-	reach(t, ctx, c2, c1, 3)
-	tr, err := testbed.TransferTCP(ctx, c1, c2, 64<<20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("c1 -> c2 (direct): %d bytes in %v (%s)", tr.Bytes, tr.Elapsed, testbed.FormatBits(tr.BitsPerSecond()))
-	if after := countersOf(t, ctx, h1, h2.Addr); after != before1 {
-		t.Errorf("host 1's counters for direct peer %s moved: %+v -> %+v", h2.Addr, before1, after)
-	}
-	if after := countersOf(t, ctx, h2, h1.Addr); after != before2 {
-		t.Errorf("host 2's counters for direct peer %s moved: %+v -> %+v", h1.Addr, before2, after)
-	}
+	pathTraffic(t, ctx, pathCase{ha: h1, hb: h2, a: c1, b: c2, dst: c2.Addr, size: 64 << 20, what: "c1 -> c2 (direct)", direct: true})
 
 	// 1 <-> 3: through tulled, both ways.
-	before13, before31 := countersOf(t, ctx, h1, h3.Addr), countersOf(t, ctx, h3, h1.Addr)
-	reach(t, ctx, c1, c3, 3)
-	reach(t, ctx, c3, c1, 3)
-	tr, err = testbed.TransferTCP(ctx, c1, c3, 64<<20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("c1 -> c3 (UDP, routed underlay): %d bytes in %v (%s)", tr.Bytes, tr.Elapsed, testbed.FormatBits(tr.BitsPerSecond()))
-	after13, after31 := countersOf(t, ctx, h1, h3.Addr), countersOf(t, ctx, h3, h1.Addr)
-	if d := after13.txBytes - before13.txBytes; d < 64<<20 {
-		t.Errorf("host 1 counted %v bytes sent to %s, want >= 64 MiB", d, h3.Addr)
-	}
-	if d := after31.rxBytes - before31.rxBytes; d < 64<<20 {
-		t.Errorf("host 3 counted %v bytes received from %s, want >= 64 MiB", d, h1.Addr)
-	}
+	before13, after13 := pathTraffic(t, ctx, pathCase{ha: h1, hb: h3, a: c1, b: c3, dst: c3.Addr, size: 64 << 20, what: "c1 -> c3 (UDP, routed underlay)"})
 	if d := after13.rxPackets - before13.rxPackets; d < 3 {
 		t.Errorf("host 1 counted %v packets received from %s, want >= 3 (echo replies, ACKs)", d, h3.Addr)
 	}
@@ -170,7 +191,7 @@ func TestDirectRoutingBypassesTulleOnlyBetweenOnLinkTulleHosts(t *testing.T) {
 	if _, err := src.WriteToUDPAddrPort([]byte("to a flannel host"), dst); err != nil {
 		t.Fatal(err)
 	}
-	inner, from := expectDatagram(t, flSock, 5*time.Second)
+	inner, from := expectDatagram(t, fl.sock, 5*time.Second)
 	if from.Addr() != h1.Addr || len(inner) < 20 || netip.AddrFrom4([4]byte(inner[16:20])) != dst.Addr() {
 		t.Errorf("the flannel host got %d bytes from %v, want host 1's datagram carrying a packet to %v", len(inner), from, dst.Addr())
 	}

@@ -91,24 +91,8 @@ func TestPasswordAuthSurvivesAnEtcdRestart(t *testing.T) {
 	}
 
 	// A host that joins later is reachable from both.
-	h4, err := b.AddHost(ctx, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := h4.StartTulled(ctx, auth...); err != nil {
-		t.Fatal(err)
-	}
-	joined := time.Now()
-	if _, err := h4.SetupContainer(ctx); err != nil {
-		t.Fatal(err)
-	}
-	c4 := container(t, b, 4)
-	for _, i := range []int{1, 2} {
-		if _, err := container(t, b, i).WaitReachable(ctx, c4.Addr, 5*time.Second-time.Since(joined)); err != nil {
-			t.Fatalf("container %d cannot reach the host that joined after the etcd restart within 5 s: %v", i, err)
-		}
-	}
-	t.Logf("the host that joined after the restart was reachable from both %v after it was ready", time.Since(joined).Round(time.Millisecond))
+	took := joinHost(t, ctx, b, "the etcd restart", []*testbed.Node{container(t, b, 1), container(t, b, 2)}, auth...)
+	t.Logf("the host that joined after the restart was reachable from both %v after it was ready", took.Round(time.Millisecond))
 	for i, h := range []*testbed.Host{h1, h2} {
 		if got := h.Tulled().Pid(); got != pids[i] {
 			t.Errorf("tulled on %s was restarted (pid %d, was %d)", h.Name, got, pids[i])

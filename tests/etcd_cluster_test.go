@@ -103,23 +103,7 @@ func TestTulledRidesOutAnEtcdLeaderKillWithTLSAndPassword(t *testing.T) {
 	}
 
 	// A host that joins now is reachable from both.
-	h3, err := b.AddHost(ctx, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := h3.StartTulled(ctx, auth...); err != nil {
-		t.Fatal(err)
-	}
-	joined := time.Now()
-	if _, err := h3.SetupContainer(ctx); err != nil {
-		t.Fatal(err)
-	}
-	c3 := container(t, b, 3)
-	for _, c := range []*testbed.Node{c1, c2} {
-		if _, err := c.WaitReachable(ctx, c3.Addr, 5*time.Second-time.Since(joined)); err != nil {
-			t.Fatalf("%s cannot reach the host that joined after the leader kill within 5 s: %v", c.Name, err)
-		}
-	}
+	joinHost(t, ctx, b, "the leader kill", []*testbed.Node{c1, c2}, auth...)
 	for i, h := range []*testbed.Host{h1, h2} {
 		if h.Tulled().Pid() != pids[i] {
 			t.Errorf("tulled on %s was restarted", h.Name)

@@ -2,6 +2,7 @@ package tests
 
 import (
 	"bytes"
+	"context"
 	"net"
 	"net/netip"
 	"testing"
@@ -36,6 +37,20 @@ func clusterWithFlannelHost(t *testing.T) (*testbed.Bed, *flannelHost) {
 	if err := b.WriteNetworkConfig(ctx, testbed.DefaultNetworkConfig); err != nil {
 		t.Fatal(err)
 	}
+	fl := addFlannelHost(t, ctx, b)
+	if err := b.StartAll(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := waitMetric(t, ctx, b.Host(1), 5*time.Second, func(v float64) bool { return v == 3 }, "tulle_peers"); err != nil {
+		t.Fatalf("host 1 does not count the flannel host as a peer: %v", err)
+	}
+	return b, fl
+}
+
+// addFlannelHost adds a node to b's underlay that plays a flannel host:
+// its lease of flannelSubnet in etcd, its socket on port 8285.
+func addFlannelHost(t *testing.T, ctx context.Context, b *testbed.Bed) *flannelHost {
+	t.Helper()
 	node, err := b.AddNode(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -48,13 +63,7 @@ func clusterWithFlannelHost(t *testing.T) (*testbed.Bed, *flannelHost) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { sock.Close() })
-	if err := b.StartAll(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if _, _, err := waitMetric(t, ctx, b.Host(1), 5*time.Second, func(v float64) bool { return v == 3 }, "tulle_peers"); err != nil {
-		t.Fatalf("host 1 does not count the flannel host as a peer: %v", err)
-	}
-	return b, &flannelHost{node: node, subnet: flannelSubnet, sock: sock}
+	return &flannelHost{node: node, subnet: flannelSubnet, sock: sock}
 }
 
 func TestDatagramCraftedAsFlannelSendsItIsDelivered(t *testing.T) {

@@ -273,12 +273,7 @@ func TestDualStackContainers(t *testing.T) {
 // listener6 opens a UDP socket on node n's IPv6 address, ephemeral port.
 func listener6(t *testing.T, n *testbed.Node) *net.UDPConn {
 	t.Helper()
-	c, err := n.ListenUDP(netip.AddrPortFrom(n.Addr6, 0))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
+	return listenerOn(t, n, n.Addr6)
 }
 
 func dropped6(t *testing.T, ctx context.Context, h *testbed.Host, reason string) float64 {

@@ -114,3 +114,29 @@ func container(t *testing.T, b *testbed.Bed, i int) *testbed.Node {
 	}
 	return &c.Node
 }
+
+// joinHost adds a host to b, starts tulled on it with args and then its
+// container, and fails the test unless every node of from reaches that
+// container within 5 s of tulled starting (after: what the host joined
+// after, for the message). It returns how long after the start that took.
+func joinHost(t *testing.T, ctx context.Context, b *testbed.Bed, after string, from []*testbed.Node, args ...string) time.Duration {
+	t.Helper()
+	h, err := b.AddHost(ctx, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.StartTulled(ctx, args...); err != nil {
+		t.Fatal(err)
+	}
+	joined := time.Now()
+	if _, err := h.SetupContainer(ctx); err != nil {
+		t.Fatal(err)
+	}
+	c := container(t, b, h.Index)
+	for _, n := range from {
+		if _, err := n.WaitReachable(ctx, c.Addr, 5*time.Second-time.Since(joined)); err != nil {
+			t.Fatalf("%s cannot reach the host that joined after %s within 5 s: %v", n.Name, after, err)
+		}
+	}
+	return time.Since(joined)
+}

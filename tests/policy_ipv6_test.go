@@ -106,9 +106,7 @@ func TestNetworkPolicyIPv6(t *testing.T) {
 		if v := metric(t, ctx, h2, "tulle_policy_rule_packets_total", "policy", "c2-web6", "direction", "ingress", "rule", "2", "action", "Allow"); v-before < 1 {
 			t.Errorf("the ICMPv6 rule counted %v packets, want the echo requests", v-before)
 		}
-		if _, _, err := p.cli(ctx, "", "delete", "c2-web6"); err != nil {
-			t.Fatal(err)
-		}
+		p.delete(ctx, "c2-web6")
 		p.waitTable(ctx, 2, "c2-web6 gone", lacksRulesOf("c2-web6"))
 	})
 
@@ -137,12 +135,8 @@ func TestNetworkPolicyIPv6(t *testing.T) {
 		})
 		p.connectsTo(ctx, c3, c2.Addr6, 8080)
 		p.refusedTo(ctx, c3, c2.Addr, 8080)
-		if _, _, err := p.cli(ctx, "", "delete", "both"); err != nil {
-			t.Fatal(err)
-		}
-		if _, _, err := p.cli(ctx, "", "delete", "--netset", "c2-both"); err != nil {
-			t.Fatal(err)
-		}
+		p.delete(ctx, "both")
+		p.delete(ctx, "--netset", "c2-both")
 		p.waitTable(ctx, 2, "both gone", lacksRulesOf("both"))
 	})
 
@@ -172,9 +166,7 @@ func TestNetworkPolicyIPv6(t *testing.T) {
 		if v := metric(t, ctx, h2, "tulle_policy_default_deny_packets_total", "direction", "egress"); v < 1 {
 			t.Errorf("default deny egress counted %v packets", v)
 		}
-		if _, _, err := p.cli(ctx, "", "delete", "lockdown", "quiet"); err != nil {
-			t.Fatal(err)
-		}
+		p.delete(ctx, "lockdown", "quiet")
 		p.waitTable(ctx, 2, "lockdown gone", lacksRulesOf("lockdown"))
 		p.connectsTo(ctx, c2, c1.Addr6, 7000)
 	})

@@ -115,6 +115,14 @@ func (p *policyBed) apply(ctx context.Context, docs string) {
 	}
 }
 
+// delete runs `tulled policy delete args...` and fails the test if it fails.
+func (p *policyBed) delete(ctx context.Context, args ...string) {
+	p.t.Helper()
+	if out, errOut, err := p.cli(ctx, "", append([]string{"delete"}, args...)...); err != nil {
+		p.t.Fatalf("tulled policy delete %s: %v\n%s%s", strings.Join(args, " "), err, out, errOut)
+	}
+}
+
 // waitTable waits until host i's table satisfies cond.
 func (p *policyBed) waitTable(ctx context.Context, i int, what string, cond func(comments []string, sets map[string][]string) bool) {
 	p.t.Helper()
@@ -200,9 +208,7 @@ func TestNetworkPolicy(t *testing.T) {
 		p.waitTable(ctx, 2, "deny-host1's rule", hasRule("deny-host1 ingress rule 1 deny ip"))
 		p.refused(ctx, c1, c2, 8080)  // c2-web's Allow comes later
 		p.connects(ctx, c3, c2, 9090) // deny-host1's Allow decides first
-		if _, _, err := p.cli(ctx, "", "delete", "deny-host1"); err != nil {
-			t.Fatal(err)
-		}
+		p.delete(ctx, "deny-host1")
 		p.waitTable(ctx, 2, "deny-host1 gone", lacksRulesOf("deny-host1"))
 		p.connects(ctx, c1, c2, 8080)
 		p.refused(ctx, c3, c2, 9090)
@@ -247,12 +253,8 @@ func TestNetworkPolicy(t *testing.T) {
 		if err != nil || !strings.Contains(out, `comment "c2-web ingress rule 1 allow ip"`) || !strings.Contains(out, "table inet tulle {") {
 			t.Errorf("tulled policy ruleset: %v\n%s%s", err, out, errOut)
 		}
-		if _, _, err := p.cli(ctx, "", "delete", "via-set", "via-host"); err != nil {
-			t.Fatal(err)
-		}
-		if _, _, err := p.cli(ctx, "", "delete", "--netset", "friends"); err != nil {
-			t.Fatal(err)
-		}
+		p.delete(ctx, "via-set", "via-host")
+		p.delete(ctx, "--netset", "friends")
 		p.waitTable(ctx, 2, "via-set gone", lacksRulesOf("via-set"))
 	})
 

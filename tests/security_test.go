@@ -17,7 +17,14 @@ const flannelPort = 8285
 // listener opens a UDP socket in node n on an ephemeral port.
 func listener(t *testing.T, n *testbed.Node) *net.UDPConn {
 	t.Helper()
-	c, err := n.ListenUDP(netip.AddrPortFrom(n.Addr, 0))
+	return listenerOn(t, n, n.Addr)
+}
+
+// listenerOn opens a UDP socket in node n on its address addr, ephemeral
+// port, closed when the test ends.
+func listenerOn(t *testing.T, n *testbed.Node, addr netip.Addr) *net.UDPConn {
+	t.Helper()
+	c, err := n.ListenUDP(netip.AddrPortFrom(addr, 0))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,7 +1,6 @@
 package integrations
 
 import (
-	"context"
 	"fmt"
 	"net/netip"
 	"os"
@@ -19,13 +18,7 @@ import (
 // containers reach each other over IPv6 and IPv4, and DEL frees both
 // addresses.
 func TestCNIGivesContainersBothFamiliesInADualStackNetwork(t *testing.T) {
-	cnitool, cniPath := cniTestSetup(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	b := testbed.NewT(t, testbed.Options{Hosts: 2})
-	if err := b.WriteNetworkConfig(ctx, testbed.DualStackNetworkConfig); err != nil {
-		t.Fatal(err)
-	}
+	ctx, b, cnitool, cniPath := cniBed(t, 2, testbed.DualStackNetworkConfig)
 	for _, h := range b.Hosts {
 		if _, err := h.StartTulled(ctx, "--ip-masq"); err != nil {
 			t.Fatal(err)

@@ -132,13 +132,7 @@ func cnitoolCacheFile(netnsPath string) string {
 // 2 after subnet.env is gone, leaves no veth, no reservation, no saved
 // config and no masquerade chain behind.
 func TestCNIPluginConnectsContainersOnTwoHostsAndDelLeavesNothing(t *testing.T) {
-	cnitool, cniPath := cniTestSetup(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	b := testbed.NewT(t, testbed.Options{Hosts: 2})
-	if err := b.WriteNetworkConfig(ctx, testbed.DefaultNetworkConfig); err != nil {
-		t.Fatal(err)
-	}
+	ctx, b, cnitool, cniPath := cniBed(t, 2, testbed.DefaultNetworkConfig)
 	if _, err := b.Host(1).StartTulled(ctx, "--ip-masq"); err != nil {
 		t.Fatal(err)
 	}
@@ -338,6 +332,22 @@ func cniTestSetup(t *testing.T) (cnitool, cniPath string) {
 	return cnitool, binDir + ":" + debianCNIDir
 }
 
+// cniBed starts a CNI test: cnitool and the plugin path (cniTestSetup),
+// a bed of hosts hosts whose network config is config (tulled not
+// started), and a context of 3 minutes, cancelled when the test ends,
+// before the bed is torn down.
+func cniBed(t *testing.T, hosts int, config string) (ctx context.Context, b *testbed.Bed, cnitool, cniPath string) {
+	t.Helper()
+	cnitool, cniPath = cniTestSetup(t)
+	b = testbed.NewT(t, testbed.Options{Hosts: hosts})
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	t.Cleanup(cancel)
+	if err := b.WriteNetworkConfig(ctx, config); err != nil {
+		t.Fatal(err)
+	}
+	return ctx, b, cnitool, cniPath
+}
+
 // TestKubernetesAndMesosContainersShareTheLeaseOnOneHost: both shipped
 // configs on one host, as README says they may be. A lease is one /24
 // behind one bridge: with a bridge each, both bridges would claim the
@@ -346,13 +356,7 @@ func cniTestSetup(t *testing.T) (cnitool, cniPath string) {
 // named tulle), so their containers get distinct addresses and are
 // reachable from another host and from each other.
 func TestKubernetesAndMesosContainersShareTheLeaseOnOneHost(t *testing.T) {
-	cnitool, cniPath := cniTestSetup(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	b := testbed.NewT(t, testbed.Options{Hosts: 2})
-	if err := b.WriteNetworkConfig(ctx, testbed.DefaultNetworkConfig); err != nil {
-		t.Fatal(err)
-	}
+	ctx, b, cnitool, cniPath := cniBed(t, 2, testbed.DefaultNetworkConfig)
 	for _, h := range b.Hosts {
 		if _, err := h.StartTulled(ctx); err != nil {
 			t.Fatal(err)
@@ -402,13 +406,7 @@ func TestKubernetesAndMesosContainersShareTheLeaseOnOneHost(t *testing.T) {
 // the bridge plugin, told to masquerade, can remove its rule only through
 // the container's namespace, on GC as on any DEL after the namespace went.)
 func TestCNI110StatusAddAndGCWithDebianPlugins(t *testing.T) {
-	cnitool, cniPath := cniTestSetup(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	b := testbed.NewT(t, testbed.Options{Hosts: 1})
-	if err := b.WriteNetworkConfig(ctx, testbed.DefaultNetworkConfig); err != nil {
-		t.Fatal(err)
-	}
+	ctx, b, cnitool, cniPath := cniBed(t, 1, testbed.DefaultNetworkConfig)
 	c := stageCNIConf(t, b.Host(1), filepath.Join(t.TempDir(), "h1"), "cni/10-tulle.conflist", func(conf, plugin map[string]any) {
 		conf["cniVersion"] = "1.1.0"
 		conf["plugins"] = []any{plugin}

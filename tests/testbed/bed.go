@@ -298,14 +298,20 @@ func (b *Bed) AddHost(ctx context.Context, mtu int) (*Host, error) {
 	if err != nil {
 		return nil, err
 	}
+	return b.addHostOn(ctx, n, idx)
+}
+
+// addHostOn makes node n, attached to a segment, the bed's host number idx:
+// ip_forward on, its directory made, and one of the bed's Hosts.
+func (b *Bed) addHostOn(ctx context.Context, n *Node, idx int) (*Host, error) {
 	if err := setSysctl(ctx, n.NS, "net/ipv4/ip_forward", "1"); err != nil {
-		return nil, fmt.Errorf("testbed: host %s: %w", name, err)
+		return nil, fmt.Errorf("testbed: host %s: %w", n.Name, err)
 	}
-	h := &Host{Node: *n, Index: idx, Dir: filepath.Join(b.Dir, name)}
+	h := &Host{Node: *n, Index: idx, Dir: filepath.Join(b.Dir, n.Name)}
 	h.SubnetFile = filepath.Join(h.Dir, "subnet.env")
 	h.LogFile = filepath.Join(h.Dir, "tulled.log")
 	if err := os.MkdirAll(h.Dir, 0o755); err != nil {
-		return nil, fmt.Errorf("testbed: host %s: %w", name, err)
+		return nil, fmt.Errorf("testbed: host %s: %w", n.Name, err)
 	}
 	b.mu.Lock()
 	b.Hosts = append(b.Hosts, h)

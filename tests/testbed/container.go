@@ -160,14 +160,7 @@ func (h *Host) SetupContainer(ctx context.Context) (*Container, error) {
 func (h *Host) AddContainer(ctx context.Context, tag string, gateway netip.Prefix, mtu int) (*Container, error) {
 	b := h.bed
 	c := &Container{
-		Node: Node{
-			Name: fmt.Sprintf("%s%d", tag, h.Index),
-			NS:   fmt.Sprintf("%s-%s%d", b.Prefix, tag, h.Index),
-			Link: fmt.Sprintf("%s%se%d", b.Prefix, tag, h.Index),
-			Addr: gateway.Addr().Next(),
-			MTU:  mtu,
-			bed:  b,
-		},
+		Node:    h.containerNode(tag, gateway.Addr().Next(), mtu),
 		Gateway: gateway,
 		Bridge:  fmt.Sprintf("%s%sb%d", b.Prefix, tag, h.Index),
 	}
@@ -192,6 +185,20 @@ func (h *Host) AddContainer(ctx context.Context, tag string, gateway netip.Prefi
 		}
 	}
 	return c, nil
+}
+
+// containerNode is the node of h's container tag (see AddContainer for the
+// names), with address addr and MTU mtu.
+func (h *Host) containerNode(tag string, addr netip.Addr, mtu int) Node {
+	b := h.bed
+	return Node{
+		Name: fmt.Sprintf("%s%d", tag, h.Index),
+		NS:   fmt.Sprintf("%s-%s%d", b.Prefix, tag, h.Index),
+		Link: fmt.Sprintf("%s%se%d", b.Prefix, tag, h.Index),
+		Addr: addr,
+		MTU:  mtu,
+		bed:  b,
+	}
 }
 
 // removeContainer deletes a container's namespace and bridge (the namespace

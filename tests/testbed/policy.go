@@ -55,14 +55,7 @@ func (b *Bed) DeleteKey(ctx context.Context, key string) error {
 func (h *Host) AddContainerBeside(ctx context.Context, c *Container, tag string) (*Container, error) {
 	b := h.bed
 	nc := &Container{
-		Node: Node{
-			Name: fmt.Sprintf("%s%d", tag, h.Index),
-			NS:   fmt.Sprintf("%s-%s%d", b.Prefix, tag, h.Index),
-			Link: fmt.Sprintf("%s%se%d", b.Prefix, tag, h.Index),
-			Addr: c.Addr.Next(),
-			MTU:  c.MTU,
-			bed:  b,
-		},
+		Node:     h.containerNode(tag, c.Addr.Next(), c.MTU),
 		Gateway:  c.Gateway,
 		Bridge:   c.Bridge,
 		Gateway6: c.Gateway6,

@@ -4,8 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"sort"
 	"strconv"
 	"time"
@@ -151,19 +149,7 @@ func (s *Segment) AddHost(ctx context.Context, mtu int) (*Host, error) {
 	if err := ipCmd(ctx, "-n", n.NS, "route", "add", UnderlayPrefix.String(), "via", SecondRouterAddr.String(), "dev", n.Link); err != nil {
 		return nil, fmt.Errorf("testbed: host %s: %w", name, err)
 	}
-	if err := setSysctl(ctx, n.NS, "net/ipv4/ip_forward", "1"); err != nil {
-		return nil, fmt.Errorf("testbed: host %s: %w", name, err)
-	}
-	h := &Host{Node: *n, Index: idx, Dir: filepath.Join(b.Dir, name)}
-	h.SubnetFile = filepath.Join(h.Dir, "subnet.env")
-	h.LogFile = filepath.Join(h.Dir, "tulled.log")
-	if err := os.MkdirAll(h.Dir, 0o755); err != nil {
-		return nil, fmt.Errorf("testbed: host %s: %w", name, err)
-	}
-	b.mu.Lock()
-	b.Hosts = append(b.Hosts, h)
-	b.mu.Unlock()
-	return h, nil
+	return b.addHostOn(ctx, n, idx)
 }
 
 // AddIPv6 carries IPv6 on both segments: the router gets RouterAddr6 and
@@ -230,27 +216,7 @@ func (n *Node) SetSysctl(ctx context.Context, path, value string) error {
 // key of subnet, attached to an etcd lease of ttl (0: no etcd lease), and
 // returns the etcd lease ID (0 without one).
 func (b *Bed) PutLease(ctx context.Context, subnet netip.Prefix, value string, ttl time.Duration) (clientv3.LeaseID, error) {
-	c, err := b.EtcdClient()
-	if err != nil {
-		return 0, err
-	}
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	key := FlannelLeaseKey(subnet)
-	var opts []clientv3.OpOption
-	var id clientv3.LeaseID
-	if ttl > 0 {
-		g, err := c.Grant(ctx, int64((ttl+time.Second-1)/time.Second))
-		if err != nil {
-			return 0, fmt.Errorf("testbed %s: grant an etcd lease for %s: %w", b.Prefix, key, err)
-		}
-		id = g.ID
-		opts = append(opts, clientv3.WithLease(id))
-	}
-	if _, err := c.Put(ctx, key, value, opts...); err != nil {
-		return 0, fmt.Errorf("testbed %s: put %s: %w", b.Prefix, key, err)
-	}
-	return id, nil
+	return b.putLeaseKey(ctx, FlannelLeaseKey(subnet), value, ttl)
 }
 
 // DeleteLease deletes the key of subnet's lease.
