@@ -180,6 +180,18 @@ type listedDoc struct {
 	netset   *policy.Netset
 }
 
+// readAllDocs reads the policies and the netsets in etcd.
+func readAllDocs(ctx context.Context, reg *etcdreg.Registry) (pols, sets []listedDoc, err error) {
+	if pols, err = readDocs(ctx, reg, policiesSuffix); err != nil {
+		return nil, nil, err
+	}
+	if sets, err = readDocs(ctx, reg, netsetsSuffix); err != nil {
+		return nil, nil, err
+	}
+	return pols, sets, nil
+}
+
+// readDocs reads the documents below suffix, each parsed.
 func readDocs(ctx context.Context, reg *etcdreg.Registry, suffix string) ([]listedDoc, error) {
 	kvs, _, err := reg.ListPrefix(ctx, suffix)
 	if err != nil {
@@ -216,11 +228,7 @@ func readDocs(ctx context.Context, reg *etcdreg.Registry, suffix string) ([]list
 }
 
 func policyList(ctx context.Context, reg *etcdreg.Registry, asJSON bool, w io.Writer) error {
-	pols, err := readDocs(ctx, reg, policiesSuffix)
-	if err != nil {
-		return err
-	}
-	sets, err := readDocs(ctx, reg, netsetsSuffix)
+	pols, sets, err := readAllDocs(ctx, reg)
 	if err != nil {
 		return err
 	}
@@ -338,11 +346,7 @@ func policyRuleset(ctx context.Context, reg *etcdreg.Registry, host netip.Addr, 
 	if len(in.Local) == 0 {
 		return fmt.Errorf("host %s holds no lease", host)
 	}
-	pols, err := readDocs(ctx, reg, policiesSuffix)
-	if err != nil {
-		return err
-	}
-	sets, err := readDocs(ctx, reg, netsetsSuffix)
+	pols, sets, err := readAllDocs(ctx, reg)
 	if err != nil {
 		return err
 	}
