@@ -22,13 +22,9 @@ import (
 // list and delete them, print the ruleset a host installs.
 func policyMain(args, env []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	p, action, err := config.ParsePolicy(args, env)
-	switch {
-	case err != nil:
-		fmt.Fprintf(stderr, "%v\nRun 'tulled policy --help' for the commands.\n", err)
-		return ExitUsage
-	case action == config.ActionHelp:
-		config.PolicyUsage(stdout, p.Verb)
-		return ExitOK
+	usage := func(w io.Writer) { config.PolicyUsage(w, p.Verb) }
+	if code, done := commandLineDone("tulled policy", err, action, usage, stdout, stderr); done {
+		return code
 	}
 	if p.Verb == "check" {
 		docs, err := readPolicyFile(p.File, stdin)
