@@ -178,10 +178,7 @@ func Compile(in Input) *Ruleset {
 		rs.Policies = append(rs.Policies, p.Name)
 		selected := intersect(r.resolve(p.Selector, "policy "+p.Name+": Selector"), in.Local)
 		for _, dir := range []Direction{DirEgress, DirIngress} {
-			rules := p.Egress
-			if dir == DirIngress {
-				rules = p.Ingress
-			}
+			rules := p.rules(dir)
 			if rules == nil {
 				continue
 			}
@@ -200,7 +197,7 @@ func Compile(in Input) *Ruleset {
 						Protocol:  rule.Protocol,
 					}
 					if rule.Peers != nil {
-						field := fmt.Sprintf("policy %s: %s[%d].%s", p.Name, map[Direction]string{DirIngress: "Ingress", DirEgress: "Egress"}[dir], i, map[Direction]string{DirIngress: "Source", DirEgress: "Destination"}[dir])
+						field := fmt.Sprintf("policy %s: %s[%d].%s", p.Name, dir.field(), i, dir.peerField())
 						peers := normalize(r.resolve(rule.Peers, field), fam.bits())
 						if len(peers) == 0 {
 							continue // matches nothing in this family
@@ -239,6 +236,30 @@ func (d Direction) short() string {
 		return "in"
 	}
 	return "eg"
+}
+
+// field is the policy's field of the direction's rules; peerField the
+// field of a rule naming its peers.
+func (d Direction) field() string {
+	if d == DirIngress {
+		return "Ingress"
+	}
+	return "Egress"
+}
+
+func (d Direction) peerField() string {
+	if d == DirIngress {
+		return "Source"
+	}
+	return "Destination"
+}
+
+// rules are p's rules of direction dir: nil when p has no such list.
+func (p *Policy) rules(dir Direction) []Rule {
+	if dir == DirIngress {
+		return p.Ingress
+	}
+	return p.Egress
 }
 
 // addrSet returns the name of the set holding exactly rs, adding it (as
