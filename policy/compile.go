@@ -269,14 +269,7 @@ func (rs *Ruleset) addrSet(ranges []AddrRange, fam Family, base string) string {
 	if fam == IPv6 {
 		kind = SetIPv6
 	}
-	key := strconv.Itoa(int(kind)) + ":" + rangesKey(ranges)
-	if s, ok := rs.sets[key]; ok {
-		return s.Name
-	}
-	s := &Set{Name: rs.uniqueName(base + "-" + fam.nft()), Kind: kind, Addrs: ranges}
-	rs.sets[key] = s
-	rs.Sets = append(rs.Sets, s)
-	return s.Name
+	return rs.set(strconv.Itoa(int(kind))+":"+rangesKey(ranges), base+"-"+fam.nft(), Set{Kind: kind, Addrs: ranges})
 }
 
 func (rs *Ruleset) portSet(ports []PortRange, base string) string {
@@ -290,28 +283,22 @@ func (rs *Ruleset) portSet(ports []PortRange, base string) string {
 		}
 		merged = append(merged, p)
 	}
-	key := fmt.Sprintf("%d:%v", SetPorts, merged)
-	if s, ok := rs.sets[key]; ok {
-		return s.Name
-	}
-	s := &Set{Name: rs.uniqueName(base), Kind: SetPorts, Ports: merged}
-	rs.sets[key] = s
-	rs.Sets = append(rs.Sets, s)
-	return s.Name
+	return rs.set(fmt.Sprintf("%d:%v", SetPorts, merged), base, Set{Kind: SetPorts, Ports: merged})
 }
 
-func (rs *Ruleset) uniqueName(name string) string {
-	taken := func(n string) bool {
-		return slices.ContainsFunc(rs.Sets, func(s *Set) bool { return s.Name == n })
+// set returns the name of the set whose content is key, adding s as a new
+// set named base (base-2, ... if that is taken) if there is none.
+func (rs *Ruleset) set(key, base string, s Set) string {
+	if old, ok := rs.sets[key]; ok {
+		return old.Name
 	}
-	if !taken(name) {
-		return name
+	s.Name = base
+	for i := 2; rs.SetByName(s.Name) != nil; i++ {
+		s.Name = fmt.Sprintf("%s-%d", base, i)
 	}
-	for i := 2; ; i++ {
-		if n := fmt.Sprintf("%s-%d", name, i); !taken(n) {
-			return n
-		}
-	}
+	rs.sets[key] = &s
+	rs.Sets = append(rs.Sets, &s)
+	return s.Name
 }
 
 // SetByName returns the named set, nil if there is none.
