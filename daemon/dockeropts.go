@@ -18,13 +18,8 @@ import (
 // dockerOptsMain is `tulled docker-opts`.
 func dockerOptsMain(args, env []string, stdout, stderr io.Writer) int {
 	o, action, err := config.ParseDockerOpts(args, env)
-	switch {
-	case err != nil:
-		fmt.Fprintf(stderr, "tulled docker-opts: %v\nRun 'tulled docker-opts --help' for the flags.\n", err)
-		return ExitUsage
-	case action == config.ActionHelp:
-		config.DockerOptsUsage(stdout)
-		return ExitOK
+	if code, done := commandLineDone("tulled docker-opts", err, action, config.DockerOptsUsage, stdout, stderr); done {
+		return code
 	}
 	e, err := subnet.ReadEnv(o.SubnetFile)
 	if err != nil {

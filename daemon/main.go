@@ -28,6 +28,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/tulle-net/tulle/daemon/buildinfo"
@@ -85,14 +86,10 @@ func Main(args, env []string, stdout, stderr io.Writer) int {
 		}
 	}
 	cfg, action, err := config.Parse(args, env)
-	switch {
-	case err != nil:
-		fmt.Fprintf(stderr, "tulled: %v\nRun 'tulled --help' for the flags.\n", err)
-		return ExitUsage
-	case action == config.ActionHelp:
-		config.Usage(stdout)
-		return ExitOK
-	case action == config.ActionVersion:
+	if code, done := commandLineDone("tulled", err, action, config.Usage, stdout, stderr); done {
+		return code
+	}
+	if action == config.ActionVersion {
 		fmt.Fprintln(stdout, buildinfo.Get())
 		return ExitOK
 	}
@@ -129,6 +126,27 @@ func Main(args, env []string, stdout, stderr io.Writer) int {
 		logger.Info("tulled stopped", "exit_status", code)
 	}
 	return code
+}
+
+// commandLineDone ends command cmd (tulled or one of its subcommands) when
+// its parsed command line says so: refused (err, then where to read the
+// usage, on stderr: ExitUsage) or asking for help (usage on stdout:
+// ExitOK). done is false when the command is to go on. err is prefixed with
+// cmd unless it names cmd already.
+func commandLineDone(cmd string, err error, action config.Action, usage func(io.Writer), stdout, stderr io.Writer) (code int, done bool) {
+	switch {
+	case err != nil:
+		msg := err.Error()
+		if !strings.HasPrefix(msg, cmd+":") && !strings.HasPrefix(msg, cmd+" ") {
+			msg = cmd + ": " + msg
+		}
+		fmt.Fprintf(stderr, "%s\nRun '%s --help' for the usage.\n", msg, cmd)
+		return ExitUsage, true
+	case action == config.ActionHelp:
+		usage(stdout)
+		return ExitOK, true
+	}
+	return 0, false
 }
 
 // NewLogger returns the daemon's structured logger: format "text" or

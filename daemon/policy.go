@@ -368,38 +368,20 @@ func newPolicyDocs() policyDocs {
 func (d *policyDocs) update(p *policyRunner, kind string, evs []etcdreg.KeyEvent) {
 	for _, ev := range evs {
 		id := kind + " " + ev.Key
-		if ev.Deleted {
-			if kind == "netset" {
-				delete(d.netsets, ev.Key)
-			}
-			if kind == "policy" {
-				delete(d.policies, ev.Key)
-			}
-			if _, was := d.invalid[id]; was {
-				p.log.Info("refused policy document deleted", "document", id)
-			}
-			delete(d.invalid, id)
-			delete(d.unknown, id)
-			continue
-		}
-		var err error
 		var known bool
+		var err error
 		if kind == "policy" {
-			var pol *policy.Policy
-			if pol, err = policy.ParsePolicy(ev.Key, ev.Value); err == nil {
-				d.policies[ev.Key] = pol
-			}
-			_, known = d.policies[ev.Key]
+			known, err = takeDoc(d.policies, ev, policy.ParsePolicy)
 		} else {
-			var n *policy.Netset
-			if n, err = policy.ParseNetset(ev.Key, ev.Value); err == nil {
-				d.netsets[ev.Key] = n
-			}
-			_, known = d.netsets[ev.Key]
+			known, err = takeDoc(d.netsets, ev, policy.ParseNetset)
 		}
 		if err == nil {
 			if _, was := d.invalid[id]; was {
-				p.log.Info("policy document valid again", "document", id)
+				msg := "policy document valid again"
+				if ev.Deleted {
+					msg = "refused policy document deleted"
+				}
+				p.log.Info(msg, "document", id)
 			}
 			delete(d.invalid, id)
 			delete(d.unknown, id)
@@ -414,6 +396,23 @@ func (d *policyDocs) update(p *policyRunner, kind string, evs []etcdreg.KeyEvent
 			p.log.Error("policy document refused", "document", id, "reason", err)
 		}
 	}
+}
+
+// takeDoc applies ev to docs, whose values parse reads. err says why a
+// value is refused (docs keeps the key's previous version); known whether
+// docs holds a version of the key now.
+func takeDoc[T any](docs map[string]*T, ev etcdreg.KeyEvent, parse func(name string, data []byte) (*T, error)) (known bool, err error) {
+	if ev.Deleted {
+		delete(docs, ev.Key)
+		return false, nil
+	}
+	v, err := parse(ev.Key, ev.Value)
+	if err != nil {
+		_, known = docs[ev.Key]
+		return known, err
+	}
+	docs[ev.Key] = v
+	return true, nil
 }
 
 // frozen says why the ruleset must not change now ("" if it may).

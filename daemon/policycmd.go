@@ -22,13 +22,9 @@ import (
 // list and delete them, print the ruleset a host installs.
 func policyMain(args, env []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	p, action, err := config.ParsePolicy(args, env)
-	switch {
-	case err != nil:
-		fmt.Fprintf(stderr, "%v\nRun 'tulled policy --help' for the commands.\n", err)
-		return ExitUsage
-	case action == config.ActionHelp:
-		config.PolicyUsage(stdout, p.Verb)
-		return ExitOK
+	usage := func(w io.Writer) { config.PolicyUsage(w, p.Verb) }
+	if code, done := commandLineDone("tulled policy", err, action, usage, stdout, stderr); done {
+		return code
 	}
 	if p.Verb == "check" {
 		docs, err := readPolicyFile(p.File, stdin)
@@ -180,6 +176,18 @@ type listedDoc struct {
 	netset   *policy.Netset
 }
 
+// readAllDocs reads the policies and the netsets in etcd.
+func readAllDocs(ctx context.Context, reg *etcdreg.Registry) (pols, sets []listedDoc, err error) {
+	if pols, err = readDocs(ctx, reg, policiesSuffix); err != nil {
+		return nil, nil, err
+	}
+	if sets, err = readDocs(ctx, reg, netsetsSuffix); err != nil {
+		return nil, nil, err
+	}
+	return pols, sets, nil
+}
+
+// readDocs reads the documents below suffix, each parsed.
 func readDocs(ctx context.Context, reg *etcdreg.Registry, suffix string) ([]listedDoc, error) {
 	kvs, _, err := reg.ListPrefix(ctx, suffix)
 	if err != nil {
@@ -216,11 +224,7 @@ func readDocs(ctx context.Context, reg *etcdreg.Registry, suffix string) ([]list
 }
 
 func policyList(ctx context.Context, reg *etcdreg.Registry, asJSON bool, w io.Writer) error {
-	pols, err := readDocs(ctx, reg, policiesSuffix)
-	if err != nil {
-		return err
-	}
-	sets, err := readDocs(ctx, reg, netsetsSuffix)
+	pols, sets, err := readAllDocs(ctx, reg)
 	if err != nil {
 		return err
 	}
@@ -338,11 +342,7 @@ func policyRuleset(ctx context.Context, reg *etcdreg.Registry, host netip.Addr, 
 	if len(in.Local) == 0 {
 		return fmt.Errorf("host %s holds no lease", host)
 	}
-	pols, err := readDocs(ctx, reg, policiesSuffix)
-	if err != nil {
-		return err
-	}
-	sets, err := readDocs(ctx, reg, netsetsSuffix)
+	pols, sets, err := readAllDocs(ctx, reg)
 	if err != nil {
 		return err
 	}

@@ -23,13 +23,8 @@ import (
 // statusMain is `tulled status`: a read-only look at etcd.
 func statusMain(args, env []string, stdout, stderr io.Writer) int {
 	s, action, err := config.ParseStatus(args, env)
-	switch {
-	case err != nil:
-		fmt.Fprintf(stderr, "tulled status: %v\nRun 'tulled status --help' for the flags.\n", err)
-		return ExitUsage
-	case action == config.ActionHelp:
-		config.StatusUsage(stdout)
-		return ExitOK
+	if code, done := commandLineDone("tulled status", err, action, config.StatusUsage, stdout, stderr); done {
+		return code
 	}
 	rep, err := readStatus(context.Background(), s.Etcd, s.Timeout)
 	if err != nil {

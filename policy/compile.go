@@ -178,10 +178,7 @@ func Compile(in Input) *Ruleset {
 		rs.Policies = append(rs.Policies, p.Name)
 		selected := intersect(r.resolve(p.Selector, "policy "+p.Name+": Selector"), in.Local)
 		for _, dir := range []Direction{DirEgress, DirIngress} {
-			rules := p.Egress
-			if dir == DirIngress {
-				rules = p.Ingress
-			}
+			rules := p.rules(dir)
 			if rules == nil {
 				continue
 			}
@@ -200,7 +197,7 @@ func Compile(in Input) *Ruleset {
 						Protocol:  rule.Protocol,
 					}
 					if rule.Peers != nil {
-						field := fmt.Sprintf("policy %s: %s[%d].%s", p.Name, map[Direction]string{DirIngress: "Ingress", DirEgress: "Egress"}[dir], i, map[Direction]string{DirIngress: "Source", DirEgress: "Destination"}[dir])
+						field := fmt.Sprintf("policy %s: %s[%d].%s", p.Name, dir.field(), i, dir.peerField())
 						peers := normalize(r.resolve(rule.Peers, field), fam.bits())
 						if len(peers) == 0 {
 							continue // matches nothing in this family
@@ -241,6 +238,30 @@ func (d Direction) short() string {
 	return "eg"
 }
 
+// field is the policy's field of the direction's rules; peerField the
+// field of a rule naming its peers.
+func (d Direction) field() string {
+	if d == DirIngress {
+		return "Ingress"
+	}
+	return "Egress"
+}
+
+func (d Direction) peerField() string {
+	if d == DirIngress {
+		return "Source"
+	}
+	return "Destination"
+}
+
+// rules are p's rules of direction dir: nil when p has no such list.
+func (p *Policy) rules(dir Direction) []Rule {
+	if dir == DirIngress {
+		return p.Ingress
+	}
+	return p.Egress
+}
+
 // addrSet returns the name of the set holding exactly rs, adding it (as
 // base-ip or base-ip6) if no set holds those addresses yet.
 func (rs *Ruleset) addrSet(ranges []AddrRange, fam Family, base string) string {
@@ -248,14 +269,7 @@ func (rs *Ruleset) addrSet(ranges []AddrRange, fam Family, base string) string {
 	if fam == IPv6 {
 		kind = SetIPv6
 	}
-	key := strconv.Itoa(int(kind)) + ":" + rangesKey(ranges)
-	if s, ok := rs.sets[key]; ok {
-		return s.Name
-	}
-	s := &Set{Name: rs.uniqueName(base + "-" + fam.nft()), Kind: kind, Addrs: ranges}
-	rs.sets[key] = s
-	rs.Sets = append(rs.Sets, s)
-	return s.Name
+	return rs.set(strconv.Itoa(int(kind))+":"+rangesKey(ranges), base+"-"+fam.nft(), Set{Kind: kind, Addrs: ranges})
 }
 
 func (rs *Ruleset) portSet(ports []PortRange, base string) string {
@@ -269,28 +283,22 @@ func (rs *Ruleset) portSet(ports []PortRange, base string) string {
 		}
 		merged = append(merged, p)
 	}
-	key := fmt.Sprintf("%d:%v", SetPorts, merged)
-	if s, ok := rs.sets[key]; ok {
-		return s.Name
-	}
-	s := &Set{Name: rs.uniqueName(base), Kind: SetPorts, Ports: merged}
-	rs.sets[key] = s
-	rs.Sets = append(rs.Sets, s)
-	return s.Name
+	return rs.set(fmt.Sprintf("%d:%v", SetPorts, merged), base, Set{Kind: SetPorts, Ports: merged})
 }
 
-func (rs *Ruleset) uniqueName(name string) string {
-	taken := func(n string) bool {
-		return slices.ContainsFunc(rs.Sets, func(s *Set) bool { return s.Name == n })
+// set returns the name of the set whose content is key, adding s as a new
+// set named base (base-2, ... if that is taken) if there is none.
+func (rs *Ruleset) set(key, base string, s Set) string {
+	if old, ok := rs.sets[key]; ok {
+		return old.Name
 	}
-	if !taken(name) {
-		return name
+	s.Name = base
+	for i := 2; rs.SetByName(s.Name) != nil; i++ {
+		s.Name = fmt.Sprintf("%s-%d", base, i)
 	}
-	for i := 2; ; i++ {
-		if n := fmt.Sprintf("%s-%d", name, i); !taken(n) {
-			return n
-		}
-	}
+	rs.sets[key] = &s
+	rs.Sets = append(rs.Sets, &s)
+	return s.Name
 }
 
 // SetByName returns the named set, nil if there is none.

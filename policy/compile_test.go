@@ -106,10 +106,7 @@ func TestIssueScenarioCompiles(t *testing.T) {
 	in := threeHosts(2)
 	in.Policies = []*Policy{mustPolicy(t, "c2-web", `{"Selector":["198.18.2.2"],"Ingress":[{"Action":"Allow","Protocol":"TCP","Source":["198.18.1.2"],"Ports":["8080"]}]}`)}
 	rs := Compile(in)
-	for _, tc := range []struct {
-		f    Flow
-		want bool
-	}{
+	wantFlows(t, in, rs, []flowWant{
 		{Flow{addr("198.18.1.2"), addr("198.18.2.2"), ProtoTCP, 8080}, true},
 		{Flow{addr("198.18.1.2"), addr("198.18.2.2"), ProtoTCP, 9090}, false},
 		{Flow{addr("198.18.3.2"), addr("198.18.2.2"), ProtoTCP, 8080}, false},
@@ -117,12 +114,7 @@ func TestIssueScenarioCompiles(t *testing.T) {
 		{Flow{addr("198.18.2.2"), addr("198.18.1.2"), ProtoTCP, 22}, true},    // egress not selected
 		{Flow{addr("198.18.2.3"), addr("198.18.1.2"), ProtoTCP, 22}, true},
 		{Flow{addr("198.18.1.2"), addr("198.18.2.2"), ProtoUDP, 8080}, false},
-	} {
-		got, _, _ := rs.interpret(tc.f)
-		if got != tc.want || Decide(in, tc.f).Allowed != tc.want {
-			t.Errorf("%+v: compiled %v, decided %v, want %v", tc.f, got, Decide(in, tc.f).Allowed, tc.want)
-		}
-	}
+	})
 	if len(rs.Ingress) != 1 || len(rs.Egress) != 0 || rs.IngressWorkloads[IPv4] == "" || rs.EgressWorkloads[IPv4] != "" || rs.IngressWorkloads[IPv6] != "" {
 		t.Errorf("compiled %+v", rs)
 	}
@@ -203,10 +195,7 @@ func TestIPv6Compiles(t *testing.T) {
 			t.Errorf("ruleset lacks %q:\n%s", want, b.String())
 		}
 	}
-	for _, tc := range []struct {
-		f    Flow
-		want bool
-	}{
+	wantFlows(t, in, rs, []flowWant{
 		{Flow{addr("2001:db8:1::9"), addr("2001:db8:2::2"), ProtoTCP, 5432}, true},
 		{Flow{addr("2001:db8:3::5"), addr("2001:db8:2::2"), ProtoTCP, 5432}, true},
 		{Flow{addr("2001:db8:3::6"), addr("2001:db8:2::2"), ProtoTCP, 5432}, false},
@@ -214,12 +203,7 @@ func TestIPv6Compiles(t *testing.T) {
 		{Flow{addr("2001:db8:1::9"), addr("2001:db8:2::3"), ProtoTCP, 1}, true}, // not selected
 		{Flow{addr("198.18.1.9"), addr("198.18.2.2"), ProtoUDP, 53}, true},
 		{Flow{addr("198.18.3.9"), addr("198.18.2.2"), ProtoUDP, 53}, false},
-	} {
-		got, _, _ := rs.interpret(tc.f)
-		if got != tc.want || Decide(in, tc.f).Allowed != tc.want {
-			t.Errorf("%+v: compiled %v, decided %v, want %v", tc.f, got, Decide(in, tc.f).Allowed, tc.want)
-		}
-	}
+	})
 }
 
 func TestSelectorsFollowNetsetsAndLeases(t *testing.T) {
@@ -369,5 +353,23 @@ func TestCompiledRulesetAgreesWithTheModel(t *testing.T) {
 	}
 	if flows < 5000 {
 		t.Errorf("only %d flows checked", flows)
+	}
+}
+
+// flowWant is a flow and whether the policy allows it.
+type flowWant struct {
+	f    Flow
+	want bool
+}
+
+// wantFlows checks that the compiled ruleset rs and Decide on in both
+// allow or drop each flow as wanted.
+func wantFlows(t *testing.T, in Input, rs *Ruleset, flows []flowWant) {
+	t.Helper()
+	for _, tc := range flows {
+		got, _, _ := rs.interpret(tc.f)
+		if got != tc.want || Decide(in, tc.f).Allowed != tc.want {
+			t.Errorf("%+v: compiled %v, decided %v, want %v", tc.f, got, Decide(in, tc.f).Allowed, tc.want)
+		}
 	}
 }

@@ -28,23 +28,16 @@ type Decision struct {
 // that); the daemon does not use it.
 func Decide(in Input, f Flow) Decision {
 	r := resolver{in: in, rs: &Ruleset{}, warned: map[string]bool{}}
-	local := func(a netip.Addr) bool {
-		return slices.ContainsFunc(in.Local, func(p netip.Prefix) bool { return p.Contains(a) })
-	}
 	contains := func(ps []netip.Prefix, a netip.Addr) bool {
 		return slices.ContainsFunc(ps, func(p netip.Prefix) bool { return p.Contains(a) })
 	}
 	direction := func(dir Direction, workload, peer netip.Addr) *RuleID {
-		if !local(workload) {
+		if !contains(in.Local, workload) {
 			return nil
 		}
-		var decided *RuleID
 		selected := false
 		for _, p := range sortPolicies(in.Policies) {
-			rules := p.Egress
-			if dir == DirIngress {
-				rules = p.Ingress
-			}
+			rules := p.rules(dir)
 			if rules == nil || !contains(r.resolve(p.Selector, ""), workload) {
 				continue
 			}
@@ -63,9 +56,9 @@ func Decide(in Input, f Flow) Decision {
 			}
 		}
 		if selected {
-			decided = &RuleID{Direction: dir, Action: Deny}
+			return &RuleID{Direction: dir, Action: Deny} // the default deny
 		}
-		return decided
+		return nil
 	}
 	d := Decision{Allowed: true}
 	d.Egress = direction(DirEgress, f.Src, f.Dst)

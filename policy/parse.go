@@ -202,21 +202,43 @@ func matches(ps *problems, field string, v json.RawMessage) []Match {
 	if !ok {
 		return nil
 	}
-	out := make([]Match, 0, len(l))
+	return each(ps, field, l, asString, ParseMatch)
+}
+
+// each reads the elements of the list l at field: each one's text (by
+// text: what JSON kinds it takes) parsed by parse. An element refused is
+// named by its index and left out; the result is never nil.
+func each[T any](ps *problems, field string, l []json.RawMessage, text func(*problems, string, json.RawMessage) (string, bool), parse func(string) (T, error)) []T {
+	out := make([]T, 0, len(l))
 	for i, e := range l {
 		f := fmt.Sprintf("%s[%d]", field, i)
-		s, ok := asString(ps, f, e)
+		s, ok := text(ps, f, e)
 		if !ok {
 			continue
 		}
-		m, err := ParseMatch(s)
+		v, err := parse(s)
 		if err != nil {
 			ps.add(f, e, "%v", err)
 			continue
 		}
-		out = append(out, m)
+		out = append(out, v)
 	}
 	return out
+}
+
+// stringOrNumber is v's text: a string's, or a number as written (want
+// says what the field takes, for the problem when v is neither).
+func stringOrNumber(ps *problems, field string, v json.RawMessage, want string) (string, bool) {
+	switch jsonKind(v) {
+	case "a string":
+		var s string
+		_ = json.Unmarshal(v, &s)
+		return s, true
+	case "a number":
+		return string(v), true
+	}
+	ps.add(field, v, "want %s, got %s", want, jsonKind(v))
+	return "", false
 }
 
 var policyFields = []string{"Order", "Selector", "Ingress", "Egress"}
@@ -336,16 +358,7 @@ func rules(ps *problems, field string, v json.RawMessage, ingress bool) []Rule {
 			}
 		}
 		if pv, ok := o.vals["Protocol"]; ok {
-			var s string
-			switch jsonKind(pv) {
-			case "a string":
-				_ = json.Unmarshal(pv, &s)
-			case "a number":
-				s = string(pv)
-			default:
-				ps.add(path+".Protocol", pv, "want a protocol name or number, got %s", jsonKind(pv))
-			}
-			if jsonKind(pv) == "a string" || jsonKind(pv) == "a number" {
+			if s, ok := stringOrNumber(ps, path+".Protocol", pv, "a protocol name or number"); ok {
 				p, err := parseProtocol(s)
 				if err != nil {
 					ps.add(path+".Protocol", pv, "%v", err)
@@ -380,27 +393,10 @@ func ports(ps *problems, field string, v json.RawMessage) []PortRange {
 	if len(l) == 0 {
 		ps.add(field, v, "empty: leave Ports out to allow every port")
 	}
-	out := make([]PortRange, 0, len(l))
-	for i, e := range l {
-		f := fmt.Sprintf("%s[%d]", field, i)
-		var s string
-		switch jsonKind(e) {
-		case "a string":
-			_ = json.Unmarshal(e, &s)
-		case "a number":
-			s = string(e)
-		default:
-			ps.add(f, e, "want a port or a range \"FIRST-LAST\", got %s", jsonKind(e))
-			continue
-		}
-		pr, err := parsePort(s)
-		if err != nil {
-			ps.add(f, e, "%v", err)
-			continue
-		}
-		out = append(out, pr)
+	portText := func(ps *problems, f string, e json.RawMessage) (string, bool) {
+		return stringOrNumber(ps, f, e, `a port or a range "FIRST-LAST"`)
 	}
-	return out
+	return each(ps, field, l, portText, parsePort)
 }
 
 var netsetFields = []string{"Nets"}
@@ -427,18 +423,6 @@ func netsetBody(ps *problems, o *object) *Netset {
 	if !ok {
 		return n
 	}
-	for i, e := range l {
-		f := fmt.Sprintf("Nets[%d]", i)
-		s, ok := asString(ps, f, e)
-		if !ok {
-			continue
-		}
-		p, err := parsePrefix(s)
-		if err != nil {
-			ps.add(f, e, "%v", err)
-			continue
-		}
-		n.Nets = append(n.Nets, p)
-	}
+	n.Nets = each(ps, "Nets", l, asString, parsePrefix)
 	return n
 }

@@ -45,6 +45,16 @@ func chainExists(t *testing.T) bool {
 	return tools.Command(context.Background(), "iptables", "-w", "-t", "nat", "-S", Chain).Run() == nil
 }
 
+// mustNew is New(network, lease, nil), which must succeed.
+func mustNew(t *testing.T, network, lease netip.Prefix) *Rules {
+	t.Helper()
+	r, err := New(network, lease, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
 func mustEnsure(t *testing.T, r *Rules, wantChanged bool) {
 	t.Helper()
 	changed, err := r.Ensure()
@@ -99,10 +109,7 @@ func TestEnsureInstallsFlannelRulesAndRemoveDeletesThem(t *testing.T) {
 	if out, err := tools.Command(context.Background(), "iptables", "-w", "-t", "nat", "-A", "POSTROUTING", "-s", "198.51.100.0/24", "-j", "RETURN").CombinedOutput(); err != nil {
 		t.Fatalf("%v: %s", err, out)
 	}
-	r, err := New(network, lease, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := mustNew(t, network, lease)
 	mustEnsure(t, r, true)
 	wantRules(t, r)
 	mustEnsure(t, r, false) // idempotent
@@ -126,10 +133,7 @@ func TestEnsurePutsBackDeletedRules(t *testing.T) {
 	if !inNetns(t) {
 		return
 	}
-	r, err := New(network, lease, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := mustNew(t, network, lease)
 	mustEnsure(t, r, true)
 	t.Cleanup(func() { _ = r.Remove() })
 
@@ -157,10 +161,7 @@ func TestKeepReassertsPeriodically(t *testing.T) {
 	if !inNetns(t) {
 		return
 	}
-	r, err := New(network, lease, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := mustNew(t, network, lease)
 	mustEnsure(t, r, true)
 	t.Cleanup(func() { _ = r.Remove() })
 

@@ -21,14 +21,8 @@ func TestIPv6RulesAreFlannelsInIP6Tables(t *testing.T) {
 	if !inNetns(t) {
 		return
 	}
-	r4, err := New(network, lease, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	r6, err := New(network6, lease6, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	r4 := mustNew(t, network, lease)
+	r6 := mustNew(t, network6, lease6)
 	if r4.Family() != "IPv4" || r6.Family() != "IPv6" {
 		t.Fatalf("families %s, %s", r4.Family(), r6.Family())
 	}

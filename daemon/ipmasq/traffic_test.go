@@ -76,10 +76,7 @@ func masqTraffic(t *testing.T, n masqNet) {
 	if err := os.WriteFile(n.forwarding, []byte("1"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	r, err := New(n.network, n.lease, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := mustNew(t, n.network, n.lease)
 	if _, err := r.Ensure(); err != nil {
 		t.Fatal(err)
 	}
