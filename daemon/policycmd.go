@@ -324,12 +324,12 @@ func policyDelete(ctx context.Context, reg *etcdreg.Registry, netsets bool, name
 // from what etcd holds now. Refused documents are left out and named (the
 // host itself would keep their previous version).
 func policyRuleset(ctx context.Context, reg *etcdreg.Registry, host netip.Addr, w io.Writer) error {
-	c, err := reg.Contents(ctx)
+	leases, err := reg.Leases(ctx)
 	if err != nil {
 		return err
 	}
-	in := policy.Input{Leases: c.Leases, Netsets: map[string]*policy.Netset{}}
-	for _, l := range c.Leases {
+	in := policy.Input{Leases: leases, Netsets: map[string]*policy.Netset{}}
+	for _, l := range leases {
 		if l.Attrs.PublicIP != host && l.Attrs.PublicIPv6 != host {
 			continue
 		}

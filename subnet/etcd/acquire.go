@@ -502,30 +502,54 @@ func (r *Registry) Contents(ctx context.Context) (*Contents, error) {
 	if entries, c.Malformed, _, err = r.list(ctx, cli); err != nil {
 		return nil, err
 	}
+	c.Leases = leasesOf(entries)
 	expires := map[int64]time.Time{} // by etcd lease
-	for _, e := range entries {
-		if !e.valueOK {
+	for i := range c.Leases {
+		l := &c.Leases[i]
+		if l.Reservation {
 			continue
 		}
-		l := e.lease
-		if !l.Reservation {
-			exp, ok := expires[l.LeaseID]
-			if !ok {
-				now := time.Now()
-				octx, cancel := r.op(ctx)
-				ttl, err := cli.TimeToLive(octx, clientv3.LeaseID(l.LeaseID))
-				cancel()
-				if err != nil {
-					return nil, fmt.Errorf("time to live of etcd lease %x (%s): %w", l.LeaseID, e.kv.Key, r.fail(ctx, err))
-				}
-				if ttl.TTL >= 0 { // -1: expired just now
-					exp = now.Add(time.Duration(ttl.TTL) * time.Second)
-				}
-				expires[l.LeaseID] = exp
+		exp, ok := expires[l.LeaseID]
+		if !ok {
+			now := time.Now()
+			octx, cancel := r.op(ctx)
+			ttl, err := cli.TimeToLive(octx, clientv3.LeaseID(l.LeaseID))
+			cancel()
+			if err != nil {
+				return nil, fmt.Errorf("time to live of etcd lease %x (%s): %w", l.LeaseID, r.subnetsPrefix+l.Key(), r.fail(ctx, err))
 			}
-			l.Expiration = exp
+			if ttl.TTL >= 0 { // -1: expired just now
+				exp = now.Add(time.Duration(ttl.TTL) * time.Second)
+			}
+			expires[l.LeaseID] = exp
 		}
-		c.Leases = append(c.Leases, l)
+		l.Expiration = exp
 	}
 	return c, nil
+}
+
+// Leases reads every lease below the prefix whose key and value parse, in
+// key order, without their expirations: one read, whatever the number of
+// leases (Contents adds a call per etcd lease).
+func (r *Registry) Leases(ctx context.Context) ([]subnet.Lease, error) {
+	cli, err := r.client(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", r.subnetsPrefix, err)
+	}
+	entries, _, _, err := r.list(ctx, cli)
+	if err != nil {
+		return nil, err
+	}
+	return leasesOf(entries), nil
+}
+
+// leasesOf are the leases of the entries whose value parses.
+func leasesOf(entries []entry) []subnet.Lease {
+	var ls []subnet.Lease
+	for _, e := range entries {
+		if e.valueOK {
+			ls = append(ls, e.lease)
+		}
+	}
+	return ls
 }

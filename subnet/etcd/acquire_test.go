@@ -306,6 +306,18 @@ func TestContentsShowConfigLeasesWithExpirationAndMalformedKeys(t *testing.T) {
 	if len(got.Leases) != 2 {
 		t.Fatalf("leases %v, want 198.18.1.0/24 and 198.18.2.0/24", got.Leases)
 	}
+	// Leases: the same leases in the same order, in one read, without expirations.
+	plain, err := r.Leases(ctx(t))
+	if err != nil || len(plain) != len(got.Leases) {
+		t.Fatalf("Leases: %v %v, want the %d of Contents", plain, err, len(got.Leases))
+	}
+	for i, l := range plain {
+		want := got.Leases[i]
+		want.Expiration = time.Time{}
+		if !l.Expiration.IsZero() || l.Subnet != want.Subnet || l.LeaseID != want.LeaseID || l.Attrs.PublicIP != want.Attrs.PublicIP {
+			t.Errorf("Leases[%d] = %+v, want %+v", i, l, want)
+		}
+	}
 	leased, reserved := got.Leases[0], got.Leases[1]
 	if leased.Subnet != netip.MustParsePrefix("198.18.1.0/24") || leased.Reservation || leased.LeaseID == 0 ||
 		leased.Attrs.PublicIP != netip.MustParseAddr("192.0.2.1") {
